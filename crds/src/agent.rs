@@ -1,0 +1,372 @@
+//! The `Agent` resource: what an agent is (models, system prompt), how the outside world
+//! reaches it (webhook triggers) and how its session pods run.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The longest system prompt accepted (256 KiB keeps an Agent well inside etcd's limits).
+pub const MAX_SYSTEM_BYTES: usize = 256 * 1024;
+/// Bounds of `spec.session.timeoutSeconds`: one second to seven days.
+pub const TIMEOUT_SECONDS_RANGE: (i64, i64) = (1, 7 * 24 * 3600);
+/// Bounds of `spec.session.ttlSecondsAfterFinished`: zero to thirty days.
+pub const TTL_SECONDS_RANGE: (i64, i64) = (0, 30 * 24 * 3600);
+/// Bounds of `spec.session.maxConcurrent`.
+pub const MAX_CONCURRENT_RANGE: (i64, i64) = (1, 10_000);
+/// How many `allowCIDRs` entries one trigger may carry.
+pub const MAX_ALLOW_CIDRS: usize = 256;
+/// How many env entries `spec.session.env` may carry.
+pub const MAX_ENV: usize = 128;
+
+/// An AI agent that the outside world can start through a secret webhook URL.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "hookrun.dev",
+    version = "v1alpha1",
+    kind = "Agent",
+    namespaced,
+    status = "AgentStatus",
+    shortname = "hra",
+    category = "hookrun",
+    doc = "An AI agent with an optional secret webhook URL that starts sessions of it.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "URL", type_ = "string", json_path = ".status.webhookUrl", priority = "1")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Model identifiers in order of preference, as `<provider>/<model>`
+    /// (e.g. `anthropic/claude-sonnet-4-6`). The harness uses the first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub models: Vec<String>,
+
+    /// The system prompt every session of this agent starts with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub system: Option<String>,
+
+    /// How sessions of this agent are started. Today: `webhook`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.filter(t, has(t.webhook)).size() <= 1",
+        "message": "at most one webhook trigger: an Agent has one URL"
+    }]))]
+    pub triggers: Vec<Trigger>,
+
+    /// How session pods of this agent run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionTemplate>,
+}
+
+/// One way of starting sessions.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Trigger {
+    /// A secret webhook URL: anyone holding it can start a session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookTrigger>,
+}
+
+/// The webhook trigger: the operator mints a token and publishes the URL in
+/// `status.webhookUrl`; the apiserver checks the token, the caller's address and,
+/// when a signing secret is set, the provider's signature.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.linearSignatureSecret) && has(self.linearSignatureSecretRef))",
+        "message": "set linearSignatureSecret or linearSignatureSecretRef, not both",
+        "fieldPath": ".linearSignatureSecretRef"
+    },
+    {
+        "rule": "!(has(self.githubSecret) && has(self.githubSecretRef))",
+        "message": "set githubSecret or githubSecretRef, not both",
+        "fieldPath": ".githubSecretRef"
+    },
+    {
+        "rule": "!(has(self.slackSigningSecret) && has(self.slackSigningSecretRef))",
+        "message": "set slackSigningSecret or slackSigningSecretRef, not both",
+        "fieldPath": ".slackSigningSecretRef"
+    },
+    {
+        "rule": "!(has(self.standardWebhooksSecret) && has(self.standardWebhooksSecretRef))",
+        "message": "set standardWebhooksSecret or standardWebhooksSecretRef, not both",
+        "fieldPath": ".standardWebhooksSecretRef"
+    },
+    {
+        "rule": "!(has(self.hmacSecret) && has(self.hmacSecretRef))",
+        "message": "set hmacSecret or hmacSecretRef, not both",
+        "fieldPath": ".hmacSecretRef"
+    }
+]))]
+pub struct WebhookTrigger {
+    /// Client networks allowed to call the webhook, in CIDR notation
+    /// (`203.0.113.0/24`, `2001:db8::/32`). Empty allows every address.
+    #[serde(rename = "allowCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 64,
+        "x-kubernetes-validations": [{
+            "rule": "isCIDR(self)",
+            "message": "must be a CIDR such as 203.0.113.0/24 or 2001:db8::/32"
+        }]
+    }))]
+    pub allow_cidrs: Vec<String>,
+
+    /// Linear's webhook signing secret, inline. Requests must then carry a valid
+    /// `Linear-Signature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub linear_signature_secret: Option<String>,
+    /// Linear's webhook signing secret, read from a Secret in the Agent's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear_signature_secret_ref: Option<SecretKeyRef>,
+
+    /// GitHub's webhook secret, inline (`X-Hub-Signature-256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub github_secret: Option<String>,
+    /// GitHub's webhook secret, read from a Secret in the Agent's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_secret_ref: Option<SecretKeyRef>,
+
+    /// Slack's signing secret, inline (`X-Slack-Signature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub slack_signing_secret: Option<String>,
+    /// Slack's signing secret, read from a Secret in the Agent's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack_signing_secret_ref: Option<SecretKeyRef>,
+
+    /// A Standard Webhooks secret (`whsec_...`), inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub standard_webhooks_secret: Option<String>,
+    /// A Standard Webhooks secret, read from a Secret in the Agent's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standard_webhooks_secret_ref: Option<SecretKeyRef>,
+
+    /// A generic HMAC-SHA256 secret, inline (`X-Signature: sha256=<hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub hmac_secret: Option<String>,
+    /// A generic HMAC-SHA256 secret, read from a Secret in the Agent's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hmac_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a Secret in the same namespace as the Agent.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key inside the Secret's `data`.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// How session pods of an agent run. Every field is optional.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionTemplate {
+    /// The harness image; the operator's default when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: Option<String>,
+
+    /// Environment of the session pod; a webhook may override values per session.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128))]
+    pub env: Vec<EnvVar>,
+
+    /// Hard limit on one session's run time, in seconds (1 to 604800).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub timeout_seconds: Option<i64>,
+
+    /// How long a finished Session is kept, in seconds (0 to 2592000; default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 2592000))]
+    pub ttl_seconds_after_finished: Option<i64>,
+
+    /// How many sessions of this agent may run at once (1 to 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_concurrent: Option<i64>,
+}
+
+/// An environment variable of a session pod: a literal value or one read from a Secret
+/// or ConfigMap key.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.value) && has(self.valueFrom))",
+        "message": "set value or valueFrom, not both",
+        "fieldPath": ".valueFrom"
+    },
+    {
+        "rule": "!self.name.startsWith('HOOKRUN_')",
+        "message": "names starting with HOOKRUN_ are reserved for the variables hookrun sets",
+        "fieldPath": ".name"
+    }
+]))]
+pub struct EnvVar {
+    /// The variable's name: letters, digits and `_`, not starting with a digit.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub name: String,
+    /// A literal value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub value: Option<String>,
+    /// A value read from a key of a Secret or ConfigMap in the Agent's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+/// Where an environment variable's value comes from.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+    "message": "set exactly one of secretKeyRef or configMapKeyRef"
+}]))]
+pub struct EnvVarSource {
+    /// A key of a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<SecretKeyRef>,
+    /// A key of a ConfigMap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<SecretKeyRef>,
+}
+
+/// What the operator observed and did for an Agent.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    /// The URL that starts a session: `<public base>/webhooks/<namespace>/<agent>/<token>`.
+    /// The token is replaced by a placeholder when the operator redacts URLs in status;
+    /// the full URL is then only in the managed Secret's `url` key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// The generation of the spec that this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` and its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+impl AgentSpec {
+    /// The agent's webhook trigger, if it has one (the first one wins).
+    pub fn webhook(&self) -> Option<&WebhookTrigger> {
+        self.triggers.iter().find_map(|t| t.webhook.as_ref())
+    }
+}
+
+/// A signing scheme that a webhook trigger can require, with the spec fields that set its
+/// secret and the key under which the operator copies it into the managed Secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SignatureScheme {
+    Linear,
+    Github,
+    Slack,
+    StandardWebhooks,
+    Hmac,
+}
+
+impl SignatureScheme {
+    /// Every scheme, in the order the apiserver checks them.
+    pub const ALL: [SignatureScheme; 5] = [
+        SignatureScheme::Linear,
+        SignatureScheme::Github,
+        SignatureScheme::Slack,
+        SignatureScheme::StandardWebhooks,
+        SignatureScheme::Hmac,
+    ];
+
+    /// The key of the managed Secret that holds this scheme's resolved secret.
+    pub fn secret_key(self) -> &'static str {
+        match self {
+            SignatureScheme::Linear => "linear-signing-secret",
+            SignatureScheme::Github => "github-secret",
+            SignatureScheme::Slack => "slack-signing-secret",
+            SignatureScheme::StandardWebhooks => "standard-webhooks-secret",
+            SignatureScheme::Hmac => "hmac-secret",
+        }
+    }
+
+    /// The spec field of the inline secret, for messages.
+    pub fn inline_field(self) -> &'static str {
+        match self {
+            SignatureScheme::Linear => "linearSignatureSecret",
+            SignatureScheme::Github => "githubSecret",
+            SignatureScheme::Slack => "slackSigningSecret",
+            SignatureScheme::StandardWebhooks => "standardWebhooksSecret",
+            SignatureScheme::Hmac => "hmacSecret",
+        }
+    }
+
+    /// The spec field of the Secret reference, for messages.
+    pub fn ref_field(self) -> &'static str {
+        match self {
+            SignatureScheme::Linear => "linearSignatureSecretRef",
+            SignatureScheme::Github => "githubSecretRef",
+            SignatureScheme::Slack => "slackSigningSecretRef",
+            SignatureScheme::StandardWebhooks => "standardWebhooksSecretRef",
+            SignatureScheme::Hmac => "hmacSecretRef",
+        }
+    }
+}
+
+/// Where a scheme's secret comes from, as the spec says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretSource<'a> {
+    Inline(&'a str),
+    Ref(&'a SecretKeyRef),
+}
+
+impl WebhookTrigger {
+    /// The inline value and the reference the spec gives for one scheme.
+    pub fn secret_fields(&self, scheme: SignatureScheme) -> (Option<&str>, Option<&SecretKeyRef>) {
+        let (inline, reference) = match scheme {
+            SignatureScheme::Linear => {
+                (&self.linear_signature_secret, &self.linear_signature_secret_ref)
+            }
+            SignatureScheme::Github => (&self.github_secret, &self.github_secret_ref),
+            SignatureScheme::Slack => (&self.slack_signing_secret, &self.slack_signing_secret_ref),
+            SignatureScheme::StandardWebhooks => {
+                (&self.standard_webhooks_secret, &self.standard_webhooks_secret_ref)
+            }
+            SignatureScheme::Hmac => (&self.hmac_secret, &self.hmac_secret_ref),
+        };
+        (inline.as_deref(), reference.as_ref())
+    }
+
+    /// The secret source of every scheme this trigger configures. Call after
+    /// validation, which rejects a scheme set both inline and by reference.
+    pub fn signing_secrets(&self) -> Vec<(SignatureScheme, SecretSource<'_>)> {
+        SignatureScheme::ALL
+            .into_iter()
+            .filter_map(|scheme| match self.secret_fields(scheme) {
+                (Some(value), _) => Some((scheme, SecretSource::Inline(value))),
+                (None, Some(reference)) => Some((scheme, SecretSource::Ref(reference))),
+                (None, None) => None,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,19 @@
+//! hookrun's custom resources and the small formats that the operator and the apiserver
+//! share: resource names, label keys, the webhook URL and the token format.
+//!
+//! Nothing here talks to a cluster; everything is plain data and pure functions.
+
+pub mod agent;
+pub mod crd;
+pub mod names;
+pub mod session;
+pub mod token;
+pub mod validation;
+
+pub use agent::{Agent, AgentSpec, AgentStatus};
+pub use session::{Session, SessionPhase, SessionSpec, SessionStatus};
+
+/// The API group of every hookrun resource.
+pub const GROUP: &str = "hookrun.dev";
+/// The version of the resources this build serves and reads.
+pub const VERSION: &str = "v1alpha1";

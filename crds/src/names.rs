@@ -1,0 +1,159 @@
+//! Names, labels, annotations and URL shapes that the operator writes and the apiserver
+//! reads. Kept in one place so the two binaries cannot disagree.
+
+use sha2::{Digest, Sha256};
+
+/// `app.kubernetes.io/managed-by` on every object hookrun creates.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "hookrun";
+/// The label naming the Agent an object belongs to (hashed when the name is too long).
+pub const AGENT_LABEL: &str = "hookrun.dev/agent";
+/// The label naming the Session a pod belongs to.
+pub const SESSION_LABEL: &str = "hookrun.dev/session";
+/// Label selector for the Secrets the operator manages.
+pub const MANAGED_SECRET_SELECTOR: &str = "app.kubernetes.io/managed-by=hookrun";
+
+/// Set to a new value on an Agent to rotate its token with a grace period.
+pub const ROTATE_TOKEN_ANNOTATION: &str = "hookrun.dev/rotate-token";
+/// How long the previous token stays valid after a graceful rotation (`10m`, `1h`, `90s`).
+pub const ROTATION_GRACE_ANNOTATION: &str = "hookrun.dev/rotation-grace";
+/// On the managed Secret: the `rotate-token` value that its current token answers.
+pub const ROTATED_FOR_ANNOTATION: &str = "hookrun.dev/rotated-for";
+
+/// Keys of the managed Secret.
+pub mod secret_keys {
+    /// The current URL token.
+    pub const TOKEN: &str = "token";
+    /// The full webhook URL, token included.
+    pub const URL: &str = "url";
+    /// The token replaced by the last graceful rotation, valid until
+    /// [`PREVIOUS_TOKEN_EXPIRES_AT`].
+    pub const PREVIOUS_TOKEN: &str = "previous-token";
+    /// RFC 3339 time after which [`PREVIOUS_TOKEN`] is no longer accepted.
+    pub const PREVIOUS_TOKEN_EXPIRES_AT: &str = "previous-token-expires-at";
+}
+
+/// What replaces the token in `status.webhookUrl` when URLs are redacted.
+pub const REDACTED_TOKEN: &str = "REDACTED";
+
+/// The longest object name Kubernetes accepts (a DNS subdomain).
+pub const MAX_NAME_LEN: usize = 253;
+/// The longest label value Kubernetes accepts.
+pub const MAX_LABEL_LEN: usize = 63;
+
+fn short_hash(input: &str) -> String {
+    hex::encode(&Sha256::digest(input.as_bytes())[..4])
+}
+
+/// Cuts `name` so that `name + suffix` fits in `max`, and when it had to cut, keeps the
+/// result unique by adding a hash of the whole name. The result still starts and ends
+/// with an alphanumeric character, as names and label values must.
+fn fit(name: &str, suffix: &str, max: usize) -> String {
+    if name.len() + suffix.len() <= max {
+        return format!("{name}{suffix}");
+    }
+    let hash = short_hash(name);
+    let keep = max.saturating_sub(suffix.len() + hash.len() + 1);
+    let prefix = name[..keep.min(name.len())].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    if prefix.is_empty() {
+        format!("{hash}{suffix}")
+    } else {
+        format!("{prefix}-{hash}{suffix}")
+    }
+}
+
+/// The name of the Secret that holds an Agent's token: `<agent>-webhook`, shortened with
+/// a hash when that would be too long.
+pub fn webhook_secret_name(agent: &str) -> String {
+    fit(agent, "-webhook", MAX_NAME_LEN)
+}
+
+/// A label value that stands for `name`: the name itself when it fits in 63 characters,
+/// otherwise a prefix and a hash.
+pub fn label_value(name: &str) -> String {
+    fit(name, "", MAX_LABEL_LEN)
+}
+
+/// The name of a Session started by a webhook: `<agent>-wh-<suffix>`, with the agent part
+/// cut so the whole fits in a label value (pods and labels carry it).
+pub fn session_name(agent: &str, suffix: &str) -> String {
+    let tail = format!("-wh-{suffix}");
+    fit(agent, &tail, MAX_LABEL_LEN)
+}
+
+/// The path of an Agent's webhook: `/webhooks/<namespace>/<agent>/<token>`.
+pub fn webhook_path(namespace: &str, agent: &str, token: &str) -> String {
+    format!("/webhooks/{namespace}/{agent}/{token}")
+}
+
+/// The full webhook URL under a public base (a trailing slash on the base is fine).
+pub fn webhook_url(public_base: &str, namespace: &str, agent: &str, token: &str) -> String {
+    format!("{}{}", public_base.trim_end_matches('/'), webhook_path(namespace, agent, token))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_dns_label_like(s: &str) -> bool {
+        let bytes = s.as_bytes();
+        !s.is_empty()
+            && bytes[0].is_ascii_alphanumeric()
+            && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    }
+
+    #[test]
+    fn short_names_are_kept() {
+        assert_eq!(webhook_secret_name("my-agent"), "my-agent-webhook");
+        assert_eq!(label_value("my-agent"), "my-agent");
+        assert_eq!(session_name("my-agent", "0a1b2c3d"), "my-agent-wh-0a1b2c3d");
+    }
+
+    #[test]
+    fn long_names_are_cut_with_a_hash() {
+        let long = "a".repeat(253);
+        let secret = webhook_secret_name(&long);
+        assert!(secret.len() <= MAX_NAME_LEN, "{}", secret.len());
+        assert!(secret.ends_with("-webhook"));
+        assert!(is_dns_label_like(&secret));
+
+        let label = label_value(&long);
+        assert_eq!(label.len(), MAX_LABEL_LEN);
+        assert!(is_dns_label_like(&label));
+
+        let session = session_name(&long, "deadbeef");
+        assert!(session.len() <= MAX_LABEL_LEN);
+        assert!(session.ends_with("-wh-deadbeef"));
+        assert!(is_dns_label_like(&session));
+    }
+
+    #[test]
+    fn cut_names_stay_distinct() {
+        let a = format!("{}a", "x".repeat(100));
+        let b = format!("{}b", "x".repeat(100));
+        assert_ne!(label_value(&a), label_value(&b));
+        assert_ne!(session_name(&a, "00000000"), session_name(&b, "00000000"));
+    }
+
+    #[test]
+    fn cut_never_ends_in_punctuation() {
+        // The cut lands right after a dash: it must be trimmed, not kept.
+        let name = format!("{}-{}", "a".repeat(49), "b".repeat(60));
+        let label = label_value(&name);
+        assert!(is_dns_label_like(&label), "{label}");
+    }
+
+    #[test]
+    fn urls_join_without_double_slashes() {
+        assert_eq!(
+            webhook_url("https://hooks.example.com/", "team-a", "my-agent", "tok"),
+            "https://hooks.example.com/webhooks/team-a/my-agent/tok"
+        );
+        assert_eq!(
+            webhook_url("http://127.0.0.1:8080", "ns", "a", "t"),
+            "http://127.0.0.1:8080/webhooks/ns/a/t"
+        );
+    }
+}
