@@ -1,1 +1,11 @@
-fn main() {}
+//! `hookrun-apiserver`: the webhook front door (see lib.rs).
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = hookrun_apiserver::Args::parse();
+    hookrun_apiserver::init_tracing(&args.log_filter);
+    hookrun_apiserver::run(args).await?;
+    Ok(())
+}

@@ -40,8 +40,17 @@ pub const MAX_ENV: usize = 128;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "URL", type_ = "string", json_path = ".status.webhookUrl", priority = "1")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "URL",
+        type_ = "string",
+        json_path = ".status.webhookUrl",
+        priority = "1"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
@@ -227,7 +236,10 @@ pub struct SessionTemplate {
 ]))]
 pub struct EnvVar {
     /// The variable's name: letters, digits and `_`, not starting with a digit.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub name: String,
     /// A literal value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -344,14 +356,16 @@ impl WebhookTrigger {
     /// The inline value and the reference the spec gives for one scheme.
     pub fn secret_fields(&self, scheme: SignatureScheme) -> (Option<&str>, Option<&SecretKeyRef>) {
         let (inline, reference) = match scheme {
-            SignatureScheme::Linear => {
-                (&self.linear_signature_secret, &self.linear_signature_secret_ref)
-            }
+            SignatureScheme::Linear => (
+                &self.linear_signature_secret,
+                &self.linear_signature_secret_ref,
+            ),
             SignatureScheme::Github => (&self.github_secret, &self.github_secret_ref),
             SignatureScheme::Slack => (&self.slack_signing_secret, &self.slack_signing_secret_ref),
-            SignatureScheme::StandardWebhooks => {
-                (&self.standard_webhooks_secret, &self.standard_webhooks_secret_ref)
-            }
+            SignatureScheme::StandardWebhooks => (
+                &self.standard_webhooks_secret,
+                &self.standard_webhooks_secret_ref,
+            ),
             SignatureScheme::Hmac => (&self.hmac_secret, &self.hmac_secret_ref),
         };
         (inline.as_deref(), reference.as_ref())

@@ -55,7 +55,8 @@ fn fit(name: &str, suffix: &str, max: usize) -> String {
     }
     let hash = short_hash(name);
     let keep = max.saturating_sub(suffix.len() + hash.len() + 1);
-    let prefix = name[..keep.min(name.len())].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    let prefix =
+        name[..keep.min(name.len())].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
     if prefix.is_empty() {
         format!("{hash}{suffix}")
     } else {
@@ -89,7 +90,11 @@ pub fn webhook_path(namespace: &str, agent: &str, token: &str) -> String {
 
 /// The full webhook URL under a public base (a trailing slash on the base is fine).
 pub fn webhook_url(public_base: &str, namespace: &str, agent: &str, token: &str) -> String {
-    format!("{}{}", public_base.trim_end_matches('/'), webhook_path(namespace, agent, token))
+    format!(
+        "{}{}",
+        public_base.trim_end_matches('/'),
+        webhook_path(namespace, agent, token)
+    )
 }
 
 #[cfg(test)]
@@ -101,7 +106,8 @@ mod tests {
         !s.is_empty()
             && bytes[0].is_ascii_alphanumeric()
             && bytes[bytes.len() - 1].is_ascii_alphanumeric()
-            && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
     }
 
     #[test]

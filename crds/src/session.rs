@@ -24,8 +24,17 @@ pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
     doc = "One run of an agent, started by a webhook and carried out by one pod.",
     printcolumn(name = "Agent", type_ = "string", json_path = ".spec.agent"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Pod", type_ = "string", json_path = ".status.podName", priority = "1")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Pod",
+        type_ = "string",
+        json_path = ".status.podName",
+        priority = "1"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SessionSpec {
@@ -51,7 +60,10 @@ pub struct SessionSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct SessionEnvVar {
     /// Letters, digits and `_`, not starting with a digit; `HOOKRUN_` is reserved.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     pub name: String,
     /// The value.
     #[schemars(length(max = 32768))]

@@ -25,7 +25,9 @@ impl WebhookToken {
     /// Mints a new token from the OS CSPRNG.
     pub fn generate() -> Result<Self, RandomnessError> {
         let mut bytes = [0u8; TOKEN_BYTES];
-        OsRng.try_fill_bytes(&mut bytes).map_err(|e| RandomnessError(e.to_string()))?;
+        OsRng
+            .try_fill_bytes(&mut bytes)
+            .map_err(|e| RandomnessError(e.to_string()))?;
         Ok(Self(URL_SAFE_NO_PAD.encode(bytes)))
     }
 
@@ -53,7 +55,9 @@ impl fmt::Debug for WebhookToken {
 
 /// Whether `s` looks like a token this crate mints: 43 URL-safe base64 characters.
 pub fn is_well_formed(s: &str) -> bool {
-    s.len() == TOKEN_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    s.len() == TOKEN_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// SHA-256 of a presented token. Comparing digests rather than the strings keeps the
@@ -73,7 +77,10 @@ mod tests {
         assert!(is_well_formed(a.expose()));
         assert_eq!(a.expose().len(), TOKEN_LEN);
         assert_ne!(a, b);
-        assert_eq!(URL_SAFE_NO_PAD.decode(a.expose()).expect("base64").len(), TOKEN_BYTES);
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(a.expose()).expect("base64").len(),
+            TOKEN_BYTES
+        );
     }
 
     #[test]

@@ -49,7 +49,10 @@ impl std::error::Error for FieldErrors {}
 
 impl FieldErrors {
     fn push(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), message: message.into() });
+        self.0.push(FieldError {
+            field: field.into(),
+            message: message.into(),
+        });
     }
 
     fn into_result(self) -> Result<(), FieldErrors> {
@@ -73,28 +76,37 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
         ));
     }
     if name.starts_with(RESERVED_ENV_PREFIX) {
-        return Err(format!("{name:?} uses the reserved prefix {RESERVED_ENV_PREFIX}"));
+        return Err(format!(
+            "{name:?} uses the reserved prefix {RESERVED_ENV_PREFIX}"
+        ));
     }
     Ok(())
 }
 
 /// Parses one `allowCIDRs` entry.
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
-    s.parse::<IpNet>()
-        .map_err(|_| format!("{s:?} is not a CIDR: use a form such as 203.0.113.0/24 or 2001:db8::/32"))
+    s.parse::<IpNet>().map_err(|_| {
+        format!("{s:?} is not a CIDR: use a form such as 203.0.113.0/24 or 2001:db8::/32")
+    })
 }
 
 fn check_range(errors: &mut FieldErrors, field: &str, value: Option<i64>, (min, max): (i64, i64)) {
     if let Some(v) = value
         && !(min..=max).contains(&v)
     {
-        errors.push(field, format!("{v} is out of range: use a value from {min} to {max}"));
+        errors.push(
+            field,
+            format!("{v} is out of range: use a value from {min} to {max}"),
+        );
     }
 }
 
 fn check_ref(errors: &mut FieldErrors, field: &str, reference: &SecretKeyRef) {
     if reference.name.is_empty() {
-        errors.push(format!("{field}.name"), "must name a Secret in the Agent's namespace");
+        errors.push(
+            format!("{field}.name"),
+            "must name a Secret in the Agent's namespace",
+        );
     }
     if reference.key.is_empty() {
         errors.push(format!("{field}.key"), "must name a key of that Secret");
@@ -103,7 +115,10 @@ fn check_ref(errors: &mut FieldErrors, field: &str, reference: &SecretKeyRef) {
 
 fn check_env(errors: &mut FieldErrors, field: &str, env: &[EnvVar]) {
     if env.len() > MAX_ENV {
-        errors.push(field, format!("has {} entries: at most {MAX_ENV} are accepted", env.len()));
+        errors.push(
+            field,
+            format!("has {} entries: at most {MAX_ENV} are accepted", env.len()),
+        );
     }
     for (i, var) in env.iter().enumerate() {
         let at = format!("{field}[{i}]");
@@ -111,7 +126,10 @@ fn check_env(errors: &mut FieldErrors, field: &str, env: &[EnvVar]) {
             errors.push(format!("{at}.name"), message);
         }
         if var.value.is_some() && var.value_from.is_some() {
-            errors.push(format!("{at}.valueFrom"), "set value or valueFrom, not both");
+            errors.push(
+                format!("{at}.valueFrom"),
+                "set value or valueFrom, not both",
+            );
         }
         if let Some(source) = &var.value_from {
             match (&source.secret_key_ref, &source.config_map_key_ref) {
@@ -132,26 +150,40 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
 
     for (i, model) in spec.models.iter().enumerate() {
         if model.trim().is_empty() {
-            errors.push(format!("spec.models[{i}]"), "must not be empty: use <provider>/<model>");
+            errors.push(
+                format!("spec.models[{i}]"),
+                "must not be empty: use <provider>/<model>",
+            );
         }
     }
     if let Some(system) = &spec.system
         && system.len() > MAX_SYSTEM_BYTES
     {
-        errors.push("spec.system", format!("is {} bytes: at most {MAX_SYSTEM_BYTES}", system.len()));
+        errors.push(
+            "spec.system",
+            format!("is {} bytes: at most {MAX_SYSTEM_BYTES}", system.len()),
+        );
     }
 
     let webhooks = spec.triggers.iter().filter(|t| t.webhook.is_some()).count();
     if webhooks > 1 {
-        errors.push("spec.triggers", "has more than one webhook trigger: an Agent has one URL");
+        errors.push(
+            "spec.triggers",
+            "has more than one webhook trigger: an Agent has one URL",
+        );
     }
     for (i, trigger) in spec.triggers.iter().enumerate() {
-        let Some(webhook) = &trigger.webhook else { continue };
+        let Some(webhook) = &trigger.webhook else {
+            continue;
+        };
         let at = format!("spec.triggers[{i}].webhook");
         if webhook.allow_cidrs.len() > MAX_ALLOW_CIDRS {
             errors.push(
                 format!("{at}.allowCIDRs"),
-                format!("has {} entries: at most {MAX_ALLOW_CIDRS}", webhook.allow_cidrs.len()),
+                format!(
+                    "has {} entries: at most {MAX_ALLOW_CIDRS}",
+                    webhook.allow_cidrs.len()
+                ),
             );
         }
         for (j, cidr) in webhook.allow_cidrs.iter().enumerate() {
@@ -163,15 +195,21 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
             match webhook.secret_fields(scheme) {
                 (Some(_), Some(_)) => errors.push(
                     format!("{at}.{}", scheme.ref_field()),
-                    format!("set {} or {}, not both", scheme.inline_field(), scheme.ref_field()),
+                    format!(
+                        "set {} or {}, not both",
+                        scheme.inline_field(),
+                        scheme.ref_field()
+                    ),
                 ),
                 (Some(""), None) => errors.push(
                     format!("{at}.{}", scheme.inline_field()),
                     "must not be empty",
                 ),
-                (None, Some(reference)) => {
-                    check_ref(&mut errors, &format!("{at}.{}", scheme.ref_field()), reference)
-                }
+                (None, Some(reference)) => check_ref(
+                    &mut errors,
+                    &format!("{at}.{}", scheme.ref_field()),
+                    reference,
+                ),
                 _ => {}
             }
         }
@@ -179,17 +217,30 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
 
     if let Some(session) = &spec.session {
         if session.image.as_deref() == Some("") {
-            errors.push("spec.session.image", "must not be empty: leave it out for the default");
+            errors.push(
+                "spec.session.image",
+                "must not be empty: leave it out for the default",
+            );
         }
         check_env(&mut errors, "spec.session.env", &session.env);
-        check_range(&mut errors, "spec.session.timeoutSeconds", session.timeout_seconds, TIMEOUT_SECONDS_RANGE);
+        check_range(
+            &mut errors,
+            "spec.session.timeoutSeconds",
+            session.timeout_seconds,
+            TIMEOUT_SECONDS_RANGE,
+        );
         check_range(
             &mut errors,
             "spec.session.ttlSecondsAfterFinished",
             session.ttl_seconds_after_finished,
             TTL_SECONDS_RANGE,
         );
-        check_range(&mut errors, "spec.session.maxConcurrent", session.max_concurrent, MAX_CONCURRENT_RANGE);
+        check_range(
+            &mut errors,
+            "spec.session.maxConcurrent",
+            session.max_concurrent,
+            MAX_CONCURRENT_RANGE,
+        );
     }
 
     errors.into_result()
@@ -205,7 +256,10 @@ mod tests {
     }
 
     fn fields(result: Result<(), FieldErrors>) -> Vec<String> {
-        result.err().map(|e| e.0.into_iter().map(|e| e.field).collect()).unwrap_or_default()
+        result
+            .err()
+            .map(|e| e.0.into_iter().map(|e| e.field).collect())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -230,7 +284,10 @@ session:
     #[test]
     fn bad_cidr_is_named() {
         let spec = spec_from_yaml("triggers: [{webhook: {allowCIDRs: [10.0.0.0/8, 300.1.1.1/8]}}]");
-        assert_eq!(fields(validate_agent_spec(&spec)), ["spec.triggers[0].webhook.allowCIDRs[1]"]);
+        assert_eq!(
+            fields(validate_agent_spec(&spec)),
+            ["spec.triggers[0].webhook.allowCIDRs[1]"]
+        );
     }
 
     #[test]
@@ -254,8 +311,16 @@ session:
         let spec = AgentSpec {
             session: Some(SessionTemplate {
                 env: vec![
-                    EnvVar { name: "1BAD".into(), value: Some("x".into()), value_from: None },
-                    EnvVar { name: "HOOKRUN_SESSION".into(), value: Some("x".into()), value_from: None },
+                    EnvVar {
+                        name: "1BAD".into(),
+                        value: Some("x".into()),
+                        value_from: None,
+                    },
+                    EnvVar {
+                        name: "HOOKRUN_SESSION".into(),
+                        value: Some("x".into()),
+                        value_from: None,
+                    },
                     EnvVar {
                         name: "OK".into(),
                         value: Some("x".into()),
@@ -279,7 +344,9 @@ session:
 
     #[test]
     fn ranges_are_checked() {
-        let spec = spec_from_yaml("session: {timeoutSeconds: 0, ttlSecondsAfterFinished: -1, maxConcurrent: 0}");
+        let spec = spec_from_yaml(
+            "session: {timeoutSeconds: 0, ttlSecondsAfterFinished: -1, maxConcurrent: 0}",
+        );
         assert_eq!(
             fields(validate_agent_spec(&spec)),
             [
@@ -294,8 +361,12 @@ session:
     fn two_webhook_triggers_are_refused() {
         let spec = AgentSpec {
             triggers: vec![
-                Trigger { webhook: Some(WebhookTrigger::default()) },
-                Trigger { webhook: Some(WebhookTrigger::default()) },
+                Trigger {
+                    webhook: Some(WebhookTrigger::default()),
+                },
+                Trigger {
+                    webhook: Some(WebhookTrigger::default()),
+                },
             ],
             ..Default::default()
         };

@@ -10,7 +10,9 @@ fn main() -> ExitCode {
         match arg.as_str() {
             "--check" => check = true,
             "-h" | "--help" => {
-                println!("usage: crdgen [--check] [DIR]\nwrites (or with --check, compares) the CRD YAML");
+                println!(
+                    "usage: crdgen [--check] [DIR]\nwrites (or with --check, compares) the CRD YAML"
+                );
                 return ExitCode::SUCCESS;
             }
             other => dir = PathBuf::from(other),
@@ -28,7 +30,10 @@ fn main() -> ExitCode {
         };
         if check {
             if fs::read_to_string(&path).ok().as_deref() != Some(yaml.as_str()) {
-                eprintln!("crdgen: {} differs from the types; run `make crds`", path.display());
+                eprintln!(
+                    "crdgen: {} differs from the types; run `make crds`",
+                    path.display()
+                );
                 drift = true;
             }
         } else if let Err(error) = fs::create_dir_all(&dir).and_then(|()| fs::write(&path, yaml)) {
@@ -38,5 +43,9 @@ fn main() -> ExitCode {
             println!("crdgen: wrote {}", path.display());
         }
     }
-    if drift { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if drift {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -1,0 +1,1 @@
+//! Cluster tests of the operator: see issue 3.
