@@ -39,6 +39,7 @@ dev:
 	@echo "make dev arrives with issue 6 (first run); today: make cluster-up, then run the binaries"
 	@exit 1
 
-bench:
-	@echo "make bench arrives with the operator and webhook benchmarks"
-	@exit 1
+## bench: operator benchmark on the local control plane (release build); see tests/benches/
+bench: tools
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p hookrun-tests --bench operator

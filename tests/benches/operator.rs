@@ -1,0 +1,282 @@
+//! Operator benchmark on the real local control plane (`make bench`):
+//!
+//! 1. apply-to-URL latency over 50 sequential Agents (p50, p99);
+//! 2. 1000 Agents applied at once: time until every one has a URL, API writes per Agent
+//!    (Secret creates/updates + Agent status patches, counted from watch events; Kubernetes
+//!    Events counted apart), writes during a quiet window afterwards (goal: zero);
+//! 3. the operator's resident memory with those Agents.
+//!
+//! Sizes: `HOOKRUN_BENCH_AGENTS` (1000), `HOOKRUN_BENCH_SEQUENTIAL` (50),
+//! `HOOKRUN_BENCH_QUIET_SECS` (60).
+
+use std::{
+    collections::HashSet,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use hookrun_crds::{
+    Agent, AgentSpec,
+    agent::{Trigger, WebhookTrigger},
+};
+use hookrun_tests::{TestNamespace, cluster, workspace_binary};
+use k8s_openapi::api::core::v1::{Event, Secret};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams, WatchEvent, WatchParams},
+    runtime::{WatchStreamExt, watcher},
+};
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn agent(name: &str) -> Agent {
+    Agent::new(
+        name,
+        AgentSpec {
+            models: vec!["anthropic/claude-sonnet-4-6".into()],
+            triggers: vec![Trigger {
+                webhook: Some(WebhookTrigger::default()),
+            }],
+            ..Default::default()
+        },
+    )
+}
+
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
+    let child = Command::new(workspace_binary("hookrun-operator"))
+        .args([
+            "--public-url",
+            "https://hooks.bench.example",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--namespaces", namespace])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("hookrun-operator starts (cargo build --release -p hookrun-operator)");
+    Operator(child)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Counts write events on one kind in the namespace from `resource_version` on.
+fn count_writes<K>(api: Api<K>, resource_version: String, count_added: bool) -> Arc<AtomicU64>
+where
+    K: kube::Resource
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let counter = Arc::new(AtomicU64::new(0));
+    let writes = counter.clone();
+    tokio::spawn(async move {
+        let params = WatchParams::default().timeout(290);
+        let Ok(stream) = api.watch(&params, &resource_version).await else {
+            return;
+        };
+        let mut stream = stream.boxed();
+        while let Ok(Some(event)) = stream.try_next().await {
+            match event {
+                WatchEvent::Added(_) if count_added => writes.fetch_add(1, Ordering::Relaxed),
+                WatchEvent::Modified(_) | WatchEvent::Deleted(_) => {
+                    writes.fetch_add(1, Ordering::Relaxed)
+                }
+                _ => 0,
+            };
+        }
+    });
+    counter
+}
+
+async fn list_version<K>(api: &Api<K>) -> String
+where
+    K: kube::Resource + Clone + k8s_openapi::serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.list_metadata(&ListParams::default().limit(1))
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .unwrap_or_default()
+}
+
+async fn sequential_latency(client: &Client, namespace: &str, count: u64) -> Vec<Duration> {
+    let agents: Api<Agent> = Api::namespaced(client.clone(), namespace);
+    let mut latencies = Vec::new();
+    for i in 0..count {
+        let name = format!("seq-{i}");
+        let mut updates = watcher(
+            agents.clone(),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        )
+        .applied_objects()
+        .boxed();
+        let started = Instant::now();
+        agents
+            .create(&PostParams::default(), &agent(&name))
+            .await
+            .expect("create");
+        while let Ok(Some(a)) = updates.try_next().await {
+            if a.status
+                .as_ref()
+                .and_then(|s| s.webhook_url.as_ref())
+                .is_some()
+            {
+                break;
+            }
+        }
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    latencies
+}
+
+#[tokio::main]
+async fn main() {
+    let agents_n = env_number("HOOKRUN_BENCH_AGENTS", 1000);
+    let sequential_n = env_number("HOOKRUN_BENCH_SEQUENTIAL", 50);
+    let quiet = Duration::from_secs(env_number("HOOKRUN_BENCH_QUIET_SECS", 60));
+
+    let cluster = cluster().await;
+    let client = cluster.client().await;
+    let ns = TestNamespace::new(cluster).await;
+    let operator = start_operator(&cluster.kubeconfig_path(), ns.name());
+
+    // 1. Sequential latency.
+    let latencies = sequential_latency(&client, ns.name(), sequential_n).await;
+    println!(
+        "apply-to-URL latency over {} sequential Agents: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
+        percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+
+    // 2. A burst in a namespace of its own, with writes counted from watch events.
+    let burst_ns = TestNamespace::new(cluster).await;
+    drop(operator);
+    let operator = start_operator(&cluster.kubeconfig_path(), burst_ns.name());
+    let agents: Api<Agent> = Api::namespaced(client.clone(), burst_ns.name());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), burst_ns.name());
+    let events: Api<Event> = Api::namespaced(client.clone(), burst_ns.name());
+    let agent_writes = count_writes(agents.clone(), list_version(&agents).await, false);
+    let secret_writes = count_writes(secrets.clone(), list_version(&secrets).await, true);
+    let event_writes = count_writes(events.clone(), list_version(&events).await, true);
+
+    let mut ready = watcher(agents.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let started = Instant::now();
+    let creator = {
+        let agents = agents.clone();
+        tokio::spawn(async move {
+            stream::iter(0..agents_n)
+                .map(|i| {
+                    let agents = agents.clone();
+                    async move {
+                        agents
+                            .create(&PostParams::default(), &agent(&format!("burst-{i}")))
+                            .await
+                    }
+                })
+                .buffer_unordered(32)
+                .try_collect::<Vec<_>>()
+                .await
+                .expect("every Agent is created");
+        })
+    };
+    let mut with_url = HashSet::new();
+    while (with_url.len() as u64) < agents_n {
+        match tokio::time::timeout(Duration::from_secs(300), ready.try_next()).await {
+            Ok(Ok(Some(a))) => {
+                if a.status
+                    .as_ref()
+                    .and_then(|s| s.webhook_url.as_ref())
+                    .is_some()
+                {
+                    with_url.insert(a.metadata.name.unwrap_or_default());
+                }
+            }
+            other => panic!(
+                "waiting for URLs failed after {} of {agents_n}: {other:?}",
+                with_url.len()
+            ),
+        }
+    }
+    let burst = started.elapsed();
+    creator.await.expect("creator task");
+    // Let in-flight writes land in the counters before reading them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (a, s, e) = (
+        agent_writes.load(Ordering::Relaxed),
+        secret_writes.load(Ordering::Relaxed),
+        event_writes.load(Ordering::Relaxed),
+    );
+    println!(
+        "{agents_n} Agents applied at once: all have a URL after {:.1} s ({:.0} Agents/s)",
+        burst.as_secs_f64(),
+        agents_n as f64 / burst.as_secs_f64()
+    );
+    println!(
+        "API writes per Agent: {:.2} (Secret writes {s}, Agent status/metadata writes {a}); Kubernetes Events recorded: {e}",
+        (a + s) as f64 / agents_n as f64
+    );
+    if let Some(rss) = rss_kib(operator.0.id()) {
+        println!(
+            "operator RSS with {agents_n} Agents: {:.1} MiB",
+            rss as f64 / 1024.0
+        );
+    }
+
+    // 3. Quiet window: nothing may be written.
+    let before = a + s + e;
+    tokio::time::sleep(quiet).await;
+    let after = agent_writes.load(Ordering::Relaxed)
+        + secret_writes.load(Ordering::Relaxed)
+        + event_writes.load(Ordering::Relaxed);
+    println!(
+        "writes in the {} s after: {}",
+        quiet.as_secs(),
+        after - before
+    );
+    if let Some(rss) = rss_kib(operator.0.id()) {
+        println!(
+            "operator RSS after the quiet window: {:.1} MiB",
+            rss as f64 / 1024.0
+        );
+    }
+    drop(operator);
+}
