@@ -1,0 +1,528 @@
+//! The Agent controller: for every Agent with a webhook trigger, keeps a controller-owned
+//! Secret with its token, URL and signing secrets, and publishes the URL in its status.
+//!
+//! Reconcile is a pipeline: validate → resolve signing secrets → build the Secret (pure,
+//! in [`secret`]) → apply it only if it differs → build the status (pure, in [`status`])
+//! → patch it only if it differs. A reconcile that finds everything right writes nothing.
+
+pub mod secret;
+pub mod status;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{Future, StreamExt};
+use hookrun_crds::{
+    Agent, AgentStatus,
+    names::{self, ROTATE_TOKEN_ANNOTATION, ROTATION_GRACE_ANNOTATION},
+    token::WebhookToken,
+    validation::validate_agent_spec,
+};
+use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+
+use self::{
+    secret::{AgentFacts, MissingRef, TokenChange},
+    status::Outcome,
+};
+use crate::{
+    cli::PublicUrl,
+    duration::HumanDuration,
+    error::{Error, Result},
+    metrics::Metrics,
+};
+
+/// The controller's name in metrics and Events.
+pub const CONTROLLER: &str = "agent";
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "hookrun-operator";
+/// The grace period of a graceful rotation when the Agent does not set one.
+pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(600);
+/// How often an Agent that is right is looked at again anyway.
+const RESYNC: Duration = Duration::from_secs(3600);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub public_url: PublicUrl,
+    pub redact_url_in_status: bool,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// Consecutive failures per Agent, for the error backoff.
+    failures: Mutex<HashMap<ObjectRef<Agent>, u32>>,
+    /// The last status this process wrote per Agent, with the resourceVersion it replaced:
+    /// while the cache still shows that version, the write is known to be done.
+    written_status: Mutex<HashMap<ObjectRef<Agent>, (String, AgentStatus)>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        public_url: PublicUrl,
+        redact_url_in_status: bool,
+        metrics: Metrics,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            client,
+            public_url,
+            redact_url_in_status,
+            metrics,
+            recorder,
+            failures: Mutex::default(),
+            written_status: Mutex::default(),
+        }
+    }
+}
+
+/// The Agent controller for one namespace (`None`: all namespaces). Returns the Agent
+/// cache (to wait for its sync) and the future that runs the controller until `shutdown`.
+pub fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> (Store<Agent>, impl Future<Output = ()> + Send) {
+    type Meta = PartialObjectMeta<Secret>;
+    let (agents, secrets, secret_meta): (Api<Agent>, Api<Secret>, Api<Meta>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (
+            Api::all(ctx.client.clone()),
+            Api::all(ctx.client.clone()),
+            Api::all(ctx.client.clone()),
+        ),
+    };
+    let controller = Controller::new(agents, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    let agent_index = store.clone();
+    // Referenced Secrets are watched by metadata only (no data of the cluster's other
+    // Secrets crosses the wire); a change maps back to the Agents that name them.
+    let controller = controller
+        .owns(
+            secrets,
+            watcher::Config::default()
+                .labels(names::MANAGED_SECRET_SELECTOR)
+                .any_semantic(),
+        )
+        .watches(
+            secret_meta,
+            watcher::Config::default().any_semantic(),
+            move |secret: Meta| {
+                let (ns, name) = (secret.namespace(), secret.name_any());
+                agent_index
+                    .state()
+                    .into_iter()
+                    .filter(|agent| agent.namespace() == ns && references_secret(agent, &name))
+                    .map(|agent| ObjectRef::from_obj(&*agent))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown);
+    let runner = controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "agent controller event");
+            }
+        });
+    (store, runner)
+}
+
+fn references_secret(agent: &Agent, secret: &str) -> bool {
+    agent.spec.webhook().is_some_and(|w| {
+        secret::referenced_secrets(w)
+            .iter()
+            .any(|r| r.name == secret)
+    })
+}
+
+/// The grace period an Agent asks for, or why its annotation is wrong.
+fn rotation_grace(agent: &Agent) -> Result<Duration, String> {
+    match agent.annotations().get(ROTATION_GRACE_ANNOTATION) {
+        None => Ok(DEFAULT_ROTATION_GRACE),
+        Some(value) => value
+            .parse::<HumanDuration>()
+            .map(|d| d.0)
+            .map_err(|error| format!("metadata.annotations[{ROTATION_GRACE_ANNOTATION}]: {error}")),
+    }
+}
+
+/// The path of the Agent's webhook trigger, for messages.
+fn webhook_path(agent: &Agent) -> String {
+    let index = agent
+        .spec
+        .triggers
+        .iter()
+        .position(|t| t.webhook.is_some())
+        .unwrap_or(0);
+    format!("spec.triggers[{index}].webhook")
+}
+
+async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let result = reconcile_agent(&agent, &ctx).await;
+    if result.is_ok()
+        && let Ok(mut failures) = ctx.failures.lock()
+    {
+        failures.remove(&ObjectRef::from_obj(&*agent));
+    }
+    result
+}
+
+async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
+    let namespace = agent
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let name = agent.name_any();
+    if agent.meta().deletion_timestamp.is_some() {
+        // The owner reference lets garbage collection remove the Secret.
+        return Ok(Action::await_change());
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret_name = names::webhook_secret_name(&name);
+    let mut action = Action::requeue(RESYNC);
+
+    let spec_check = validate_agent_spec(&agent.spec)
+        .map_err(|errors| errors.to_string())
+        .and_then(|()| rotation_grace(agent));
+    let outcome = match (spec_check, agent.spec.webhook()) {
+        (Err(message), _) => {
+            action = Action::await_change();
+            Outcome::InvalidSpec { message }
+        }
+        (Ok(_), None) => {
+            remove_secret(agent, ctx, &secrets, &secret_name).await?;
+            Outcome::NoWebhookTrigger
+        }
+        (Ok(grace), Some(webhook)) => {
+            let wanted: BTreeSet<&str> = secret::referenced_secrets(webhook)
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect();
+            let mut referenced = HashMap::new();
+            for wanted_name in wanted {
+                referenced.insert(wanted_name, secrets.get_opt(wanted_name).await?);
+            }
+            let resolved = secret::resolve_signing_secrets(webhook, &webhook_path(agent), |n| {
+                referenced.get(n).and_then(Option::as_ref)
+            });
+            match resolved {
+                Err(missing) => {
+                    // The watch on referenced Secrets brings the Agent back when it appears.
+                    action = Action::await_change();
+                    secret_ref_missing(&name, &missing)
+                }
+                Ok(signing) => {
+                    let (outcome, requeue) =
+                        apply_secret(agent, ctx, &secrets, &secret_name, grace, &signing).await?;
+                    if let Some(requeue) = requeue {
+                        action = Action::requeue(requeue.min(RESYNC));
+                    }
+                    outcome
+                }
+            }
+        }
+    };
+
+    write_status(agent, ctx, &outcome).await?;
+    Ok(action)
+}
+
+fn secret_ref_missing(agent: &str, missing: &MissingRef) -> Outcome {
+    tracing::info!(agent, secret = %missing.secret, key = %missing.key, "referenced signing secret is missing");
+    Outcome::SecretRefMissing {
+        message: missing.message(),
+    }
+}
+
+/// Whether `secret` is controlled by `agent`, or by nobody (then the operator adopts it).
+fn controlled_by(secret: &Secret, agent: &Agent) -> bool {
+    match secret
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+    {
+        None => true,
+        Some(owner) => Some(&owner.uid) == agent.uid().as_ref(),
+    }
+}
+
+/// Builds the managed Secret and applies it if it differs from the one that exists.
+/// Returns the outcome and, when a previous token is kept, when to come back to drop it.
+async fn apply_secret(
+    agent: &Agent,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    secret_name: &str,
+    rotation_grace: Duration,
+    signing: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> Result<(Outcome, Option<Duration>)> {
+    let name = agent.name_any();
+    let namespace = agent
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let owner = agent
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("uid"))?;
+    // Read live, not from a cache: a stale cache that lacks the Secret would mint a new
+    // token, and an existing token must never be replaced by accident.
+    let existing = secrets.get_opt(secret_name).await?;
+    if let Some(existing) = &existing
+        && !controlled_by(existing, agent)
+    {
+        return Err(Error::SecretOwnedElsewhere(secret_name.to_owned()));
+    }
+    let facts = AgentFacts {
+        name: &name,
+        namespace: &namespace,
+        owner,
+        rotate_token: agent
+            .annotations()
+            .get(ROTATE_TOKEN_ANNOTATION)
+            .map(String::as_str),
+        rotation_grace,
+    };
+    let now = Timestamp::now();
+    let plan = secret::plan_secret(
+        &facts,
+        existing.as_ref(),
+        signing,
+        ctx.public_url.as_str(),
+        now,
+        WebhookToken::generate,
+    )
+    .map_err(Error::Randomness)?;
+
+    if secret::secret_needs_write(&plan.secret, existing.as_ref()) {
+        secrets
+            .patch(
+                secret_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&plan.secret),
+            )
+            .await?;
+        ctx.metrics.wrote(CONTROLLER, "secret_apply");
+        match plan.change {
+            TokenChange::Created => {
+                tracing::info!(agent = %name, %namespace, secret = secret_name, "minted a webhook token");
+                publish(
+                    ctx,
+                    agent,
+                    EventType::Normal,
+                    "TokenCreated",
+                    "Provision",
+                    format!("minted a new webhook token in Secret {secret_name:?}"),
+                )
+                .await;
+            }
+            TokenChange::Rotated => {
+                let until = plan
+                    .previous_expires_at
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "now".to_owned());
+                tracing::info!(agent = %name, %namespace, secret = secret_name, previous_valid_until = %until, "rotated the webhook token");
+                publish(ctx, agent, EventType::Normal, "TokenRotated", "Rotate", format!(
+                    "rotated the webhook token in Secret {secret_name:?}; the previous token stays valid until {until}"
+                ))
+                .await;
+            }
+            TokenChange::Kept => {
+                tracing::info!(agent = %name, %namespace, secret = secret_name, "updated the webhook Secret");
+            }
+        }
+    }
+
+    let requeue = plan.previous_expires_at.map(|expires| {
+        let left = expires.duration_since(now).as_millis().max(0);
+        // A little after expiry, so that the token is gone when we look.
+        Duration::from_millis(u64::try_from(left).unwrap_or(u64::MAX)) + Duration::from_millis(500)
+    });
+    let token = if ctx.redact_url_in_status {
+        names::REDACTED_TOKEN
+    } else {
+        plan.token.expose()
+    };
+    let outcome = Outcome::WebhookReady {
+        status_url: names::webhook_url(ctx.public_url.as_str(), &namespace, &name, token),
+        secret_name: secret_name.to_owned(),
+        redacted: ctx.redact_url_in_status,
+    };
+    Ok((outcome, requeue))
+}
+
+/// Deletes the managed Secret of an Agent that no longer has a webhook trigger.
+async fn remove_secret(
+    agent: &Agent,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    secret_name: &str,
+) -> Result<()> {
+    let Some(existing) = secrets.get_metadata_opt(secret_name).await? else {
+        return Ok(());
+    };
+    let ours = existing
+        .owner_references()
+        .iter()
+        .any(|o| Some(&o.uid) == agent.uid().as_ref());
+    if !ours {
+        return Ok(());
+    }
+    match secrets.delete(secret_name, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+        Err(error) => return Err(error.into()),
+    }
+    ctx.metrics.wrote(CONTROLLER, "secret_delete");
+    tracing::info!(agent = %agent.name_any(), secret = secret_name, "webhook trigger removed: deleted its Secret");
+    publish(
+        ctx,
+        agent,
+        EventType::Normal,
+        "WebhookRemoved",
+        "Deprovision",
+        format!(
+            "the webhook trigger was removed: deleted Secret {secret_name:?} and cleared the URL"
+        ),
+    )
+    .await;
+    Ok(())
+}
+
+/// Patches the status if it differs from what the Agent shows.
+async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result<()> {
+    let key = ObjectRef::from_obj(agent);
+    let seen_version = agent.resource_version().unwrap_or_default();
+    let desired = status::desired_status(
+        agent.status.as_ref(),
+        outcome,
+        agent.meta().generation,
+        Timestamp::now(),
+    );
+    if !status::status_needs_write(&desired, agent.status.as_ref()) {
+        return Ok(());
+    }
+    // Our own write may not have reached the cache yet: the cache still shows the version
+    // that write replaced. Writing the same status again would be a wasted call.
+    if let Ok(written) = ctx.written_status.lock()
+        && let Some((replaced_version, status)) = written.get(&key)
+        && *replaced_version == seen_version
+        && *status == desired
+    {
+        return Ok(());
+    }
+
+    let namespace = agent
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &namespace);
+    let body = serde_json::to_value(&desired).map_err(|source| Error::Serialize {
+        what: "status",
+        source,
+    })?;
+    let mut body = body;
+    // A merge patch leaves out what it does not name: clear the URL explicitly.
+    if desired.webhook_url.is_none()
+        && let Some(map) = body.as_object_mut()
+    {
+        map.insert("webhookUrl".to_owned(), serde_json::Value::Null);
+    }
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": body })),
+    )
+    .await?;
+    ctx.metrics.wrote(CONTROLLER, "status_patch");
+    if let Ok(mut written) = ctx.written_status.lock() {
+        written.insert(key, (seen_version, desired.clone()));
+    }
+
+    let previous_reason = agent
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == status::READY))
+        .map(|c| c.reason.as_str());
+    let reason = outcome.reason();
+    if previous_reason != Some(reason.as_str()) && !reason.is_ready() {
+        tracing::warn!(agent = %agent.name_any(), %namespace, reason = reason.as_str(), message = %outcome.message(), "agent is not ready");
+        publish(
+            ctx,
+            agent,
+            EventType::Warning,
+            reason.as_str(),
+            "Reconcile",
+            outcome.message(),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Publishes an Event about an Agent. An Event that cannot be written is logged, not
+/// retried: it must not hold up the reconcile.
+async fn publish(
+    ctx: &Context,
+    agent: &Agent,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: action.to_owned(),
+        secondary: None,
+    };
+    match ctx.recorder.publish(&event, &agent.object_ref(&())).await {
+        Ok(()) => ctx.metrics.wrote(CONTROLLER, "event"),
+        Err(error) => {
+            tracing::warn!(agent = %agent.name_any(), %error, "could not publish an event")
+        }
+    }
+}
+
+/// Requeues a failed reconcile with a per-Agent exponential backoff (0.5 s doubling up to
+/// 5 min).
+fn error_policy(agent: Arc<Agent>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, error.metric_label());
+    let attempts = match ctx.failures.lock() {
+        Ok(mut failures) => {
+            let n = failures.entry(ObjectRef::from_obj(&*agent)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(attempts);
+    tracing::warn!(agent = %agent.name_any(), namespace = ?agent.namespace(), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `attempts`.
+pub fn backoff(attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(10);
+    (Duration::from_millis(500) * 2u32.pow(exponent)).min(Duration::from_secs(300))
+}
+
+#[cfg(test)]
+mod tests;

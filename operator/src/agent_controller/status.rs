@@ -1,0 +1,149 @@
+//! The Agent's status as it should be: the webhook URL (or its redacted form),
+//! `observedGeneration` and the kstatus-style `Ready` condition.
+
+use hookrun_crds::AgentStatus;
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+
+/// The condition type this controller owns.
+pub const READY: &str = "Ready";
+
+/// Why an Agent is or is not ready; the `reason` of its `Ready` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadyReason {
+    WebhookReady,
+    NoWebhookTrigger,
+    SecretRefMissing,
+    InvalidSpec,
+}
+
+impl ReadyReason {
+    /// The condition's `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadyReason::WebhookReady => "WebhookReady",
+            ReadyReason::NoWebhookTrigger => "NoWebhookTrigger",
+            ReadyReason::SecretRefMissing => "SecretRefMissing",
+            ReadyReason::InvalidSpec => "InvalidSpec",
+        }
+    }
+
+    /// Whether the Agent is ready with this reason.
+    pub fn is_ready(self) -> bool {
+        matches!(
+            self,
+            ReadyReason::WebhookReady | ReadyReason::NoWebhookTrigger
+        )
+    }
+}
+
+/// What the reconcile concluded, as the status reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The Secret is right; `status_url` is the URL to publish (token possibly redacted).
+    WebhookReady {
+        status_url: String,
+        secret_name: String,
+        redacted: bool,
+    },
+    /// No webhook trigger: no Secret, no URL.
+    NoWebhookTrigger,
+    /// A referenced signing secret cannot be read; the message names it.
+    SecretRefMissing { message: String },
+    /// The spec fails validation; the message names the fields.
+    InvalidSpec { message: String },
+}
+
+impl Outcome {
+    pub fn reason(&self) -> ReadyReason {
+        match self {
+            Outcome::WebhookReady { .. } => ReadyReason::WebhookReady,
+            Outcome::NoWebhookTrigger => ReadyReason::NoWebhookTrigger,
+            Outcome::SecretRefMissing { .. } => ReadyReason::SecretRefMissing,
+            Outcome::InvalidSpec { .. } => ReadyReason::InvalidSpec,
+        }
+    }
+
+    /// The condition's message: what is the case and what to do about it.
+    pub fn message(&self) -> String {
+        match self {
+            Outcome::WebhookReady { secret_name, redacted: false, .. } => format!(
+                "the webhook URL is in status.webhookUrl and in Secret {secret_name:?}, key \"url\""
+            ),
+            Outcome::WebhookReady { secret_name, redacted: true, .. } => format!(
+                "the webhook URL is in Secret {secret_name:?}, key \"url\" (the token is redacted in status)"
+            ),
+            Outcome::NoWebhookTrigger => {
+                "the Agent has no webhook trigger: add `triggers: [{webhook: {}}]` to its spec to get a URL"
+                    .to_owned()
+            }
+            Outcome::SecretRefMissing { message } => message.clone(),
+            Outcome::InvalidSpec { message } => format!("the spec is invalid: {message}"),
+        }
+    }
+}
+
+/// The `Ready` condition for `outcome`. Its `lastTransitionTime` moves only when its
+/// status flips, so that a reconcile that changes nothing writes nothing.
+pub fn ready_condition(
+    existing: &[Condition],
+    outcome: &Outcome,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let reason = outcome.reason();
+    let status = if reason.is_ready() { "True" } else { "False" };
+    let previous = existing.iter().find(|c| c.type_ == READY);
+    let last_transition_time = match previous {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        // The API keeps whole seconds; so do we, so that what we write reads back equal.
+        _ => Time(Timestamp::from_second(now.as_second()).unwrap_or(now)),
+    };
+    Condition {
+        type_: READY.to_owned(),
+        status: status.to_owned(),
+        reason: reason.as_str().to_owned(),
+        message: outcome.message(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// The status as it should be. A spec that cannot be acted on leaves the URL as it was:
+/// the Secret is not touched either, so the URL keeps working.
+pub fn desired_status(
+    existing: Option<&AgentStatus>,
+    outcome: &Outcome,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> AgentStatus {
+    let existing_conditions = existing
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let webhook_url = match outcome {
+        Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
+        Outcome::NoWebhookTrigger => None,
+        Outcome::SecretRefMissing { .. } | Outcome::InvalidSpec { .. } => {
+            existing.and_then(|s| s.webhook_url.clone())
+        }
+    };
+    // Replace `Ready` where it stands, so that the list's order never causes a write.
+    let ready = ready_condition(existing_conditions, outcome, generation, now);
+    let mut conditions = existing_conditions.to_vec();
+    match conditions.iter_mut().find(|c| c.type_ == READY) {
+        Some(slot) => *slot = ready,
+        None => conditions.push(ready),
+    }
+    AgentStatus {
+        webhook_url,
+        observed_generation: generation,
+        conditions,
+    }
+}
+
+/// Whether the status must be patched.
+pub fn status_needs_write(desired: &AgentStatus, existing: Option<&AgentStatus>) -> bool {
+    existing != Some(desired)
+}

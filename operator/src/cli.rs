@@ -1,0 +1,164 @@
+//! Command-line flags (each also read from an environment variable).
+
+use std::{fmt, net::SocketAddr, str::FromStr};
+
+use clap::{Parser, ValueEnum};
+
+use crate::duration::HumanDuration;
+
+/// hookrun's operator: gives every Agent with a webhook trigger a token Secret and a
+/// webhook URL in its status.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "hookrun-operator", version, about, long_about = None)]
+pub struct Args {
+    /// The public base of every webhook URL, e.g. https://hooks.example.com (an absolute
+    /// http or https URL; a trailing slash is fine).
+    #[arg(long, env = "HOOKRUN_PUBLIC_URL")]
+    pub public_url: PublicUrl,
+
+    /// Address of the admin server (/healthz, /readyz, /metrics). Port 0 picks a free one;
+    /// the bound address is logged.
+    #[arg(long, env = "HOOKRUN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Run the controllers only while holding a coordination.k8s.io Lease, so that only
+    /// one replica writes.
+    #[arg(long, env = "HOOKRUN_LEADER_ELECT", default_value_t = false)]
+    pub leader_elect: bool,
+
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else "default").
+    #[arg(long, env = "HOOKRUN_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "HOOKRUN_LEADER_ELECTION_ID",
+        default_value = "hookrun-operator"
+    )]
+    pub leader_election_id: String,
+
+    /// How long a Lease stays valid without renewal (e.g. 15s).
+    #[arg(
+        long,
+        env = "HOOKRUN_LEADER_ELECTION_LEASE_DURATION",
+        default_value = "15s"
+    )]
+    pub leader_election_lease_duration: HumanDuration,
+
+    /// Namespaces to watch, comma-separated (default: all namespaces).
+    #[arg(long, env = "HOOKRUN_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+
+    /// Replace the token in status.webhookUrl with a placeholder; the full URL is then only
+    /// in the managed Secret's `url` key.
+    #[arg(long, env = "HOOKRUN_REDACT_URL_IN_STATUS", default_value_t = false)]
+    pub redact_url_in_status: bool,
+
+    /// Log format.
+    #[arg(long, env = "HOOKRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// An absolute http(s) URL that webhook paths are appended to. Kept without a trailing
+/// slash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicUrl(String);
+
+impl PublicUrl {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PublicUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for PublicUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let uri: http::Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http" | "https") => {}
+            _ => return Err(format!("{s:?} must start with http:// or https://")),
+        }
+        match uri.authority() {
+            Some(authority) if !authority.host().is_empty() => {}
+            _ => return Err(format!("{s:?} has no host")),
+        }
+        if uri.query().is_some() || s.contains('#') {
+            return Err(format!(
+                "{s:?} must not have a query or fragment: webhook paths are appended to it"
+            ));
+        }
+        Ok(PublicUrl(s.trim_end_matches('/').to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_urls() {
+        let ok = |s: &str| s.parse::<PublicUrl>().map(|u| u.0);
+        assert_eq!(
+            ok("https://hooks.example.com/").as_deref(),
+            Ok("https://hooks.example.com")
+        );
+        assert_eq!(
+            ok("http://127.0.0.1:8080").as_deref(),
+            Ok("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            ok("https://example.com/base/").as_deref(),
+            Ok("https://example.com/base")
+        );
+        for bad in [
+            "",
+            "hooks.example.com",
+            "/webhooks",
+            "ftp://x",
+            "https://x/?a=b",
+            "https://x/#f",
+            "https://",
+        ] {
+            assert!(ok(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn flags_parse() {
+        let args = Args::try_parse_from([
+            "hookrun-operator",
+            "--public-url",
+            "https://h.example.com/",
+            "--namespaces",
+            "a,b",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .expect("parses");
+        assert_eq!(args.namespaces, ["a", "b"]);
+        assert_eq!(args.public_url.as_str(), "https://h.example.com");
+        assert!(!args.leader_elect);
+        assert!(Args::try_parse_from(["hookrun-operator", "--public-url", "nope"]).is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,233 @@
+//! hookrun's operator: the wiring of the Agent controller, leader election, the admin
+//! server and shutdown. The controllers' logic lives in their modules.
+
+pub mod admin;
+pub mod agent_controller;
+pub mod cli;
+pub mod duration;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::future::join_all;
+use kube::{
+    Client,
+    runtime::events::{Recorder, Reporter},
+};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+pub use error::{Error, Result};
+
+use crate::{
+    admin::AdminState,
+    agent_controller::Context,
+    cli::{Args, LogFormat},
+    leader::LeaderElector,
+    metrics::Metrics,
+};
+
+/// Sets up logging: `RUST_LOG` filters (default `info`), text or JSON lines.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// A future that resolves once `rx` sees `true`. Written out rather than `async fn`
+/// because the controller needs the future to be `Sync`, which `async fn` cannot promise.
+#[allow(clippy::manual_async_fn)]
+fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + Sync + 'static {
+    async move {
+        // An error means the sender is gone, which also means stop.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Runs the operator until SIGTERM/SIGINT, or until leadership is lost (an error: the
+/// process should restart and campaign again).
+pub async fn run(args: Args) -> Result<()> {
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = Metrics::register(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .map_err(Error::Admin)?;
+    let admin_addr = listener.local_addr().map_err(Error::Admin)?;
+    tracing::info!(address = %admin_addr, "admin server listening");
+    let admin = axum::serve(
+        listener,
+        admin::app(AdminState {
+            registry: Arc::new(registry),
+            ready: ready.clone(),
+        }),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let admin = tokio::spawn(async move {
+        if let Err(error) = admin.await {
+            tracing::error!(%error, "admin server failed");
+        }
+    });
+
+    let signal_tx = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        let _ = signal_tx.send(true);
+    });
+
+    let elector = if args.leader_elect {
+        let namespace = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .ok()
+            })
+            .map(|ns| ns.trim().to_owned())
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or_else(|| "default".to_owned());
+        let elector = Arc::new(LeaderElector::new(
+            client.clone(),
+            &namespace,
+            &args.leader_election_id,
+            leader::default_identity(),
+            args.leader_election_lease_duration.0,
+        ));
+        // A standby is healthy and ready to take over.
+        ready.store(true, Ordering::Release);
+        tracing::info!(identity = elector.identity(), %namespace, lease = %args.leader_election_id, "waiting for leadership");
+        let retry = elector.renew_interval();
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            () = elector.acquire(retry) => {},
+            _ = stop.wait_for(|s| *s) => {
+                let _ = admin.await;
+                return Ok(());
+            }
+        }
+        tracing::info!(identity = elector.identity(), "became the leader");
+        ready.store(false, Ordering::Release);
+        Some(elector)
+    } else {
+        None
+    };
+
+    let lost_leadership = Arc::new(AtomicBool::new(false));
+    if let Some(elector) = &elector {
+        let elector = elector.clone();
+        let lost = lost_leadership.clone();
+        let stop_tx = stop_tx.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = elector.hold() => {
+                    lost.store(true, Ordering::Release);
+                    let _ = stop_tx.send(true);
+                }
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+
+    let reporter = Reporter {
+        controller: "hookrun-operator".into(),
+        instance: Some(leader::default_identity()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        args.public_url.clone(),
+        args.redact_url_in_status,
+        metrics,
+        Recorder::new(client.clone(), reporter),
+    ));
+    let scopes: Vec<Option<&str>> = if args.namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+    };
+    let mut stores = Vec::new();
+    let mut runners = Vec::new();
+    for scope in scopes {
+        let (store, runner) = agent_controller::run(ctx.clone(), scope, stopped(stop_rx.clone()));
+        stores.push(store);
+        runners.push(runner);
+    }
+    tracing::info!(namespaces = ?args.namespaces, public_url = %args.public_url, "agent controller starting");
+    let readiness = {
+        let ready = ready.clone();
+        async move {
+            for store in stores {
+                if store.wait_until_ready().await.is_err() {
+                    return;
+                }
+            }
+            tracing::info!("caches synced: ready");
+            ready.store(true, Ordering::Release);
+        }
+    };
+    tokio::join!(join_all(runners), readiness);
+
+    let _ = stop_tx.send(true);
+    if let Some(elector) = &elector
+        && !lost_leadership.load(Ordering::Acquire)
+    {
+        // Bounded: a successor can still take over by expiry if this fails.
+        match tokio::time::timeout(Duration::from_secs(5), elector.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not release the lease"),
+            Err(_) => tracing::warn!("releasing the lease timed out"),
+        }
+    }
+    let _ = admin.await;
+    if lost_leadership.load(Ordering::Acquire) {
+        return Err(Error::LeaderElection(
+            "lost the lease; exiting so that a restart campaigns again".into(),
+        ));
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
