@@ -55,11 +55,7 @@ impl Operator {
     fn start(cluster: &Cluster, ns: &TestNamespace, extra: &[&str]) -> Self {
         let dir = workspace_root().join("target/test-clusters");
         std::fs::create_dir_all(&dir).expect("the log directory");
-        let log = dir.join(format!(
-            "operator-{}-{}.log",
-            ns.name(),
-            rand_suffix()
-        ));
+        let log = dir.join(format!("operator-{}-{}.log", ns.name(), rand_suffix()));
         let file = std::fs::File::create(&log).expect("the operator log");
         let child = Command::new(operator_binary())
             .args([
@@ -112,7 +108,10 @@ impl Operator {
         let address = self.admin_address().await;
         let body = http_get(&address, "/metrics").await;
         body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
@@ -249,7 +248,13 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
     let status = agent.status.clone().expect("status");
     assert_eq!(
         status.webhook_url.as_deref(),
-        Some(format!("https://hooks.example.test/webhooks/{}/my-agent/{token}", ns.name()).as_str())
+        Some(
+            format!(
+                "https://hooks.example.test/webhooks/{}/my-agent/{token}",
+                ns.name()
+            )
+            .as_str()
+        )
     );
     assert_eq!(status.observed_generation, agent.metadata.generation);
 
@@ -257,12 +262,27 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
         .get(&names::webhook_secret_name("my-agent"))
         .await
         .expect("the managed Secret exists");
-    assert_eq!(data(&secret, secret_keys::TOKEN).as_deref(), Some(token.as_str()));
+    assert_eq!(
+        data(&secret, secret_keys::TOKEN).as_deref(),
+        Some(token.as_str())
+    );
     assert_eq!(data(&secret, secret_keys::URL), status.webhook_url);
-    assert_eq!(secret.labels().get(names::MANAGED_BY_LABEL).map(String::as_str), Some("hookrun"));
-    assert_eq!(secret.labels().get(names::AGENT_LABEL).map(String::as_str), Some("my-agent"));
+    assert_eq!(
+        secret
+            .labels()
+            .get(names::MANAGED_BY_LABEL)
+            .map(String::as_str),
+        Some("hookrun")
+    );
+    assert_eq!(
+        secret.labels().get(names::AGENT_LABEL).map(String::as_str),
+        Some("my-agent")
+    );
     let owner = &secret.owner_references()[0];
-    assert_eq!((owner.kind.as_str(), owner.controller), ("Agent", Some(true)));
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("Agent", Some(true))
+    );
     assert_eq!(Some(&owner.uid), agent.metadata.uid.as_ref());
 
     // Nothing to do: a reconcile writes nothing. Touching the Agent's metadata triggers
@@ -282,14 +302,29 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
         )
         .await
         .expect("label patch");
-    let agent_rv = agents.get("my-agent").await.expect("agent").resource_version();
+    let agent_rv = agents
+        .get("my-agent")
+        .await
+        .expect("agent")
+        .resource_version();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let reconciles = operator
         .metric("hookrun_operator_reconciles_total{controller=\"agent\"}")
         .await;
     assert!(reconciles >= 2.0, "reconciles: {reconciles}");
-    assert_eq!(operator.writes().await, writes_before, "a no-op reconcile wrote");
-    assert_eq!(agents.get("my-agent").await.expect("agent").resource_version(), agent_rv);
+    assert_eq!(
+        operator.writes().await,
+        writes_before,
+        "a no-op reconcile wrote"
+    );
+    assert_eq!(
+        agents
+            .get("my-agent")
+            .await
+            .expect("agent")
+            .resource_version(),
+        agent_rv
+    );
     assert_eq!(
         secrets
             .get(&names::webhook_secret_name("my-agent"))
@@ -304,13 +339,26 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
     let operator = Operator::start(cluster, &ns, &[]);
     let address = operator.admin_address().await;
     let synced = eventually(BUDGET, || async {
-        http_get(&address, "/readyz").await.starts_with("HTTP/1.1 200").then_some(())
+        http_get(&address, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
     })
     .await;
-    assert!(synced.is_some(), "the restarted operator never became ready");
+    assert!(
+        synced.is_some(),
+        "the restarted operator never became ready"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(wait_for_token(&agents, "my-agent", None).await, token);
-    assert_eq!(agents.get("my-agent").await.expect("agent").resource_version(), agent_rv);
+    assert_eq!(
+        agents
+            .get("my-agent")
+            .await
+            .expect("agent")
+            .resource_version(),
+        agent_rv
+    );
     assert_eq!(operator.writes().await, 0.0, "the restarted operator wrote");
 }
 
@@ -333,14 +381,27 @@ async fn deleting_the_secret_gives_a_new_token_and_removing_the_trigger_clears_e
     let second = wait_for_token(&agents, "rotating", Some(&first)).await;
     assert_ne!(first, second);
     let secret = secrets.get(&secret_name).await.expect("a new Secret");
-    assert_eq!(data(&secret, secret_keys::TOKEN).as_deref(), Some(second.as_str()));
+    assert_eq!(
+        data(&secret, secret_keys::TOKEN).as_deref(),
+        Some(second.as_str())
+    );
 
     // Remove the trigger: the Secret goes, the URL is cleared.
-    apply_agent(&agents, "rotating", json!({"spec": {"models": ["anthropic/claude-sonnet-4-6"]}})).await;
+    apply_agent(
+        &agents,
+        "rotating",
+        json!({"spec": {"models": ["anthropic/claude-sonnet-4-6"]}}),
+    )
+    .await;
     let agent = wait_for_reason(&agents, "rotating", "True", "NoWebhookTrigger").await;
     assert_eq!(agent.status.and_then(|s| s.webhook_url), None);
     let gone = eventually(BUDGET, || async {
-        secrets.get_opt(&secret_name).await.ok()?.is_none().then_some(())
+        secrets
+            .get_opt(&secret_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(gone.is_some(), "the Secret was not deleted");
@@ -352,8 +413,14 @@ async fn deleting_the_secret_gives_a_new_token_and_removing_the_trigger_clears_e
         .delete("rotating", &DeleteParams::default())
         .await
         .expect("the Agent deletes");
-    let collected = eventually(Duration::from_secs(30), || async {
-        secrets.get_opt(&secret_name).await.ok()?.is_none().then_some(())
+    // Garbage collection can take a discovery resync (30 s) to learn a new CRD's kind.
+    let collected = eventually(Duration::from_secs(90), || async {
+        secrets
+            .get_opt(&secret_name)
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(collected.is_some(), "the Secret was not garbage-collected");
@@ -393,7 +460,11 @@ async fn a_missing_secret_ref_waits_for_the_secret_and_follows_its_changes() {
                "stringData": {"signing-secret": value}})
     };
     secrets
-        .patch("linear", &PatchParams::apply("hookrun-tests").force(), &Patch::Apply(linear("one")))
+        .patch(
+            "linear",
+            &PatchParams::apply("hookrun-tests").force(),
+            &Patch::Apply(linear("one")),
+        )
         .await
         .expect("the referenced Secret applies");
     wait_for_reason(&agents, "signed", "True", "WebhookReady").await;
@@ -406,7 +477,11 @@ async fn a_missing_secret_ref_waits_for_the_secret_and_follows_its_changes() {
     assert!(copied.is_some(), "the signing secret was not copied");
 
     secrets
-        .patch("linear", &PatchParams::apply("hookrun-tests").force(), &Patch::Apply(linear("two")))
+        .patch(
+            "linear",
+            &PatchParams::apply("hookrun-tests").force(),
+            &Patch::Apply(linear("two")),
+        )
         .await
         .expect("the referenced Secret changes");
     let followed = eventually(BUDGET, || async {
@@ -414,7 +489,10 @@ async fn a_missing_secret_ref_waits_for_the_secret_and_follows_its_changes() {
         (data(&s, "linear-signing-secret").as_deref() == Some("two")).then_some(())
     })
     .await;
-    assert!(followed.is_some(), "the copy did not follow the referenced Secret");
+    assert!(
+        followed.is_some(),
+        "the copy did not follow the referenced Secret"
+    );
 }
 
 #[tokio::test]
@@ -438,8 +516,14 @@ async fn graceful_rotation_keeps_the_previous_token_for_the_grace_period() {
     apply_agent(&agents, "graceful", rotated).await;
     let new = wait_for_token(&agents, "graceful", Some(&old)).await;
     let secret = secrets.get(&managed).await.expect("secret");
-    assert_eq!(data(&secret, secret_keys::TOKEN).as_deref(), Some(new.as_str()));
-    assert_eq!(data(&secret, secret_keys::PREVIOUS_TOKEN).as_deref(), Some(old.as_str()));
+    assert_eq!(
+        data(&secret, secret_keys::TOKEN).as_deref(),
+        Some(new.as_str())
+    );
+    assert_eq!(
+        data(&secret, secret_keys::PREVIOUS_TOKEN).as_deref(),
+        Some(old.as_str())
+    );
     assert!(data(&secret, secret_keys::PREVIOUS_TOKEN_EXPIRES_AT).is_some());
 
     let dropped = eventually(Duration::from_secs(10), || async {
@@ -448,7 +532,10 @@ async fn graceful_rotation_keeps_the_previous_token_for_the_grace_period() {
     })
     .await
     .expect("the previous token was not dropped after its grace period");
-    assert_eq!(data(&dropped, secret_keys::TOKEN).as_deref(), Some(new.as_str()));
+    assert_eq!(
+        data(&dropped, secret_keys::TOKEN).as_deref(),
+        Some(new.as_str())
+    );
     assert!(data(&dropped, secret_keys::PREVIOUS_TOKEN_EXPIRES_AT).is_none());
     // The same annotation does not rotate again.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -464,7 +551,12 @@ async fn an_invalid_spec_says_which_field_and_redaction_hides_the_token() {
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
     let _operator = Operator::start(cluster, &ns, &["--redact-url-in-status"]);
 
-    apply_agent(&agents, "bad", json!({"spec": {"models": [""], "triggers": [{"webhook": {}}]}})).await;
+    apply_agent(
+        &agents,
+        "bad",
+        json!({"spec": {"models": [""], "triggers": [{"webhook": {}}]}}),
+    )
+    .await;
     let agent = wait_for_reason(&agents, "bad", "False", "InvalidSpec").await;
     let message = agent
         .status
@@ -476,13 +568,19 @@ async fn an_invalid_spec_says_which_field_and_redaction_hides_the_token() {
     apply_agent(&agents, "hidden", webhook_agent()).await;
     let agent = wait_for_reason(&agents, "hidden", "True", "WebhookReady").await;
     let url = agent.status.and_then(|s| s.webhook_url).expect("a URL");
-    assert!(url.ends_with(&format!("/hidden/{}", names::REDACTED_TOKEN)), "{url}");
+    assert!(
+        url.ends_with(&format!("/hidden/{}", names::REDACTED_TOKEN)),
+        "{url}"
+    );
     let secret = secrets
         .get(&names::webhook_secret_name("hidden"))
         .await
         .expect("secret");
     let full = data(&secret, secret_keys::URL).expect("url key");
-    assert!(!full.contains(names::REDACTED_TOKEN) && full.contains("/hidden/"), "{full}");
+    assert!(
+        !full.contains(names::REDACTED_TOKEN) && full.contains("/hidden/"),
+        "{full}"
+    );
 }
 
 #[tokio::test]
@@ -505,27 +603,42 @@ async fn with_leader_election_only_one_operator_writes() {
     apply_agent(&agents, "elected", webhook_agent()).await;
     let token = wait_for_token(&agents, "elected", None).await;
     let holder = eventually(BUDGET, || async {
-        leases.get_opt("hookrun-operator").await.ok()??.spec?.holder_identity
+        leases
+            .get_opt("hookrun-operator")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
     })
     .await
     .expect("a lease holder");
     let (leader, standby) = if holder.ends_with(&format!("-{}", a.pid())) {
         (a, b)
     } else {
-        assert!(holder.ends_with(&format!("-{}", b.pid())), "holder {holder}");
+        assert!(
+            holder.ends_with(&format!("-{}", b.pid())),
+            "holder {holder}"
+        );
         (b, a)
     };
     assert!(leader.writes().await >= 2.0);
     assert_eq!(standby.writes().await, 0.0, "the standby wrote");
     let standby_address = standby.admin_address().await;
-    assert!(http_get(&standby_address, "/readyz").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(&standby_address, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
 
     // The leader dies without stepping down: the standby takes over after the lease
     // expires, and then it writes.
     leader.stop();
     let secrets: Api<Secret> = Api::namespaced(cluster.client().await, ns.name());
     secrets
-        .delete(&names::webhook_secret_name("elected"), &DeleteParams::default())
+        .delete(
+            &names::webhook_secret_name("elected"),
+            &DeleteParams::default(),
+        )
         .await
         .expect("the Secret deletes");
     let next = eventually(Duration::from_secs(20), || async {
