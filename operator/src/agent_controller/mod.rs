@@ -461,7 +461,7 @@ async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result
         .map(|c| c.reason.as_str());
     let reason = outcome.reason();
     if previous_reason != Some(reason.as_str()) && !reason.is_ready() {
-        tracing::warn!(agent = %agent.name_any(), %namespace, reason = reason.as_str(), message = %outcome.message(), "agent is not ready");
+        tracing::warn!(agent = %agent.name_any(), %namespace, reason = reason.as_str(), detail = %outcome.message(), "agent is not ready");
         publish(
             ctx,
             agent,

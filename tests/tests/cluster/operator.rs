@@ -128,6 +128,21 @@ impl Operator {
         total
     }
 
+    /// Sends SIGTERM and waits up to `budget` for the exit status.
+    fn terminate(mut self, budget: Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let started = std::time::Instant::now();
+        while started.elapsed() < budget {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -284,6 +299,18 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
         ("Agent", Some(true))
     );
     assert_eq!(Some(&owner.uid), agent.metadata.uid.as_ref());
+
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.client().await, ns.name());
+    let created = eventually(BUDGET, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .any(|e| e.reason.as_deref() == Some("TokenCreated"))
+            .then_some(())
+    })
+    .await;
+    assert!(created.is_some(), "no TokenCreated event");
 
     // Nothing to do: a reconcile writes nothing. Touching the Agent's metadata triggers
     // a reconcile without changing what it should produce.
@@ -650,4 +677,14 @@ async fn with_leader_election_only_one_operator_writes() {
     .await;
     assert!(next.is_some(), "the standby did not take over");
     assert!(standby.writes().await >= 2.0);
+
+    // SIGTERM: the new leader stops cleanly and steps down.
+    let status = standby.terminate(Duration::from_secs(10));
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "exit on SIGTERM");
+    let lease = leases.get("hookrun-operator").await.expect("the lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity),
+        None,
+        "the lease was not released"
+    );
 }
