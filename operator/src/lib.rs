@@ -10,6 +10,7 @@ pub mod leader;
 pub mod metrics;
 
 use std::{
+    collections::BTreeSet,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -184,10 +185,17 @@ pub async fn run(args: Args) -> Result<()> {
         metrics,
         Recorder::new(client.clone(), reporter),
     ));
-    let scopes: Vec<Option<&str>> = if args.namespaces.is_empty() {
+    // `HOOKRUN_NAMESPACES=""` means all namespaces, like leaving the flag out.
+    let listed: BTreeSet<&str> = args
+        .namespaces
+        .iter()
+        .map(|ns| ns.trim())
+        .filter(|ns| !ns.is_empty())
+        .collect();
+    let scopes: Vec<Option<&str>> = if listed.is_empty() {
         vec![None]
     } else {
-        args.namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+        listed.into_iter().map(Some).collect()
     };
     let mut stores = Vec::new();
     let mut runners = Vec::new();
