@@ -2,6 +2,8 @@
 //! (issue 4), holds wait-mode requests and serves the read and runner APIs (issue 5).
 //! Today it serves its admin endpoints and shuts down cleanly.
 
+pub mod client_ip;
+
 use std::net::SocketAddr;
 
 use axum::{Router, routing::get};
