@@ -3,6 +3,7 @@
 //! Today it serves its admin endpoints and shuts down cleanly.
 
 pub mod client_ip;
+pub mod signature;
 
 use std::net::SocketAddr;
 
