@@ -2,8 +2,10 @@
 //! (issue 4), holds wait-mode requests and serves the read and runner APIs (issue 5).
 //! Today it serves its admin endpoints and shuts down cleanly.
 
+pub mod body;
 pub mod client_ip;
 pub mod signature;
+pub mod title;
 
 use std::net::SocketAddr;
 
