@@ -4,6 +4,8 @@
 
 pub mod body;
 pub mod client_ip;
+pub mod idempotency;
+pub mod rate_limit;
 pub mod signature;
 pub mod title;
 
