@@ -133,11 +133,13 @@ where
         .unwrap_or_default()
 }
 
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
 async fn sequential_latency(client: &Client, namespace: &str, count: u64) -> Vec<Duration> {
     let agents: Api<Agent> = Api::namespaced(client.clone(), namespace);
     let mut latencies = Vec::new();
-    for i in 0..count {
-        let name = format!("seq-{i}");
+    for _ in 0..count {
+        let name = format!("seq-{}", SEQUENCE.fetch_add(1, Ordering::Relaxed));
         let mut updates = watcher(
             agents.clone(),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -175,7 +177,8 @@ async fn main() {
     let ns = TestNamespace::new(cluster).await;
     let operator = start_operator(&cluster.kubeconfig_path(), ns.name());
 
-    // 1. Sequential latency.
+    // 1. Sequential latency, after one Agent that waits out the operator's start.
+    sequential_latency(&client, ns.name(), 1).await;
     let latencies = sequential_latency(&client, ns.name(), sequential_n).await;
     println!(
         "apply-to-URL latency over {} sequential Agents: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",

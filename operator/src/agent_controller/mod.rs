@@ -409,22 +409,20 @@ async fn remove_secret(
 async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result<()> {
     let key = ObjectRef::from_obj(agent);
     let seen_version = agent.resource_version().unwrap_or_default();
-    let desired = status::desired_status(
-        agent.status.as_ref(),
-        outcome,
-        agent.meta().generation,
-        Timestamp::now(),
-    );
-    if !status::status_needs_write(&desired, agent.status.as_ref()) {
-        return Ok(());
-    }
-    // Our own write may not have reached the cache yet: the cache still shows the version
-    // that write replaced. Writing the same status again would be a wasted call.
-    if let Ok(written) = ctx.written_status.lock()
-        && let Some((replaced_version, status)) = written.get(&key)
-        && *replaced_version == seen_version
-        && *status == desired
-    {
+    // Our own last write may not have reached the cache yet: while the cache still shows
+    // the version that write replaced, the status we wrote is the one to compare with
+    // (and to carry lastTransitionTime from), or a second, identical-but-for-the-clock
+    // patch would follow.
+    let ours = ctx.written_status.lock().ok().and_then(|written| {
+        written
+            .get(&key)
+            .filter(|(replaced_version, _)| *replaced_version == seen_version)
+            .map(|(_, status)| status.clone())
+    });
+    let current = ours.as_ref().or(agent.status.as_ref());
+    let desired =
+        status::desired_status(current, outcome, agent.meta().generation, Timestamp::now());
+    if !status::status_needs_write(&desired, current) {
         return Ok(());
     }
 
