@@ -144,7 +144,10 @@ async fn start_cluster() -> Cluster {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cluster = Cluster { state_dir, _supervisor: supervisor };
+    let cluster = Cluster {
+        state_dir,
+        _supervisor: supervisor,
+    };
     install_crds(&cluster.client().await).await;
     cluster
 }

@@ -27,7 +27,7 @@ use kube::{
     api::{DeleteParams, PartialObjectMeta, Patch, PatchParams},
     runtime::{
         Controller,
-        controller::Action,
+        controller::{self, Action},
         events::{Event, EventType, Recorder},
         reflector::{ObjectRef, Store},
         watcher,
@@ -52,6 +52,10 @@ pub const CONTROLLER: &str = "agent";
 pub const FIELD_MANAGER: &str = "hookrun-operator";
 /// The grace period of a graceful rotation when the Agent does not set one.
 pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(600);
+/// Reconciles in flight at once. Each may hold an API connection (with its TLS
+/// buffers) open; unbounded, a burst of 1000 Agents opened hundreds of them and the
+/// pool kept them, which cost ~50 KiB of memory per Agent.
+const MAX_CONCURRENT_RECONCILES: u16 = 16;
 /// How often an Agent that is right is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(3600);
 
@@ -109,7 +113,8 @@ pub fn run(
             Api::all(ctx.client.clone()),
         ),
     };
-    let controller = Controller::new(agents, watcher::Config::default().any_semantic());
+    let controller = Controller::new(agents, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
     let store = controller.store();
     let agent_index = store.clone();
     // Referenced Secrets are watched by metadata only (no data of the cluster's other
