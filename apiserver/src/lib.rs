@@ -1,18 +1,65 @@
 //! The hookrun apiserver: authenticates webhooks from a watched index and opens Sessions
 //! (issue 4), holds wait-mode requests and serves the read and runner APIs (issue 5).
-//! Today it serves its admin endpoints and shuts down cleanly.
+//! Today it serves the webhook door on the public port and `/healthz`, `/readyz` and
+//! `/metrics` on the admin port.
 
 pub mod body;
 pub mod client_ip;
 pub mod idempotency;
+pub mod index;
+pub mod metrics;
 pub mod rate_limit;
 pub mod signature;
+pub mod store;
 pub mod title;
+pub mod webhook;
 
 use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::{Router, routing::get};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use crate::client_ip::TrustedProxies;
+use crate::index::{Index, SharedIndex};
+use crate::metrics::Metrics;
+use crate::rate_limit::{RateLimit, RateLimiter};
+use crate::store::KubeSessionStore;
+use crate::webhook::AppState;
+
+/// A duration flag: `30s`, `500ms`, `2m`, or bare seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlagDuration(pub Duration);
+
+impl FromStr for FlagDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let bad = || format!("{s:?} is not a duration: use e.g. 10s, 500ms or 2m");
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let duration = match unit {
+            "" | "s" => Duration::from_secs(number),
+            "ms" => Duration::from_millis(number),
+            "m" => Duration::from_secs(number.saturating_mul(60)),
+            _ => return Err(bad()),
+        };
+        if duration.is_zero() {
+            return Err(format!("{s:?} is zero: use a positive duration"));
+        }
+        Ok(Self(duration))
+    }
+}
 
 /// Command-line flags; each can also come from the environment.
 #[derive(clap::Parser, Debug, Clone)]
@@ -27,6 +74,24 @@ pub struct Args {
     /// Log filter in `RUST_LOG` syntax.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
+    /// Comma-separated CIDRs of proxies whose `X-Forwarded-For` is believed.
+    #[arg(long, env = "HOOKRUN_TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: TrustedProxies,
+    /// The largest webhook body accepted, in bytes.
+    #[arg(long, env = "HOOKRUN_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Webhooks per second per Agent once the burst is spent.
+    #[arg(long, env = "HOOKRUN_RATE_LIMIT_PER_SECOND", default_value_t = 10.0)]
+    pub rate_limit_per_second: f64,
+    /// Webhooks an Agent may receive at once.
+    #[arg(long, env = "HOOKRUN_RATE_LIMIT_BURST", default_value_t = 50)]
+    pub rate_limit_burst: u32,
+    /// How long a client may take to send a request's headers (`10s`, `500ms`).
+    #[arg(long, env = "HOOKRUN_HEADER_READ_TIMEOUT", default_value = "10s")]
+    pub header_read_timeout: FlagDuration,
+    /// Comma-separated namespaces to serve; every namespace when absent.
+    #[arg(long, env = "HOOKRUN_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
 }
 
 /// What stops the server from starting.
@@ -40,6 +105,15 @@ pub enum Error {
     },
     #[error("the server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("the rate limit flags are invalid: {0}")]
+    RateLimit(#[from] rate_limit::RateLimitError),
+}
+
+/// What the admin router reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub index: SharedIndex,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Structured logs to stderr, filtered by `filter`.
@@ -52,11 +126,86 @@ pub fn init_tracing(filter: &str) {
         .init();
 }
 
-/// The admin router: liveness and readiness.
-pub fn admin_app() -> Router {
+/// The admin router: liveness, readiness (503 until the index has listed once) and
+/// metrics.
+pub fn admin_app(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AdminState>) -> axum::response::Response {
+    let synced = state
+        .index
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .is_synced();
+    if synced {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "the index is loading").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> axum::response::Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Serves `app` over HTTP/1 on `listener` until `shutdown` flips, with a header read
+/// timeout that holds (hyper needs a timer for it), and `ConnectInfo` for the handlers.
+pub async fn serve_public(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let router = app.clone();
+                let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    router.clone().oneshot(request.map(axum::body::Body::new))
+                });
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout);
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                });
+            }
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing them");
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -78,19 +227,173 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Connects to the cluster (retrying while it cannot: the server stays up and unready
+/// meanwhile), then feeds the index and lets the store create Sessions.
+async fn connect(store: KubeSessionStore, namespaces: Vec<String>, index: SharedIndex) {
+    let client = loop {
+        match kube::Client::try_default().await {
+            Ok(client) => break client,
+            Err(error) => {
+                tracing::error!(%error, "cannot build a Kubernetes client; retrying in 5 s");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    store.connect(client.clone());
+    index::run_watches(client, namespaces, index).await;
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })
+}
+
 /// Serves until SIGTERM.
 pub async fn run(args: Args) -> Result<(), Error> {
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: args.admin_listen,
-            source,
-        })?;
-    tracing::info!(admin = %args.admin_listen, "hookrun-apiserver started");
-    axum::serve(admin, admin_app())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(Error::Serve)?;
+    let limit = RateLimit::new(args.rate_limit_burst, args.rate_limit_per_second)?;
+    let public = bind(args.listen).await?;
+    let admin = bind(args.admin_listen).await?;
+    let public_addr = public.local_addr().map_err(Error::Serve)?;
+    let admin_addr = admin.local_addr().map_err(Error::Serve)?;
+
+    let index: SharedIndex = Arc::new(RwLock::new(Index::new(index::stream_count(
+        &args.namespaces,
+    ))));
+    let store = KubeSessionStore::new();
+    tokio::spawn(connect(
+        store.clone(),
+        args.namespaces.clone(),
+        index.clone(),
+    ));
+    let metrics = Arc::new(Metrics::default());
+    let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
+    let state = AppState {
+        index: index.clone(),
+        sessions: Arc::new(store),
+        trusted_proxies: Arc::new(args.trusted_proxies.clone()),
+        max_body_bytes: args.max_body_bytes,
+        rate_limiter: rate_limiter.clone(),
+        metrics: metrics.clone(),
+    };
+    // Buckets that refilled are forgotten, so deleted Agents do not pile up.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            rate_limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .prune(std::time::Instant::now());
+        }
+    });
+
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    tracing::info!(public = %public_addr, admin = %admin_addr, "hookrun-apiserver started");
+    let mut admin_stopped = stopped.clone();
+    let admin_server = axum::serve(admin, admin_app(AdminState { index, metrics }))
+        .with_graceful_shutdown(async move {
+            let _ = admin_stopped.wait_for(|stop| *stop).await;
+        });
+    let public_server = serve_public(
+        public,
+        webhook::app(state),
+        args.header_read_timeout.0,
+        stopped,
+    );
+    let (admin_result, ()) = tokio::join!(admin_server, public_server);
+    admin_result.map_err(Error::Serve)?;
     tracing::info!("hookrun-apiserver stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+
+    use super::*;
+
+    async fn get_admin(state: &AdminState, path: &str) -> (StatusCode, String) {
+        let response = admin_app(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).expect("a request"))
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn readyz_waits_for_the_index_and_metrics_are_served() {
+        let state = AdminState {
+            index: Arc::new(RwLock::new(Index::new(1))),
+            metrics: Arc::new(Metrics::default()),
+        };
+        assert_eq!(get_admin(&state, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(
+            get_admin(&state, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        state
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .mark_synced();
+        assert_eq!(get_admin(&state, "/readyz").await.0, StatusCode::OK);
+        state
+            .metrics
+            .observe("/webhooks/{namespace}/{agent}", "GET", "ping", 200, 0.001);
+        let (status, text) = get_admin(&state, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("hookrun_apiserver_requests_total"), "{text}");
+    }
+
+    #[test]
+    fn durations() {
+        let d = |s: &str| s.parse::<FlagDuration>().map(|d| d.0);
+        assert_eq!(d("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(d("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(d("2m"), Ok(Duration::from_secs(120)));
+        assert!(d("0s").is_err());
+        assert!(d("ten").is_err());
+        assert!(d("5h").is_err());
+    }
+
+    #[test]
+    fn flags_parse() {
+        use clap::Parser;
+        let args = Args::try_parse_from([
+            "hookrun-apiserver",
+            "--trusted-proxies",
+            "10.0.0.0/8,192.0.2.1/32",
+            "--max-body-bytes",
+            "2048",
+            "--rate-limit-per-second",
+            "2.5",
+            "--rate-limit-burst",
+            "7",
+            "--header-read-timeout",
+            "3s",
+            "--namespaces",
+            "a,b",
+        ])
+        .expect("valid flags");
+        assert_eq!(args.trusted_proxies.nets().len(), 2);
+        assert_eq!(args.max_body_bytes, 2048);
+        assert_eq!(args.rate_limit_burst, 7);
+        assert_eq!(args.header_read_timeout.0, Duration::from_secs(3));
+        assert_eq!(args.namespaces, ["a", "b"]);
+        let defaults = Args::try_parse_from(["hookrun-apiserver"]).expect("defaults");
+        assert!(defaults.trusted_proxies.is_empty());
+        assert_eq!(defaults.max_body_bytes, 1024 * 1024);
+        assert!(defaults.namespaces.is_empty());
+    }
 }

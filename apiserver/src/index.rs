@@ -1,0 +1,695 @@
+//! The in-memory index the webhook door answers from: Agents, the operator's managed
+//! Secrets and the non-finished Sessions, fed by watches and shared as
+//! `Arc<RwLock<Index>>` (a std lock, never held across an `.await`).
+//!
+//! Building an entry from objects is pure ([`agent_entry`], [`secret_entry`]) and unit
+//! tested; [`run_watches`] only moves watch events into the index.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use futures::{Stream, StreamExt};
+use hookrun_crds::agent::SignatureScheme;
+use hookrun_crds::names::{self, secret_keys};
+use hookrun_crds::session::SessionPhase;
+use hookrun_crds::{Agent, Session};
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher::Event};
+use kube::{Api, Client, Resource, ResourceExt};
+
+/// An Agent's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl AgentKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// What the index keeps of an Agent with a webhook trigger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentEntry {
+    /// The Agent's uid, for the Session's owner reference.
+    pub uid: String,
+    /// The parsed `allowCIDRs`; empty allows every address.
+    pub allow_cidrs: Vec<IpNet>,
+    /// The schemes the trigger configures a signing secret for.
+    pub schemes: Vec<SignatureScheme>,
+    /// `spec.session.maxConcurrent`.
+    pub max_concurrent: Option<u32>,
+}
+
+/// A token digest that stops being accepted at `expires_at`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExpiringDigest {
+    pub digest: [u8; 32],
+    pub expires_at: SystemTime,
+}
+
+/// What the index keeps of an Agent's managed Secret: digests, never tokens.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretEntry {
+    /// SHA-256 of the current token.
+    pub token: Option<[u8; 32]>,
+    /// SHA-256 of the previous token within its rotation grace.
+    pub previous: Option<ExpiringDigest>,
+    /// The signing secret of each scheme the operator copied in.
+    pub signing: HashMap<SignatureScheme, Vec<u8>>,
+}
+
+impl std::fmt::Debug for SecretEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretEntry")
+            .field("token", &self.token.is_some())
+            .field("previous", &self.previous.as_ref().map(|p| p.expires_at))
+            .field("signing", &self.signing.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Everything a request to one Agent's webhook is checked against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookTarget {
+    pub agent: AgentEntry,
+    pub secret: SecretEntry,
+}
+
+/// The webhook entry of an Agent, `None` when it has no webhook trigger. `allowCIDRs`
+/// entries that do not parse are dropped with a warning (the operator's validation
+/// refuses them, so this only happens for Agents it has not validated yet).
+pub fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
+    let webhook = agent.spec.webhook()?;
+    let allow_cidrs = webhook
+        .allow_cidrs
+        .iter()
+        .filter_map(|c| parse_cidr(c))
+        .collect::<Vec<_>>();
+    if allow_cidrs.len() != webhook.allow_cidrs.len() {
+        tracing::warn!(agent = %agent.name_any(), "allowCIDRs has entries that are not networks");
+        if allow_cidrs.is_empty() {
+            // Fail closed: an allowlist that says nothing readable allows nobody.
+            return Some(AgentEntry {
+                uid: agent.uid().unwrap_or_default(),
+                allow_cidrs: vec![],
+                schemes: vec![],
+                max_concurrent: Some(0),
+            });
+        }
+    }
+    Some(AgentEntry {
+        uid: agent.uid().unwrap_or_default(),
+        allow_cidrs,
+        schemes: webhook
+            .signing_secrets()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect(),
+        max_concurrent: agent
+            .spec
+            .session
+            .as_ref()
+            .and_then(|s| s.max_concurrent)
+            .map(|m| u32::try_from(m.max(0)).unwrap_or(u32::MAX)),
+    })
+}
+
+/// A CIDR, or a bare address as a host network.
+fn parse_cidr(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
+/// The Agent that controls a managed Secret, by its controller owner reference.
+pub fn secret_owner(secret: &Secret) -> Option<AgentKey> {
+    let namespace = secret.namespace()?;
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Agent" && o.controller == Some(true))
+        .map(|o| AgentKey::new(namespace, o.name.clone()))
+}
+
+/// What the index keeps of a managed Secret. A previous token without a readable expiry
+/// is not accepted (fail closed).
+pub fn secret_entry(secret: &Secret) -> SecretEntry {
+    let data = secret.data.clone().unwrap_or_default();
+    let text = |key: &str| {
+        data.get(key)
+            .and_then(|v| std::str::from_utf8(&v.0).ok())
+            .map(str::to_owned)
+    };
+    let token = text(secret_keys::TOKEN)
+        .filter(|t| !t.is_empty())
+        .map(|t| hookrun_crds::token::digest(&t));
+    let previous = match (
+        text(secret_keys::PREVIOUS_TOKEN).filter(|t| !t.is_empty()),
+        text(secret_keys::PREVIOUS_TOKEN_EXPIRES_AT),
+    ) {
+        (Some(token), Some(expiry)) => expiry
+            .trim()
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .ok()
+            .map(|at| ExpiringDigest {
+                digest: hookrun_crds::token::digest(&token),
+                expires_at: SystemTime::from(at),
+            }),
+        _ => None,
+    };
+    let signing = SignatureScheme::ALL
+        .into_iter()
+        .filter_map(|s| {
+            data.get(s.secret_key())
+                .filter(|v| !v.0.is_empty())
+                .map(|v| (s, v.0.clone()))
+        })
+        .collect();
+    SecretEntry {
+        token,
+        previous,
+        signing,
+    }
+}
+
+/// Whether a Session still counts against its Agent's `maxConcurrent`.
+pub fn is_active(session: &Session) -> bool {
+    !session
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(SessionPhase::is_finished)
+}
+
+/// What the index keeps of a Session: whose it is, whether it runs, and the digest that
+/// tells an idempotent replay from a conflict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionEntry {
+    pub agent: AgentKey,
+    pub active: bool,
+    pub payload_digest: Option<String>,
+}
+
+fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry)> {
+    let namespace = session.namespace()?;
+    let name = session.name_any();
+    let agent = AgentKey::new(namespace.clone(), session.spec.agent.clone());
+    Some((
+        AgentKey::new(namespace, name),
+        SessionEntry {
+            agent,
+            active: is_active(session),
+            payload_digest: session
+                .spec
+                .trigger
+                .as_ref()
+                .and_then(|t| t.payload_digest.clone()),
+        },
+    ))
+}
+
+/// Which watch stream a reset came from: every namespace, or one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Namespace(String),
+}
+
+impl Scope {
+    fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Namespace(ns) => ns == namespace,
+        }
+    }
+}
+
+/// The index. Lookups clone small entries; the lock is never held across an `.await`.
+#[derive(Debug, Default)]
+pub struct Index {
+    agents: HashMap<AgentKey, AgentEntry>,
+    secrets: HashMap<AgentKey, SecretEntry>,
+    /// Sessions by (namespace, session name).
+    sessions: HashMap<AgentKey, SessionEntry>,
+    /// Non-finished Sessions per Agent.
+    active: HashMap<AgentKey, u32>,
+    /// Watch streams that have not finished their first list yet.
+    unsynced: usize,
+}
+
+/// The index as the server shares it.
+pub type SharedIndex = Arc<RwLock<Index>>;
+
+impl Index {
+    /// An empty index that is ready once `streams` watch streams have listed once.
+    pub fn new(streams: usize) -> Self {
+        Self {
+            unsynced: streams,
+            ..Self::default()
+        }
+    }
+
+    /// Whether every watch stream has listed once.
+    pub fn is_synced(&self) -> bool {
+        self.unsynced == 0
+    }
+
+    /// Marks one watch stream as having listed once.
+    pub fn mark_synced(&mut self) {
+        self.unsynced = self.unsynced.saturating_sub(1);
+    }
+
+    /// What a webhook to `key` is checked against; `None` when there is no such Agent or
+    /// it has no webhook trigger.
+    pub fn target(&self, key: &AgentKey) -> Option<WebhookTarget> {
+        let agent = self.agents.get(key)?.clone();
+        let secret = self.secrets.get(key).cloned().unwrap_or_default();
+        Some(WebhookTarget { agent, secret })
+    }
+
+    /// How many of the Agent's Sessions have not finished.
+    pub fn active_sessions(&self, key: &AgentKey) -> u32 {
+        self.active.get(key).copied().unwrap_or(0)
+    }
+
+    /// The payload digest stored on a Session, when the index knows the Session:
+    /// `Some(None)` for a Session without one.
+    pub fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
+        self.sessions
+            .get(&AgentKey::new(namespace, name))
+            .map(|s| s.payload_digest.clone())
+    }
+
+    pub fn apply_agent(&mut self, agent: &Agent) {
+        let Some(namespace) = agent.namespace() else {
+            return;
+        };
+        let key = AgentKey::new(namespace, agent.name_any());
+        match agent_entry(agent) {
+            Some(entry) => {
+                self.agents.insert(key, entry);
+            }
+            None => {
+                self.agents.remove(&key);
+            }
+        }
+    }
+
+    pub fn delete_agent(&mut self, agent: &Agent) {
+        if let Some(namespace) = agent.namespace() {
+            self.agents
+                .remove(&AgentKey::new(namespace, agent.name_any()));
+        }
+    }
+
+    pub fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
+        self.agents.retain(|k, _| !scope.contains(&k.namespace));
+        for agent in agents {
+            self.apply_agent(agent);
+        }
+    }
+
+    pub fn apply_secret(&mut self, secret: &Secret) {
+        if let Some(owner) = secret_owner(secret) {
+            self.secrets.insert(owner, secret_entry(secret));
+        }
+    }
+
+    pub fn delete_secret(&mut self, secret: &Secret) {
+        if let Some(owner) = secret_owner(secret) {
+            self.secrets.remove(&owner);
+        }
+    }
+
+    pub fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
+        self.secrets.retain(|k, _| !scope.contains(&k.namespace));
+        for secret in secrets {
+            self.apply_secret(secret);
+        }
+    }
+
+    pub fn apply_session(&mut self, session: &Session) {
+        let Some((key, entry)) = session_entry(session) else {
+            return;
+        };
+        self.remove_session_key(&key);
+        if entry.active {
+            *self.active.entry(entry.agent.clone()).or_default() += 1;
+        }
+        self.sessions.insert(key, entry);
+    }
+
+    pub fn delete_session(&mut self, session: &Session) {
+        if let Some(namespace) = session.namespace() {
+            self.remove_session_key(&AgentKey::new(namespace, session.name_any()));
+        }
+    }
+
+    fn remove_session_key(&mut self, key: &AgentKey) {
+        if let Some(old) = self.sessions.remove(key)
+            && old.active
+            && let Some(count) = self.active.get_mut(&old.agent)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.active.remove(&old.agent);
+            }
+        }
+    }
+
+    pub fn reset_sessions(&mut self, scope: &Scope, sessions: &[Session]) {
+        let stale: HashSet<AgentKey> = self
+            .sessions
+            .keys()
+            .filter(|k| scope.contains(&k.namespace))
+            .cloned()
+            .collect();
+        for key in &stale {
+            self.remove_session_key(key);
+        }
+        for session in sessions {
+            self.apply_session(session);
+        }
+    }
+}
+
+/// The watch streams of one kind and how each event lands in the index.
+trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debug + 'static {
+    fn apply(index: &mut Index, object: &Self);
+    fn delete(index: &mut Index, object: &Self);
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]);
+}
+
+impl Indexed for Agent {
+    fn apply(index: &mut Index, object: &Self) {
+        index.apply_agent(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        index.delete_agent(object);
+    }
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
+        index.reset_agents(scope, objects);
+    }
+}
+
+impl Indexed for Secret {
+    fn apply(index: &mut Index, object: &Self) {
+        index.apply_secret(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        index.delete_secret(object);
+    }
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
+        index.reset_secrets(scope, objects);
+    }
+}
+
+impl Indexed for Session {
+    fn apply(index: &mut Index, object: &Self) {
+        index.apply_session(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        index.delete_session(object);
+    }
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
+        index.reset_sessions(scope, objects);
+    }
+}
+
+/// Feeds one watch stream into the index until it ends (it does not: watchers retry
+/// with backoff).
+async fn feed<K: Indexed>(
+    index: SharedIndex,
+    scope: Scope,
+    events: impl Stream<Item = Result<Event<K>, watcher::Error>>,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut buffer: Vec<K> = Vec::new();
+    let mut synced_once = false;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, kind = %K::kind(&()), "watch failed; retrying");
+                continue;
+            }
+        };
+        // Never held across an await: each arm locks, changes and unlocks.
+        let mut index = match index.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match event {
+            Event::Init => buffer.clear(),
+            Event::InitApply(object) => buffer.push(object),
+            Event::InitDone => {
+                K::reset(&mut index, &scope, &std::mem::take(&mut buffer));
+                if !synced_once {
+                    synced_once = true;
+                    index.mark_synced();
+                }
+            }
+            Event::Apply(object) => K::apply(&mut index, &object),
+            Event::Delete(object) => K::delete(&mut index, &object),
+        }
+    }
+}
+
+/// How many watch streams [`run_watches`] runs for these namespaces.
+pub fn stream_count(namespaces: &[String]) -> usize {
+    3 * namespaces.len().max(1)
+}
+
+/// Watches Agents, managed Secrets and Sessions (in `namespaces`, or everywhere when
+/// empty) into `index`. Runs until the process ends.
+pub async fn run_watches(client: Client, namespaces: Vec<String>, index: SharedIndex) {
+    let scopes: Vec<Scope> = if namespaces.is_empty() {
+        vec![Scope::All]
+    } else {
+        namespaces.into_iter().map(Scope::Namespace).collect()
+    };
+    let mut tasks = Vec::new();
+    for scope in scopes {
+        let api = |client: Client| match &scope {
+            Scope::All => (
+                Api::<Agent>::all(client.clone()),
+                Api::<Secret>::all(client.clone()),
+                Api::<Session>::all(client),
+            ),
+            Scope::Namespace(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+        };
+        let (agents, secrets, sessions) = api(client.clone());
+        let config = watcher::Config::default().any_semantic();
+        tasks.push(tokio::spawn(feed(
+            index.clone(),
+            scope.clone(),
+            watcher(agents, config.clone()).default_backoff(),
+        )));
+        tasks.push(tokio::spawn(feed(
+            index.clone(),
+            scope.clone(),
+            watcher(
+                secrets,
+                config.clone().labels(names::MANAGED_SECRET_SELECTOR),
+            )
+            .default_backoff(),
+        )));
+        tasks.push(tokio::spawn(feed(
+            index.clone(),
+            scope.clone(),
+            watcher(sessions, config).default_backoff(),
+        )));
+    }
+    futures::future::join_all(tasks).await;
+}
+
+/// Objects for tests of the index and of the handlers.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use hookrun_crds::{AgentSpec, SessionSpec};
+    use k8s_openapi::ByteString;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    use super::*;
+
+    pub(crate) fn agent(ns: &str, name: &str, spec: serde_json::Value) -> Agent {
+        let spec: AgentSpec = serde_json::from_value(spec).expect("a valid spec");
+        let mut agent = Agent::new(name, spec);
+        agent.metadata.namespace = Some(ns.into());
+        agent.metadata.uid = Some(format!("uid-{name}"));
+        agent
+    }
+
+    pub(crate) fn secret(ns: &str, agent: &str, data: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(names::webhook_secret_name(agent)),
+                namespace: Some(ns.into()),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "hookrun.dev/v1alpha1".into(),
+                    kind: "Agent".into(),
+                    name: agent.into(),
+                    uid: format!("uid-{agent}"),
+                    controller: Some(true),
+                    block_owner_deletion: Some(true),
+                }]),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    pub(crate) fn session(
+        ns: &str,
+        name: &str,
+        agent: &str,
+        phase: Option<SessionPhase>,
+    ) -> Session {
+        let mut s = Session::new(
+            name,
+            SessionSpec {
+                agent: agent.into(),
+                title: "t".into(),
+                ..Default::default()
+            },
+        );
+        s.metadata.namespace = Some(ns.into());
+        s.status = phase.map(|phase| hookrun_crds::session::SessionStatus {
+            phase: Some(phase),
+            ..Default::default()
+        });
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn agent_entries() {
+        let a = agent(
+            "ns",
+            "a",
+            json!({"triggers": [{"webhook": {
+                "allowCIDRs": ["10.0.0.0/8", "192.0.2.7"],
+                "linearSignatureSecret": "s"
+            }}], "session": {"maxConcurrent": 3}}),
+        );
+        let entry = agent_entry(&a).expect("has a webhook");
+        assert_eq!(entry.uid, "uid-a");
+        assert_eq!(entry.allow_cidrs.len(), 2);
+        assert_eq!(entry.schemes, [SignatureScheme::Linear]);
+        assert_eq!(entry.max_concurrent, Some(3));
+
+        assert_eq!(agent_entry(&agent("ns", "b", json!({}))), None);
+        let bad = agent(
+            "ns",
+            "c",
+            json!({"triggers": [{"webhook": {"allowCIDRs": ["nope"]}}]}),
+        );
+        assert_eq!(agent_entry(&bad).map(|e| e.max_concurrent), Some(Some(0)));
+    }
+
+    #[test]
+    fn secret_entries_keep_digests_and_expiry() {
+        let s = secret(
+            "ns",
+            "a",
+            &[
+                ("token", "current"),
+                ("previous-token", "old"),
+                ("previous-token-expires-at", "2030-01-01T00:00:00Z"),
+                ("linear-signing-secret", "lin"),
+                ("github-secret", ""),
+            ],
+        );
+        assert_eq!(secret_owner(&s), Some(AgentKey::new("ns", "a")));
+        let e = secret_entry(&s);
+        assert_eq!(e.token, Some(hookrun_crds::token::digest("current")));
+        let prev = e.previous.clone().expect("previous");
+        assert_eq!(prev.digest, hookrun_crds::token::digest("old"));
+        assert_eq!(
+            prev.expires_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000)
+        );
+        assert_eq!(e.signing.len(), 1);
+        assert_eq!(e.signing[&SignatureScheme::Linear], b"lin");
+        assert!(!format!("{e:?}").contains("lin\""));
+
+        let no_expiry = secret("ns", "a", &[("token", "t"), ("previous-token", "old")]);
+        assert_eq!(secret_entry(&no_expiry).previous, None);
+    }
+
+    #[test]
+    fn index_joins_agents_and_secrets_and_resets_per_scope() {
+        let mut index = Index::new(2);
+        assert!(!index.is_synced());
+        let spec = json!({"triggers": [{"webhook": {}}]});
+        index.reset_agents(
+            &Scope::All,
+            &[agent("a", "x", spec.clone()), agent("b", "y", spec.clone())],
+        );
+        index.apply_secret(&secret("a", "x", &[("token", "t")]));
+        index.mark_synced();
+        index.mark_synced();
+        assert!(index.is_synced());
+        let target = index.target(&AgentKey::new("a", "x")).expect("x");
+        assert_eq!(target.secret.token, Some(hookrun_crds::token::digest("t")));
+        assert!(index.target(&AgentKey::new("b", "y")).is_some());
+
+        // A relist of namespace `a` alone leaves `b` alone.
+        index.reset_agents(&Scope::Namespace("a".into()), &[]);
+        assert!(index.target(&AgentKey::new("a", "x")).is_none());
+        assert!(index.target(&AgentKey::new("b", "y")).is_some());
+
+        // Removing the trigger removes the entry.
+        index.apply_agent(&agent("b", "y", json!({})));
+        assert!(index.target(&AgentKey::new("b", "y")).is_none());
+    }
+
+    #[test]
+    fn active_sessions_are_counted() {
+        let mut index = Index::new(1);
+        let key = AgentKey::new("ns", "a");
+        index.apply_session(&session("ns", "s1", "a", None));
+        index.apply_session(&session("ns", "s2", "a", Some(SessionPhase::Running)));
+        index.apply_session(&session("ns", "s3", "a", Some(SessionPhase::Complete)));
+        assert_eq!(index.active_sessions(&key), 2);
+        // Updates do not count twice; finishing frees a slot.
+        index.apply_session(&session("ns", "s1", "a", Some(SessionPhase::Running)));
+        assert_eq!(index.active_sessions(&key), 2);
+        index.apply_session(&session("ns", "s1", "a", Some(SessionPhase::Error)));
+        assert_eq!(index.active_sessions(&key), 1);
+        index.delete_session(&session("ns", "s2", "a", None));
+        assert_eq!(index.active_sessions(&key), 0);
+        assert_eq!(index.session_digest("ns", "s3"), Some(None));
+        index.reset_sessions(&Scope::All, &[session("ns", "s4", "a", None)]);
+        assert_eq!(index.active_sessions(&key), 1);
+        assert_eq!(index.session_digest("ns", "s3"), None);
+    }
+}

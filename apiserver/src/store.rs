@@ -1,0 +1,156 @@
+//! Where accepted webhooks put their Sessions: the cluster, or memory in tests. The one
+//! API call of an accepted webhook is [`SessionStore::create`]; [`SessionStore::get`] is
+//! only read after a keyed create collided.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use futures::future::BoxFuture;
+use hookrun_crds::Session;
+use kube::api::PostParams;
+use kube::{Api, Client, ResourceExt};
+
+/// Why a Session could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A Session of that name exists.
+    #[error("a Session of that name already exists")]
+    AlreadyExists,
+    /// The cluster did not take the request.
+    #[error("the cluster cannot store the Session: {0}")]
+    Unavailable(String),
+}
+
+/// Creates and reads Sessions.
+pub trait SessionStore: Send + Sync {
+    /// Creates `session` in its namespace.
+    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Reads a Session; `None` when it does not exist.
+    fn get<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>>;
+}
+
+/// Sessions in the cluster. The client arrives once the cluster is reachable; until
+/// then every call is [`StoreError::Unavailable`].
+#[derive(Clone, Default)]
+pub struct KubeSessionStore {
+    client: Arc<OnceLock<Client>>,
+}
+
+impl KubeSessionStore {
+    /// A store whose client is set later with [`KubeSessionStore::connect`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `client` from now on.
+    pub fn connect(&self, client: Client) {
+        let _ = self.client.set(client);
+    }
+
+    fn client(&self) -> Result<Client, StoreError> {
+        self.client
+            .get()
+            .cloned()
+            .ok_or_else(|| StoreError::Unavailable("not connected to the cluster yet".into()))
+    }
+}
+
+fn store_error(error: kube::Error) -> StoreError {
+    match error {
+        kube::Error::Api(status) if status.is_already_exists() => StoreError::AlreadyExists,
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+impl SessionStore for KubeSessionStore {
+    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let namespace = session.namespace().unwrap_or_default();
+            Api::<Session>::namespaced(self.client()?, &namespace)
+                .create(&PostParams::default(), session)
+                .await
+                .map(|_| ())
+                .map_err(store_error)
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
+        Box::pin(async move {
+            Api::<Session>::namespaced(self.client()?, namespace)
+                .get_opt(name)
+                .await
+                .map_err(store_error)
+        })
+    }
+}
+
+/// Sessions in memory, for handler tests; can be told to fail like a cluster that is down.
+#[derive(Debug, Default)]
+pub struct MemorySessionStore {
+    sessions: Mutex<HashMap<(String, String), Session>>,
+    unavailable: std::sync::atomic::AtomicBool,
+}
+
+impl MemorySessionStore {
+    /// Every stored Session.
+    pub fn sessions(&self) -> Vec<Session> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Makes every call fail (or work again).
+    pub fn set_unavailable(&self, unavailable: bool) {
+        self.unavailable
+            .store(unavailable, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        if self.unavailable.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StoreError::Unavailable("the test store is down".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl SessionStore for MemorySessionStore {
+    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let key = (session.namespace().unwrap_or_default(), session.name_any());
+            let mut sessions = self.lock();
+            if sessions.contains_key(&key) {
+                return Err(StoreError::AlreadyExists);
+            }
+            sessions.insert(key, session.clone());
+            Ok(())
+        })
+    }
+
+    fn get<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            Ok(self
+                .lock()
+                .get(&(namespace.to_owned(), name.to_owned()))
+                .cloned())
+        })
+    }
+}

@@ -1,0 +1,711 @@
+//! The webhook door: `POST`/`GET /webhooks/{ns}/{agent}[/{token}]`. Every check answers
+//! from the watched [`Index`](crate::index::Index); an accepted webhook makes exactly one
+//! API call, the Session create (plus one read when a keyed create collides).
+//!
+//! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 401
+//! missing signature → 413 body → 401 bad signature → 400 body → 422 idempotency
+//! conflict → 429 concurrency or rate → 503 store. The signature is checked after the
+//! body is read (it signs the body), so an oversized body with a wrong signature is 413.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use hookrun_crds::agent::SignatureScheme;
+use hookrun_crds::names;
+use hookrun_crds::session::SessionTrigger;
+use hookrun_crds::{Session, SessionSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::body::{self, BodyError, WaitMode};
+use crate::client_ip::{self, TrustedProxies, XffError};
+use crate::idempotency::{self, IdempotencyError};
+use crate::index::{AgentKey, SecretEntry, SharedIndex, WebhookTarget};
+use crate::metrics::Metrics;
+use crate::rate_limit::{RateLimiter, RetryAfter, rate_limit_headers};
+use crate::signature::{self, SignatureError, SignedRequest, Verified};
+use crate::store::{SessionStore, StoreError};
+use crate::title;
+
+/// `Idempotent-Replayed: true` on an answer that repeats an earlier one.
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Seconds a caller is told to wait when the cluster cannot store a Session.
+const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
+/// Seconds a caller is told to wait when the Agent runs its most Sessions.
+const BUSY_RETRY_SECONDS: u64 = 10;
+/// Random names drawn before giving up on a run of collisions.
+const RANDOM_NAME_ATTEMPTS: usize = 3;
+
+/// What the public router shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub index: SharedIndex,
+    pub sessions: Arc<dyn SessionStore>,
+    pub trusted_proxies: Arc<TrustedProxies>,
+    pub max_body_bytes: usize,
+    pub rate_limiter: Arc<Mutex<RateLimiter<AgentKey>>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The header a scheme's signature rides in: its presence picks the scheme.
+pub fn signature_header(scheme: SignatureScheme) -> &'static str {
+    match scheme {
+        SignatureScheme::Linear => "linear-signature",
+        SignatureScheme::Github => "x-hub-signature-256",
+        SignatureScheme::Slack => "x-slack-signature",
+        SignatureScheme::StandardWebhooks => "webhook-signature",
+        SignatureScheme::Hmac => "x-signature",
+    }
+}
+
+/// Why a webhook was refused; each variant is one answer.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("the webhook index is still loading; retry in a few seconds")]
+    NotReady,
+    #[error(
+        "no Agent with a webhook trigger at this URL: check the namespace and Agent name, and \
+         that the Agent has a webhook trigger"
+    )]
+    NotFound,
+    #[error(transparent)]
+    BadForwardedFor(XffError),
+    #[error("the client address is not in the Agent's allowCIDRs")]
+    Forbidden,
+    #[error(
+        "the token is missing or not valid for this Agent: use the URL from the Agent's \
+         webhook Secret, or send it as Authorization: Bearer <token>"
+    )]
+    BadToken,
+    #[error("a signature is required: send one of the headers {expected}")]
+    MissingSignature { expected: String },
+    #[error(transparent)]
+    Signature(SignatureError),
+    #[error("the Agent's signing secret is not loaded yet; retry in a few seconds")]
+    SigningSecretPending,
+    #[error("the Agent's webhook is misconfigured: {0}")]
+    Misconfigured(SignatureError),
+    #[error("the body is larger than {limit} bytes: send at most {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("the body could not be read: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    BadBody(BodyError),
+    #[error(transparent)]
+    Idempotency(IdempotencyError),
+    #[error("the Agent's webhook rate limit of {limit} requests is spent; retry later")]
+    RateLimited { retry: RetryAfter, limit: u32 },
+    #[error(
+        "the Agent already runs {max} Sessions (spec.session.maxConcurrent); retry when one \
+         finishes"
+    )]
+    TooManySessions { max: u32 },
+    #[error("the cluster cannot store the Session right now; retry later")]
+    Unavailable,
+}
+
+impl WebhookError {
+    /// A short code for error bodies and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WebhookError::NotReady => "not_ready",
+            WebhookError::NotFound => "not_found",
+            WebhookError::BadForwardedFor(_) => "bad_forwarded_for",
+            WebhookError::Forbidden => "address_not_allowed",
+            WebhookError::BadToken => "bad_token",
+            WebhookError::MissingSignature { .. } => "missing_signature",
+            WebhookError::Signature(e) => e.code(),
+            WebhookError::SigningSecretPending => "signing_secret_pending",
+            WebhookError::Misconfigured(_) => "agent_misconfigured",
+            WebhookError::TooLarge { .. } => "body_too_large",
+            WebhookError::BodyRead(_) => "body_unreadable",
+            WebhookError::BadBody(_) => "bad_body",
+            WebhookError::Idempotency(e) => e.code(),
+            WebhookError::RateLimited { .. } => "rate_limited",
+            WebhookError::TooManySessions { .. } => "too_many_sessions",
+            WebhookError::Unavailable => "unavailable",
+        }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            WebhookError::NotReady
+            | WebhookError::SigningSecretPending
+            | WebhookError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            WebhookError::NotFound => StatusCode::NOT_FOUND,
+            WebhookError::BadForwardedFor(_)
+            | WebhookError::BodyRead(_)
+            | WebhookError::BadBody(_) => StatusCode::BAD_REQUEST,
+            WebhookError::Forbidden => StatusCode::FORBIDDEN,
+            WebhookError::BadToken
+            | WebhookError::MissingSignature { .. }
+            | WebhookError::Signature(_) => StatusCode::UNAUTHORIZED,
+            WebhookError::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            WebhookError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            WebhookError::Idempotency(IdempotencyError::Conflict) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            WebhookError::Idempotency(_) => StatusCode::BAD_REQUEST,
+            WebhookError::RateLimited { .. } | WebhookError::TooManySessions { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+}
+
+/// The outcome of a request, for the access log and metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome(pub &'static str);
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let code = self.code();
+        let body = Json(json!({"error": code, "message": self.to_string()}));
+        let mut response = (self.status(), body).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            WebhookError::RateLimited { retry, limit } => {
+                let (name, value) = retry.header();
+                headers.insert(name, value);
+                for (name, value) in rate_limit_headers(*limit, 0) {
+                    headers.insert(name, value);
+                }
+            }
+            WebhookError::TooManySessions { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_SECONDS));
+            }
+            WebhookError::NotReady
+            | WebhookError::SigningSecretPending
+            | WebhookError::Unavailable => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(UNAVAILABLE_RETRY_SECONDS),
+                );
+            }
+            _ => {}
+        }
+        response.extensions_mut().insert(Outcome(code));
+        response
+    }
+}
+
+/// The public router.
+pub fn app(state: AppState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route(
+            "/webhooks/{namespace}/{agent}/{token}",
+            get(ping_with_token).post(post_with_token),
+        )
+        .route(
+            "/webhooks/{namespace}/{agent}",
+            get(ping_with_bearer).post(post_with_bearer),
+        )
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(metrics, access_log))
+}
+
+/// Access log and metrics: the route template, never the path (it holds the token).
+async fn access_log(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let elapsed = started.elapsed();
+    let outcome = response
+        .extensions()
+        .get::<Outcome>()
+        .map_or("other", |o| o.0);
+    let agent = response
+        .extensions()
+        .get::<AgentName>()
+        .map_or("", |a| a.0.as_str());
+    let status = response.status().as_u16();
+    metrics.observe(
+        &route,
+        method.as_str(),
+        outcome,
+        status,
+        elapsed.as_secs_f64(),
+    );
+    tracing::info!(
+        %route,
+        %method,
+        status,
+        outcome,
+        agent,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        "webhook request"
+    );
+    response
+}
+
+/// `namespace/agent`, for the access log.
+#[derive(Clone, Debug)]
+struct AgentName(String);
+
+#[derive(serde::Deserialize)]
+struct TokenPath {
+    namespace: String,
+    agent: String,
+    token: String,
+}
+
+#[derive(serde::Deserialize)]
+struct BearerPath {
+    namespace: String,
+    agent: String,
+}
+
+/// The token in `Authorization: Bearer <token>`.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+}
+
+async fn ping_with_token(
+    State(state): State<AppState>,
+    Path(path): Path<TokenPath>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let key = AgentKey::new(path.namespace, path.agent);
+    let result = ping(&state, &key, Some(&path.token), peer, &headers);
+    finish(key, result)
+}
+
+async fn ping_with_bearer(
+    State(state): State<AppState>,
+    Path(path): Path<BearerPath>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let key = AgentKey::new(path.namespace, path.agent);
+    let token = bearer(&headers);
+    let result = ping(&state, &key, token.as_deref(), peer, &headers);
+    finish(key, result)
+}
+
+async fn post_with_token(
+    State(state): State<AppState>,
+    Path(path): Path<TokenPath>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let key = AgentKey::new(path.namespace, path.agent);
+    let result = accept(&state, &key, Some(&path.token), peer, &headers, body).await;
+    finish(key, result)
+}
+
+async fn post_with_bearer(
+    State(state): State<AppState>,
+    Path(path): Path<BearerPath>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let key = AgentKey::new(path.namespace, path.agent);
+    let token = bearer(&headers);
+    let result = accept(&state, &key, token.as_deref(), peer, &headers, body).await;
+    finish(key, result)
+}
+
+fn finish(key: AgentKey, result: Result<Response, WebhookError>) -> Response {
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    response
+        .extensions_mut()
+        .insert(AgentName(format!("{}/{}", key.namespace, key.name)));
+    response
+}
+
+/// The checks before the body: Agent, address, token.
+fn authenticate(
+    state: &AppState,
+    key: &AgentKey,
+    token: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<WebhookTarget, WebhookError> {
+    let target = {
+        let index = state
+            .index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !index.is_synced() {
+            return Err(WebhookError::NotReady);
+        }
+        index.target(key).ok_or(WebhookError::NotFound)?
+    };
+    if !target.agent.allow_cidrs.is_empty() {
+        let forwarded = client_ip::forwarded_for_values(headers);
+        let client = client_ip::resolve_client_ip(peer.ip(), &forwarded, &state.trusted_proxies)
+            .map_err(WebhookError::BadForwardedFor)?;
+        if !client_ip::is_allowed(client, &target.agent.allow_cidrs) {
+            return Err(WebhookError::Forbidden);
+        }
+    }
+    if !token_matches(&target.secret, token, SystemTime::now()) {
+        return Err(WebhookError::BadToken);
+    }
+    Ok(target)
+}
+
+/// Whether `presented` is the current token, or the previous one before it expires.
+/// Digests are compared in constant time, both always.
+pub fn token_matches(secret: &SecretEntry, presented: Option<&str>, now: SystemTime) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    let digest = hookrun_crds::token::digest(presented);
+    let current = secret
+        .token
+        .map_or(subtle::Choice::from(0), |t| t.ct_eq(&digest));
+    let previous = secret
+        .previous
+        .as_ref()
+        .map_or(subtle::Choice::from(0), |p| {
+            p.digest.ct_eq(&digest) & subtle::Choice::from(u8::from(now < p.expires_at))
+        });
+    bool::from(current | previous)
+}
+
+fn ping(
+    state: &AppState,
+    key: &AgentKey,
+    token: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Result<Response, WebhookError> {
+    authenticate(state, key, token, peer, headers)?;
+    let mut response = Json(json!({"ok": true})).into_response();
+    response.extensions_mut().insert(Outcome("ping"));
+    Ok(response)
+}
+
+/// Reads the body, refusing more than `limit` bytes without reading further.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, WebhookError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(WebhookError::TooLarge { limit });
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok(bytes.to_vec()),
+        Err(error) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(WebhookError::TooLarge { limit })
+            } else {
+                Err(WebhookError::BodyRead(error.to_string()))
+            }
+        }
+    }
+}
+
+/// The schemes whose signature header the request carries, or 401 when the Agent
+/// requires signatures and none is there.
+fn signature_candidates(
+    target: &WebhookTarget,
+    headers: &HeaderMap,
+) -> Result<Vec<SignatureScheme>, WebhookError> {
+    let schemes = &target.agent.schemes;
+    if schemes.is_empty() {
+        return Ok(vec![]);
+    }
+    let present: Vec<_> = schemes
+        .iter()
+        .copied()
+        .filter(|s| headers.contains_key(signature_header(*s)))
+        .collect();
+    if present.is_empty() {
+        let expected = schemes
+            .iter()
+            .map(|s| signature_header(*s))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(WebhookError::MissingSignature { expected });
+    }
+    Ok(present)
+}
+
+/// Verifies the request with the first candidate scheme that accepts it.
+fn verify_signature(
+    target: &WebhookTarget,
+    candidates: &[SignatureScheme],
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<(SignatureScheme, Verified)>, WebhookError> {
+    let request = SignedRequest {
+        headers,
+        body,
+        now: SystemTime::now(),
+    };
+    let mut first_error = None;
+    for scheme in candidates {
+        let Some(secret) = target.secret.signing.get(scheme) else {
+            first_error.get_or_insert(WebhookError::SigningSecretPending);
+            continue;
+        };
+        match signature::verifier(*scheme).verify(&request, secret) {
+            Ok(verified) => return Ok(Some((*scheme, verified))),
+            Err(error) if !error.is_caller_error() => {
+                first_error.get_or_insert(WebhookError::Misconfigured(error));
+            }
+            Err(error) => {
+                first_error.get_or_insert(WebhookError::Signature(error));
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(None),
+    }
+}
+
+/// A Slack `url_verification` request's challenge.
+fn slack_challenge(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if value.get("type")?.as_str()? != "url_verification" {
+        return None;
+    }
+    Some(value.get("challenge")?.as_str()?.to_owned())
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, WebhookError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            WebhookError::BadBody(BodyError {
+                field: name.to_owned(),
+                message: "must be visible ASCII".to_owned(),
+            })
+        }),
+    }
+}
+
+/// A POST: every check, then the Session create.
+async fn accept(
+    state: &AppState,
+    key: &AgentKey,
+    token: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, WebhookError> {
+    let target = authenticate(state, key, token, peer, headers)?;
+    let candidates = signature_candidates(&target, headers)?;
+    let raw = read_body(headers, body, state.max_body_bytes).await?;
+    let verified = verify_signature(&target, &candidates, headers, &raw)?;
+
+    if let Some((SignatureScheme::Slack, _)) = verified
+        && let Some(challenge) = slack_challenge(&raw)
+    {
+        let mut response = Json(json!({"challenge": challenge})).into_response();
+        response.extensions_mut().insert(Outcome("challenge"));
+        return Ok(response);
+    }
+
+    let parsed = body::parse_webhook_body(&raw).map_err(WebhookError::BadBody)?;
+    // Carried out by the sessions issue; parsed here so a bad value is refused now.
+    let wait = match parsed.wait {
+        WaitMode::FireAndForget => header_text(headers, "prefer")?
+            .and_then(body::parse_prefer_wait)
+            .unwrap_or_default(),
+        wait => wait,
+    };
+    let delivery = verified
+        .as_ref()
+        .and_then(|(_, v)| v.dedup_key.as_deref().map(|id| (v.source, id)));
+    let key_choice = idempotency::choose_key(
+        header_text(headers, "idempotency-key")?,
+        parsed.idempotency_key.as_deref(),
+        delivery,
+    )
+    .map_err(WebhookError::Idempotency)?;
+    let digest = body::payload_digest(&raw);
+
+    if let Some(chosen) = &key_choice {
+        let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
+        let known = state
+            .index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .session_digest(&key.namespace, &name);
+        if let Some(stored) = known {
+            idempotency::replay_or_conflict(stored.as_deref(), &digest)
+                .map_err(WebhookError::Idempotency)?;
+            return Ok(created(key, &name, true, None));
+        }
+    }
+
+    let active = state
+        .index
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .active_sessions(key);
+    if let Some(max) = target.agent.max_concurrent
+        && active >= max
+    {
+        return Err(WebhookError::TooManySessions { max });
+    }
+    let (limit, remaining) = {
+        let mut limiter = state
+            .rate_limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let limit = limiter.limit().capacity();
+        let remaining = limiter
+            .try_acquire(key.clone(), Instant::now())
+            .map_err(|retry| WebhookError::RateLimited { retry, limit })?;
+        (limit, remaining.0)
+    };
+
+    let verified_scheme = verified.as_ref().map(|(s, _)| *s);
+    let title = parsed
+        .title
+        .clone()
+        .or_else(|| verified_scheme.and_then(|s| title::provider_title(s, headers, &raw)))
+        .unwrap_or_else(|| title::default_title(&key.name));
+    let payload = body::bounded_payload(&raw);
+    let trigger = SessionTrigger {
+        source: verified
+            .as_ref()
+            .map_or("webhook", |(_, v)| v.source)
+            .to_owned(),
+        delivery_id: verified.as_ref().and_then(|(_, v)| v.dedup_key.clone()),
+        idempotency_key: key_choice.as_ref().map(|k| k.value.clone()),
+        payload_digest: Some(digest.clone()),
+        payload: Some(payload.text),
+        payload_truncated: payload.truncated,
+    };
+    let spec = SessionSpec {
+        agent: key.name.clone(),
+        title,
+        env: parsed.env.clone(),
+        trigger: Some(trigger),
+    };
+    tracing::debug!(agent = %key.name, ?wait, "storing a webhook Session");
+    let rate = Some((limit, remaining));
+
+    match &key_choice {
+        Some(chosen) => {
+            let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
+            let session = build_session(key, &target, &name, spec);
+            match state.sessions.create(&session).await {
+                Ok(()) => Ok(created(key, &name, false, rate)),
+                Err(StoreError::AlreadyExists) => {
+                    let existing = state
+                        .sessions
+                        .get(&key.namespace, &name)
+                        .await
+                        .map_err(|error| unavailable(key, &error))?;
+                    // Deleted between the create and the read: the caller retries.
+                    let existing = existing.ok_or(WebhookError::Unavailable)?;
+                    let stored = existing
+                        .spec
+                        .trigger
+                        .as_ref()
+                        .and_then(|t| t.payload_digest.as_deref());
+                    idempotency::replay_or_conflict(stored, &digest)
+                        .map_err(WebhookError::Idempotency)?;
+                    Ok(created(key, &name, true, rate))
+                }
+                Err(error) => Err(unavailable(key, &error)),
+            }
+        }
+        None => {
+            for _ in 0..RANDOM_NAME_ATTEMPTS {
+                let name = idempotency::random_session_name(&key.name);
+                let session = build_session(key, &target, &name, spec.clone());
+                match state.sessions.create(&session).await {
+                    Ok(()) => return Ok(created(key, &name, false, rate)),
+                    Err(StoreError::AlreadyExists) => continue,
+                    Err(error) => return Err(unavailable(key, &error)),
+                }
+            }
+            Err(WebhookError::Unavailable)
+        }
+    }
+}
+
+fn unavailable(key: &AgentKey, error: &StoreError) -> WebhookError {
+    tracing::warn!(agent = %key.name, namespace = %key.namespace, %error, "cannot store a webhook Session");
+    WebhookError::Unavailable
+}
+
+/// The Session of an accepted webhook, owned by its Agent.
+pub fn build_session(
+    key: &AgentKey,
+    target: &WebhookTarget,
+    name: &str,
+    spec: SessionSpec,
+) -> Session {
+    Session {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(
+                [
+                    (names::AGENT_LABEL.to_owned(), names::label_value(&key.name)),
+                    (
+                        names::MANAGED_BY_LABEL.to_owned(),
+                        names::MANAGED_BY.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "hookrun.dev/v1alpha1".to_owned(),
+                kind: "Agent".to_owned(),
+                name: key.name.clone(),
+                uid: target.agent.uid.clone(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// 200 `{"session", "agentDefinition"}`.
+fn created(key: &AgentKey, name: &str, replayed: bool, rate: Option<(u32, u32)>) -> Response {
+    let mut response = Json(json!({"session": name, "agentDefinition": key.name})).into_response();
+    let headers = response.headers_mut();
+    if replayed {
+        headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    if let Some((limit, remaining)) = rate {
+        for (name, value) in rate_limit_headers(limit, remaining) {
+            headers.insert(name, value);
+        }
+    }
+    response
+        .extensions_mut()
+        .insert(Outcome(if replayed { "replayed" } else { "created" }));
+    response
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,629 @@
+//! The answer matrix of the webhook door, through `app().oneshot()` with an index built
+//! in memory and an in-memory Session store.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, StatusCode};
+use hmac::{Hmac, Mac};
+use hookrun_crds::names;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tower::ServiceExt;
+
+use super::*;
+use crate::index::Index;
+use crate::index::test_support::{agent, secret, session};
+use crate::rate_limit::RateLimit;
+use crate::store::MemorySessionStore;
+
+const NS: &str = "team";
+const TOKEN: &str = "tok-plain";
+const LINEAR_SECRET: &str = "lin-secret";
+const SLACK_SECRET: &str = "slack-secret";
+
+struct Fixture {
+    state: AppState,
+    store: Arc<MemorySessionStore>,
+}
+
+fn index() -> Index {
+    let mut index = Index::new(1);
+    let hook = json!({"triggers": [{"webhook": {}}]});
+    let agents = [
+        agent(NS, "plain", hook.clone()),
+        agent(NS, "rotated", hook.clone()),
+        agent(NS, "nohook", json!({})),
+        agent(
+            NS,
+            "walled",
+            json!({"triggers": [{"webhook": {"allowCIDRs": ["10.0.0.0/8"]}}]}),
+        ),
+        agent(
+            NS,
+            "linear",
+            json!({"triggers": [{"webhook": {"linearSignatureSecret": "x"}}]}),
+        ),
+        agent(
+            NS,
+            "slack",
+            json!({"triggers": [{"webhook": {"slackSigningSecret": "x"}}]}),
+        ),
+        agent(
+            NS,
+            "busy",
+            json!({"triggers": [{"webhook": {}}], "session": {"maxConcurrent": 1}}),
+        ),
+    ];
+    for a in &agents {
+        index.apply_agent(a);
+    }
+    for name in ["plain", "walled", "nohook", "busy"] {
+        index.apply_secret(&secret(NS, name, &[("token", TOKEN)]));
+    }
+    index.apply_secret(&secret(
+        NS,
+        "rotated",
+        &[
+            ("token", "tok-new"),
+            ("previous-token", "tok-grace"),
+            ("previous-token-expires-at", "2100-01-01T00:00:00Z"),
+        ],
+    ));
+    index.apply_secret(&secret(
+        NS,
+        "linear",
+        &[("token", TOKEN), ("linear-signing-secret", LINEAR_SECRET)],
+    ));
+    index.apply_secret(&secret(
+        NS,
+        "slack",
+        &[("token", TOKEN), ("slack-signing-secret", SLACK_SECRET)],
+    ));
+    index.apply_session(&session(NS, "busy-wh-00000000", "busy", None));
+    index.mark_synced();
+    index
+}
+
+fn fixture_with(index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
+    let store = Arc::new(MemorySessionStore::default());
+    let limit = RateLimit::new(burst, 1.0).expect("a valid limit");
+    let state = AppState {
+        index: Arc::new(RwLock::new(index)),
+        sessions: store.clone(),
+        trusted_proxies: Arc::new(TrustedProxies::none()),
+        max_body_bytes,
+        rate_limiter: Arc::new(Mutex::new(RateLimiter::new(limit))),
+        metrics: Arc::new(Metrics::default()),
+    };
+    Fixture { state, store }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(index(), 1024 * 1024, 100)
+}
+
+const PEER: &str = "192.0.2.10:4000";
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    json: Value,
+}
+
+impl Fixture {
+    async fn send(&self, request: Request<Body>) -> Answer {
+        let mut request = request;
+        if request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .is_none()
+        {
+            let peer: SocketAddr = PEER.parse().expect("an address");
+            request.extensions_mut().insert(ConnectInfo(peer));
+        }
+        let response = app(self.state.clone())
+            .oneshot(request)
+            .await
+            .expect("infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            json,
+        }
+    }
+
+    async fn post(&self, uri: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+        let mut builder = Request::post(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        self.send(
+            builder
+                .body(Body::from(body.to_owned()))
+                .expect("a request"),
+        )
+        .await
+    }
+
+    async fn get(&self, uri: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut builder = Request::get(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        self.send(builder.body(Body::empty()).expect("a request"))
+            .await
+    }
+}
+
+fn url(agent: &str, token: &str) -> String {
+    format!("/webhooks/{NS}/{agent}/{token}")
+}
+
+fn assert_error(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.json);
+    assert_eq!(answer.json["error"], code, "{}", answer.json);
+    assert!(
+        answer.json["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        answer.json
+    );
+}
+
+#[tokio::test]
+async fn unknown_agents_and_agents_without_webhook_are_404() {
+    let f = fixture();
+    for uri in [
+        url("ghost", TOKEN),
+        url("nohook", TOKEN),
+        format!("/webhooks/other/plain/{TOKEN}"),
+    ] {
+        assert_error(
+            &f.post(&uri, &[], "{}").await,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        );
+        assert_error(&f.get(&uri, &[]).await, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert!(f.store.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn the_index_must_be_synced() {
+    let f = fixture_with(Index::new(1), 1024, 10);
+    let answer = f.post(&url("plain", TOKEN), &[], "{}").await;
+    assert_error(&answer, StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+    assert!(answer.headers.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn addresses_outside_allow_cidrs_are_403_before_the_token() {
+    let f = fixture();
+    let answer = f.post(&url("walled", "wrong"), &[], "{}").await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "address_not_allowed");
+
+    let inside: SocketAddr = "10.1.2.3:5000".parse().expect("an address");
+    let mut request = Request::post(url("walled", TOKEN))
+        .body(Body::from("{}"))
+        .expect("a request");
+    request.extensions_mut().insert(ConnectInfo(inside));
+    assert_eq!(f.send(request).await.status, StatusCode::OK);
+    // X-Forwarded-For is ignored without trusted proxies.
+    let answer = f
+        .post(
+            &url("walled", TOKEN),
+            &[("x-forwarded-for", "10.0.0.1")],
+            "{}",
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn tokens_in_the_path_or_bearer_and_the_previous_token_in_grace() {
+    let f = fixture();
+    assert_error(
+        &f.post(&url("plain", "wrong"), &[], "{}").await,
+        StatusCode::UNAUTHORIZED,
+        "bad_token",
+    );
+    let bearer_uri = format!("/webhooks/{NS}/plain");
+    assert_error(
+        &f.post(&bearer_uri, &[], "{}").await,
+        StatusCode::UNAUTHORIZED,
+        "bad_token",
+    );
+    let auth = format!("Bearer {TOKEN}");
+    assert_eq!(
+        f.post(&bearer_uri, &[("authorization", &auth)], "{}")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.post(&url("rotated", "tok-grace"), &[], "{}").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        f.post(&url("rotated", "tok-new"), &[], "{}").await.status,
+        StatusCode::OK
+    );
+}
+
+#[test]
+fn an_expired_previous_token_is_refused() {
+    let entry = crate::index::secret_entry(&secret(
+        NS,
+        "a",
+        &[
+            ("token", "new"),
+            ("previous-token", "old"),
+            ("previous-token-expires-at", "2020-01-01T00:00:00Z"),
+        ],
+    ));
+    assert!(token_matches(&entry, Some("new"), SystemTime::now()));
+    assert!(!token_matches(&entry, Some("old"), SystemTime::now()));
+    assert!(token_matches(&entry, Some("old"), UNIX_EPOCH));
+    assert!(!token_matches(&entry, None, UNIX_EPOCH));
+    assert!(!token_matches(
+        &SecretEntry::default(),
+        Some(""),
+        UNIX_EPOCH
+    ));
+}
+
+#[tokio::test]
+async fn get_is_a_ping_that_never_creates() {
+    let f = fixture();
+    let ok = f.get(&url("plain", TOKEN), &[]).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.json, json!({"ok": true}));
+    let auth = format!("Bearer {TOKEN}");
+    let ok = f
+        .get(
+            &format!("/webhooks/{NS}/plain"),
+            &[("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_error(
+        &f.get(&url("plain", "bad"), &[]).await,
+        StatusCode::UNAUTHORIZED,
+        "bad_token",
+    );
+    assert!(f.store.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn an_accepted_webhook_stores_one_session() {
+    let f = fixture();
+    let body = r#"{"env":[{"name":"TICKET","value":"42"}],"wait":false,"extra":1}"#;
+    let answer = f.post(&url("plain", TOKEN), &[], body).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let name = answer.json["session"].as_str().expect("a name").to_owned();
+    assert!(name.starts_with("plain-wh-"), "{name}");
+    assert_eq!(answer.json["agentDefinition"], "plain");
+    assert_eq!(answer.headers["x-ratelimit-limit"], "100");
+    assert_eq!(answer.headers["x-ratelimit-remaining"], "99");
+    assert!(!answer.headers.contains_key("idempotent-replayed"));
+
+    let sessions = f.store.sessions();
+    assert_eq!(sessions.len(), 1);
+    let s = &sessions[0];
+    assert_eq!(s.metadata.name.as_deref(), Some(name.as_str()));
+    assert_eq!(s.metadata.namespace.as_deref(), Some(NS));
+    let labels = s.metadata.labels.clone().expect("labels");
+    assert_eq!(labels[names::AGENT_LABEL], "plain");
+    let owner = &s.metadata.owner_references.as_deref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+        ("Agent", "plain", "uid-plain")
+    );
+    assert_eq!(s.spec.agent, "plain");
+    assert_eq!(s.spec.title, "Webhook trigger — plain");
+    assert_eq!(s.spec.env[0].name, "TICKET");
+    let trigger = s.spec.trigger.clone().expect("a trigger");
+    assert_eq!(trigger.source, "webhook");
+    assert_eq!(
+        trigger.payload_digest,
+        Some(body::payload_digest(body.as_bytes()))
+    );
+    assert_eq!(trigger.payload.as_deref(), Some(body));
+    assert_eq!(trigger.idempotency_key, None);
+}
+
+#[tokio::test]
+async fn the_callers_title_wins() {
+    let f = fixture();
+    let answer = f
+        .post(&url("plain", TOKEN), &[], r#"{"title":"Fix the build"}"#)
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(f.store.sessions()[0].spec.title, "Fix the build");
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_413_after_the_token() {
+    let f = fixture_with(index(), 16, 10);
+    let big = format!(r#"{{"title":"{}"}}"#, "x".repeat(64));
+    assert_error(
+        &f.post(&url("plain", TOKEN), &[], &big).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    // Without Content-Length too (a streamed body).
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(big.clone().into_bytes())]);
+    let request = Request::post(url("plain", TOKEN))
+        .body(Body::from_stream(stream))
+        .expect("a request");
+    assert_error(
+        &f.send(request).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+    );
+    assert_error(
+        &f.post(&url("plain", "bad"), &[], &big).await,
+        StatusCode::UNAUTHORIZED,
+        "bad_token",
+    );
+    assert!(f.store.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_400_naming_the_field() {
+    let f = fixture();
+    let answer = f.post(&url("plain", TOKEN), &[], "{not json").await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "bad_body");
+    let answer = f
+        .post(
+            &url("plain", TOKEN),
+            &[],
+            r#"{"env":[{"name":"HOOKRUN_X","value":"1"}]}"#,
+        )
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "bad_body");
+    assert!(
+        answer.json["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("env[0].name")),
+        "{}",
+        answer.json
+    );
+    let answer = f
+        .post(&url("plain", TOKEN), &[], r#"{"wait":"soon"}"#)
+        .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "bad_body");
+    assert!(f.store.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_or_conflict() {
+    let f = fixture();
+    let key = [("idempotency-key", "order-42")];
+    let first = f.post(&url("plain", TOKEN), &key, r#"{"title":"a"}"#).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let expected = idempotency::keyed_session_name(NS, "plain", "order-42");
+    assert_eq!(first.json["session"], expected.as_str());
+
+    let again = f.post(&url("plain", TOKEN), &key, r#"{"title":"a"}"#).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json, first.json);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+
+    let conflict = f.post(&url("plain", TOKEN), &key, r#"{"title":"b"}"#).await;
+    assert_error(
+        &conflict,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_conflict",
+    );
+    assert_eq!(f.store.sessions().len(), 1);
+
+    // The body's key names the same Session as the header's.
+    let body_key = f
+        .post(
+            &url("plain", TOKEN),
+            &[],
+            r#"{"title":"c","idempotency_key":"k2"}"#,
+        )
+        .await;
+    assert_eq!(
+        body_key.json["session"],
+        idempotency::keyed_session_name(NS, "plain", "k2").as_str()
+    );
+    let disagree = f
+        .post(
+            &url("plain", TOKEN),
+            &[("idempotency-key", "k3")],
+            r#"{"idempotency_key":"k4"}"#,
+        )
+        .await;
+    assert_error(&disagree, StatusCode::BAD_REQUEST, "bad_idempotency_key");
+}
+
+#[tokio::test]
+async fn replays_known_to_the_index_make_no_api_call() {
+    let mut idx = index();
+    let name = idempotency::keyed_session_name(NS, "plain", "seen");
+    let mut stored = session(NS, &name, "plain", None);
+    stored.spec.trigger = Some(SessionTrigger {
+        source: "webhook".into(),
+        payload_digest: Some(body::payload_digest(b"{}")),
+        ..Default::default()
+    });
+    idx.apply_session(&stored);
+    let f = fixture_with(idx, 1024, 10);
+    f.store.set_unavailable(true);
+    let answer = f
+        .post(&url("plain", TOKEN), &[("idempotency-key", "seen")], "{}")
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.headers["idempotent-replayed"], "true");
+    let conflict = f
+        .post(
+            &url("plain", TOKEN),
+            &[("idempotency-key", "seen")],
+            r#"{"title":"other"}"#,
+        )
+        .await;
+    assert_eq!(conflict.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn rate_and_concurrency_limits_are_429() {
+    let f = fixture_with(index(), 1024, 2);
+    for remaining in ["1", "0"] {
+        let ok = f.post(&url("plain", TOKEN), &[], "{}").await;
+        assert_eq!(ok.status, StatusCode::OK);
+        assert_eq!(ok.headers["x-ratelimit-remaining"], remaining);
+    }
+    let refused = f.post(&url("plain", TOKEN), &[], "{}").await;
+    assert_error(&refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.headers["x-ratelimit-limit"], "2");
+    assert_eq!(refused.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(f.store.sessions().len(), 2);
+
+    let busy = f.post(&url("busy", TOKEN), &[], "{}").await;
+    assert_error(&busy, StatusCode::TOO_MANY_REQUESTS, "too_many_sessions");
+    assert!(busy.headers.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn a_store_that_is_down_is_503_never_2xx() {
+    let f = fixture();
+    f.store.set_unavailable(true);
+    for headers in [&[][..], &[("idempotency-key", "k")][..]] {
+        let answer = f.post(&url("plain", TOKEN), headers, "{}").await;
+        assert_error(&answer, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+        assert_eq!(answer.headers["retry-after"], "5");
+    }
+}
+
+fn hex_hmac(secret: &str, message: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
+    mac.update(message);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis()
+}
+
+#[tokio::test]
+async fn linear_webhooks_are_signed_titled_and_deduplicated() {
+    let f = fixture();
+    let body = format!(
+        r#"{{"action":"create","type":"Project","data":{{"name":"WhatsApp Provider"}},"webhookTimestamp":{}}}"#,
+        now_ms()
+    );
+    let missing = f.post(&url("linear", TOKEN), &[], &body).await;
+    assert_error(&missing, StatusCode::UNAUTHORIZED, "missing_signature");
+    let wrong = hex_hmac("other", body.as_bytes());
+    let answer = f
+        .post(
+            &url("linear", TOKEN),
+            &[("linear-signature", &wrong)],
+            &body,
+        )
+        .await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "bad_signature");
+    // The token is checked before the signature.
+    let good = hex_hmac(LINEAR_SECRET, body.as_bytes());
+    let answer = f
+        .post(&url("linear", "bad"), &[("linear-signature", &good)], &body)
+        .await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "bad_token");
+
+    let headers = [
+        ("linear-signature", good.as_str()),
+        ("linear-delivery", "d-1"),
+    ];
+    let answer = f.post(&url("linear", TOKEN), &headers, &body).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let sessions = f.store.sessions();
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].spec.title, "Project created: WhatsApp Provider");
+    let trigger = sessions[0].spec.trigger.clone().expect("a trigger");
+    assert_eq!(trigger.source, "linear");
+    assert_eq!(trigger.delivery_id.as_deref(), Some("d-1"));
+    assert_eq!(trigger.idempotency_key.as_deref(), Some("linear:d-1"));
+
+    // A redelivery is the same Session.
+    let again = f.post(&url("linear", TOKEN), &headers, &body).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(f.store.sessions().len(), 1);
+
+    let stale = r#"{"action":"create","type":"Project","data":{},"webhookTimestamp":1000}"#;
+    let sig = hex_hmac(LINEAR_SECRET, stale.as_bytes());
+    let answer = f
+        .post(&url("linear", TOKEN), &[("linear-signature", &sig)], stale)
+        .await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "stale_timestamp");
+}
+
+#[tokio::test]
+async fn slack_url_verification_answers_the_challenge_after_the_signature() {
+    let f = fixture();
+    let body = r#"{"type":"url_verification","challenge":"abc123","token":"x"}"#;
+    let ts = (now_ms() / 1000).to_string();
+    let sig = format!(
+        "v0={}",
+        hex_hmac(SLACK_SECRET, format!("v0:{ts}:{body}").as_bytes())
+    );
+    let answer = f
+        .post(
+            &url("slack", TOKEN),
+            &[
+                ("x-slack-signature", &sig),
+                ("x-slack-request-timestamp", &ts),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json, json!({"challenge": "abc123"}));
+    assert!(f.store.sessions().is_empty());
+
+    let answer = f
+        .post(
+            &url("slack", TOKEN),
+            &[
+                ("x-slack-signature", "v0=00"),
+                ("x-slack-request-timestamp", &ts),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn metrics_use_route_templates_never_tokens() {
+    let f = fixture();
+    f.post(&url("plain", TOKEN), &[], "{}").await;
+    f.post(&url("plain", "nope"), &[], "{}").await;
+    let text = f.state.metrics.encode();
+    assert!(
+        text.contains(r#"route="/webhooks/{namespace}/{agent}/{token}""#),
+        "{text}"
+    );
+    assert!(text.contains(r#"outcome="created""#), "{text}");
+    assert!(text.contains(r#"outcome="bad_token""#), "{text}");
+    assert!(!text.contains(TOKEN) && !text.contains("nope"), "{text}");
+    assert!(text.contains("hookrun_apiserver_request_duration_seconds"));
+}
