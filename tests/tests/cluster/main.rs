@@ -3,3 +3,4 @@
 
 mod crds;
 mod operator;
+mod webhook;

@@ -1,0 +1,459 @@
+//! Cluster tests of the webhook door (issue 4): the real `hookrun-operator` mints the
+//! token and the managed Secret, the real `hookrun-apiserver` watches them and stores
+//! Sessions. Each test runs both binaries on its own namespace.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use hmac::{Hmac, Mac};
+use hookrun_crds::{Agent, Session, names};
+use hookrun_tests::{
+    Cluster, TestNamespace, cluster, control_plane::workspace_root, eventually, workspace_binary,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams},
+};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BUDGET: Duration = Duration::from_secs(20);
+const LINEAR_SECRET: &str = "linear-test-secret";
+
+/// A child process killed when dropped, logging to a file under `target/test-clusters/`.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn start(cluster: &Cluster, binary: &str, tag: &str, args: &[&str]) -> Self {
+        let dir = workspace_root().join("target/test-clusters");
+        std::fs::create_dir_all(&dir).expect("the log directory");
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let log = dir.join(format!("{binary}-{tag}-{nanos}.log"));
+        let file = std::fs::File::create(&log).expect("the log file");
+        let child = Command::new(workspace_binary(binary))
+            .args(args)
+            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{binary} starts: {e}"));
+        Process { child, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The operator and the apiserver, both watching only `ns`.
+struct Door {
+    _operator: Process,
+    apiserver: Process,
+    public: String,
+}
+
+impl Door {
+    async fn start(cluster: &Cluster, ns: &TestNamespace) -> Self {
+        let operator = Process::start(
+            cluster,
+            "hookrun-operator",
+            ns.name(),
+            &[
+                "--public-url",
+                "https://hooks.example.test/",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--namespaces",
+                ns.name(),
+            ],
+        );
+        let apiserver = Process::start(
+            cluster,
+            "hookrun-apiserver",
+            ns.name(),
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--namespaces",
+                ns.name(),
+                "--rate-limit-burst",
+                "1000",
+                "--rate-limit-per-second",
+                "100",
+            ],
+        );
+        let public = eventually(BUDGET, || async {
+            apiserver.log_text().lines().find_map(|line| {
+                let rest = line.split("public=").nth(1)?;
+                let address = rest.split_whitespace().next()?;
+                Some(address.to_owned())
+            })
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the apiserver logged no address: {}",
+                apiserver.log.display()
+            )
+        });
+        Door {
+            _operator: operator,
+            apiserver,
+            public,
+        }
+    }
+
+    async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> Answer {
+        request(&self.public, "POST", path, headers, body).await
+    }
+
+    /// Waits until the apiserver knows the Agent's current token (a GET ping is 200).
+    async fn wait_until_known(&self, path: &str) {
+        let known = eventually(BUDGET, || async {
+            (request(&self.public, "GET", path, &[], "").await.status == 200).then_some(())
+        })
+        .await;
+        assert!(
+            known.is_some(),
+            "the apiserver never accepted the token; log: {}",
+            self.apiserver.log_text()
+        );
+    }
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    json: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 request with `Connection: close`.
+async fn request(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("the apiserver accepts");
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("request sent");
+    stream.write_all(body.as_bytes()).await.expect("body sent");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .expect("response read");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        json: serde_json::from_str(body).unwrap_or(Value::Null),
+    }
+}
+
+async fn apply_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
+    let manifest = json!({
+        "apiVersion": "hookrun.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": name},
+        "spec": {"models": ["anthropic/claude-sonnet-4-6"], "triggers": [{"webhook": webhook}]},
+    });
+    agents
+        .patch(
+            name,
+            &PatchParams::apply("hookrun-tests").force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .expect("the Agent applies");
+}
+
+/// The Agent's webhook path, once the operator minted its token.
+async fn webhook_path(agents: &Api<Agent>, ns: &str, name: &str) -> String {
+    let token = eventually(BUDGET, || async {
+        let url = agents.get(name).await.ok()?.status?.webhook_url?;
+        let token = url.rsplit('/').next()?.to_owned();
+        (token.len() == 43).then_some(token)
+    })
+    .await
+    .unwrap_or_else(|| panic!("agent {name} got no webhook URL"));
+    names::webhook_path(ns, name, &token)
+}
+
+async fn session(sessions: &Api<Session>, name: &str) -> Session {
+    sessions
+        .get(name)
+        .await
+        .unwrap_or_else(|e| panic!("Session {name}: {e}"))
+}
+
+#[tokio::test]
+async fn a_webhook_creates_a_session_with_its_contents_and_default_title() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let door = Door::start(cluster, &ns).await;
+
+    apply_agent(&agents, "my-agent", json!({})).await;
+    let path = webhook_path(&agents, ns.name(), "my-agent").await;
+    door.wait_until_known(&path).await;
+
+    let body = r#"{"title":"Fix the flaky test","env":[{"name":"TICKET","value":"42"}]}"#;
+    let answer = door.post(&path, &[], body).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.json["agentDefinition"], "my-agent");
+    let name = answer.json["session"].as_str().expect("a Session name");
+    let stored = session(&sessions, name).await;
+    assert_eq!(stored.spec.agent, "my-agent");
+    assert_eq!(stored.spec.title, "Fix the flaky test");
+    assert_eq!(stored.spec.env[0].name, "TICKET");
+    assert_eq!(stored.spec.env[0].value, "42");
+    let trigger = stored.spec.trigger.clone().expect("a trigger");
+    assert_eq!(trigger.source, "webhook");
+    assert_eq!(trigger.payload.as_deref(), Some(body));
+    assert!(
+        trigger
+            .payload_digest
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+    assert_eq!(
+        stored.labels().get(names::AGENT_LABEL).map(String::as_str),
+        Some("my-agent")
+    );
+    let agent = agents.get("my-agent").await.expect("the Agent");
+    let owner = &stored.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Agent", "my-agent")
+    );
+    assert_eq!(Some(owner.uid.clone()), agent.metadata.uid);
+
+    let answer = door.post(&path, &[], "").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let name = answer.json["session"].as_str().expect("a Session name");
+    assert_eq!(
+        session(&sessions, name).await.spec.title,
+        "Webhook trigger — my-agent"
+    );
+
+    // Refusals store nothing.
+    let before = sessions
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .len();
+    let bad = door
+        .post(
+            &format!("/webhooks/{}/my-agent/wrong", ns.name()),
+            &[],
+            "{}",
+        )
+        .await;
+    assert_eq!(bad.status, 401);
+    assert_eq!(bad.json["error"], "bad_token");
+    let missing = door
+        .post(&format!("/webhooks/{}/ghost/x", ns.name()), &[], "{}")
+        .await;
+    assert_eq!(missing.status, 404);
+    let after = sessions
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .len();
+    assert_eq!(before, after);
+}
+
+#[tokio::test]
+async fn a_signed_linear_webhook_gets_a_linear_title() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let door = Door::start(cluster, &ns).await;
+
+    apply_agent(
+        &agents,
+        "linear-agent",
+        json!({"linearSignatureSecret": LINEAR_SECRET}),
+    )
+    .await;
+    let path = webhook_path(&agents, ns.name(), "linear-agent").await;
+    door.wait_until_known(&path).await;
+
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let body = format!(
+        r#"{{"action":"create","type":"Project","data":{{"name":"WhatsApp Provider"}},"webhookTimestamp":{now_ms}}}"#
+    );
+    let mut mac = Hmac::<Sha256>::new_from_slice(LINEAR_SECRET.as_bytes()).expect("any key");
+    mac.update(body.as_bytes());
+    let signature = hex::encode(mac.finalize().into_bytes());
+
+    let unsigned = door.post(&path, &[], &body).await;
+    assert_eq!(unsigned.status, 401, "{unsigned:?}");
+    // The signing secret reaches the apiserver through the operator's Secret.
+    let answer = eventually(BUDGET, || async {
+        let answer = door
+            .post(
+                &path,
+                &[
+                    ("Linear-Signature", &signature),
+                    ("Linear-Delivery", "delivery-1"),
+                ],
+                &body,
+            )
+            .await;
+        (answer.status == 200).then_some(answer)
+    })
+    .await
+    .expect("the signed Linear webhook is accepted");
+    let name = answer.json["session"].as_str().expect("a Session name");
+    let stored = session(&sessions, name).await;
+    assert_eq!(stored.spec.title, "Project created: WhatsApp Provider");
+    let trigger = stored.spec.trigger.expect("a trigger");
+    assert_eq!(trigger.source, "linear");
+    assert_eq!(trigger.delivery_id.as_deref(), Some("delivery-1"));
+}
+
+#[tokio::test]
+async fn duplicates_make_exactly_one_session_and_a_different_body_is_422() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let door = Door::start(cluster, &ns).await;
+
+    apply_agent(&agents, "dedup", json!({})).await;
+    let path = webhook_path(&agents, ns.name(), "dedup").await;
+    door.wait_until_known(&path).await;
+
+    // Sequential.
+    let key = [("Idempotency-Key", "order-1")];
+    let first = door.post(&path, &key, r#"{"title":"one"}"#).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.header("idempotent-replayed"), None);
+    let again = door.post(&path, &key, r#"{"title":"one"}"#).await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.json, first.json);
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    let conflict = door.post(&path, &key, r#"{"title":"two"}"#).await;
+    assert_eq!(conflict.status, 422, "{conflict:?}");
+    assert_eq!(conflict.json["error"], "idempotency_conflict");
+
+    // 100 at once.
+    let door = &door;
+    let path = path.as_str();
+    let answers = futures::future::join_all((0..100).map(|_| async move {
+        door.post(
+            path,
+            &[("Idempotency-Key", "burst")],
+            r#"{"title":"burst"}"#,
+        )
+        .await
+    }))
+    .await;
+    let names: std::collections::BTreeSet<_> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 200, "{a:?}");
+            a.json["session"].as_str().expect("a name").to_owned()
+        })
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let fresh = answers
+        .iter()
+        .filter(|a| a.header("idempotent-replayed").is_none())
+        .count();
+    assert_eq!(fresh, 1, "exactly one answer is not a replay");
+    let stored: Vec<_> = sessions
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .filter(|s| {
+            s.spec
+                .trigger
+                .as_ref()
+                .and_then(|t| t.idempotency_key.as_deref())
+                == Some("burst")
+        })
+        .collect();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(session_count(&sessions).await, 2);
+}
+
+async fn session_count(sessions: &Api<Session>) -> usize {
+    sessions
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items
+        .len()
+}
