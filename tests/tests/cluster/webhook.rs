@@ -210,11 +210,23 @@ async fn request(
 }
 
 async fn apply_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
+    apply_manifest(
+        agents,
+        name,
+        json!({"triggers": [{"webhook": webhook}]}),
+        json!({}),
+    )
+    .await;
+}
+
+async fn apply_manifest(agents: &Api<Agent>, name: &str, spec: Value, annotations: Value) {
+    let mut spec = spec;
+    spec["models"] = json!(["anthropic/claude-sonnet-4-6"]);
     let manifest = json!({
         "apiVersion": "hookrun.dev/v1alpha1",
         "kind": "Agent",
-        "metadata": {"name": name},
-        "spec": {"models": ["anthropic/claude-sonnet-4-6"], "triggers": [{"webhook": webhook}]},
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": spec,
     });
     agents
         .patch(
@@ -228,10 +240,20 @@ async fn apply_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
 
 /// The Agent's webhook path, once the operator minted its token.
 async fn webhook_path(agents: &Api<Agent>, ns: &str, name: &str) -> String {
+    webhook_path_other_than(agents, ns, name, None).await
+}
+
+/// The Agent's webhook path once its token is not `not`.
+async fn webhook_path_other_than(
+    agents: &Api<Agent>,
+    ns: &str,
+    name: &str,
+    not: Option<&str>,
+) -> String {
     let token = eventually(BUDGET, || async {
         let url = agents.get(name).await.ok()?.status?.webhook_url?;
         let token = url.rsplit('/').next()?.to_owned();
-        (token.len() == 43).then_some(token)
+        (token.len() == 43 && Some(url.as_str()) != not).then_some(token)
     })
     .await
     .unwrap_or_else(|| panic!("agent {name} got no webhook URL"));
@@ -456,4 +478,48 @@ async fn session_count(sessions: &Api<Session>) -> usize {
         .expect("list")
         .items
         .len()
+}
+
+#[tokio::test]
+async fn the_index_follows_a_rotation_and_a_removed_trigger() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client, ns.name());
+    let door = Door::start(cluster, &ns).await;
+
+    apply_agent(&agents, "rotating", json!({})).await;
+    let old = webhook_path(&agents, ns.name(), "rotating").await;
+    door.wait_until_known(&old).await;
+
+    apply_manifest(
+        &agents,
+        "rotating",
+        json!({"triggers": [{"webhook": {}}]}),
+        json!({
+            names::ROTATE_TOKEN_ANNOTATION: "first",
+            names::ROTATION_GRACE_ANNOTATION: "5m",
+        }),
+    )
+    .await;
+    let old_url = format!("https://hooks.example.test{old}");
+    let new = webhook_path_other_than(&agents, ns.name(), "rotating", Some(&old_url)).await;
+    assert_ne!(old, new);
+    door.wait_until_known(&new).await;
+    // The previous token stays valid for its grace period.
+    let ping = request(&door.public, "GET", &old, &[], "").await;
+    assert_eq!(ping.status, 200, "{ping:?}");
+    let created = door.post(&old, &[], "{}").await;
+    assert_eq!(created.status, 200, "{created:?}");
+
+    // Without the trigger the URL is unknown.
+    apply_manifest(&agents, "rotating", json!({}), json!({})).await;
+    let gone = eventually(BUDGET, || async {
+        (request(&door.public, "GET", &new, &[], "").await.status == 404).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the removed trigger still answers");
+    let post = door.post(&new, &[], "{}").await;
+    assert_eq!(post.status, 404, "{post:?}");
+    assert_eq!(post.json["error"], "not_found");
 }
