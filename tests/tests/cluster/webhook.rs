@@ -32,6 +32,10 @@ struct Process {
 
 impl Process {
     fn start(cluster: &Cluster, binary: &str, tag: &str, args: &[&str]) -> Self {
+        Self::start_with(&cluster.kubeconfig_path(), binary, tag, args)
+    }
+
+    fn start_with(kubeconfig: &std::path::Path, binary: &str, tag: &str, args: &[&str]) -> Self {
         let dir = workspace_root().join("target/test-clusters");
         std::fs::create_dir_all(&dir).expect("the log directory");
         let nanos = SystemTime::now()
@@ -42,7 +46,7 @@ impl Process {
         let file = std::fs::File::create(&log).expect("the log file");
         let child = Command::new(workspace_binary(binary))
             .args(args)
-            .env("KUBECONFIG", cluster.kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -74,6 +78,16 @@ struct Door {
 
 impl Door {
     async fn start(cluster: &Cluster, ns: &TestNamespace) -> Self {
+        Self::start_with(cluster, ns, &cluster.kubeconfig_path()).await
+    }
+
+    /// Like [`Door::start`], with the apiserver reaching the cluster through
+    /// `kubeconfig`.
+    async fn start_with(
+        cluster: &Cluster,
+        ns: &TestNamespace,
+        kubeconfig: &std::path::Path,
+    ) -> Self {
         let operator = Process::start(
             cluster,
             "hookrun-operator",
@@ -87,8 +101,8 @@ impl Door {
                 ns.name(),
             ],
         );
-        let apiserver = Process::start(
-            cluster,
+        let apiserver = Process::start_with(
+            kubeconfig,
             "hookrun-apiserver",
             ns.name(),
             &[
@@ -522,4 +536,113 @@ async fn the_index_follows_a_rotation_and_a_removed_trigger() {
     let post = door.post(&new, &[], "{}").await;
     assert_eq!(post.status, 404, "{post:?}");
     assert_eq!(post.json["error"], "not_found");
+}
+
+/// A TCP proxy in front of the kube-apiserver that the test can cut (every connection
+/// dropped, new ones refused) and restore.
+struct CuttableProxy {
+    address: String,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let address = listener.local_addr().expect("an address").to_string();
+        let (up, watch_up) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !*watch_up.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let mut cut = watch_up.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        CuttableProxy { address, up }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+#[tokio::test]
+async fn while_the_cluster_is_unreachable_the_answer_is_503_and_then_it_recovers() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+
+    // The apiserver's kubeconfig points at a proxy the test can cut.
+    let kubeconfig = std::fs::read_to_string(cluster.kubeconfig_path()).expect("kubeconfig");
+    let server = kubeconfig
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server: "))
+        .expect("a server line")
+        .trim()
+        .to_owned();
+    let upstream = server
+        .strip_prefix("https://")
+        .expect("an https server")
+        .to_owned();
+    let proxy = CuttableProxy::start(upstream).await;
+    let proxied = kubeconfig.replace(&server, &format!("https://{}", proxy.address));
+    let proxied_path =
+        workspace_root().join(format!("target/test-clusters/{}.kubeconfig", ns.name()));
+    std::fs::write(&proxied_path, proxied).expect("the proxied kubeconfig");
+    let door = Door::start_with(cluster, &ns, &proxied_path).await;
+
+    apply_agent(&agents, "flaky", json!({})).await;
+    let path = webhook_path(&agents, ns.name(), "flaky").await;
+    door.wait_until_known(&path).await;
+
+    proxy.set_up(false);
+    for _ in 0..5 {
+        let answer = door.post(&path, &[], r#"{"title":"while down"}"#).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.json["error"], "unavailable");
+        assert!(answer.header("retry-after").is_some(), "{answer:?}");
+    }
+    // Authentication still answers from the index.
+    let bad = door
+        .post(&format!("/webhooks/{}/flaky/wrong", ns.name()), &[], "{}")
+        .await;
+    assert_eq!(bad.status, 401);
+
+    proxy.set_up(true);
+    let recovered = eventually(Duration::from_secs(30), || async {
+        let answer = door.post(&path, &[], r#"{"title":"after"}"#).await;
+        (answer.status == 200).then_some(answer)
+    })
+    .await
+    .expect("the apiserver recovers once the cluster is back");
+    let name = recovered.json["session"].as_str().expect("a name");
+    assert_eq!(session(&sessions, name).await.spec.title, "after");
+    let stored = sessions
+        .list(&Default::default())
+        .await
+        .expect("list")
+        .items;
+    assert!(
+        stored.iter().all(|s| s.spec.title != "while down"),
+        "a Session was stored while the answer was 503"
+    );
+    let _ = std::fs::remove_file(&proxied_path);
 }
