@@ -198,6 +198,19 @@ pub struct SessionEntry {
     pub agent: AgentKey,
     pub active: bool,
     pub payload_digest: Option<String>,
+    /// Reserved by this process for a create in flight, not seen in the cluster yet.
+    pub pending: bool,
+}
+
+/// The answer to [`Index::reserve`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// A slot is held under the name; release it if the create fails.
+    Reserved,
+    /// Another request of this process holds the name already; nothing to release.
+    Shared,
+    /// The Agent runs its most Sessions.
+    Full { max: u32 },
 }
 
 fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry)> {
@@ -209,6 +222,7 @@ fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry)> {
         SessionEntry {
             agent,
             active: is_active(session),
+            pending: false,
             payload_digest: session
                 .spec
                 .trigger
@@ -282,12 +296,64 @@ impl Index {
         self.active.get(key).copied().unwrap_or(0)
     }
 
-    /// The payload digest stored on a Session, when the index knows the Session:
-    /// `Some(None)` for a Session without one.
+    /// The payload digest stored on a Session, when the index knows the Session from
+    /// the cluster: `Some(None)` for a Session without one.
     pub fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
         self.sessions
             .get(&AgentKey::new(namespace, name))
+            .filter(|s| !s.pending)
             .map(|s| s.payload_digest.clone())
+    }
+
+    /// Holds a slot of the Agent's `max_concurrent` for a Session about to be created
+    /// under `name`, so a burst cannot outrun the watch. The watch event of the created
+    /// Session replaces the reservation.
+    pub fn reserve(
+        &mut self,
+        agent: &AgentKey,
+        name: &str,
+        max_concurrent: Option<u32>,
+    ) -> Reservation {
+        let key = AgentKey::new(agent.namespace.clone(), name);
+        if self.sessions.contains_key(&key) {
+            return Reservation::Shared;
+        }
+        if let Some(max) = max_concurrent
+            && self.active_sessions(agent) >= max
+        {
+            return Reservation::Full { max };
+        }
+        *self.active.entry(agent.clone()).or_default() += 1;
+        self.sessions.insert(
+            key,
+            SessionEntry {
+                agent: agent.clone(),
+                active: true,
+                payload_digest: None,
+                pending: true,
+            },
+        );
+        Reservation::Reserved
+    }
+
+    /// Marks a reserved Session as created with `digest`, so a duplicate is answered
+    /// from the index before the watch reports it.
+    pub fn confirm(&mut self, namespace: &str, name: &str, digest: &str) {
+        if let Some(entry) = self.sessions.get_mut(&AgentKey::new(namespace, name))
+            && entry.pending
+        {
+            entry.pending = false;
+            entry.payload_digest = Some(digest.to_owned());
+        }
+    }
+
+    /// Gives back a reservation whose create failed, unless the watch has replaced it
+    /// with the real Session meanwhile.
+    pub fn release(&mut self, namespace: &str, name: &str) {
+        let key = AgentKey::new(namespace, name);
+        if self.sessions.get(&key).is_some_and(|s| s.pending) {
+            self.remove_session_key(&key);
+        }
     }
 
     pub fn apply_agent(&mut self, agent: &Agent) {
@@ -691,5 +757,33 @@ mod tests {
         index.reset_sessions(&Scope::All, &[session("ns", "s4", "a", None)]);
         assert_eq!(index.active_sessions(&key), 1);
         assert_eq!(index.session_digest("ns", "s3"), None);
+    }
+
+    #[test]
+    fn reservations_hold_slots_until_the_watch_or_a_release() {
+        let mut index = Index::new(1);
+        let key = AgentKey::new("ns", "a");
+        assert_eq!(index.reserve(&key, "s1", Some(2)), Reservation::Reserved);
+        assert_eq!(index.reserve(&key, "s1", Some(2)), Reservation::Shared);
+        // A pending Session is no replay target yet.
+        assert_eq!(index.session_digest("ns", "s1"), None);
+        assert_eq!(index.reserve(&key, "s2", Some(2)), Reservation::Reserved);
+        assert_eq!(
+            index.reserve(&key, "s3", Some(2)),
+            Reservation::Full { max: 2 }
+        );
+        assert_eq!(index.reserve(&key, "s3", None), Reservation::Reserved);
+        index.release("ns", "s3");
+        assert_eq!(index.active_sessions(&key), 2);
+
+        // The watch confirms s1: it stays counted once, and a release no longer drops it.
+        index.apply_session(&session("ns", "s1", "a", None));
+        assert_eq!(index.active_sessions(&key), 2);
+        index.release("ns", "s1");
+        assert_eq!(index.active_sessions(&key), 2);
+        assert_eq!(index.session_digest("ns", "s1"), Some(None));
+        // A failed create gives its slot back.
+        index.release("ns", "s2");
+        assert_eq!(index.active_sessions(&key), 1);
     }
 }

@@ -29,7 +29,7 @@ use subtle::ConstantTimeEq;
 use crate::body::{self, BodyError, WaitMode};
 use crate::client_ip::{self, TrustedProxies, XffError};
 use crate::idempotency::{self, IdempotencyError};
-use crate::index::{AgentKey, SecretEntry, SharedIndex, WebhookTarget};
+use crate::index::{AgentKey, Reservation, SecretEntry, SharedIndex, WebhookTarget};
 use crate::metrics::Metrics;
 use crate::rate_limit::{RateLimiter, RetryAfter, rate_limit_headers};
 use crate::signature::{self, SignatureError, SignedRequest, Verified};
@@ -558,28 +558,6 @@ async fn accept(
         }
     }
 
-    let active = state
-        .index
-        .read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .active_sessions(key);
-    if let Some(max) = target.agent.max_concurrent
-        && active >= max
-    {
-        return Err(WebhookError::TooManySessions { max });
-    }
-    let (limit, remaining) = {
-        let mut limiter = state
-            .rate_limiter
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let limit = limiter.limit().capacity();
-        let remaining = limiter
-            .try_acquire(key.clone(), Instant::now())
-            .map_err(|retry| WebhookError::RateLimited { retry, limit })?;
-        (limit, remaining.0)
-    };
-
     let verified_scheme = verified.as_ref().map(|(s, _)| *s);
     let title = parsed
         .title
@@ -605,47 +583,105 @@ async fn accept(
         trigger: Some(trigger),
     };
     tracing::debug!(agent = %key.name, ?wait, "storing a webhook Session");
-    let rate = Some((limit, remaining));
 
-    match &key_choice {
-        Some(chosen) => {
-            let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
-            let session = build_session(key, &target, &name, spec);
-            match state.sessions.create(&session).await {
-                Ok(()) => Ok(created(key, &name, false, rate)),
-                Err(StoreError::AlreadyExists) => {
-                    let existing = state
-                        .sessions
-                        .get(&key.namespace, &name)
-                        .await
-                        .map_err(|error| unavailable(key, &error))?;
-                    // Deleted between the create and the read: the caller retries.
-                    let existing = existing.ok_or(WebhookError::Unavailable)?;
-                    let stored = existing
-                        .spec
-                        .trigger
-                        .as_ref()
-                        .and_then(|t| t.payload_digest.as_deref());
-                    idempotency::replay_or_conflict(stored, &digest)
-                        .map_err(WebhookError::Idempotency)?;
-                    Ok(created(key, &name, true, rate))
-                }
-                Err(error) => Err(unavailable(key, &error)),
-            }
+    let keyed_name = key_choice
+        .as_ref()
+        .map(|chosen| idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value));
+    let max = target.agent.max_concurrent;
+    let mut name = keyed_name
+        .clone()
+        .unwrap_or_else(|| idempotency::random_session_name(&key.name));
+    let mut reservation = reserve(state, key, &name, max)?;
+    let rate = match take_rate(state, key) {
+        Ok(rate) => Some(rate),
+        Err(error) => {
+            release(state, key, &name, reservation);
+            return Err(error);
         }
-        None => {
-            for _ in 0..RANDOM_NAME_ATTEMPTS {
-                let name = idempotency::random_session_name(&key.name);
-                let session = build_session(key, &target, &name, spec.clone());
-                match state.sessions.create(&session).await {
-                    Ok(()) => return Ok(created(key, &name, false, rate)),
-                    Err(StoreError::AlreadyExists) => continue,
-                    Err(error) => return Err(unavailable(key, &error)),
-                }
+    };
+    let mut attempts = 1;
+    loop {
+        let session = build_session(key, &target, &name, spec.clone());
+        match state.sessions.create(&session).await {
+            Ok(()) => {
+                state
+                    .index
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .confirm(&key.namespace, &name, &digest);
+                return Ok(created(key, &name, false, rate));
             }
-            Err(WebhookError::Unavailable)
+            Err(StoreError::AlreadyExists) if keyed_name.is_some() => {
+                release(state, key, &name, reservation);
+                let existing = state
+                    .sessions
+                    .get(&key.namespace, &name)
+                    .await
+                    .map_err(|error| unavailable(key, &error))?;
+                // Deleted between the create and the read: the caller retries.
+                let existing = existing.ok_or(WebhookError::Unavailable)?;
+                let stored = existing
+                    .spec
+                    .trigger
+                    .as_ref()
+                    .and_then(|t| t.payload_digest.as_deref());
+                idempotency::replay_or_conflict(stored, &digest)
+                    .map_err(WebhookError::Idempotency)?;
+                return Ok(created(key, &name, true, rate));
+            }
+            Err(StoreError::AlreadyExists) if attempts < RANDOM_NAME_ATTEMPTS => {
+                release(state, key, &name, reservation);
+                attempts += 1;
+                name = idempotency::random_session_name(&key.name);
+                reservation = reserve(state, key, &name, max)?;
+            }
+            Err(error) => {
+                release(state, key, &name, reservation);
+                return Err(unavailable(key, &error));
+            }
         }
     }
+}
+
+/// Holds a `maxConcurrent` slot for the Session `name` (429 when there is none).
+fn reserve(
+    state: &AppState,
+    key: &AgentKey,
+    name: &str,
+    max: Option<u32>,
+) -> Result<Reservation, WebhookError> {
+    let reservation = state
+        .index
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .reserve(key, name, max);
+    match reservation {
+        Reservation::Full { max } => Err(WebhookError::TooManySessions { max }),
+        other => Ok(other),
+    }
+}
+
+fn release(state: &AppState, key: &AgentKey, name: &str, reservation: Reservation) {
+    if reservation == Reservation::Reserved {
+        state
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .release(&key.namespace, name);
+    }
+}
+
+/// Takes a token from the Agent's bucket: `(limit, remaining)` for the headers.
+fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), WebhookError> {
+    let mut limiter = state
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let limit = limiter.limit().capacity();
+    let remaining = limiter
+        .try_acquire(key.clone(), Instant::now())
+        .map_err(|retry| WebhookError::RateLimited { retry, limit })?;
+    Ok((limit, remaining.0))
 }
 
 fn unavailable(key: &AgentKey, error: &StoreError) -> WebhookError {

@@ -54,6 +54,11 @@ fn index() -> Index {
         ),
         agent(
             NS,
+            "pair",
+            json!({"triggers": [{"webhook": {}}], "session": {"maxConcurrent": 2}}),
+        ),
+        agent(
+            NS,
             "busy",
             json!({"triggers": [{"webhook": {}}], "session": {"maxConcurrent": 1}}),
         ),
@@ -61,7 +66,7 @@ fn index() -> Index {
     for a in &agents {
         index.apply_agent(a);
     }
-    for name in ["plain", "walled", "nohook", "busy"] {
+    for name in ["plain", "walled", "nohook", "busy", "pair"] {
         index.apply_secret(&secret(NS, name, &[("token", TOKEN)]));
     }
     index.apply_secret(&secret(
@@ -626,4 +631,37 @@ async fn metrics_use_route_templates_never_tokens() {
     assert!(text.contains(r#"outcome="bad_token""#), "{text}");
     assert!(!text.contains(TOKEN) && !text.contains("nope"), "{text}");
     assert!(text.contains("hookrun_apiserver_request_duration_seconds"));
+}
+
+#[tokio::test]
+async fn max_concurrent_holds_before_the_watch_catches_up_and_failures_give_slots_back() {
+    let f = fixture();
+    f.store.set_unavailable(true);
+    for _ in 0..3 {
+        let answer = f.post(&url("pair", TOKEN), &[], "{}").await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    f.store.set_unavailable(false);
+    for _ in 0..2 {
+        let answer = f.post(&url("pair", TOKEN), &[], "{}").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    }
+    // No watch event has arrived, yet the two new Sessions count.
+    let answer = f.post(&url("pair", TOKEN), &[], "{}").await;
+    assert_error(&answer, StatusCode::TOO_MANY_REQUESTS, "too_many_sessions");
+    assert_eq!(f.store.sessions().len(), 2);
+}
+
+#[tokio::test]
+async fn a_created_keyed_session_is_replayed_from_the_index() {
+    let f = fixture();
+    let key = [("idempotency-key", "once")];
+    let first = f.post(&url("plain", TOKEN), &key, "{}").await;
+    assert_eq!(first.status, StatusCode::OK);
+    f.store.set_unavailable(true);
+    let again = f.post(&url("plain", TOKEN), &key, "{}").await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    let conflict = f.post(&url("plain", TOKEN), &key, r#"{"title":"x"}"#).await;
+    assert_eq!(conflict.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
