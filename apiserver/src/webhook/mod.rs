@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -211,6 +212,7 @@ pub fn app(state: AppState) -> Router {
             "/webhooks/{namespace}/{agent}",
             get(ping_with_bearer).post(post_with_bearer),
         )
+        .fallback(|| async { WebhookError::NotFound })
         .with_state(state)
         .layer(middleware::from_fn_with_state(metrics, access_log))
 }
@@ -281,10 +283,13 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 
 async fn ping_with_token(
     State(state): State<AppState>,
-    Path(path): Path<TokenPath>,
+    path: Result<Path<TokenPath>, PathRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    let Ok(Path(path)) = path else {
+        return WebhookError::NotFound.into_response();
+    };
     let key = AgentKey::new(path.namespace, path.agent);
     let result = ping(&state, &key, Some(&path.token), peer, &headers);
     finish(key, result)
@@ -292,10 +297,13 @@ async fn ping_with_token(
 
 async fn ping_with_bearer(
     State(state): State<AppState>,
-    Path(path): Path<BearerPath>,
+    path: Result<Path<BearerPath>, PathRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
+    let Ok(Path(path)) = path else {
+        return WebhookError::NotFound.into_response();
+    };
     let key = AgentKey::new(path.namespace, path.agent);
     let token = bearer(&headers);
     let result = ping(&state, &key, token.as_deref(), peer, &headers);
@@ -304,11 +312,14 @@ async fn ping_with_bearer(
 
 async fn post_with_token(
     State(state): State<AppState>,
-    Path(path): Path<TokenPath>,
+    path: Result<Path<TokenPath>, PathRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let Ok(Path(path)) = path else {
+        return WebhookError::NotFound.into_response();
+    };
     let key = AgentKey::new(path.namespace, path.agent);
     let result = accept(&state, &key, Some(&path.token), peer, &headers, body).await;
     finish(key, result)
@@ -316,11 +327,14 @@ async fn post_with_token(
 
 async fn post_with_bearer(
     State(state): State<AppState>,
-    Path(path): Path<BearerPath>,
+    path: Result<Path<BearerPath>, PathRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let Ok(Path(path)) = path else {
+        return WebhookError::NotFound.into_response();
+    };
     let key = AgentKey::new(path.namespace, path.agent);
     let token = bearer(&headers);
     let result = accept(&state, &key, token.as_deref(), peer, &headers, body).await;
@@ -353,6 +367,9 @@ fn authenticate(
         }
         index.target(key).ok_or(WebhookError::NotFound)?
     };
+    if state.trusted_proxies.is_empty() && headers.contains_key("x-forwarded-for") {
+        tracing::debug!("X-Forwarded-For ignored: no --trusted-proxies are configured");
+    }
     if !target.agent.allow_cidrs.is_empty() {
         let forwarded = client_ip::forwarded_for_values(headers);
         let client = client_ip::resolve_client_ip(peer.ip(), &forwarded, &state.trusted_proxies)

@@ -665,3 +665,18 @@ async fn a_created_keyed_session_is_replayed_from_the_index() {
     let conflict = f.post(&url("plain", TOKEN), &key, r#"{"title":"x"}"#).await;
     assert_eq!(conflict.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+#[tokio::test]
+async fn other_paths_are_json_404() {
+    let f = fixture();
+    for uri in [
+        "/",
+        "/webhooks",
+        "/webhooks/team",
+        "/webhooks/a/b/c/d",
+        "/webhooks/%FF/b/c",
+    ] {
+        let answer = f.post(uri, &[], "{}").await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "not_found");
+    }
+}
