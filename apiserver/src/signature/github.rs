@@ -2,14 +2,18 @@
 //! `X-GitHub-Delivery`. GitHub signs no timestamp, so there is no replay window; the
 //! delivery id is what stops a replay from opening a second Session.
 
-use super::{
-    SignatureError, SignedRequest, Verified, Verifier, delivery_id, required_header, verify_hex,
-};
+use super::{PrefixedHexHeader, SignatureError, SignedRequest, Verified, Verifier, delivery_id};
 
 const SCHEME: &str = "GitHub";
-const SIGNATURE: &str = "X-Hub-Signature-256";
 const DELIVERY: &str = "X-GitHub-Delivery";
-const EXPECTED: &str = "sha256=<hex HMAC-SHA256 of the raw body>";
+const SIGNATURE: PrefixedHexHeader = PrefixedHexHeader {
+    scheme: SCHEME,
+    header: "X-Hub-Signature-256",
+    prefix: "sha256=",
+    expected: "sha256=<hex HMAC-SHA256 of the raw body>",
+    signed: "the raw body",
+    secret_field: "githubSecret",
+};
 
 /// GitHub's webhook signatures.
 #[derive(Clone, Copy, Debug, Default)]
@@ -25,21 +29,7 @@ impl Verifier for Github {
         request: &SignedRequest<'_>,
         secret: &[u8],
     ) -> Result<Verified, SignatureError> {
-        let malformed = SignatureError::MalformedHeader {
-            scheme: SCHEME,
-            header: SIGNATURE,
-            expected: EXPECTED,
-        };
-        let presented = required_header(SCHEME, request.headers, SIGNATURE, EXPECTED)?;
-        let hex = presented.strip_prefix("sha256=").ok_or(malformed.clone())?;
-        if !verify_hex(secret, &[request.body], hex).map_err(|()| malformed)? {
-            return Err(SignatureError::Mismatch {
-                scheme: SCHEME,
-                header: SIGNATURE,
-                signed: "the raw body",
-                secret_field: "githubSecret",
-            });
-        }
+        SIGNATURE.verify(request.headers, secret, &[request.body])?;
         Ok(Verified {
             dedup_key: delivery_id(SCHEME, request.headers, DELIVERY)?,
             source: self.source(),

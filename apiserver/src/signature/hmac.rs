@@ -2,11 +2,16 @@
 //! HMAC-SHA256 of the raw body. No timestamp and no delivery id; callers that retry send
 //! an `Idempotency-Key`.
 
-use super::{SignatureError, SignedRequest, Verified, Verifier, required_header, verify_hex};
+use super::{PrefixedHexHeader, SignatureError, SignedRequest, Verified, Verifier};
 
-const SCHEME: &str = "HMAC-signed";
-const SIGNATURE: &str = "X-Signature";
-const EXPECTED: &str = "sha256=<hex HMAC-SHA256 of the raw body>";
+const SIGNATURE: PrefixedHexHeader = PrefixedHexHeader {
+    scheme: "HMAC-signed",
+    header: "X-Signature",
+    prefix: "sha256=",
+    expected: "sha256=<hex HMAC-SHA256 of the raw body>",
+    signed: "the raw body",
+    secret_field: "hmacSecret",
+};
 
 /// A plain HMAC-SHA256 of the body.
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,21 +27,7 @@ impl Verifier for GenericHmac {
         request: &SignedRequest<'_>,
         secret: &[u8],
     ) -> Result<Verified, SignatureError> {
-        let malformed = SignatureError::MalformedHeader {
-            scheme: SCHEME,
-            header: SIGNATURE,
-            expected: EXPECTED,
-        };
-        let presented = required_header(SCHEME, request.headers, SIGNATURE, EXPECTED)?;
-        let hex = presented.strip_prefix("sha256=").ok_or(malformed.clone())?;
-        if !verify_hex(secret, &[request.body], hex).map_err(|()| malformed)? {
-            return Err(SignatureError::Mismatch {
-                scheme: SCHEME,
-                header: SIGNATURE,
-                signed: "the raw body",
-                secret_field: "hmacSecret",
-            });
-        }
+        SIGNATURE.verify(request.headers, secret, &[request.body])?;
         Ok(Verified {
             dedup_key: None,
             source: self.source(),

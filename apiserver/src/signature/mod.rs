@@ -209,6 +209,47 @@ fn delivery_id(
     Ok(Some(value.to_owned()))
 }
 
+/// A signature header that carries `<prefix><hex HMAC-SHA256>` (GitHub, Slack, the
+/// generic scheme), with the words its errors use.
+struct PrefixedHexHeader {
+    scheme: &'static str,
+    header: &'static str,
+    prefix: &'static str,
+    expected: &'static str,
+    signed: &'static str,
+    secret_field: &'static str,
+}
+
+impl PrefixedHexHeader {
+    /// Reads the header and checks its HMAC over `parts` in constant time.
+    fn verify(
+        &self,
+        headers: &HeaderMap,
+        secret: &[u8],
+        parts: &[&[u8]],
+    ) -> Result<(), SignatureError> {
+        let malformed = SignatureError::MalformedHeader {
+            scheme: self.scheme,
+            header: self.header,
+            expected: self.expected,
+        };
+        let presented = required_header(self.scheme, headers, self.header, self.expected)?;
+        let hex = presented
+            .strip_prefix(self.prefix)
+            .ok_or(malformed.clone())?;
+        if verify_hex(secret, parts, hex).map_err(|()| malformed)? {
+            Ok(())
+        } else {
+            Err(SignatureError::Mismatch {
+                scheme: self.scheme,
+                header: self.header,
+                signed: self.signed,
+                secret_field: self.secret_field,
+            })
+        }
+    }
+}
+
 /// An HMAC-SHA256 over the concatenation of `parts`.
 fn hmac_sha256(secret: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
     // HMAC takes keys of any length; `new_from_slice` cannot fail for it.

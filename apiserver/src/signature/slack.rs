@@ -6,15 +6,20 @@
 use sha2::{Digest, Sha256};
 
 use super::{
-    SignatureError, SignedRequest, Verified, Verifier, check_window, required_header,
-    seconds_header, verify_hex,
+    PrefixedHexHeader, SignatureError, SignedRequest, Verified, Verifier, check_window,
+    seconds_header,
 };
 
 const SCHEME: &str = "Slack";
-const SIGNATURE: &str = "X-Slack-Signature";
 const TIMESTAMP: &str = "X-Slack-Request-Timestamp";
-const EXPECTED_SIGNATURE: &str =
-    "v0=<hex HMAC-SHA256 of v0:<X-Slack-Request-Timestamp>:<raw body>>";
+const SIGNATURE: PrefixedHexHeader = PrefixedHexHeader {
+    scheme: SCHEME,
+    header: "X-Slack-Signature",
+    prefix: "v0=",
+    expected: "v0=<hex HMAC-SHA256 of v0:<X-Slack-Request-Timestamp>:<raw body>>",
+    signed: "v0:<X-Slack-Request-Timestamp>:<raw body>",
+    secret_field: "slackSigningSecret",
+};
 const EXPECTED_TIMESTAMP: &str = "the send time in whole seconds since the epoch";
 
 /// How far `X-Slack-Request-Timestamp` may be from the server's clock.
@@ -34,24 +39,10 @@ impl Verifier for Slack {
         request: &SignedRequest<'_>,
         secret: &[u8],
     ) -> Result<Verified, SignatureError> {
-        let malformed = SignatureError::MalformedHeader {
-            scheme: SCHEME,
-            header: SIGNATURE,
-            expected: EXPECTED_SIGNATURE,
-        };
-        let presented = required_header(SCHEME, request.headers, SIGNATURE, EXPECTED_SIGNATURE)?;
         let (seconds, timestamp) =
             seconds_header(SCHEME, request.headers, TIMESTAMP, EXPECTED_TIMESTAMP)?;
-        let hex = presented.strip_prefix("v0=").ok_or(malformed.clone())?;
         let parts: [&[u8]; 4] = [b"v0:", timestamp.as_bytes(), b":", request.body];
-        if !verify_hex(secret, &parts, hex).map_err(|()| malformed)? {
-            return Err(SignatureError::Mismatch {
-                scheme: SCHEME,
-                header: SIGNATURE,
-                signed: "v0:<X-Slack-Request-Timestamp>:<raw body>",
-                secret_field: "slackSigningSecret",
-            });
-        }
+        SIGNATURE.verify(request.headers, secret, &parts)?;
         check_window(
             SCHEME,
             TIMESTAMP,
