@@ -414,17 +414,12 @@ async fn remove_secret(
 async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result<()> {
     let key = ObjectRef::from_obj(agent);
     let seen_version = agent.resource_version().unwrap_or_default();
-    // Our own last write may not have reached the cache yet: while the cache still shows
-    // the version that write replaced, the status we wrote is the one to compare with
-    // (and to carry lastTransitionTime from), or a second, identical-but-for-the-clock
-    // patch would follow.
-    let ours = ctx.written_status.lock().ok().and_then(|written| {
-        written
-            .get(&key)
-            .filter(|(replaced_version, _)| *replaced_version == seen_version)
-            .map(|(_, status)| status.clone())
-    });
-    let current = ours.as_ref().or(agent.status.as_ref());
+    let last_written = ctx
+        .written_status
+        .lock()
+        .ok()
+        .and_then(|w| w.get(&key).cloned());
+    let current = status::baseline(&seen_version, agent.status.as_ref(), last_written.as_ref());
     let desired =
         status::desired_status(current, outcome, agent.meta().generation, Timestamp::now());
     if !status::status_needs_write(&desired, current) {

@@ -144,6 +144,21 @@ pub fn desired_status(
 }
 
 /// Whether the status must be patched.
+/// The status a new one is compared with: our own last write (with the resourceVersion
+/// it replaced) while the cache still shows that version, else what the cache shows.
+/// Comparing with the cache alone would write again, differing only in the clock of
+/// `lastTransitionTime`, whenever the cache lags behind our own write.
+pub fn baseline<'a>(
+    cached_version: &str,
+    cached: Option<&'a AgentStatus>,
+    last_written: Option<&'a (String, AgentStatus)>,
+) -> Option<&'a AgentStatus> {
+    match last_written {
+        Some((replaced_version, status)) if replaced_version == cached_version => Some(status),
+        _ => cached,
+    }
+}
+
 pub fn status_needs_write(desired: &AgentStatus, existing: Option<&AgentStatus>) -> bool {
     existing != Some(desired)
 }

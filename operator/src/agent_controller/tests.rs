@@ -542,3 +542,31 @@ fn backoff_grows_and_is_capped() {
     assert_eq!(backoff(2), Duration::from_secs(1));
     assert_eq!(backoff(100), Duration::from_secs(300));
 }
+
+#[test]
+fn a_lagging_cache_does_not_cause_a_second_status_write() {
+    let outcome = Outcome::WebhookReady {
+        status_url: format!("{BASE}webhooks/ns/a/token"),
+        secret_name: "a-webhook".into(),
+        redacted: false,
+    };
+    let t0 = Timestamp::now();
+    let written = status::desired_status(None, &outcome, Some(1), t0);
+    let last_written = ("41".to_owned(), written.clone());
+
+    // The cache still shows version 41, without our status: compare with our write.
+    let base = status::baseline("41", None, Some(&last_written));
+    assert_eq!(base, Some(&written));
+    let later = status::desired_status(base, &outcome, Some(1), t0 + SignedDuration::from_secs(5));
+    assert!(
+        !status::status_needs_write(&later, base),
+        "only the clock moved"
+    );
+
+    // Once the cache moved on, the cache is the truth again.
+    let cached = AgentStatus::default();
+    assert_eq!(
+        status::baseline("42", Some(&cached), Some(&last_written)),
+        Some(&cached)
+    );
+}
