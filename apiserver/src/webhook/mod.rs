@@ -43,6 +43,8 @@ pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-repl
 const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
 /// Seconds a caller is told to wait when the Agent runs its most Sessions.
 const BUSY_RETRY_SECONDS: u64 = 10;
+/// How long a client may take to send the body once the headers are in.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Random names drawn before giving up on a run of collisions.
 const RANDOM_NAME_ATTEMPTS: usize = 3;
 
@@ -99,6 +101,8 @@ pub enum WebhookError {
     TooLarge { limit: usize },
     #[error("the body could not be read: {0}")]
     BodyRead(String),
+    #[error("the body did not arrive within {} s: send the whole request at once", BODY_READ_TIMEOUT.as_secs())]
+    BodyTimeout,
     #[error(transparent)]
     BadBody(BodyError),
     #[error(transparent)]
@@ -129,6 +133,7 @@ impl WebhookError {
             WebhookError::Misconfigured(_) => "agent_misconfigured",
             WebhookError::TooLarge { .. } => "body_too_large",
             WebhookError::BodyRead(_) => "body_unreadable",
+            WebhookError::BodyTimeout => "body_timeout",
             WebhookError::BadBody(_) => "bad_body",
             WebhookError::Idempotency(e) => e.code(),
             WebhookError::RateLimited { .. } => "rate_limited",
@@ -148,6 +153,7 @@ impl WebhookError {
             | WebhookError::BodyRead(_)
             | WebhookError::BadBody(_) => StatusCode::BAD_REQUEST,
             WebhookError::Forbidden => StatusCode::FORBIDDEN,
+            WebhookError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             WebhookError::BadToken
             | WebhookError::MissingSignature { .. }
             | WebhookError::Signature(_) => StatusCode::UNAUTHORIZED,
@@ -425,7 +431,12 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(WebhookError::TooLarge { limit });
     }
-    match axum::body::to_bytes(body, limit).await {
+    // The header read timeout ends once the headers are in; a body that trickles must
+    // not hold a connection and a task forever.
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| WebhookError::BodyTimeout)?;
+    match read {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(error) => {
             let too_large = std::error::Error::source(&error)

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
+use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use hookrun_crds::names;
 use serde_json::{Value, json};
@@ -679,4 +680,17 @@ async fn other_paths_are_json_404() {
         let answer = f.post(uri, &[], "{}").await;
         assert_error(&answer, StatusCode::NOT_FOUND, "not_found");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_never_finishes_is_408() {
+    let f = fixture();
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(b"{".to_vec())])
+        .chain(futures::stream::pending());
+    let request = Request::post(url("plain", TOKEN))
+        .body(Body::from_stream(stream))
+        .expect("a request");
+    let answer = f.send(request).await;
+    assert_error(&answer, StatusCode::REQUEST_TIMEOUT, "body_timeout");
+    assert!(f.store.sessions().is_empty());
 }
