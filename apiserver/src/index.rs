@@ -41,8 +41,10 @@ impl AgentKey {
 pub struct AgentEntry {
     /// The Agent's uid, for the Session's owner reference.
     pub uid: String,
-    /// The parsed `allowCIDRs`; empty allows every address.
+    /// The parsed `allowCIDRs`; empty allows every address unless `deny_all`.
     pub allow_cidrs: Vec<IpNet>,
+    /// `allowCIDRs` is set but none of it is readable: nobody is allowed.
+    pub deny_all: bool,
     /// The schemes the trigger configures a signing secret for.
     pub schemes: Vec<SignatureScheme>,
     /// `spec.session.maxConcurrent`.
@@ -96,18 +98,11 @@ pub fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
         .collect::<Vec<_>>();
     if allow_cidrs.len() != webhook.allow_cidrs.len() {
         tracing::warn!(agent = %agent.name_any(), "allowCIDRs has entries that are not networks");
-        if allow_cidrs.is_empty() {
-            // Fail closed: an allowlist that says nothing readable allows nobody.
-            return Some(AgentEntry {
-                uid: agent.uid().unwrap_or_default(),
-                allow_cidrs: vec![],
-                schemes: vec![],
-                max_concurrent: Some(0),
-            });
-        }
     }
     Some(AgentEntry {
         uid: agent.uid().unwrap_or_default(),
+        // Fail closed: an allowlist with nothing readable in it allows nobody.
+        deny_all: !webhook.allow_cidrs.is_empty() && allow_cidrs.is_empty(),
         allow_cidrs,
         schemes: webhook
             .signing_secrets()
@@ -678,7 +673,9 @@ mod tests {
             "c",
             json!({"triggers": [{"webhook": {"allowCIDRs": ["nope"]}}]}),
         );
-        assert_eq!(agent_entry(&bad).map(|e| e.max_concurrent), Some(Some(0)));
+        let bad = agent_entry(&bad).expect("has a webhook");
+        assert!(bad.deny_all && bad.allow_cidrs.is_empty());
+        assert!(!entry.deny_all);
     }
 
     #[test]

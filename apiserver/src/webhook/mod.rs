@@ -376,6 +376,9 @@ fn authenticate(
     if state.trusted_proxies.is_empty() && headers.contains_key("x-forwarded-for") {
         tracing::debug!("X-Forwarded-For ignored: no --trusted-proxies are configured");
     }
+    if target.agent.deny_all {
+        return Err(WebhookError::Forbidden);
+    }
     if !target.agent.allow_cidrs.is_empty() {
         let forwarded = client_ip::forwarded_for_values(headers);
         let client = client_ip::resolve_client_ip(peer.ip(), &forwarded, &state.trusted_proxies)

@@ -55,6 +55,11 @@ fn index() -> Index {
         ),
         agent(
             NS,
+            "unreadable",
+            json!({"triggers": [{"webhook": {"allowCIDRs": ["not-a-network"]}}]}),
+        ),
+        agent(
+            NS,
             "pair",
             json!({"triggers": [{"webhook": {}}], "session": {"maxConcurrent": 2}}),
         ),
@@ -67,7 +72,7 @@ fn index() -> Index {
     for a in &agents {
         index.apply_agent(a);
     }
-    for name in ["plain", "walled", "nohook", "busy", "pair"] {
+    for name in ["plain", "walled", "nohook", "busy", "pair", "unreadable"] {
         index.apply_secret(&secret(NS, name, &[("token", TOKEN)]));
     }
     index.apply_secret(&secret(
@@ -234,6 +239,9 @@ async fn addresses_outside_allow_cidrs_are_403_before_the_token() {
         )
         .await;
     assert_eq!(answer.status, StatusCode::FORBIDDEN);
+    // An allowlist with nothing readable in it allows nobody.
+    let answer = f.get(&url("unreadable", TOKEN), &[]).await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "address_not_allowed");
 }
 
 #[tokio::test]
