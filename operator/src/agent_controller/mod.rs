@@ -414,11 +414,17 @@ async fn remove_secret(
 async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result<()> {
     let key = ObjectRef::from_obj(agent);
     let seen_version = agent.resource_version().unwrap_or_default();
-    let last_written = ctx
-        .written_status
-        .lock()
-        .ok()
-        .and_then(|w| w.get(&key).cloned());
+    let last_written = ctx.written_status.lock().ok().and_then(|mut written| {
+        // Once the cache has moved past our write, the entry has done its job: drop it so
+        // the map holds only writes the cache has not caught up with.
+        if written
+            .get(&key)
+            .is_some_and(|(replaced, _)| *replaced != seen_version)
+        {
+            written.remove(&key);
+        }
+        written.get(&key).cloned()
+    });
     let current = status::baseline(&seen_version, agent.status.as_ref(), last_written.as_ref());
     let desired =
         status::desired_status(current, outcome, agent.meta().generation, Timestamp::now());
