@@ -74,6 +74,7 @@ struct Door {
     _operator: Process,
     apiserver: Process,
     public: String,
+    admin: String,
 }
 
 impl Door {
@@ -118,24 +119,25 @@ impl Door {
                 "100",
             ],
         );
-        let public = eventually(BUDGET, || async {
-            apiserver.log_text().lines().find_map(|line| {
-                let rest = line.split("public=").nth(1)?;
-                let address = rest.split_whitespace().next()?;
-                Some(address.to_owned())
-            })
-        })
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "the apiserver logged no address: {}",
-                apiserver.log.display()
-            )
-        });
+        let field = |name: &str| {
+            let text = apiserver.log_text();
+            let rest = text.split(&format!("{name}=")).nth(1)?;
+            Some(rest.split_whitespace().next()?.to_owned())
+        };
+        let addresses = eventually(BUDGET, || async { field("public").zip(field("admin")) })
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "the apiserver logged no address: {}",
+                    apiserver.log.display()
+                )
+            });
+        let (public, admin) = addresses;
         Door {
             _operator: operator,
             apiserver,
             public,
+            admin,
         }
     }
 
@@ -645,4 +647,53 @@ async fn while_the_cluster_is_unreachable_the_answer_is_503_and_then_it_recovers
         "a Session was stored while the answer was 503"
     );
     let _ = std::fs::remove_file(&proxied_path);
+}
+
+#[tokio::test]
+async fn max_concurrent_counts_the_watched_sessions_and_metrics_are_on_the_admin_port() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client, ns.name());
+    let door = Door::start(cluster, &ns).await;
+
+    apply_manifest(
+        &agents,
+        "capped",
+        json!({"triggers": [{"webhook": {}}], "session": {"maxConcurrent": 2}}),
+        json!({}),
+    )
+    .await;
+    let path = webhook_path(&agents, ns.name(), "capped").await;
+    door.wait_until_known(&path).await;
+    let ready = request(&door.admin, "GET", "/readyz", &[], "").await;
+    assert_eq!(ready.status, 200);
+
+    // Nothing runs these Sessions yet, so they stay unfinished and count.
+    for _ in 0..2 {
+        assert_eq!(door.post(&path, &[], "{}").await.status, 200);
+    }
+    let refused = door.post(&path, &[], "{}").await;
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.json["error"], "too_many_sessions");
+    assert!(refused.header("retry-after").is_some());
+
+    let public_metrics = request(&door.public, "GET", "/metrics", &[], "").await;
+    assert_eq!(public_metrics.status, 404);
+    let mut stream = tokio::net::TcpStream::connect(&door.admin)
+        .await
+        .expect("the admin port accepts");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request sent");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("metrics");
+    assert!(text.contains("outcome=\"too_many_sessions\""), "{text}");
+    assert!(!text.contains(&path), "metrics hold no paths: {text}");
+    let token = path.rsplit('/').next().expect("a token");
+    assert!(
+        !door.apiserver.log_text().contains(token),
+        "the log holds the token"
+    );
 }
