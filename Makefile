@@ -39,7 +39,9 @@ dev:
 	@echo "make dev arrives with issue 6 (first run); today: make cluster-up, then run the binaries"
 	@exit 1
 
-## bench: operator benchmark on the local control plane (release build); see tests/benches/
+## bench: the operator on the local control plane, and the webhook door under wrk
 bench: tools
+	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p hookrun-tests --bench operator
+	$(CARGO) bench -p hookrun-apiserver --bench webhook

@@ -1,0 +1,298 @@
+//! Load test of the webhook door on loopback (`make bench`), beside a bare axum
+//! hello-world measured in the same run with the same load generator (`wrk`, from
+//! Debian's package of that name).
+//!
+//! The door runs its real router and HTTP/1 server over an index built in memory, with an
+//! in-memory Session store, so the figures are the door's own cost: the accepted case is
+//! the latency that the door adds on top of the one Session create a real cluster makes.
+//!
+//! `HOOKRUN_BENCH_SECONDS` (10) and `HOOKRUN_BENCH_CONNECTIONS` (32) size each run.
+
+use std::{
+    collections::BTreeMap,
+    process::Command,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use axum::{Router, routing::get};
+use hookrun_apiserver::{
+    client_ip::TrustedProxies,
+    index::Index,
+    metrics::Metrics,
+    rate_limit::{RateLimit, RateLimiter},
+    serve_public,
+    store::MemorySessionStore,
+    webhook::{AppState, app},
+};
+use hookrun_crds::{
+    Agent, AgentSpec,
+    agent::{Trigger, WebhookTrigger},
+    names,
+    token::WebhookToken,
+};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use tokio::{net::TcpListener, sync::watch};
+
+const NS: &str = "bench";
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn agent(name: &str, webhook: WebhookTrigger) -> Agent {
+    let mut agent = Agent::new(
+        name,
+        AgentSpec {
+            triggers: vec![Trigger {
+                webhook: Some(webhook),
+            }],
+            ..Default::default()
+        },
+    );
+    agent.metadata.namespace = Some(NS.into());
+    agent.metadata.uid = Some(format!("uid-{name}"));
+    agent
+}
+
+fn secret(agent: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(names::webhook_secret_name(agent)),
+            namespace: Some(NS.into()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "hookrun.dev/v1alpha1".into(),
+                kind: "Agent".into(),
+                name: agent.into(),
+                uid: format!("uid-{agent}"),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+        ..Default::default()
+    }
+}
+
+struct Run {
+    rps: f64,
+    p99_ms: f64,
+    statuses_ok: bool,
+}
+
+/// Runs wrk against `url` and reads its requests/s and 99th percentile.
+fn wrk(url: &str, script: Option<&str>, seconds: u64, connections: u64) -> Run {
+    let mut command = Command::new("wrk");
+    command.args([
+        "-t2",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
+    let script_path =
+        std::env::temp_dir().join(format!("hookrun-bench-{}.lua", std::process::id()));
+    if let Some(script) = script {
+        std::fs::write(&script_path, script).expect("the wrk script is written");
+        command.arg("-s").arg(&script_path);
+    }
+    let out = command
+        .arg(url)
+        .output()
+        .expect("wrk runs (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let p99_ms = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| parse_latency(v.trim()))
+        .unwrap_or(f64::NAN);
+    // wrk counts answers other than 2xx/3xx; where we expect 401, the script says so.
+    let statuses_ok = !text.contains("Non-2xx or 3xx responses")
+        || script.is_some_and(|s| s.contains("-- expect non-2xx"));
+    Run {
+        rps,
+        p99_ms,
+        statuses_ok,
+    }
+}
+
+fn parse_latency(value: &str) -> f64 {
+    let split = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        _ => f64::NAN,
+    }
+}
+
+fn post_script(body: &str, headers: &[(&str, &str)], expect_error: bool) -> String {
+    let mut script = format!(
+        "wrk.method = \"POST\"\nwrk.body = {body:?}\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
+    );
+    for (name, value) in headers {
+        script.push_str(&format!("wrk.headers[{name:?}] = {value:?}\n"));
+    }
+    if expect_error {
+        script.push_str("-- expect non-2xx\n");
+    }
+    script
+}
+
+fn report(name: &str, run: &Run, bare: &Run, goal: f64) {
+    let ratio = run.rps / bare.rps;
+    println!(
+        "{name:<44} {:>9.0} req/s  p99 {:>6.2} ms  = {ratio:.2}x bare (goal >= {goal}x){}",
+        run.rps,
+        run.p99_ms,
+        if run.statuses_ok {
+            ""
+        } else {
+            "  [unexpected status codes]"
+        }
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds = env_number("HOOKRUN_BENCH_SECONDS", 10);
+    let connections = env_number("HOOKRUN_BENCH_CONNECTIONS", 32);
+    let token = WebhookToken::generate().expect("randomness");
+    let linear_secret = "bench-linear-signing-secret";
+
+    let mut index = Index::new(1);
+    index.apply_agent(&agent("plain", WebhookTrigger::default()));
+    index.apply_agent(&agent(
+        "linear",
+        WebhookTrigger {
+            linear_signature_secret: Some(linear_secret.into()),
+            ..Default::default()
+        },
+    ));
+    index.apply_secret(&secret("plain", &[("token", token.expose())]));
+    index.apply_secret(&secret(
+        "linear",
+        &[
+            ("token", token.expose()),
+            ("linear-signing-secret", linear_secret),
+        ],
+    ));
+    index.mark_synced();
+
+    let unlimited = RateLimit::new(u32::MAX, 1e12).expect("a valid limit");
+    let state = AppState {
+        index: Arc::new(RwLock::new(index)),
+        sessions: Arc::new(MemorySessionStore::default()),
+        trusted_proxies: Arc::new(TrustedProxies::none()),
+        max_body_bytes: 1024 * 1024,
+        rate_limiter: Arc::new(Mutex::new(RateLimiter::new(unlimited))),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let (_stop, stopped) = watch::channel(false);
+    let door = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let door_addr = door.local_addr().expect("an address");
+    tokio::spawn(serve_public(
+        door,
+        app(state),
+        Duration::from_secs(10),
+        stopped,
+    ));
+
+    let bare = TcpListener::bind("127.0.0.1:0").await.expect("a port");
+    let bare_addr = bare.local_addr().expect("an address");
+    let hello = Router::new().route("/", get(|| async { "Hello, World!" }));
+    tokio::spawn(async move { axum::serve(bare, hello).await });
+
+    let door_url =
+        |agent: &str, token: &str| format!("http://{door_addr}/webhooks/{NS}/{agent}/{token}");
+    let wrong = "A".repeat(43);
+    let kib_body = format!(
+        "{{\"webhookTimestamp\":0,\"data\":\"{}\"}}",
+        "x".repeat(1000)
+    );
+    let wrong_signature = "0".repeat(64);
+
+    // wrk blocks; run it off the runtime that serves.
+    let run = move |url: String, script: Option<String>| {
+        tokio::task::spawn_blocking(move || wrk(&url, script.as_deref(), seconds, connections))
+    };
+    println!(
+        "wrk -t2 -c{connections} -d{seconds}s on loopback, 2 cores shared by wrk and the server\n"
+    );
+    let bare_run = run(format!("http://{bare_addr}/"), None)
+        .await
+        .expect("wrk");
+    println!(
+        "{:<44} {:>9.0} req/s  p99 {:>6.2} ms",
+        "bare axum hello-world (GET)", bare_run.rps, bare_run.p99_ms
+    );
+    let bad_token = run(
+        door_url("plain", &wrong),
+        Some(post_script("{}", &[], true)),
+    )
+    .await
+    .expect("wrk");
+    report("POST with a bad token (401)", &bad_token, &bare_run, 0.9);
+    let ping = run(door_url("plain", token.expose()), None)
+        .await
+        .expect("wrk");
+    report(
+        "GET verification ping, valid token (200)",
+        &ping,
+        &bare_run,
+        0.8,
+    );
+    let hmac = run(
+        door_url("linear", token.expose()),
+        Some(post_script(
+            &kib_body,
+            &[("Linear-Signature", &wrong_signature)],
+            true,
+        )),
+    )
+    .await
+    .expect("wrk");
+    report(
+        "1 KiB POST, valid token, wrong Linear sig (401)",
+        &hmac,
+        &bare_run,
+        0.7,
+    );
+    let accepted = run(
+        door_url("plain", token.expose()),
+        Some(post_script("{\"title\":\"bench\"}", &[], false)),
+    )
+    .await
+    .expect("wrk");
+    println!(
+        "{:<44} {:>9.0} req/s  p99 {:>6.2} ms  = latency added over the Session create (goal p99 <= 5 ms){}",
+        "accepted POST (200, in-memory create)",
+        accepted.rps,
+        accepted.p99_ms,
+        if accepted.statuses_ok {
+            ""
+        } else {
+            "  [unexpected status codes]"
+        }
+    );
+}
