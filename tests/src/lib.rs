@@ -241,6 +241,27 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Applies an Agent from a JSON manifest (its `spec`, and `metadata` such as annotations)
+/// with server-side apply, filling in `apiVersion`, `kind` and the name.
+pub async fn apply_agent(
+    agents: &Api<hookrun_crds::Agent>,
+    name: &str,
+    manifest: serde_json::Value,
+) {
+    let mut manifest = manifest;
+    manifest["apiVersion"] = serde_json::json!("hookrun.dev/v1alpha1");
+    manifest["kind"] = serde_json::json!("Agent");
+    manifest["metadata"]["name"] = serde_json::json!(name);
+    agents
+        .patch(
+            name,
+            &PatchParams::apply("hookrun-tests").force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .expect("the Agent applies");
+}
+
 /// Polls `check` until it returns `Some` or `budget` runs out.
 pub async fn eventually<T, F, Fut>(budget: Duration, mut check: F) -> Option<T>
 where

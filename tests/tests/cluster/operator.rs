@@ -12,7 +12,9 @@ use hookrun_crds::{
     Agent,
     names::{self, secret_keys},
 };
-use hookrun_tests::{Cluster, TestNamespace, cluster, control_plane::workspace_root, eventually};
+use hookrun_tests::{
+    Cluster, TestNamespace, apply_agent, cluster, control_plane::workspace_root, eventually,
+};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api, ResourceExt,
@@ -184,21 +186,6 @@ async fn http_get(address: &str, path: &str) -> String {
         .await
         .expect("response read");
     response
-}
-
-async fn apply_agent(agents: &Api<Agent>, name: &str, manifest: serde_json::Value) {
-    let mut manifest = manifest;
-    manifest["apiVersion"] = json!("hookrun.dev/v1alpha1");
-    manifest["kind"] = json!("Agent");
-    manifest["metadata"]["name"] = json!(name);
-    agents
-        .patch(
-            name,
-            &PatchParams::apply("hookrun-tests").force(),
-            &Patch::Apply(&manifest),
-        )
-        .await
-        .expect("the Agent applies");
 }
 
 fn webhook_agent() -> serde_json::Value {

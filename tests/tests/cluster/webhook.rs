@@ -13,10 +13,7 @@ use hookrun_crds::{Agent, Session, names};
 use hookrun_tests::{
     Cluster, TestNamespace, cluster, control_plane::workspace_root, eventually, workspace_binary,
 };
-use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
-};
+use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -238,20 +235,12 @@ async fn apply_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
 async fn apply_manifest(agents: &Api<Agent>, name: &str, spec: Value, annotations: Value) {
     let mut spec = spec;
     spec["models"] = json!(["anthropic/claude-sonnet-4-6"]);
-    let manifest = json!({
-        "apiVersion": "hookrun.dev/v1alpha1",
-        "kind": "Agent",
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": spec,
-    });
-    agents
-        .patch(
-            name,
-            &PatchParams::apply("hookrun-tests").force(),
-            &Patch::Apply(&manifest),
-        )
-        .await
-        .expect("the Agent applies");
+    hookrun_tests::apply_agent(
+        agents,
+        name,
+        json!({"metadata": {"annotations": annotations}, "spec": spec}),
+    )
+    .await;
 }
 
 /// The Agent's webhook path, once the operator minted its token.
