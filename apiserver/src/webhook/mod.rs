@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -212,11 +212,11 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route(
             "/webhooks/{namespace}/{agent}/{token}",
-            get(ping_with_token).post(post_with_token),
+            get(ping_handler).post(post_handler),
         )
         .route(
             "/webhooks/{namespace}/{agent}",
-            get(ping_with_bearer).post(post_with_bearer),
+            get(ping_handler).post(post_handler),
         )
         .fallback(|| async { WebhookError::NotFound })
         .with_state(state)
@@ -265,17 +265,33 @@ async fn access_log(State(metrics): State<Arc<Metrics>>, request: Request, next:
 #[derive(Clone, Debug)]
 struct AgentName(String);
 
+/// The two door routes' path: the token rides in it, or in `Authorization: Bearer`.
 #[derive(serde::Deserialize)]
-struct TokenPath {
+struct DoorPath {
     namespace: String,
     agent: String,
-    token: String,
+    token: Option<String>,
 }
 
-#[derive(serde::Deserialize)]
-struct BearerPath {
-    namespace: String,
-    agent: String,
+/// Which Agent's door is knocked on, and the token presented.
+struct Knock {
+    key: AgentKey,
+    token: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Knock {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        let Path(path) = Path::<DoorPath>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| WebhookError::NotFound.into_response())?;
+        let token = path.token.or_else(|| bearer(&parts.headers));
+        Ok(Knock {
+            key: AgentKey::new(path.namespace, path.agent),
+            token,
+        })
+    }
 }
 
 /// The token in `Authorization: Bearer <token>`.
@@ -287,64 +303,33 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .then(|| token.trim().to_owned())
 }
 
-async fn ping_with_token(
+async fn ping_handler(
     State(state): State<AppState>,
-    path: Result<Path<TokenPath>, PathRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    knock: Knock,
     headers: HeaderMap,
 ) -> Response {
-    let Ok(Path(path)) = path else {
-        return WebhookError::NotFound.into_response();
-    };
-    let key = AgentKey::new(path.namespace, path.agent);
-    let result = ping(&state, &key, Some(&path.token), peer, &headers);
-    finish(key, result)
+    let result = ping(&state, &knock.key, knock.token.as_deref(), peer, &headers);
+    finish(knock.key, result)
 }
 
-async fn ping_with_bearer(
+async fn post_handler(
     State(state): State<AppState>,
-    path: Result<Path<BearerPath>, PathRejection>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    let Ok(Path(path)) = path else {
-        return WebhookError::NotFound.into_response();
-    };
-    let key = AgentKey::new(path.namespace, path.agent);
-    let token = bearer(&headers);
-    let result = ping(&state, &key, token.as_deref(), peer, &headers);
-    finish(key, result)
-}
-
-async fn post_with_token(
-    State(state): State<AppState>,
-    path: Result<Path<TokenPath>, PathRejection>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    knock: Knock,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Ok(Path(path)) = path else {
-        return WebhookError::NotFound.into_response();
-    };
-    let key = AgentKey::new(path.namespace, path.agent);
-    let result = accept(&state, &key, Some(&path.token), peer, &headers, body).await;
-    finish(key, result)
-}
-
-async fn post_with_bearer(
-    State(state): State<AppState>,
-    path: Result<Path<BearerPath>, PathRejection>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let Ok(Path(path)) = path else {
-        return WebhookError::NotFound.into_response();
-    };
-    let key = AgentKey::new(path.namespace, path.agent);
-    let token = bearer(&headers);
-    let result = accept(&state, &key, token.as_deref(), peer, &headers, body).await;
-    finish(key, result)
+    let result = accept(
+        &state,
+        &knock.key,
+        knock.token.as_deref(),
+        peer,
+        &headers,
+        body,
+    )
+    .await;
+    finish(knock.key, result)
 }
 
 fn finish(key: AgentKey, result: Result<Response, WebhookError>) -> Response {
