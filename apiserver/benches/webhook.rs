@@ -9,7 +9,6 @@
 //! `HOOKRUN_BENCH_SECONDS` (10) and `HOOKRUN_BENCH_CONNECTIONS` (32) size each run.
 
 use std::{
-    collections::BTreeMap,
     process::Command,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
@@ -18,24 +17,18 @@ use std::{
 use axum::{Router, routing::get};
 use hookrun_apiserver::{
     client_ip::TrustedProxies,
-    index::Index,
+    index::{
+        Index,
+        test_support::{agent, secret},
+    },
     metrics::Metrics,
     rate_limit::{RateLimit, RateLimiter},
     serve_public,
     store::MemorySessionStore,
     webhook::{AppState, app},
 };
-use hookrun_crds::{
-    Agent, AgentSpec,
-    agent::{Trigger, WebhookTrigger},
-    names,
-    token::WebhookToken,
-};
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
-};
+use hookrun_crds::token::WebhookToken;
+use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 
 const NS: &str = "bench";
@@ -45,45 +38,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn agent(name: &str, webhook: WebhookTrigger) -> Agent {
-    let mut agent = Agent::new(
-        name,
-        AgentSpec {
-            triggers: vec![Trigger {
-                webhook: Some(webhook),
-            }],
-            ..Default::default()
-        },
-    );
-    agent.metadata.namespace = Some(NS.into());
-    agent.metadata.uid = Some(format!("uid-{name}"));
-    agent
-}
-
-fn secret(agent: &str, data: &[(&str, &str)]) -> Secret {
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(names::webhook_secret_name(agent)),
-            namespace: Some(NS.into()),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "hookrun.dev/v1alpha1".into(),
-                kind: "Agent".into(),
-                name: agent.into(),
-                uid: format!("uid-{agent}"),
-                controller: Some(true),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        },
-        data: Some(
-            data.iter()
-                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
-                .collect::<BTreeMap<_, _>>(),
-        ),
-        ..Default::default()
-    }
 }
 
 struct Run {
@@ -181,16 +135,15 @@ async fn main() {
     let linear_secret = "bench-linear-signing-secret";
 
     let mut index = Index::new(1);
-    index.apply_agent(&agent("plain", WebhookTrigger::default()));
+    index.apply_agent(&agent(NS, "plain", json!({"triggers": [{"webhook": {}}]})));
     index.apply_agent(&agent(
+        NS,
         "linear",
-        WebhookTrigger {
-            linear_signature_secret: Some(linear_secret.into()),
-            ..Default::default()
-        },
+        json!({"triggers": [{"webhook": {"linearSignatureSecret": linear_secret}}]}),
     ));
-    index.apply_secret(&secret("plain", &[("token", token.expose())]));
+    index.apply_secret(&secret(NS, "plain", &[("token", token.expose())]));
     index.apply_secret(&secret(
+        NS,
         "linear",
         &[
             ("token", token.expose()),

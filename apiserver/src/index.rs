@@ -578,16 +578,16 @@ pub async fn run_watches(client: Client, namespaces: Vec<String>, index: SharedI
     futures::future::join_all(tasks).await;
 }
 
-/// Objects for tests of the index and of the handlers.
-#[cfg(test)]
-pub(crate) mod test_support {
+/// Objects for tests and benchmarks of the index and of the handlers.
+#[doc(hidden)]
+pub mod test_support {
     use hookrun_crds::{AgentSpec, SessionSpec};
     use k8s_openapi::ByteString;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
     use super::*;
 
-    pub(crate) fn agent(ns: &str, name: &str, spec: serde_json::Value) -> Agent {
+    pub fn agent(ns: &str, name: &str, spec: serde_json::Value) -> Agent {
         let spec: AgentSpec = serde_json::from_value(spec).expect("a valid spec");
         let mut agent = Agent::new(name, spec);
         agent.metadata.namespace = Some(ns.into());
@@ -595,7 +595,7 @@ pub(crate) mod test_support {
         agent
     }
 
-    pub(crate) fn secret(ns: &str, agent: &str, data: &[(&str, &str)]) -> Secret {
+    pub fn secret(ns: &str, agent: &str, data: &[(&str, &str)]) -> Secret {
         Secret {
             metadata: ObjectMeta {
                 name: Some(names::webhook_secret_name(agent)),
@@ -619,12 +619,7 @@ pub(crate) mod test_support {
         }
     }
 
-    pub(crate) fn session(
-        ns: &str,
-        name: &str,
-        agent: &str,
-        phase: Option<SessionPhase>,
-    ) -> Session {
+    pub fn session(ns: &str, name: &str, agent: &str, phase: Option<SessionPhase>) -> Session {
         let mut s = Session::new(
             name,
             SessionSpec {
