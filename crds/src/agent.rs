@@ -1,6 +1,11 @@
 //! The `Agent` resource: what an agent is (models, system prompt), how the outside world
 //! reaches it (webhook triggers) and how its session pods run.
 
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    LocalObjectReference, PodSecurityContext, ResourceRequirements, SecurityContext, Toleration,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -77,6 +82,11 @@ pub struct AgentSpec {
     /// How session pods of this agent run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<SessionTemplate>,
+
+    /// Makes the agent a program: the harness runs this command instead of calling a
+    /// model (`models` is then ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecSpec>,
 }
 
 /// One way of starting sessions.
@@ -216,6 +226,54 @@ pub struct SessionTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000))]
     pub max_concurrent: Option<i64>,
+
+    /// The ServiceAccount session pods run as; the namespace's `default` when absent.
+    /// Its token is never mounted: pods get a short-lived token for hookrun only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+
+    /// CPU and memory requests and limits of the session container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Node labels a session pod must be scheduled on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints session pods tolerate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Vec<Toleration>,
+
+    /// Secrets used to pull the session image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// Replaces the pod security context hookrun sets (non-root, RuntimeDefault seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+
+    /// Replaces the container security context hookrun sets (non-root, no privilege
+    /// escalation, every capability dropped, RuntimeDefault seccomp).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+}
+
+/// An agent that is a program rather than a model: the harness runs `command` with the
+/// session's title on stdin, reports each line it prints as an `agent.message`, and
+/// completes with its output when it exits 0 (an error with the tail of stderr otherwise).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecSpec {
+    /// The program and its arguments, run without a shell (`["sh", "-c", "..."]` for one).
+    #[schemars(length(min = 1, max = 64))]
+    pub command: Vec<String>,
+    /// The working directory; the harness's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub working_dir: Option<String>,
 }
 
 /// An environment variable of a session pod: a literal value or one read from a Secret

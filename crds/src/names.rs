@@ -34,6 +34,29 @@ pub mod secret_keys {
     pub const PREVIOUS_TOKEN_EXPIRES_AT: &str = "previous-token-expires-at";
 }
 
+/// The audience of the pod-bound tokens session pods present to the runner API.
+pub const TOKEN_AUDIENCE: &str = "hookrun";
+/// Where a session pod finds its pod-bound token.
+pub const TOKEN_FILE: &str = "/var/run/secrets/hookrun/token";
+/// Seconds a session pod's projected token lives before the kubelet refreshes it
+/// (the shortest Kubernetes allows).
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 600;
+
+/// Environment variables hookrun sets in every session pod (the `HOOKRUN_` prefix is
+/// reserved for them).
+pub mod env {
+    /// The Session's name.
+    pub const SESSION: &str = "HOOKRUN_SESSION";
+    /// The Session's namespace.
+    pub const NAMESPACE: &str = "HOOKRUN_NAMESPACE";
+    /// The Agent's name.
+    pub const AGENT: &str = "HOOKRUN_AGENT";
+    /// The base URL of the runner API (the apiserver as pods reach it).
+    pub const RUNNER_URL: &str = "HOOKRUN_RUNNER_URL";
+    /// The path of the pod-bound token file.
+    pub const TOKEN_FILE: &str = "HOOKRUN_TOKEN_FILE";
+}
+
 /// What replaces the token in `status.webhookUrl` when URLs are redacted.
 pub const REDACTED_TOKEN: &str = "REDACTED";
 

@@ -10,6 +10,26 @@ use serde::{Deserialize, Serialize};
 pub const MAX_TITLE_BYTES: usize = 64 * 1024;
 /// The largest provider payload kept on a Session for the harness.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// How many events a Session keeps; older ones are dropped and counted.
+pub const MAX_EVENTS: usize = 200;
+/// The most bytes of event content a Session keeps, all events together.
+pub const MAX_EVENTS_BYTES: usize = 256 * 1024;
+/// The largest content of one event; longer content is cut.
+pub const MAX_EVENT_CONTENT_BYTES: usize = 32 * 1024;
+/// The largest final answer kept in `status.response`; a longer one is cut.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// The largest `status.message`.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024;
+
+/// Event types hookrun itself writes or reads.
+pub mod event_types {
+    /// Text from the agent; the last one is the answer when the harness gives none.
+    pub const AGENT_MESSAGE: &str = "agent.message";
+    /// The session's pod started running.
+    pub const STATUS_RUNNING: &str = "session.status_running";
+    /// The session ended; the content is the final phase (`Complete` or `Error`).
+    pub const STATUS_CLOSED: &str = "session.status_closed";
+}
 
 /// One run of an agent.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -142,6 +162,9 @@ pub struct SessionStatus {
     /// The pod running this session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// The uid of that pod: the runner API serves only tokens bound to this very pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// When the pod started running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
@@ -160,4 +183,181 @@ pub struct SessionStatus {
     /// Why the session failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// `text` cut to at most `max` bytes at a character boundary; whether it was cut.
+pub fn truncate_utf8(text: &str, max: usize) -> (&str, bool) {
+    if text.len() <= max {
+        return (text, false);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&text[..end], true)
+}
+
+impl SessionPhase {
+    /// The phase as written in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionPhase::Pending => "Pending",
+            SessionPhase::Running => "Running",
+            SessionPhase::Complete => "Complete",
+            SessionPhase::Error => "Error",
+        }
+    }
+}
+
+impl SessionStatus {
+    /// The phase, `Pending` when none is written yet.
+    pub fn phase(&self) -> SessionPhase {
+        self.phase.unwrap_or_default()
+    }
+
+    /// Whether the session has ended.
+    pub fn is_finished(&self) -> bool {
+        self.phase().is_finished()
+    }
+
+    /// The id of `events[0]`: ids count every event ever appended, from 1, so they stay
+    /// stable while old events are dropped (SSE's `Last-Event-ID` relies on that).
+    pub fn first_event_id(&self) -> u64 {
+        self.dropped_events.unwrap_or(0).max(0) as u64 + 1
+    }
+
+    /// The id the next appended event gets.
+    pub fn next_event_id(&self) -> u64 {
+        self.first_event_id() + self.events.len() as u64
+    }
+
+    /// Appends an event, cutting its content at [`MAX_EVENT_CONTENT_BYTES`] and dropping
+    /// the oldest events (counted in `droppedEvents`) to stay within [`MAX_EVENTS`] and
+    /// [`MAX_EVENTS_BYTES`]. Returns the new event's id.
+    pub fn push_event(&mut self, type_: &str, content: &str, at: Time) -> u64 {
+        let (content, _) = truncate_utf8(content, MAX_EVENT_CONTENT_BYTES);
+        self.events.push(SessionEvent {
+            type_: type_.to_owned(),
+            content: content.to_owned(),
+            timestamp: at,
+        });
+        let mut bytes: usize = self.events.iter().map(|e| e.content.len()).sum();
+        let mut drop = 0;
+        while self.events.len() - drop > MAX_EVENTS
+            || (bytes > MAX_EVENTS_BYTES && self.events.len() - drop > 1)
+        {
+            bytes -= self.events[drop].content.len();
+            drop += 1;
+        }
+        if drop > 0 {
+            self.events.drain(..drop);
+            self.dropped_events = Some(self.dropped_events.unwrap_or(0) + drop as i64);
+        }
+        self.next_event_id() - 1
+    }
+
+    /// The content of the last `agent.message` still kept.
+    pub fn last_agent_message(&self) -> Option<&str> {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e.type_ == event_types::AGENT_MESSAGE)
+            .map(|e| e.content.as_str())
+    }
+
+    /// Moves a Pending session to Running and records `session.status_running`; false
+    /// (and nothing changed) when it was not Pending.
+    pub fn mark_running(&mut self, at: Time) -> bool {
+        if self.phase() != SessionPhase::Pending {
+            return false;
+        }
+        self.phase = Some(SessionPhase::Running);
+        self.start_time.get_or_insert_with(|| at.clone());
+        self.push_event(event_types::STATUS_RUNNING, "", at);
+        true
+    }
+
+    /// Ends the session in `phase` (`Complete` or `Error`) with its answer and message,
+    /// each cut to its bound, and records `session.status_closed` carrying the phase.
+    /// False (and nothing changed) when it had already ended: the first ending wins.
+    pub fn finish(
+        &mut self,
+        phase: SessionPhase,
+        response: Option<&str>,
+        message: Option<&str>,
+        at: Time,
+    ) -> bool {
+        debug_assert!(phase.is_finished());
+        if self.is_finished() {
+            return false;
+        }
+        self.phase = Some(phase);
+        self.response = response.map(|r| truncate_utf8(r, MAX_RESPONSE_BYTES).0.to_owned());
+        self.message = message.map(|m| truncate_utf8(m, MAX_MESSAGE_BYTES).0.to_owned());
+        self.completion_time = Some(at.clone());
+        self.push_event(event_types::STATUS_CLOSED, phase.as_str(), at);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncate_utf8("héllo", 2), ("h", true));
+        assert_eq!(truncate_utf8("héllo", 3), ("hé", true));
+        assert_eq!(truncate_utf8("hi", 2), ("hi", false));
+    }
+
+    #[test]
+    fn events_are_bounded_by_count_and_ids_stay_stable() {
+        let mut status = SessionStatus::default();
+        for i in 0..(MAX_EVENTS + 5) {
+            let id = status.push_event("agent.message", &i.to_string(), at());
+            assert_eq!(id, i as u64 + 1);
+        }
+        assert_eq!(status.events.len(), MAX_EVENTS);
+        assert_eq!(status.dropped_events, Some(5));
+        assert_eq!(status.first_event_id(), 6);
+        assert_eq!(status.events[0].content, "5");
+        assert_eq!(status.last_agent_message(), Some((MAX_EVENTS + 4).to_string().as_str()));
+    }
+
+    #[test]
+    fn events_are_bounded_by_bytes_but_the_newest_is_kept() {
+        let mut status = SessionStatus::default();
+        let big = "x".repeat(MAX_EVENT_CONTENT_BYTES + 10);
+        for _ in 0..20 {
+            status.push_event("agent.message", &big, at());
+        }
+        let bytes: usize = status.events.iter().map(|e| e.content.len()).sum();
+        assert!(bytes <= MAX_EVENTS_BYTES, "{bytes}");
+        assert_eq!(status.events[0].content.len(), MAX_EVENT_CONTENT_BYTES);
+        assert_eq!(
+            status.dropped_events.unwrap_or(0) as usize + status.events.len(),
+            20
+        );
+    }
+
+    #[test]
+    fn running_then_finished_once() {
+        let mut status = SessionStatus::default();
+        assert!(status.mark_running(at()));
+        assert!(!status.mark_running(at()));
+        assert_eq!(status.phase(), SessionPhase::Running);
+        assert!(status.finish(SessionPhase::Complete, Some("done"), None, at()));
+        assert!(!status.finish(SessionPhase::Error, None, Some("late"), at()));
+        assert_eq!(status.phase(), SessionPhase::Complete);
+        assert_eq!(status.response.as_deref(), Some("done"));
+        let types: Vec<_> = status.events.iter().map(|e| e.type_.as_str()).collect();
+        assert_eq!(types, [event_types::STATUS_RUNNING, event_types::STATUS_CLOSED]);
+        assert_eq!(status.events[1].content, "Complete");
+        assert!(!status.mark_running(at()));
+    }
 }
