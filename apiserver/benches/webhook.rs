@@ -160,6 +160,7 @@ async fn main() {
         max_body_bytes: 1024 * 1024,
         rate_limiter: Arc::new(Mutex::new(RateLimiter::new(unlimited))),
         metrics: Arc::new(Metrics::default()),
+        hub: hookrun_apiserver::hub::SessionHub::new(),
     };
     let (_stop, stopped) = watch::channel(false);
     let door = TcpListener::bind("127.0.0.1:0").await.expect("a port");

@@ -20,6 +20,8 @@ use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, watcher::Event};
 use kube::{Api, Client, Resource, ResourceExt};
 
+use crate::hub::SessionHub;
+
 /// An Agent's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentKey {
@@ -254,6 +256,8 @@ pub struct Index {
     active: HashMap<AgentKey, u32>,
     /// Watch streams that have not finished their first list yet.
     unsynced: usize,
+    /// Where Session changes go on to held requests.
+    hub: Option<Arc<SessionHub>>,
 }
 
 /// The index as the server shares it.
@@ -266,6 +270,11 @@ impl Index {
             unsynced: streams,
             ..Self::default()
         }
+    }
+
+    /// Passes every Session change the watch delivers on to `hub`.
+    pub fn set_hub(&mut self, hub: Arc<SessionHub>) {
+        self.hub = Some(hub);
     }
 
     /// Whether every watch stream has listed once.
@@ -400,6 +409,9 @@ impl Index {
     }
 
     pub fn apply_session(&mut self, session: &Session) {
+        if let Some(hub) = &self.hub {
+            hub.publish(session);
+        }
         let Some((key, entry)) = session_entry(session) else {
             return;
         };
@@ -411,6 +423,9 @@ impl Index {
     }
 
     pub fn delete_session(&mut self, session: &Session) {
+        if let Some(hub) = &self.hub {
+            hub.publish_deleted(session);
+        }
         if let Some(namespace) = session.namespace() {
             self.remove_session_key(&AgentKey::new(namespace, session.name_any()));
         }

@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod client_ip;
+pub mod hub;
 pub mod idempotency;
 pub mod index;
 pub mod metrics;
@@ -259,9 +260,10 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let public_addr = public.local_addr().map_err(Error::Serve)?;
     let admin_addr = admin.local_addr().map_err(Error::Serve)?;
 
-    let index: SharedIndex = Arc::new(RwLock::new(Index::new(index::stream_count(
-        &args.namespaces,
-    ))));
+    let hub = hub::SessionHub::new();
+    let mut index = Index::new(index::stream_count(&args.namespaces));
+    index.set_hub(hub.clone());
+    let index: SharedIndex = Arc::new(RwLock::new(index));
     let store = KubeSessionStore::new();
     tokio::spawn(connect(
         store.clone(),
@@ -277,6 +279,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         max_body_bytes: args.max_body_bytes,
         rate_limiter: rate_limiter.clone(),
         metrics: metrics.clone(),
+        hub,
     };
     // Buckets that refilled are forgotten, so deleted Agents do not pile up.
     tokio::spawn(async move {

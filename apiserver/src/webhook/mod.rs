@@ -28,6 +28,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::body::{self, BodyError, WaitMode};
+use crate::hub::SessionHub;
 use crate::client_ip::{self, TrustedProxies, XffError};
 use crate::idempotency::{self, IdempotencyError};
 use crate::index::{AgentKey, Reservation, SecretEntry, SharedIndex, WebhookTarget};
@@ -36,6 +37,7 @@ use crate::rate_limit::{RateLimiter, RetryAfter, rate_limit_headers};
 use crate::signature::{self, SignatureError, SignedRequest, Verified};
 use crate::store::{SessionStore, StoreError};
 use crate::title;
+use crate::wait;
 
 /// `Idempotent-Replayed: true` on an answer that repeats an earlier one.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -57,6 +59,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     pub rate_limiter: Arc<Mutex<RateLimiter<AgentKey>>>,
     pub metrics: Arc<Metrics>,
+    /// Session changes, for requests held in wait mode.
+    pub hub: Arc<SessionHub>,
 }
 
 /// The header a scheme's signature rides in: its presence picks the scheme.
@@ -329,7 +333,41 @@ async fn post_handler(
         body,
     )
     .await;
+    // Nothing of the request is kept while a wait-mode request is held.
+    drop(headers);
+    let result = match result {
+        Ok(Accepted::Now(response)) => Ok(response),
+        Ok(Accepted::Hold(hold)) => Ok(hold.answer(&state, &knock.key).await),
+        Err(error) => Err(error),
+    };
     finish(knock.key, result)
+}
+
+/// An accepted webhook: answered now, or held until its Session finishes.
+enum Accepted {
+    Now(Response),
+    Hold(Hold),
+}
+
+/// A wait-mode request whose Session is stored (or replayed).
+struct Hold {
+    name: String,
+    replayed: bool,
+    rate: Option<(u32, u32)>,
+    request: wait::HeldRequest,
+}
+
+impl Hold {
+    async fn answer(self, state: &AppState, key: &AgentKey) -> Response {
+        let held = wait::hold(self.request, &state.metrics).await;
+        let waited = wait::Waited {
+            namespace: &key.namespace,
+            session: &self.name,
+            agent: &key.name,
+        };
+        let (response, outcome) = wait::answer(waited, held);
+        decorate(response, outcome, self.replayed, self.rate)
+    }
 }
 
 fn finish(key: AgentKey, result: Result<Response, WebhookError>) -> Response {
@@ -527,7 +565,7 @@ async fn accept(
     peer: SocketAddr,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, WebhookError> {
+) -> Result<Accepted, WebhookError> {
     let target = authenticate(state, key, token, peer, headers)?;
     let candidates = signature_candidates(&target, headers)?;
     let raw = read_body(headers, body, state.max_body_bytes).await?;
@@ -538,17 +576,28 @@ async fn accept(
     {
         let mut response = Json(json!({"challenge": challenge})).into_response();
         response.extensions_mut().insert(Outcome("challenge"));
-        return Ok(response);
+        return Ok(Accepted::Now(response));
     }
 
     let parsed = body::parse_webhook_body(&raw).map_err(WebhookError::BadBody)?;
-    // Carried out by the sessions issue; parsed here so a bad value is refused now.
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
             .and_then(body::parse_prefer_wait)
             .unwrap_or_default(),
         wait => wait,
     };
+    let budget = match wait {
+        WaitMode::Wait(budget) => Some(budget),
+        WaitMode::FireAndForget => None,
+    };
+    if budget.is_some() && parsed.title.is_none() {
+        return Err(WebhookError::BadBody(BodyError {
+            field: "title".to_owned(),
+            message: "wait requires title: send a title with wait, or leave wait out (or \
+                      false) to be answered as soon as the Session is stored"
+                .to_owned(),
+        }));
+    }
     let delivery = verified
         .as_ref()
         .and_then(|(_, v)| v.dedup_key.as_deref().map(|id| (v.source, id)));
@@ -570,7 +619,26 @@ async fn accept(
         if let Some(stored) = known {
             idempotency::replay_or_conflict(stored.as_deref(), &digest)
                 .map_err(WebhookError::Idempotency)?;
-            return Ok(created(key, &name, true, None));
+            let Some(budget) = budget else {
+                return Ok(Accepted::Now(created(key, &name, true, None)));
+            };
+            // Wait on the original Session: follow it first, then read where it is.
+            let subscription = state.hub.subscribe(&key.namespace, &name);
+            let current = state
+                .sessions
+                .get(&key.namespace, &name)
+                .await
+                .map_err(|error| unavailable(key, &error))?;
+            return Ok(Accepted::Hold(Hold {
+                name,
+                replayed: true,
+                rate: None,
+                request: wait::HeldRequest {
+                    subscription,
+                    current,
+                    budget,
+                },
+            }));
         }
     }
 
@@ -618,14 +686,28 @@ async fn accept(
     let mut attempts = 1;
     loop {
         let session = build_session(key, &target, &name, spec.clone());
+        // A waiting caller follows the Session before it exists, so no change is missed.
+        let subscription = budget.map(|_| state.hub.subscribe(&key.namespace, &name));
         match state.sessions.create(&session).await {
-            Ok(()) => {
+            Ok(stored) => {
                 state
                     .index
                     .write()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .confirm(&key.namespace, &name, &digest);
-                return Ok(created(key, &name, false, rate));
+                return Ok(match (subscription, budget) {
+                    (Some(subscription), Some(budget)) => Accepted::Hold(Hold {
+                        name,
+                        replayed: false,
+                        rate,
+                        request: wait::HeldRequest {
+                            subscription,
+                            current: Some(stored),
+                            budget,
+                        },
+                    }),
+                    _ => Accepted::Now(created(key, &name, false, rate)),
+                });
             }
             Err(StoreError::AlreadyExists) if keyed_name.is_some() => {
                 release(state, key, &name, reservation);
@@ -643,7 +725,19 @@ async fn accept(
                     .and_then(|t| t.payload_digest.as_deref());
                 idempotency::replay_or_conflict(stored, &digest)
                     .map_err(WebhookError::Idempotency)?;
-                return Ok(created(key, &name, true, rate));
+                return Ok(match (subscription, budget) {
+                    (Some(subscription), Some(budget)) => Accepted::Hold(Hold {
+                        name,
+                        replayed: true,
+                        rate,
+                        request: wait::HeldRequest {
+                            subscription,
+                            current: Some(existing),
+                            budget,
+                        },
+                    }),
+                    _ => Accepted::Now(created(key, &name, true, rate)),
+                });
             }
             Err(StoreError::AlreadyExists) if attempts < RANDOM_NAME_ATTEMPTS => {
                 release(state, key, &name, reservation);
@@ -743,7 +837,18 @@ pub fn build_session(
 
 /// 200 `{"session", "agentDefinition"}`.
 fn created(key: &AgentKey, name: &str, replayed: bool, rate: Option<(u32, u32)>) -> Response {
-    let mut response = Json(json!({"session": name, "agentDefinition": key.name})).into_response();
+    let response = Json(json!({"session": name, "agentDefinition": key.name})).into_response();
+    let outcome = if replayed { "replayed" } else { "created" };
+    decorate(response, outcome, replayed, rate)
+}
+
+/// Adds the replay and rate-limit headers and the outcome to an accepted answer.
+fn decorate(
+    mut response: Response,
+    outcome: &'static str,
+    replayed: bool,
+    rate: Option<(u32, u32)>,
+) -> Response {
     let headers = response.headers_mut();
     if replayed {
         headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
@@ -753,9 +858,7 @@ fn created(key: &AgentKey, name: &str, replayed: bool, rate: Option<(u32, u32)>)
             headers.insert(name, value);
         }
     }
-    response
-        .extensions_mut()
-        .insert(Outcome(if replayed { "replayed" } else { "created" }));
+    response.extensions_mut().insert(Outcome(outcome));
     response
 }
 

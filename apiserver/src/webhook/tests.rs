@@ -109,6 +109,7 @@ fn fixture_with(index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
         max_body_bytes,
         rate_limiter: Arc::new(Mutex::new(RateLimiter::new(limit))),
         metrics: Arc::new(Metrics::default()),
+        hub: crate::hub::SessionHub::new(),
     };
     Fixture { state, store }
 }

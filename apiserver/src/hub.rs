@@ -1,0 +1,168 @@
+//! Where held requests (wait mode, SSE streams) learn that a Session changed.
+//!
+//! The apiserver already watches every Session to count running ones; the hub passes each
+//! change on to the requests that asked for that Session, and to no one else. It keeps
+//! nothing for Sessions nobody holds, so memory grows with held requests, not Sessions,
+//! and a request that goes away (its client disconnected) frees its slot when its
+//! [`Subscription`] drops.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use hookrun_crds::Session;
+use kube::ResourceExt;
+use tokio::sync::watch;
+
+/// What the hub last saw of one Session.
+#[derive(Clone, Debug, Default)]
+pub enum Seen {
+    /// Nothing since the subscription began.
+    #[default]
+    Nothing,
+    /// The Session as the watch delivered it.
+    Session(Arc<Session>),
+    /// The Session was deleted.
+    Deleted,
+}
+
+type Key = (String, String);
+
+/// Fans Session changes out to the requests waiting on them.
+#[derive(Debug, Default)]
+pub struct SessionHub {
+    senders: Mutex<HashMap<Key, watch::Sender<Seen>>>,
+}
+
+/// One request's view of one Session; dropping it unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<SessionHub>,
+    key: Key,
+    receiver: Option<watch::Receiver<Seen>>,
+}
+
+impl SessionHub {
+    /// An empty hub, shared by the watch that feeds it and the requests that read it.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, watch::Sender<Seen>>> {
+        self.senders.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts following the Session `namespace/name`. Subscribe *before* reading the
+    /// Session's current state from the cluster, so no change falls in between.
+    pub fn subscribe(self: &Arc<Self>, namespace: &str, name: &str) -> Subscription {
+        let key = (namespace.to_owned(), name.to_owned());
+        let receiver = self
+            .lock()
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(Seen::Nothing).0)
+            .subscribe();
+        Subscription {
+            hub: self.clone(),
+            key,
+            receiver: Some(receiver),
+        }
+    }
+
+    /// Passes a changed Session to whoever follows it.
+    pub fn publish(&self, session: &Session) {
+        let Some(namespace) = session.namespace() else {
+            return;
+        };
+        let senders = self.lock();
+        if let Some(sender) = senders.get(&(namespace, session.name_any())) {
+            sender.send_replace(Seen::Session(Arc::new(session.clone())));
+        }
+    }
+
+    /// Tells whoever follows `session` that it is gone.
+    pub fn publish_deleted(&self, session: &Session) {
+        let Some(namespace) = session.namespace() else {
+            return;
+        };
+        let senders = self.lock();
+        if let Some(sender) = senders.get(&(namespace, session.name_any())) {
+            sender.send_replace(Seen::Deleted);
+        }
+    }
+
+    /// How many Sessions are followed right now (for metrics and tests).
+    pub fn followed(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Subscription {
+    /// The latest change seen since subscribing.
+    pub fn latest(&self) -> Seen {
+        self.receiver
+            .as_ref()
+            .map(|r| r.borrow().clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits for the next change and returns it; `None` only if the hub itself is gone.
+    pub async fn changed(&mut self) -> Option<Seen> {
+        let receiver = self.receiver.as_mut()?;
+        receiver.changed().await.ok()?;
+        Some(receiver.borrow_and_update().clone())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.receiver.take());
+        let mut senders = self.hub.lock();
+        if senders
+            .get(&self.key)
+            .is_some_and(|sender| sender.receiver_count() == 0)
+        {
+            senders.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::test_support::session;
+    use hookrun_crds::SessionPhase;
+
+    #[tokio::test]
+    async fn a_subscriber_sees_changes_to_its_session_only() {
+        let hub = SessionHub::new();
+        let mut mine = hub.subscribe("team", "a-wh-1");
+        hub.publish(&session("team", "other", "a", Some(SessionPhase::Running)));
+        assert!(matches!(mine.latest(), Seen::Nothing));
+        hub.publish(&session("team", "a-wh-1", "a", Some(SessionPhase::Complete)));
+        match mine.changed().await {
+            Some(Seen::Session(s)) => {
+                assert_eq!(
+                    s.status.as_ref().and_then(|s| s.phase),
+                    Some(SessionPhase::Complete)
+                );
+            }
+            other => panic!("expected the Session, got {other:?}"),
+        }
+        hub.publish_deleted(&session("team", "a-wh-1", "a", None));
+        assert!(matches!(mine.changed().await, Some(Seen::Deleted)));
+    }
+
+    #[test]
+    fn dropping_the_last_subscription_forgets_the_session() {
+        let hub = SessionHub::new();
+        let first = hub.subscribe("team", "s");
+        let second = hub.subscribe("team", "s");
+        assert_eq!(hub.followed(), 1);
+        drop(first);
+        assert_eq!(hub.followed(), 1);
+        drop(second);
+        assert_eq!(hub.followed(), 0);
+        // Nobody follows it: publishing keeps nothing.
+        hub.publish(&session("team", "s", "a", None));
+        assert_eq!(hub.followed(), 0);
+    }
+}
