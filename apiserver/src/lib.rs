@@ -13,6 +13,7 @@ pub mod rate_limit;
 pub mod signature;
 pub mod store;
 pub mod title;
+pub mod wait;
 pub mod webhook;
 
 use std::net::SocketAddr;

@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -32,7 +33,19 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Wait-mode requests held right now.
+    pub waiting: Gauge,
     registry: Registry,
+}
+
+/// Counts one held request in [`Metrics::waiting`] until dropped.
+#[derive(Debug)]
+pub struct WaitingGuard(Gauge);
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,9 +71,16 @@ impl Default for Metrics {
             "Time to answer a public request, by route template",
             latency.clone(),
         );
+        let waiting = Gauge::default();
+        registry.register(
+            "waiting_requests",
+            "Wait-mode webhook requests held until their Session finishes",
+            waiting.clone(),
+        );
         Self {
             requests,
             latency,
+            waiting,
             registry,
         }
     }
@@ -74,6 +94,12 @@ impl Metrics {
             tracing::warn!(%error, "cannot encode the metrics");
         }
         text
+    }
+
+    /// Counts a held request until the guard drops (also when its client went away).
+    pub fn waiting(&self) -> WaitingGuard {
+        self.waiting.inc();
+        WaitingGuard(self.waiting.clone())
     }
 
     /// Counts one answered request.

@@ -23,8 +23,9 @@ pub enum StoreError {
 
 /// Creates and reads Sessions.
 pub trait SessionStore: Send + Sync {
-    /// Creates `session` in its namespace.
-    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Creates `session` in its namespace and returns it as stored (with its uid and
+    /// resourceVersion).
+    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>>;
     /// Reads a Session; `None` when it does not exist.
     fn get<'a>(
         &'a self,
@@ -67,13 +68,12 @@ fn store_error(error: kube::Error) -> StoreError {
 }
 
 impl SessionStore for KubeSessionStore {
-    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {
             let namespace = session.namespace().unwrap_or_default();
             Api::<Session>::namespaced(self.client()?, &namespace)
                 .create(&PostParams::default(), session)
                 .await
-                .map(|_| ())
                 .map_err(store_error)
         })
     }
@@ -127,7 +127,7 @@ impl MemorySessionStore {
 }
 
 impl SessionStore for MemorySessionStore {
-    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {
             self.check()?;
             let key = (session.namespace().unwrap_or_default(), session.name_any());
@@ -136,7 +136,7 @@ impl SessionStore for MemorySessionStore {
                 return Err(StoreError::AlreadyExists);
             }
             sessions.insert(key, session.clone());
-            Ok(())
+            Ok(session.clone())
         })
     }
 

@@ -28,8 +28,8 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::body::{self, BodyError, WaitMode};
-use crate::hub::SessionHub;
 use crate::client_ip::{self, TrustedProxies, XffError};
+use crate::hub::SessionHub;
 use crate::idempotency::{self, IdempotencyError};
 use crate::index::{AgentKey, Reservation, SecretEntry, SharedIndex, WebhookTarget};
 use crate::metrics::Metrics;

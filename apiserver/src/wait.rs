@@ -1,0 +1,228 @@
+//! Wait mode (issue 5): an accepted webhook whose caller asked to wait (`"wait": true`, a
+//! number of seconds, or `Prefer: wait=<n>`) is held until its Session is `Complete` or
+//! `Error`, then answered with the agent's response; when the budget runs out the answer
+//! is 202 with a `pollUrl`, and the Session runs on.
+//!
+//! A held request costs one [`Subscription`] to the [`SessionHub`](crate::hub::SessionHub)
+//! (fed by the index's Session watch: no polling, no API read while waiting) and its
+//! connection. A client that disconnects makes hyper drop the handler's future, which
+//! drops the subscription, so the hub forgets the Session at once.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hookrun_crds::{Session, SessionPhase};
+use serde_json::json;
+
+use crate::hub::{Seen, Subscription};
+use crate::metrics::Metrics;
+
+/// How a held request ended.
+#[derive(Debug)]
+pub enum Held {
+    /// The Session finished.
+    Finished(Session),
+    /// The budget ran out; the Session was last seen in this phase.
+    TimedOut(SessionPhase),
+    /// The Session was deleted before it finished.
+    Deleted,
+}
+
+/// What the answer names: the Session, its Agent and namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Waited<'a> {
+    pub namespace: &'a str,
+    pub session: &'a str,
+    pub agent: &'a str,
+}
+
+/// A request to hold: the subscription taken *before* `current` was read (the create's
+/// answer, or one read for a replay; `None` when the Session is gone), so no change falls
+/// in between.
+#[derive(Debug)]
+pub struct HeldRequest {
+    pub subscription: Subscription,
+    pub current: Option<Session>,
+    pub budget: Duration,
+}
+
+/// Holds until the Session finishes, is deleted, or the budget passes.
+pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
+    let HeldRequest {
+        mut subscription,
+        current,
+        budget,
+    } = request;
+    let Some(current) = current else {
+        return Held::Deleted;
+    };
+    if phase(&current).is_finished() {
+        return Held::Finished(current);
+    }
+    // Changes of another Session of the same name (deleted and created again) are not ours.
+    let uid = current.metadata.uid.clone();
+    let mut last = phase(&current);
+    // Only the uid and phase are needed while waiting, not the Session and its payload.
+    drop(current);
+    let _waiting = metrics.waiting();
+    let deadline = tokio::time::Instant::now() + budget;
+    loop {
+        match tokio::time::timeout_at(deadline, subscription.changed()).await {
+            Err(_elapsed) => return Held::TimedOut(last),
+            // The hub is gone only when the server is going down: answer as a timeout.
+            Ok(None) => {
+                tokio::time::sleep_until(deadline).await;
+                return Held::TimedOut(last);
+            }
+            Ok(Some(Seen::Nothing)) => {}
+            Ok(Some(Seen::Deleted)) => return Held::Deleted,
+            Ok(Some(Seen::Session(session))) => {
+                if uid.is_some() && session.metadata.uid.is_some() && session.metadata.uid != uid {
+                    continue;
+                }
+                last = phase(&session);
+                if last.is_finished() {
+                    return Held::Finished(Session::clone(&session));
+                }
+            }
+        }
+    }
+}
+
+fn phase(session: &Session) -> SessionPhase {
+    session
+        .status
+        .as_ref()
+        .map(|s| s.phase())
+        .unwrap_or_default()
+}
+
+/// Where a caller whose wait ran out reads the agent's messages (the read API).
+pub fn poll_url(namespace: &str, session: &str) -> String {
+    format!("/agents/{session}/events?event_type=agent.message&namespace={namespace}")
+}
+
+/// The answer to a held request, with its outcome for the access log. 200
+/// `{session, agentDefinition, response, phase[, message]}` once the Session finished
+/// (or `phase: "Error"` with a message when it was deleted); 202 with `pollUrl`,
+/// `timedOut: true` and a `Location` header when the budget ran out.
+pub fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str) {
+    let Waited {
+        namespace,
+        session,
+        agent,
+    } = waited;
+    match held {
+        Held::Finished(stored) => {
+            let status = stored.status.unwrap_or_default();
+            let mut body = json!({
+                "session": session,
+                "agentDefinition": agent,
+                "response": status.response,
+                "phase": status.phase().as_str(),
+            });
+            if let Some(message) = status.message {
+                body["message"] = message.into();
+            }
+            (Json(body).into_response(), "waited")
+        }
+        Held::Deleted => {
+            let body = json!({
+                "session": session,
+                "agentDefinition": agent,
+                "response": null,
+                "phase": SessionPhase::Error.as_str(),
+                "message": "the Session was deleted before it finished",
+            });
+            (Json(body).into_response(), "wait_session_deleted")
+        }
+        Held::TimedOut(phase) => {
+            let poll = poll_url(namespace, session);
+            let location = HeaderValue::from_str(&poll).ok();
+            let body = json!({
+                "session": session,
+                "agentDefinition": agent,
+                "response": null,
+                "phase": phase.as_str(),
+                "pollUrl": poll,
+                "timedOut": true,
+            });
+            let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+            if let Some(location) = location {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            (response, "wait_timed_out")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::SessionHub;
+    use crate::index::test_support::session;
+
+    fn finished(phase: SessionPhase, response: Option<&str>) -> Session {
+        let mut s = session("team", "s", "a", Some(phase));
+        if let Some(status) = s.status.as_mut() {
+            status.response = response.map(str::to_owned);
+        }
+        s
+    }
+
+    #[tokio::test]
+    async fn a_finished_session_answers_at_once() {
+        let hub = SessionHub::new();
+        let metrics = Metrics::default();
+        let request = HeldRequest {
+            subscription: hub.subscribe("team", "s"),
+            current: Some(finished(SessionPhase::Complete, Some("hi"))),
+            budget: Duration::from_secs(60),
+        };
+        let held = hold(request, &metrics).await;
+        assert!(matches!(held, Held::Finished(_)), "{held:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_runs_out_with_the_last_phase_seen() {
+        let hub = SessionHub::new();
+        let metrics = Metrics::default();
+        let subscription = hub.subscribe("team", "s");
+        let publisher = hub.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            publisher.publish(&session("team", "s", "a", Some(SessionPhase::Running)));
+        });
+        let request = HeldRequest {
+            subscription,
+            current: Some(session("team", "s", "a", None)),
+            budget: Duration::from_secs(5),
+        };
+        let held = hold(request, &metrics).await;
+        assert!(
+            matches!(held, Held::TimedOut(SessionPhase::Running)),
+            "{held:?}"
+        );
+        assert_eq!(metrics.waiting.get(), 0);
+    }
+
+    #[test]
+    fn answers() {
+        let waited = Waited {
+            namespace: "team",
+            session: "a-wh-1",
+            agent: "a",
+        };
+        let (response, outcome) = answer(waited, Held::TimedOut(SessionPhase::Pending));
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        assert_eq!(outcome, "wait_timed_out");
+        assert_eq!(
+            response.headers()[header::LOCATION],
+            "/agents/a-wh-1/events?event_type=agent.message&namespace=team"
+        );
+        let (response, _) = answer(waited, Held::Deleted);
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
