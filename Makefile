@@ -7,7 +7,7 @@ CLUSTER := $(CARGO) run -q -p hookrun-tests --bin hookrun-cluster --
 
 all: test
 
-## tools: build etcd, kube-apiserver, kube-controller-manager and kubectl from Go modules
+## tools: build etcd, kube-apiserver, kube-controller-manager, kubectl, helm and crane from Go modules
 tools:
 	@tools/build.sh
 
