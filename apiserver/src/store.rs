@@ -105,6 +105,12 @@ impl MemorySessionStore {
         self.lock().values().cloned().collect()
     }
 
+    /// Stores `session` as it is now, as a status writer would.
+    pub fn put(&self, session: Session) {
+        let key = (session.namespace().unwrap_or_default(), session.name_any());
+        self.lock().insert(key, session);
+    }
+
     /// Makes every call fail (or work again).
     pub fn set_unavailable(&self, unavailable: bool) {
         self.unavailable

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hookrun_crds::session::SessionStatus;
 use hookrun_crds::{Session, SessionPhase};
 use serde_json::json;
 
@@ -22,8 +23,8 @@ use crate::metrics::Metrics;
 /// How a held request ended.
 #[derive(Debug)]
 pub enum Held {
-    /// The Session finished.
-    Finished(Session),
+    /// The Session finished with this status.
+    Finished(Box<SessionStatus>),
     /// The budget ran out; the Session was last seen in this phase.
     TimedOut(SessionPhase),
     /// The Session was deleted before it finished.
@@ -59,7 +60,7 @@ pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
         return Held::Deleted;
     };
     if phase(&current).is_finished() {
-        return Held::Finished(current);
+        return Held::Finished(Box::new(current.status.unwrap_or_default()));
     }
     // Changes of another Session of the same name (deleted and created again) are not ours.
     let uid = current.metadata.uid.clone();
@@ -84,7 +85,7 @@ pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
                 }
                 last = phase(&session);
                 if last.is_finished() {
-                    return Held::Finished(Session::clone(&session));
+                    return Held::Finished(Box::new(session.status.clone().unwrap_or_default()));
                 }
             }
         }
@@ -115,8 +116,7 @@ pub fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str) {
         agent,
     } = waited;
     match held {
-        Held::Finished(stored) => {
-            let status = stored.status.unwrap_or_default();
+        Held::Finished(status) => {
             let mut body = json!({
                 "session": session,
                 "agentDefinition": agent,

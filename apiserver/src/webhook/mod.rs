@@ -346,7 +346,7 @@ async fn post_handler(
 /// An accepted webhook: answered now, or held until its Session finishes.
 enum Accepted {
     Now(Response),
-    Hold(Hold),
+    Hold(Box<Hold>),
 }
 
 /// A wait-mode request whose Session is stored (or replayed).
@@ -629,7 +629,7 @@ async fn accept(
                 .get(&key.namespace, &name)
                 .await
                 .map_err(|error| unavailable(key, &error))?;
-            return Ok(Accepted::Hold(Hold {
+            return Ok(Accepted::Hold(Box::new(Hold {
                 name,
                 replayed: true,
                 rate: None,
@@ -638,7 +638,7 @@ async fn accept(
                     current,
                     budget,
                 },
-            }));
+            })));
         }
     }
 
@@ -696,7 +696,7 @@ async fn accept(
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .confirm(&key.namespace, &name, &digest);
                 return Ok(match (subscription, budget) {
-                    (Some(subscription), Some(budget)) => Accepted::Hold(Hold {
+                    (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
                         name,
                         replayed: false,
                         rate,
@@ -705,7 +705,7 @@ async fn accept(
                             current: Some(stored),
                             budget,
                         },
-                    }),
+                    })),
                     _ => Accepted::Now(created(key, &name, false, rate)),
                 });
             }
@@ -726,7 +726,7 @@ async fn accept(
                 idempotency::replay_or_conflict(stored, &digest)
                     .map_err(WebhookError::Idempotency)?;
                 return Ok(match (subscription, budget) {
-                    (Some(subscription), Some(budget)) => Accepted::Hold(Hold {
+                    (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
                         name,
                         replayed: true,
                         rate,
@@ -735,7 +735,7 @@ async fn accept(
                             current: Some(existing),
                             budget,
                         },
-                    }),
+                    })),
                     _ => Accepted::Now(created(key, &name, true, rate)),
                 });
             }

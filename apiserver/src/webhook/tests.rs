@@ -99,8 +99,10 @@ fn index() -> Index {
     index
 }
 
-fn fixture_with(index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
+fn fixture_with(mut index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
     let store = Arc::new(MemorySessionStore::default());
+    let hub = crate::hub::SessionHub::new();
+    index.set_hub(hub.clone());
     let limit = RateLimit::new(burst, 1.0).expect("a valid limit");
     let state = AppState {
         index: Arc::new(RwLock::new(index)),
@@ -109,7 +111,7 @@ fn fixture_with(index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
         max_body_bytes,
         rate_limiter: Arc::new(Mutex::new(RateLimiter::new(limit))),
         metrics: Arc::new(Metrics::default()),
-        hub: crate::hub::SessionHub::new(),
+        hub,
     };
     Fixture { state, store }
 }
@@ -702,4 +704,237 @@ async fn a_body_that_never_finishes_is_408() {
     let answer = f.send(request).await;
     assert_error(&answer, StatusCode::REQUEST_TIMEOUT, "body_timeout");
     assert!(f.store.sessions().is_empty());
+}
+
+impl Fixture {
+    /// Sends `request` in the background, for requests that are held.
+    fn spawn_post(&self, headers: &[(&str, &str)], body: &str) -> tokio::task::JoinHandle<Answer> {
+        let f = Fixture {
+            state: self.state.clone(),
+            store: self.store.clone(),
+        };
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let body = body.to_owned();
+        tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            f.post(&url("plain", TOKEN), &headers, &body).await
+        })
+    }
+
+    /// Waits until `n` requests are held.
+    async fn held(&self, n: i64) {
+        for _ in 0..500 {
+            if self.state.metrics.waiting.get() == n {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        panic!("{n} requests never held");
+    }
+
+    /// Plays the watch: the one stored Session changes to `phase` with `response`.
+    fn finish_the_session(&self, phase: SessionPhase, response: Option<&str>) -> String {
+        let mut stored = self.store.sessions().pop().expect("a stored Session");
+        let mut status = hookrun_crds::session::SessionStatus::default();
+        status.finish(phase, response, Some("the harness said so"), now());
+        stored.status = Some(status);
+        self.store.put(stored.clone());
+        self.state
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .apply_session(&stored);
+        stored.metadata.name.clone().unwrap_or_default()
+    }
+}
+
+fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+use hookrun_crds::SessionPhase;
+
+#[tokio::test]
+async fn wait_mode_answers_with_the_response_once_complete() {
+    let f = fixture();
+    let waiting = f.spawn_post(&[], r#"{"title":"sum it up","wait":30}"#);
+    f.held(1).await;
+    assert_eq!(f.state.hub.followed(), 1);
+    let name = f.finish_the_session(SessionPhase::Complete, Some("the sum is 4"));
+    let answer = waiting.await.expect("the request ends");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["session"], name.as_str());
+    assert_eq!(answer.json["agentDefinition"], "plain");
+    assert_eq!(answer.json["response"], "the sum is 4");
+    assert_eq!(answer.json["phase"], "Complete");
+    assert!(answer.headers.contains_key("x-ratelimit-remaining"));
+    assert_eq!(f.state.hub.followed(), 0);
+    assert_eq!(f.state.metrics.waiting.get(), 0);
+}
+
+#[tokio::test]
+async fn wait_mode_answers_an_error_with_its_message() {
+    let f = fixture();
+    let waiting = f.spawn_post(&[], r#"{"title":"t","wait":true}"#);
+    f.held(1).await;
+    f.finish_the_session(SessionPhase::Error, None);
+    let answer = waiting.await.expect("the request ends");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["phase"], "Error");
+    assert_eq!(answer.json["response"], Value::Null);
+    assert_eq!(answer.json["message"], "the harness said so");
+}
+
+#[tokio::test]
+async fn wait_mode_runs_out_with_202_and_a_poll_url() {
+    let f = fixture();
+    let answer = f
+        .post(&url("plain", TOKEN), &[], r#"{"title":"t","wait":1}"#)
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+    let name = answer.json["session"].as_str().expect("a name").to_owned();
+    let poll = format!("/agents/{name}/events?event_type=agent.message&namespace={NS}");
+    assert_eq!(answer.json["pollUrl"], poll.as_str());
+    assert_eq!(answer.headers["location"], poll.as_str());
+    assert_eq!(answer.json["timedOut"], true);
+    assert_eq!(answer.json["response"], Value::Null);
+    assert_eq!(answer.json["phase"], "Pending");
+    assert_eq!(f.store.sessions().len(), 1, "the Session runs on");
+    assert_eq!(f.state.hub.followed(), 0);
+}
+
+#[tokio::test]
+async fn a_session_deleted_while_held_answers_error() {
+    let f = fixture();
+    let waiting = f.spawn_post(&[], r#"{"title":"t","wait":30}"#);
+    f.held(1).await;
+    let stored = f.store.sessions().pop().expect("a stored Session");
+    f.state
+        .index
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .delete_session(&stored);
+    let answer = waiting.await.expect("the request ends");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.json["phase"], "Error");
+    assert!(
+        answer.json["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deleted")),
+        "{}",
+        answer.json
+    );
+}
+
+#[tokio::test]
+async fn a_replay_with_prefer_wait_waits_on_the_original_session() {
+    let f = fixture();
+    let body = r#"{"title":"t","idempotency_key":"order-7"}"#;
+    let first = f.post(&url("plain", TOKEN), &[], body).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert!(first.json.get("phase").is_none(), "fire-and-forget");
+    let original = first.json["session"].as_str().expect("a name").to_owned();
+
+    let waiting = f.spawn_post(&[("prefer", "respond-async, wait=30")], body);
+    f.held(1).await;
+    let name = f.finish_the_session(SessionPhase::Complete, Some("done"));
+    assert_eq!(name, original);
+    let answer = waiting.await.expect("the request ends");
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(answer.headers["idempotent-replayed"], "true");
+    assert_eq!(answer.json["session"], original.as_str());
+    assert_eq!(answer.json["response"], "done");
+    assert_eq!(f.store.sessions().len(), 1);
+
+    // Once finished, a replay in wait mode answers at once.
+    let again = f
+        .post(&url("plain", TOKEN), &[("prefer", "wait=30")], body)
+        .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json["response"], "done");
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+}
+
+#[tokio::test]
+async fn wait_requires_a_title() {
+    let f = fixture();
+    for (headers, body) in [
+        (&[][..], r#"{"wait":true}"#),
+        (&[][..], r#"{"wait":5}"#),
+        (&[("prefer", "wait=5")][..], "{}"),
+    ] {
+        let answer = f.post(&url("plain", TOKEN), headers, body).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "bad_body");
+        let message = answer.json["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("title") && message.contains("wait requires title"),
+            "{message}"
+        );
+    }
+    assert!(f.store.sessions().is_empty());
+    // wait: false and 0 are fire-and-forget and need no title.
+    for body in [r#"{"wait":false}"#, r#"{"wait":0}"#] {
+        let answer = f.post(&url("plain", TOKEN), &[], body).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        assert!(answer.json.get("phase").is_none());
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_its_waiter_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let f = fixture();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let addr = listener.local_addr().expect("an address");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(crate::serve_public(
+        listener,
+        app(f.state.clone()),
+        std::time::Duration::from_secs(5),
+        stopped,
+    ));
+    let body = r#"{"title":"t","wait":600}"#;
+    let request = format!(
+        "POST {} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        url("plain", TOKEN),
+        body.len()
+    );
+    let mut client = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connects");
+    client
+        .write_all(request.as_bytes())
+        .await
+        .expect("sends the request");
+    f.held(1).await;
+    assert_eq!(f.state.hub.followed(), 1);
+    let mut nothing = [0u8; 1];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        client.read(&mut nothing),
+    )
+    .await;
+    assert!(read.is_err(), "no answer while held");
+
+    drop(client);
+    let closed = std::time::Instant::now();
+    while f.state.hub.followed() > 0 {
+        assert!(
+            closed.elapsed() < std::time::Duration::from_secs(1),
+            "the waiter outlived its client by a second"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(f.state.metrics.waiting.get(), 0);
+    let _ = stop.send(true);
+    server.await.expect("the server stops");
 }
