@@ -5,6 +5,7 @@
 //! through the `hookrun-cluster` binary, which stops it when the test process exits.
 
 pub mod control_plane;
+pub mod door;
 
 use std::{
     path::{Path, PathBuf},

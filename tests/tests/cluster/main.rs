@@ -3,4 +3,5 @@
 
 mod crds;
 mod operator;
+mod wait;
 mod webhook;
