@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := $(CARGO) run -q -p hookrun-tests --bin hookrun-cluster --
 
-.PHONY: all test unit-test tools cluster-up cluster-down crds fmt lint dev bench clean-tools
+.PHONY: all test unit-test tools cluster-up cluster-down crds fmt lint dev bench clean-tools images
 
 all: test
 
@@ -24,9 +24,14 @@ cluster-up: tools
 cluster-down:
 	@$(CLUSTER) down
 
-## crds: regenerate crds/manifests from the Rust types
+## images: static binaries and OCI image tarballs in target/images/, without a container daemon
+images: tools
+	@images/build.sh
+
+## crds: regenerate crds/manifests and the chart's crds/ from the Rust types
 crds:
 	$(CARGO) run -q -p hookrun-crds --bin crdgen
+	$(CARGO) run -q -p hookrun-crds --bin crdgen charts/hookrun/crds
 
 fmt:
 	$(CARGO) fmt --all
