@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 use crate::duration::HumanDuration;
 
 /// hookrun's operator: gives every Agent with a webhook trigger a token Secret and a
-/// webhook URL in its status.
+/// webhook URL in its status, and runs every Session in a pod.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "hookrun-operator", version, about, long_about = None)]
 pub struct Args {
@@ -15,6 +15,26 @@ pub struct Args {
     /// http or https URL; a trailing slash is fine).
     #[arg(long, env = "HOOKRUN_PUBLIC_URL")]
     pub public_url: PublicUrl,
+
+    /// Where session pods reach the runner API (the apiserver as seen from inside the
+    /// cluster), e.g. http://hookrun-apiserver.hookrun.svc; set in pods as
+    /// HOOKRUN_RUNNER_URL.
+    #[arg(long, env = "HOOKRUN_RUNNER_URL")]
+    pub runner_url: PublicUrl,
+
+    /// The harness image of session pods whose Agent sets no `spec.session.image`.
+    #[arg(
+        long,
+        env = "HOOKRUN_DEFAULT_HARNESS_IMAGE",
+        default_value = concat!("ghcr.io/hookrun/hookrun-harness:", env!("CARGO_PKG_VERSION"))
+    )]
+    pub default_harness_image: String,
+
+    /// How long a session pod may stay Pending because it cannot be scheduled, its image
+    /// cannot be pulled or its container cannot be created, before the Session fails
+    /// (e.g. 5m, 90s).
+    #[arg(long, env = "HOOKRUN_PENDING_TIMEOUT", default_value = "5m")]
+    pub pending_timeout: HumanDuration,
 
     /// Address of the admin server (/healthz, /readyz, /metrics). Port 0 picks a free one;
     /// the bound address is logged.
@@ -144,6 +164,8 @@ mod tests {
             "hookrun-operator",
             "--public-url",
             "https://h.example.com/",
+            "--runner-url",
+            "http://hookrun-apiserver.hookrun.svc:8080",
             "--namespaces",
             "a,b",
             "--admin-listen",
@@ -153,7 +175,26 @@ mod tests {
         assert_eq!(args.namespaces, ["a", "b"]);
         assert_eq!(args.public_url.as_str(), "https://h.example.com");
         assert!(!args.leader_elect);
+        assert_eq!(
+            args.runner_url.as_str(),
+            "http://hookrun-apiserver.hookrun.svc:8080"
+        );
+        assert_eq!(
+            args.default_harness_image,
+            format!(
+                "ghcr.io/hookrun/hookrun-harness:{}",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+        assert_eq!(args.pending_timeout.0, std::time::Duration::from_secs(300));
         assert!(Args::try_parse_from(["hookrun-operator", "--public-url", "nope"]).is_err());
+        // The runner URL is required (unless HOOKRUN_RUNNER_URL is set).
+        if std::env::var_os("HOOKRUN_RUNNER_URL").is_none() {
+            assert!(
+                Args::try_parse_from(["hookrun-operator", "--public-url", "https://h.example.com"])
+                    .is_err()
+            );
+        }
     }
 
     #[test]

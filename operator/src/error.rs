@@ -24,6 +24,9 @@ pub enum Error {
     #[error("Secret {0:?} exists and is controlled by another object; waiting for it to go")]
     SecretOwnedElsewhere(String),
 
+    #[error("cannot build the session pod: {0}")]
+    PodBuild(#[source] crate::session_controller::pod::PodBuildError),
+
     #[error("leader election: {0}")]
     LeaderElection(String),
 
@@ -46,6 +49,7 @@ impl Error {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::Serialize { .. } => "serialize",
             Error::SecretOwnedElsewhere(_) => "secret_owned_elsewhere",
+            Error::PodBuild(_) => "pod_build",
             Error::LeaderElection(_) => "leader_election",
             Error::Admin(_) => "admin",
             Error::Watch(_) => "watch",

@@ -1,5 +1,5 @@
-//! hookrun's operator: the wiring of the Agent controller, leader election, the admin
-//! server and shutdown. The controllers' logic lives in their modules.
+//! hookrun's operator: the wiring of the Agent and Session controllers, leader election,
+//! the admin server and shutdown. The controllers' logic lives in their modules.
 
 pub mod admin;
 pub mod agent_controller;
@@ -8,6 +8,7 @@ pub mod duration;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod session_controller;
 
 use std::{
     collections::BTreeSet,
@@ -34,6 +35,7 @@ use crate::{
     cli::{Args, LogFormat},
     leader::LeaderElector,
     metrics::Metrics,
+    session_controller::pod::PodSettings,
 };
 
 /// Sets up logging: `RUST_LOG` filters (default `info`), text or JSON lines.
@@ -178,13 +180,18 @@ pub async fn run(args: Args) -> Result<()> {
         controller: "hookrun-operator".into(),
         instance: Some(leader::default_identity()),
     };
+    let recorder = Recorder::new(client.clone(), reporter);
     let ctx = Arc::new(Context::new(
         client.clone(),
         args.public_url.clone(),
         args.redact_url_in_status,
-        metrics,
-        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+        recorder.clone(),
     ));
+    let pod_settings = PodSettings {
+        default_image: args.default_harness_image.clone(),
+        runner_url: args.runner_url.to_string(),
+    };
     // `HOOKRUN_NAMESPACES=""` means all namespaces, like leaving the flag out.
     let listed: BTreeSet<&str> = args
         .namespaces
@@ -198,17 +205,34 @@ pub async fn run(args: Args) -> Result<()> {
         listed.into_iter().map(Some).collect()
     };
     let mut stores = Vec::new();
+    let mut session_stores = Vec::new();
     let mut runners = Vec::new();
     for scope in scopes {
         let (store, runner) = agent_controller::run(ctx.clone(), scope, stopped(stop_rx.clone()));
+        let (sessions, session_runner) = session_controller::run(
+            client.clone(),
+            scope,
+            store.clone(),
+            pod_settings.clone(),
+            args.pending_timeout.0,
+            metrics.clone(),
+            recorder.clone(),
+            stopped(stop_rx.clone()),
+        );
         stores.push(store);
-        runners.push(runner);
+        session_stores.push(sessions);
+        runners.push(futures::future::join(runner, session_runner));
     }
-    tracing::info!(namespaces = ?args.namespaces, public_url = %args.public_url, "agent controller starting");
+    tracing::info!(namespaces = ?args.namespaces, public_url = %args.public_url, runner_url = %args.runner_url, "agent and session controllers starting");
     let readiness = {
         let ready = ready.clone();
         async move {
             for store in stores {
+                if store.wait_until_ready().await.is_err() {
+                    return;
+                }
+            }
+            for store in session_stores {
                 if store.wait_until_ready().await.is_err() {
                     return;
                 }

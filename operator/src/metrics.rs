@@ -1,5 +1,6 @@
 //! Prometheus metrics of the controllers: reconciles, failures by reason, reconcile
-//! duration and API writes. Labels are low-cardinality: controller, reason, kind.
+//! duration, API writes, Session phase transitions and the Session-to-pod latency.
+//! Labels are low-cardinality: controller, reason, kind, phase.
 
 use std::time::Instant;
 
@@ -23,8 +24,17 @@ pub struct FailureLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
     pub controller: &'static str,
-    /// What was written: `secret_apply`, `secret_delete`, `status_patch`, `event`.
+    /// What was written: `secret_apply`, `secret_delete`, `status_patch`, `event`,
+    /// `pod_create`, `pod_delete`, `session_delete`.
     pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// The phase a Session moved to.
+    pub phase: &'static str,
+    /// Why: `PodCreated`, `PodRunning`, `PodSucceeded`, `DeadlineExceeded`, ...
+    pub reason: &'static str,
 }
 
 /// The metrics of every controller of this process.
@@ -34,6 +44,9 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     pub duration: Family<ControllerLabels, Histogram>,
     pub writes: Family<WriteLabels, Counter>,
+    pub session_transitions: Family<TransitionLabels, Counter>,
+    /// From a Session's creation to its pod's creation.
+    pub pod_create_latency: Histogram,
 }
 
 impl Metrics {
@@ -48,6 +61,10 @@ impl Metrics {
                 ])
             }),
             writes: Family::default(),
+            session_transitions: Family::default(),
+            pod_create_latency: Histogram::new([
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         };
         let sub = registry.sub_registry_with_prefix("hookrun_operator");
         sub.register(
@@ -70,7 +87,27 @@ impl Metrics {
             "Writes to the Kubernetes API, by kind",
             metrics.writes.clone(),
         );
+        sub.register(
+            "session_transitions",
+            "Session phase changes the operator wrote, by phase and reason",
+            metrics.session_transitions.clone(),
+        );
+        sub.register(
+            "session_pod_create_latency_seconds",
+            "Time from a Session's creation to the creation of its pod",
+            metrics.pod_create_latency.clone(),
+        );
         metrics
+    }
+
+    pub fn session_transition(&self, phase: &'static str, reason: &'static str) {
+        self.session_transitions
+            .get_or_create(&TransitionLabels { phase, reason })
+            .inc();
+    }
+
+    pub fn pod_created(&self, seconds_after_session: f64) {
+        self.pod_create_latency.observe(seconds_after_session);
     }
 
     /// Counts a reconcile and returns a guard that records its duration when dropped.

@@ -63,6 +63,8 @@ impl Operator {
             .args([
                 "--public-url",
                 PUBLIC_URL,
+                "--runner-url",
+                "http://runner.hookrun.test",
                 "--admin-listen",
                 "127.0.0.1:0",
                 "--namespaces",

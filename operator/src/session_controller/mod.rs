@@ -1,0 +1,446 @@
+//! The Session controller: turns every Session into one Pod, follows the Pod into
+//! `status.phase`, and deletes finished Sessions after their TTL.
+//!
+//! Reconcile: look up the pod (watched) and the Agent (the Agent controller's cache) →
+//! decide (pure, in [`phase`]) → act: create the pod (built purely in [`pod`]), write a
+//! status transition, or delete the Session. Status writes read the Session, change its
+//! status with the crds helpers and merge-patch it with the `resourceVersion` they read,
+//! retrying on a conflict, so that appends by the apiserver are never lost and each
+//! `session.*` event is written once.
+
+pub mod phase;
+pub mod pod;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{Future, StreamExt};
+use hookrun_crds::{Agent, Session, SessionStatus, names};
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{self, Action},
+        events::{Event, EventType, Recorder},
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
+use serde_json::json;
+
+use self::{
+    phase::{Decision, Limits, Observed, Transition},
+    pod::PodSettings,
+};
+use crate::{
+    agent_controller::{FIELD_MANAGER, backoff},
+    error::{Error, Result},
+    metrics::Metrics,
+};
+
+/// The controller's name in metrics and Events.
+pub const CONTROLLER: &str = "session";
+/// How long a finished Session is kept when its Agent does not say.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(86_400);
+/// Reconciles in flight at once (as for Agents: each may hold an API connection).
+const MAX_CONCURRENT_RECONCILES: u16 = 16;
+/// Attempts of one status write that meets conflicting writers.
+const STATUS_WRITE_ATTEMPTS: u32 = 8;
+/// How often a Session that needs nothing is looked at again anyway.
+const RESYNC: Duration = Duration::from_secs(3600);
+
+/// What every reconcile of one watch scope shares.
+pub struct Context {
+    pub client: Client,
+    pub settings: PodSettings,
+    pub pending_timeout: Duration,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// The Agent controller's cache of this scope.
+    agents: Store<Agent>,
+    /// Session pods, from the controller's own watch.
+    pods: Store<Pod>,
+    /// Consecutive failures per Session, for the error backoff.
+    failures: Mutex<HashMap<ObjectRef<Session>, u32>>,
+}
+
+/// The Session controller for one namespace (`None`: all namespaces), using `agents`
+/// (the Agent controller's cache of the same scope) to look Agents up. Returns the
+/// Session cache (to wait for its sync) and the future that runs until `shutdown`.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    client: Client,
+    namespace: Option<&str>,
+    agents: Store<Agent>,
+    settings: PodSettings,
+    pending_timeout: Duration,
+    metrics: Metrics,
+    recorder: Recorder,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> (Store<Session>, impl Future<Output = ()> + Send) {
+    let (sessions, pods): (Api<Session>, Api<Pod>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let (pod_store, pod_writer) = reflector::store();
+    let pod_events = reflector::reflector(
+        pod_writer,
+        watcher(
+            pods,
+            watcher::Config::default()
+                .labels(names::SESSION_LABEL)
+                .any_semantic(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    let ctx = Arc::new(Context {
+        client,
+        settings,
+        pending_timeout,
+        metrics,
+        recorder,
+        agents,
+        pods: pod_store,
+        failures: Mutex::default(),
+    });
+    let controller = Controller::new(sessions, watcher::Config::default().any_semantic())
+        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
+        .owns_stream(pod_events)
+        .graceful_shutdown_on(shutdown);
+    let store = controller.store();
+    let runner = controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                tracing::debug!(%error, "session controller event");
+            }
+        });
+    (store, runner)
+}
+
+async fn reconcile(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let result = reconcile_session(&session, &ctx).await;
+    if result.is_ok()
+        && let Ok(mut failures) = ctx.failures.lock()
+    {
+        failures.remove(&ObjectRef::from_obj(&*session));
+    }
+    result
+}
+
+/// The Session's Agent: from the cache, else read live (the cache may not have a new
+/// Agent yet). `None` when it does not exist.
+async fn find_agent(ctx: &Context, namespace: &str, name: &str) -> Result<Option<Arc<Agent>>> {
+    if let Some(agent) = ctx.agents.get(&ObjectRef::new(name).within(namespace)) {
+        return Ok(Some(agent));
+    }
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(api.get_opt(name).await?.map(Arc::new))
+}
+
+fn ttl_of(agent: Option<&Agent>) -> Duration {
+    agent
+        .and_then(|a| a.spec.session.as_ref())
+        .and_then(|s| s.ttl_seconds_after_finished)
+        .and_then(|s| u64::try_from(s).ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TTL)
+}
+
+async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
+    let namespace = session
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let name = session.name_any();
+    if session.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let uid = session.uid().ok_or(Error::MissingObjectKey("uid"))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut pod = ctx
+        .pods
+        .get(&ObjectRef::new(&name).within(&namespace))
+        .map(|p| (*p).clone());
+    let named_pod = session.status.as_ref().and_then(|s| s.pod_name.as_ref());
+    if pod.is_none() && named_pod.is_some() {
+        // The status names a pod the cache lacks: ask before calling it gone.
+        pod = pods.get_opt(&name).await?;
+    }
+    let agent = find_agent(ctx, &namespace, &session.spec.agent).await?;
+    let limits = Limits {
+        pending_timeout: ctx.pending_timeout,
+        ttl: ttl_of(agent.as_deref()),
+    };
+    let observe = |status: Option<&SessionStatus>, pod: Option<&Pod>| {
+        phase::decide(
+            Observed {
+                session_uid: &uid,
+                status,
+                pod,
+                now: Timestamp::now(),
+            },
+            limits,
+        )
+    };
+    let sessions: Api<Session> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    match observe(session.status.as_ref(), pod.as_ref()) {
+        Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
+        Decision::Wait(Some(after)) => {
+            // A little after the moment, so that it has passed when we look.
+            Ok(Action::requeue(
+                (after + Duration::from_millis(100)).min(RESYNC),
+            ))
+        }
+        Decision::DeleteSession => {
+            delete_session(ctx, &sessions, session, &uid).await?;
+            Ok(Action::await_change())
+        }
+        Decision::Write(transition) => {
+            write_transition(ctx, &sessions, session, &uid, &transition, pod.as_ref()).await?;
+            Ok(Action::requeue(RESYNC))
+        }
+        Decision::CreatePod => {
+            // The cache may lag behind a status that already names a pod; a pod is
+            // never created twice for one Session, so ask the API before creating.
+            let Some(live) = sessions.get_opt(&name).await? else {
+                return Ok(Action::await_change());
+            };
+            if live.uid().as_deref() != Some(uid.as_str())
+                || observe(live.status.as_ref(), None) != Decision::CreatePod
+            {
+                // The watch brings the newer Session.
+                return Ok(Action::await_change());
+            }
+            let Some(agent) = agent else {
+                let transition = phase::agent_not_found(&session.spec.agent);
+                write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                return Ok(Action::await_change());
+            };
+            let created = create_pod(ctx, &pods, &live, &agent).await?;
+            match observe(live.status.as_ref(), Some(&created)) {
+                Decision::Write(transition) => {
+                    write_transition(ctx, &sessions, session, &uid, &transition, Some(&created))
+                        .await?;
+                }
+                other => {
+                    tracing::debug!(session = %name, decision = ?other, "after creating the pod")
+                }
+            }
+            Ok(Action::requeue(RESYNC))
+        }
+    }
+}
+
+/// Creates the Session's pod; an existing one (of an earlier attempt) is returned as is.
+async fn create_pod(
+    ctx: &Context,
+    pods: &Api<Pod>,
+    session: &Session,
+    agent: &Agent,
+) -> Result<Pod> {
+    let desired = pod::build_pod(session, agent, &ctx.settings).map_err(Error::PodBuild)?;
+    let name = session.name_any();
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    match pods.create(&params, &desired).await {
+        Ok(created) => {
+            ctx.metrics.wrote(CONTROLLER, "pod_create");
+            if let Some(created_at) = session.meta().creation_timestamp.as_ref() {
+                let ms = Timestamp::now().as_millisecond() - created_at.0.as_millisecond();
+                ctx.metrics.pod_created(ms.max(0) as f64 / 1000.0);
+            }
+            tracing::info!(session = %name, namespace = ?session.namespace(), agent = %session.spec.agent, "created the session pod");
+            Ok(created)
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(pods.get(&name).await?),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Reads the Session, applies `transition` to its status and merge-patches the status
+/// with the `resourceVersion` read (the API refuses it with 409 when someone wrote in
+/// between; then read again). Returns false when the status needed no change.
+pub async fn update_status(
+    sessions: &Api<Session>,
+    name: &str,
+    uid: &str,
+    transition: &Transition,
+) -> Result<bool> {
+    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
+        let Some(session) = sessions.get_opt(name).await? else {
+            return Ok(false);
+        };
+        if session.uid().as_deref() != Some(uid) {
+            return Ok(false);
+        }
+        let mut status = session.status.clone().unwrap_or_default();
+        let now = Time(
+            Timestamp::from_second(Timestamp::now().as_second())
+                .unwrap_or_else(|_| Timestamp::now()),
+        );
+        if !phase::apply(transition, &mut status, now) {
+            return Ok(false);
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": session.resource_version()},
+            "status": status,
+        });
+        match sessions
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(status))
+                if status.code == 409 && attempt < STATUS_WRITE_ATTEMPTS =>
+            {
+                tokio::time::sleep(jitter(attempt)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// A few milliseconds, growing with the attempt, varied so that writers part ways.
+fn jitter(attempt: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    Duration::from_millis(u64::from(attempt * 5 + nanos % 10))
+}
+
+/// Writes `transition`; Events and metrics follow only a write that changed something,
+/// so each happens once. A stuck `pod` is deleted when the transition says so.
+async fn write_transition(
+    ctx: &Context,
+    sessions: &Api<Session>,
+    session: &Session,
+    uid: &str,
+    transition: &Transition,
+    pod: Option<&Pod>,
+) -> Result<()> {
+    let name = session.name_any();
+    let changed = update_status(sessions, &name, uid, transition).await?;
+    if changed {
+        ctx.metrics.wrote(CONTROLLER, "status_patch");
+        ctx.metrics
+            .session_transition(transition.phase().as_str(), transition.reason());
+        match transition {
+            Transition::Fail {
+                message, reason, ..
+            } => {
+                tracing::warn!(session = %name, namespace = ?session.namespace(), reason = reason.as_str(), detail = %message, "session failed");
+                publish(
+                    ctx,
+                    session,
+                    EventType::Warning,
+                    reason.as_str(),
+                    message.clone(),
+                )
+                .await;
+            }
+            other => {
+                tracing::info!(session = %name, namespace = ?session.namespace(), phase = other.phase().as_str(), "session moved on");
+            }
+        }
+    }
+    if let Transition::Fail {
+        delete_pod: true, ..
+    } = transition
+        && let Some(pod) = pod
+    {
+        delete_pod(ctx, pod).await?;
+    }
+    Ok(())
+}
+
+/// Deletes a stuck pod (that very pod: a uid precondition).
+async fn delete_pod(ctx: &Context, pod: &Pod) -> Result<()> {
+    let namespace = pod
+        .namespace()
+        .ok_or(Error::MissingObjectKey("namespace"))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let params = DeleteParams::background().preconditions(Preconditions {
+        uid: pod.uid(),
+        resource_version: None,
+    });
+    match pods.delete(&pod.name_any(), &params).await {
+        Ok(_) => {
+            ctx.metrics.wrote(CONTROLLER, "pod_delete");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Deletes a Session whose TTL ran out; garbage collection removes its pod.
+async fn delete_session(
+    ctx: &Context,
+    sessions: &Api<Session>,
+    session: &Session,
+    uid: &str,
+) -> Result<()> {
+    let name = session.name_any();
+    let params = DeleteParams::background().preconditions(Preconditions {
+        uid: Some(uid.to_owned()),
+        resource_version: None,
+    });
+    match sessions.delete(&name, &params).await {
+        Ok(_) => {
+            ctx.metrics.wrote(CONTROLLER, "session_delete");
+            tracing::info!(session = %name, namespace = ?session.namespace(), "deleted a finished session after its TTL");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Publishes an Event about a Session; one that cannot be written is logged, not retried.
+async fn publish(ctx: &Context, session: &Session, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    match ctx.recorder.publish(&event, &session.object_ref(&())).await {
+        Ok(()) => ctx.metrics.wrote(CONTROLLER, "event"),
+        Err(error) => {
+            tracing::warn!(session = %session.name_any(), %error, "could not publish an event")
+        }
+    }
+}
+
+/// Requeues a failed reconcile with a per-Session exponential backoff.
+fn error_policy(session: Arc<Session>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_failed(CONTROLLER, error.metric_label());
+    let attempts = ctx.failures.lock().map_or(1, |mut failures| {
+        let n = failures.entry(ObjectRef::from_obj(&*session)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
+    let delay = backoff(attempts);
+    tracing::warn!(session = %session.name_any(), namespace = ?session.namespace(), %error, retry_in = ?delay, "session reconcile failed");
+    Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests;
