@@ -262,7 +262,7 @@ async fn create_pod(
                 let ms = Timestamp::now().as_millisecond() - created_at.0.as_millisecond();
                 ctx.metrics.pod_created(ms.max(0) as f64 / 1000.0);
             }
-            tracing::info!(session = %name, namespace = ?session.namespace(), agent = %session.spec.agent, "created the session pod");
+            tracing::info!(session = %name, namespace = %session.namespace().unwrap_or_default(), agent = %session.spec.agent, "created the session pod");
             Ok(created)
         }
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(pods.get(&name).await?),
@@ -343,7 +343,7 @@ async fn write_transition(
             Transition::Fail {
                 message, reason, ..
             } => {
-                tracing::warn!(session = %name, namespace = ?session.namespace(), reason = reason.as_str(), detail = %message, "session failed");
+                tracing::warn!(session = %name, namespace = %session.namespace().unwrap_or_default(), reason = reason.as_str(), detail = %message, "session failed");
                 publish(
                     ctx,
                     session,
@@ -354,7 +354,7 @@ async fn write_transition(
                 .await;
             }
             other => {
-                tracing::info!(session = %name, namespace = ?session.namespace(), phase = other.phase().as_str(), "session moved on");
+                tracing::info!(session = %name, namespace = %session.namespace().unwrap_or_default(), phase = other.phase().as_str(), "session moved on");
             }
         }
     }
@@ -403,7 +403,7 @@ async fn delete_session(
     match sessions.delete(&name, &params).await {
         Ok(_) => {
             ctx.metrics.wrote(CONTROLLER, "session_delete");
-            tracing::info!(session = %name, namespace = ?session.namespace(), "deleted a finished session after its TTL");
+            tracing::info!(session = %name, namespace = %session.namespace().unwrap_or_default(), "deleted a finished session after its TTL");
             Ok(())
         }
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),
@@ -438,7 +438,7 @@ fn error_policy(session: Arc<Session>, error: &Error, ctx: Arc<Context>) -> Acti
         *n
     });
     let delay = backoff(attempts);
-    tracing::warn!(session = %session.name_any(), namespace = ?session.namespace(), %error, retry_in = ?delay, "session reconcile failed");
+    tracing::warn!(session = %session.name_any(), namespace = %session.namespace().unwrap_or_default(), %error, retry_in = ?delay, "session reconcile failed");
     Action::requeue(delay)
 }
 

@@ -4,5 +4,6 @@
 mod crds;
 mod helm;
 mod operator;
+mod sessions;
 mod wait;
 mod webhook;
