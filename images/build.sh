@@ -18,6 +18,9 @@ version=$(awk -F'"' '/^\[workspace.package\]/ {p=1} p && /^version/ {print $2; e
 source_url=$(awk -F'"' '/^\[workspace.package\]/ {p=1} p && /^repository/ {print $2; exit}' Cargo.toml)
 revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 target=x86_64-unknown-linux-gnu
+# A target directory of its own: these artifacts share nothing with the debug build,
+# and a long `cargo test` elsewhere holding target/'s lock must not block this one.
+build_dir=$root/target/static
 out=$root/target/images
 mkdir -p "$out"
 
@@ -34,7 +37,7 @@ echo "images: $(date +%H:%M:%S) cargo build --release --target $target (static) 
 # --target keeps crt-static away from build scripts and proc macros, which must stay
 # dynamic; the binaries link glibc statically (the tree uses rustls, no OpenSSL).
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-  nice cargo build --release --locked --target "$target" "${packages[@]}"
+  nice cargo build --release --locked --target "$target" --target-dir "$build_dir" "${packages[@]}"
 
 registry_log=$(mktemp)
 "$crane" registry serve --address 127.0.0.1:0 >"$registry_log" 2>&1 &
@@ -51,7 +54,7 @@ scratch=127.0.0.1:$port
 
 for pair in "${images[@]}"; do
   name=${pair%%:*}
-  binary=$root/target/$target/release/$name
+  binary=$build_dir/$target/release/$name
   if ! file "$binary" | grep -q 'statically linked'; then
     echo "images: $binary is not statically linked:" >&2
     file "$binary" >&2
