@@ -1,0 +1,536 @@
+//! `hookrun-dev`: what `make dev` runs once the binaries are built. On a machine with no
+//! cluster it starts the local control plane (or reuses the one `make cluster-up`
+//! started), installs the CRDs, starts the operator, the apiserver and a local pod
+//! runner that stands in for the kubelet (dev only: it never ships in the chart),
+//! applies `examples/`, prints each Agent's webhook URL with ready-to-paste `curl`
+//! lines, then prints a line per session until Ctrl-C, which stops everything it
+//! started, by pid.
+
+mod children;
+mod pod_runner;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hookrun_crds::Agent;
+use hookrun_tests::control_plane::{self, workspace_root};
+use hookrun_tests::door;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client, ResourceExt};
+use tokio::process::Command;
+
+use children::Started;
+use pod_runner::PodRunner;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "make dev: hookrun on a local control plane, with a local pod runner"
+)]
+struct Cli {
+    /// The control plane's state (shared with `make cluster-up`).
+    #[arg(long, default_value_os_t = workspace_root().join("target/dev-cluster"))]
+    state: PathBuf,
+    /// Logs of the operator, the apiserver and every session.
+    #[arg(long, default_value_os_t = workspace_root().join("target/dev-logs"))]
+    logs: PathBuf,
+    /// The apiserver's public listener; webhook URLs and the runner URL point here.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The apiserver's admin listener (health, metrics).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+    /// The operator's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9091")]
+    operator_admin_listen: SocketAddr,
+    /// The one image the local pod runner runs (as the local hookrun-harness binary).
+    #[arg(long, default_value = "hookrun-harness:dev")]
+    harness_image: String,
+    /// The manifests applied once everything runs.
+    #[arg(long, default_value_os_t = workspace_root().join("examples"))]
+    examples: PathBuf,
+}
+
+/// Everything started so far, stopped in reverse order.
+#[derive(Default)]
+struct Stack {
+    /// The control plane's supervisor, when this run started it.
+    cluster: Option<Started>,
+    operator: Option<Started>,
+    apiserver: Option<Started>,
+    runner: Option<(PodRunner, tokio::task::JoinHandle<()>)>,
+}
+
+impl Stack {
+    async fn stop(mut self, logs: &Path) {
+        if let Some((runner, task)) = self.runner.take() {
+            runner.stop_all();
+            for _ in 0..50 {
+                if !runner.busy() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            task.abort();
+        }
+        for started in [
+            self.apiserver.take(),
+            self.operator.take(),
+            self.cluster.take(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let (name, pid) = (started.name.clone(), started.pid());
+            started.stop().await;
+            println!("dev: stopped {name} (pid {pid})");
+        }
+        let _ = std::fs::remove_file(logs.join("dev.pids"));
+    }
+
+    fn record(&self, logs: &Path) {
+        let all: Vec<(&str, u32)> = [&self.cluster, &self.operator, &self.apiserver]
+            .into_iter()
+            .flatten()
+            .map(|s| (s.name.as_str(), s.pid()))
+            .collect();
+        children::record(&logs.join("dev.pids"), &all);
+    }
+}
+
+fn binary(name: &str) -> Result<PathBuf, String> {
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    let path = dir.join(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} is missing: build it with `cargo build --bins` (make dev does)",
+            path.display()
+        ))
+    }
+}
+
+fn port_free(address: SocketAddr, flag: &str) -> Result<(), String> {
+    TcpListener::bind(address).map(drop).map_err(|error| {
+        format!(
+            "{address} is taken ({error}): is another make dev running? Stop it, or pass \
+             {flag} to hookrun-dev"
+        )
+    })
+}
+
+/// Whether a control plane started by `make cluster-up` (or an earlier run) answers.
+fn running_cluster(state: &Path) -> bool {
+    state.join("ready").exists()
+        && std::fs::read_to_string(state.join("supervisor.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+async fn http_ok(address: SocketAddr, path: &str) -> bool {
+    let address = address.to_string();
+    tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::net::TcpStream::connect(&address).await.is_ok()
+            && door::request(&address, "GET", path, &[], "").await.status == 200
+    })
+    .await
+    .unwrap_or(false)
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+async fn wait_ready(started: &mut Started, admin: SocketAddr) -> Result<(), String> {
+    let begun = Instant::now();
+    loop {
+        if http_ok(admin, "/readyz").await {
+            return Ok(());
+        }
+        if begun.elapsed() > Duration::from_secs(90) {
+            return Err(format!(
+                "{} was not ready after 90 s; its log ({}):\n{}",
+                started.name,
+                started.log.display(),
+                tail(&started.log)
+            ));
+        }
+        tokio::select! {
+            status = started.exited() => {
+                return Err(format!(
+                    "{} exited ({status}); its log ({}):\n{}",
+                    started.name,
+                    started.log.display(),
+                    tail(&started.log)
+                ));
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+/// Starts everything; answers the client of the cluster.
+async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
+    let cluster_bin = binary("hookrun-cluster")?;
+    let operator_bin = binary("hookrun-operator")?;
+    let apiserver_bin = binary("hookrun-apiserver")?;
+    let harness_bin = binary("hookrun-harness")?;
+    std::fs::create_dir_all(cli.logs.join("sessions"))
+        .map_err(|e| format!("cannot create {}: {e}", cli.logs.display()))?;
+    children::stop_leftovers(&cli.logs.join("dev.pids")).await;
+    port_free(cli.listen, "--listen")?;
+    port_free(cli.admin_listen, "--admin-listen")?;
+    port_free(cli.operator_admin_listen, "--operator-admin-listen")?;
+
+    let kubeconfig = cli.state.join("kubeconfig");
+    if running_cluster(&cli.state) {
+        println!(
+            "dev: reusing the control plane already running in {}",
+            cli.state.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&cli.state);
+        std::fs::create_dir_all(&cli.state)
+            .map_err(|e| format!("cannot create {}: {e}", cli.state.display()))?;
+        println!("dev: starting etcd, kube-apiserver and kube-controller-manager");
+        let args: Vec<String> = vec![
+            "run".into(),
+            "--state".into(),
+            cli.state.display().to_string(),
+            "--remove-state".into(),
+            // Even if make dev is killed outright, the control plane goes with it.
+            "--exit-with-pid".into(),
+            std::process::id().to_string(),
+        ];
+        let mut cluster = Started::spawn(&cluster_bin, &args, &kubeconfig, &cli.logs)?;
+        let begun = Instant::now();
+        while !cli.state.join("ready").exists() {
+            if begun.elapsed() > Duration::from_secs(180) {
+                stack.cluster = Some(cluster);
+                return Err("the control plane was not ready after 180 s".into());
+            }
+            tokio::select! {
+                status = cluster.exited() => {
+                    return Err(format!(
+                        "the control plane exited ({status}); its log ({}):\n{}",
+                        cluster.log.display(),
+                        tail(&cluster.log)
+                    ));
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        println!(
+            "dev: control plane ready after {:.1}s",
+            begun.elapsed().as_secs_f64()
+        );
+        stack.cluster = Some(cluster);
+        stack.record(&cli.logs);
+    }
+    let client = control_plane::client_for(&kubeconfig)
+        .await
+        .map_err(|e| format!("cannot build a client from {}: {e}", kubeconfig.display()))?;
+    // install_crds panics on failure (it serves tests); a task turns that into an error.
+    tokio::spawn({
+        let client = client.clone();
+        async move { hookrun_tests::install_crds(&client).await }
+    })
+    .await
+    .map_err(|_| "installing the CRDs failed".to_string())?;
+    println!("dev: CRDs installed");
+
+    let public = format!("http://{}", cli.listen);
+    let operator_args: Vec<String> = [
+        "--public-url",
+        &public,
+        "--runner-url",
+        &public,
+        "--default-harness-image",
+        &cli.harness_image,
+        "--admin-listen",
+        &cli.operator_admin_listen.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    stack.operator = Some(Started::spawn(
+        &operator_bin,
+        &operator_args,
+        &kubeconfig,
+        &cli.logs,
+    )?);
+    let apiserver_args: Vec<String> = [
+        "--listen",
+        &cli.listen.to_string(),
+        "--admin-listen",
+        &cli.admin_listen.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    stack.apiserver = Some(Started::spawn(
+        &apiserver_bin,
+        &apiserver_args,
+        &kubeconfig,
+        &cli.logs,
+    )?);
+    stack.record(&cli.logs);
+    for (started, admin) in [
+        (stack.operator.as_mut(), cli.operator_admin_listen),
+        (stack.apiserver.as_mut(), cli.admin_listen),
+    ] {
+        if let Some(started) = started {
+            wait_ready(started, admin).await?;
+            println!(
+                "dev: {} ready (pid {}, log {})",
+                started.name,
+                started.pid(),
+                started.log.display()
+            );
+        }
+    }
+
+    let runner = PodRunner::new(
+        client.clone(),
+        &cli.harness_image,
+        harness_bin,
+        cli.logs.join("sessions"),
+    );
+    let task = tokio::spawn(runner.clone().run());
+    stack.runner = Some((runner, task));
+    println!(
+        "dev: local pod runner ready (runs {} as {})",
+        cli.harness_image,
+        binary("hookrun-harness")?.display()
+    );
+
+    let applied = Command::new(control_plane::default_tools_bin().join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["apply", "-n", "default", "-f"])
+        .arg(&cli.examples)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("cannot run kubectl: {e}"))?;
+    let text = String::from_utf8_lossy(&applied.stdout);
+    for line in text.lines() {
+        println!("dev:   {line}");
+    }
+    if !applied.status.success() {
+        return Err(format!(
+            "kubectl apply -f {} failed:\n{}",
+            cli.examples.display(),
+            String::from_utf8_lossy(&applied.stderr)
+        ));
+    }
+    Ok(client)
+}
+
+/// Waits for the Agents' URLs (the echo agent's at least) and prints them.
+async fn print_agents(client: &Client) -> Result<(), String> {
+    let agents: Api<Agent> = Api::namespaced(client.clone(), "default");
+    let begun = Instant::now();
+    let mut echo_since: Option<Instant> = None;
+    let list = loop {
+        let list = agents
+            .list(&Default::default())
+            .await
+            .map_err(|e| format!("cannot list Agents: {e}"))?
+            .items;
+        let has_url = |a: &Agent| {
+            a.status
+                .as_ref()
+                .and_then(|s| s.webhook_url.as_ref())
+                .is_some()
+        };
+        if echo_since.is_none() && list.iter().any(|a| a.name_any() == "echo" && has_url(a)) {
+            echo_since = Some(Instant::now());
+        }
+        let all = list
+            .iter()
+            .filter(|a| a.spec.webhook().is_some())
+            .all(has_url);
+        // The others get a few seconds after echo: a missing Secret can hold one back.
+        if all || echo_since.is_some_and(|t| t.elapsed() > Duration::from_secs(5)) {
+            break list;
+        }
+        if begun.elapsed() > Duration::from_secs(60) {
+            return Err(
+                "the echo Agent got no webhook URL within 60 s; see the operator log".into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The quickstart's agent first, then the rest by name.
+    let mut list = list;
+    list.sort_by_key(|a| (a.name_any() != "echo", a.name_any()));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    println!();
+    println!("hookrun is running. Webhook URLs of the Agents in examples/ (namespace default):");
+    for agent in &list {
+        println!();
+        print_agent(agent, &secrets).await;
+    }
+    println!();
+    println!("Sessions appear below as they start and end. Ctrl-C stops everything.");
+    Ok(())
+}
+
+async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
+    let name = agent.name_any();
+    let Some(url) = agent.status.as_ref().and_then(|s| s.webhook_url.clone()) else {
+        let why = agent
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.message.clone())
+            .unwrap_or_else(|| "no webhook trigger".into());
+        println!("  {name}: no webhook URL ({why})");
+        return;
+    };
+    println!("  {name}  {url}");
+    let webhook = agent.spec.webhook();
+    let schemes: Vec<String> = webhook
+        .map(|w| {
+            w.signing_secrets()
+                .into_iter()
+                .map(|(s, _)| format!("{s:?}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cidrs = webhook.map(|w| w.allow_cidrs.clone()).unwrap_or_default();
+    if !schemes.is_empty() {
+        println!(
+            "    signed ({}): a plain curl gets 401; send it from the platform (examples/README.md)",
+            schemes.join(", ")
+        );
+    } else if !cidrs.is_empty() {
+        println!(
+            "    only callers from {} are let in: a curl from here gets 403",
+            cidrs.join(", ")
+        );
+    } else {
+        println!(
+            "    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\"}}' {url}"
+        );
+        println!(
+            "    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\",\"wait\":60}}' {url}"
+        );
+    }
+    let env = agent
+        .spec
+        .session
+        .as_ref()
+        .map(|s| s.env.clone())
+        .unwrap_or_default();
+    for reference in env
+        .iter()
+        .filter_map(|v| v.value_from.as_ref()?.secret_key_ref.as_ref())
+    {
+        if secrets
+            .get_opt(&reference.name)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            println!(
+                "    sessions need Secret {:?}: kubectl create secret generic {} --from-literal={}=…",
+                reference.name, reference.name, reference.key
+            );
+        }
+    }
+}
+
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "Ctrl-C";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let begun = Instant::now();
+    let mut stack = Stack::default();
+    let started = tokio::select! {
+        started = start(&cli, &mut stack) => started,
+        why = interrupted() => Err(format!("{why} while starting")),
+    };
+    let client = match started {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("dev: {error}");
+            stack.stop(&cli.logs).await;
+            return ExitCode::FAILURE;
+        }
+    };
+    let shown = tokio::select! {
+        shown = print_agents(&client) => shown,
+        why = interrupted() => Err(format!("{why} while waiting for webhook URLs")),
+    };
+    if let Err(error) = shown {
+        eprintln!("dev: {error}");
+        stack.stop(&cli.logs).await;
+        return ExitCode::FAILURE;
+    }
+    println!(
+        "dev: ready in {:.1}s (kubectl: export KUBECONFIG={}; logs in {})",
+        begun.elapsed().as_secs_f64(),
+        cli.state.join("kubeconfig").display(),
+        cli.logs.display()
+    );
+
+    let code = {
+        let operator = stack.operator.as_mut().map(|s| (s.name.clone(), s));
+        let apiserver = stack.apiserver.as_mut().map(|s| (s.name.clone(), s));
+        match (operator, apiserver) {
+            (Some((operator_name, operator)), Some((apiserver_name, apiserver))) => {
+                tokio::select! {
+                    why = interrupted() => {
+                        println!("\ndev: {why}: stopping everything make dev started");
+                        ExitCode::SUCCESS
+                    }
+                    status = operator.exited() => {
+                        eprintln!("dev: {operator_name} exited ({status}); see {}", operator.log.display());
+                        ExitCode::FAILURE
+                    }
+                    status = apiserver.exited() => {
+                        eprintln!("dev: {apiserver_name} exited ({status}); see {}", apiserver.log.display());
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            _ => ExitCode::FAILURE,
+        }
+    };
+    stack.stop(&cli.logs).await;
+    println!("dev: everything make dev started has stopped");
+    code
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(error) => {
+            eprintln!("dev: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
