@@ -4,10 +4,13 @@
 //! 2. 1000 Agents applied at once: time until every one has a URL, API writes per Agent
 //!    (Secret creates/updates + Agent status patches, counted from watch events; Kubernetes
 //!    Events counted apart), writes during a quiet window afterwards (goal: zero);
-//! 3. the operator's resident memory with those Agents.
+//! 3. the operator's resident memory with those Agents;
+//! 4. Session-created-to-Pod-created latency: Sessions one at a time, then all at once
+//!    (p50, p99).
 //!
 //! Sizes: `HOOKRUN_BENCH_AGENTS` (1000), `HOOKRUN_BENCH_SEQUENTIAL` (50),
-//! `HOOKRUN_BENCH_QUIET_SECS` (60).
+//! `HOOKRUN_BENCH_QUIET_SECS` (60), `HOOKRUN_BENCH_SESSIONS` (100). With
+//! `HOOKRUN_BENCH_AGENTS=0` only the Session part runs.
 
 use std::{
     collections::HashSet,
@@ -21,11 +24,11 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt, stream};
 use hookrun_crds::{
-    Agent, AgentSpec,
+    Agent, AgentSpec, Session, SessionSpec,
     agent::{Trigger, WebhookTrigger},
 };
 use hookrun_tests::{TestNamespace, cluster, workspace_binary};
-use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use kube::{
     Api, Client,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
@@ -66,6 +69,8 @@ fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
         .args([
             "--public-url",
             "https://hooks.bench.example",
+            "--runner-url",
+            "http://runner.bench.example",
             "--admin-listen",
             "127.0.0.1:0",
         ])
@@ -166,14 +171,132 @@ async fn sequential_latency(client: &Client, namespace: &str, count: u64) -> Vec
     latencies
 }
 
+fn session(name: &str) -> Session {
+    Session::new(
+        name,
+        SessionSpec {
+            agent: "bench".into(),
+            title: "hello".into(),
+            ..Default::default()
+        },
+    )
+}
+
+/// Session-created-to-Pod-created latency: `count` Sessions one at a time, then `count`
+/// at once (16 creates in flight). Each latency runs from just before the Session's
+/// create call to the pod's ADDED event on a watch opened beforehand.
+async fn session_to_pod(client: &Client, namespace: &str, count: u64) {
+    let agents: Api<Agent> = Api::namespaced(client.clone(), namespace);
+    let sessions: Api<Session> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    agents
+        .create(&PostParams::default(), &agent("bench"))
+        .await
+        .expect("the Agent");
+    let mut added = watcher(pods, watcher::Config::default())
+        .applied_objects()
+        .boxed();
+
+    let mut sequential = Vec::new();
+    for i in 0..=count {
+        let name = format!("seq-wh-{i:08x}");
+        let started = Instant::now();
+        sessions
+            .create(&PostParams::default(), &session(&name))
+            .await
+            .expect("create");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), added.try_next()).await {
+                Ok(Ok(Some(pod))) if pod.metadata.name.as_deref() == Some(name.as_str()) => break,
+                Ok(Ok(Some(_))) => continue,
+                other => panic!("no pod for {name}: {other:?}"),
+            }
+        }
+        // The first one also waits out the operator's start.
+        if i > 0 {
+            sequential.push(started.elapsed());
+        }
+    }
+    sequential.sort();
+    println!(
+        "Session-to-Pod latency over {} sequential Sessions: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        sequential.len(),
+        percentile(&sequential, 0.50).as_secs_f64() * 1000.0,
+        percentile(&sequential, 0.99).as_secs_f64() * 1000.0,
+        sequential.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+
+    let created: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
+    let started = Instant::now();
+    let creator = {
+        let (sessions, created) = (sessions.clone(), created.clone());
+        tokio::spawn(async move {
+            stream::iter(0..count)
+                .map(|i| {
+                    let (sessions, created) = (sessions.clone(), created.clone());
+                    async move {
+                        let name = format!("burst-wh-{i:08x}");
+                        if let Ok(mut created) = created.lock() {
+                            created.insert(name.clone(), Instant::now());
+                        }
+                        sessions
+                            .create(&PostParams::default(), &session(&name))
+                            .await
+                    }
+                })
+                .buffer_unordered(16)
+                .try_collect::<Vec<_>>()
+                .await
+                .expect("every Session is created");
+        })
+    };
+    let mut burst = Vec::new();
+    while (burst.len() as u64) < count {
+        match tokio::time::timeout(Duration::from_secs(120), added.try_next()).await {
+            Ok(Ok(Some(pod))) => {
+                let name = pod.metadata.name.unwrap_or_default();
+                let since = created.lock().ok().and_then(|c| c.get(&name).copied());
+                if let Some(since) = since
+                    && name.starts_with("burst-")
+                {
+                    burst.push(since.elapsed());
+                    if let Ok(mut created) = created.lock() {
+                        created.remove(&name);
+                    }
+                }
+            }
+            other => panic!("waiting for pods failed after {}: {other:?}", burst.len()),
+        }
+    }
+    let all = started.elapsed();
+    creator.await.expect("creator task");
+    burst.sort();
+    println!(
+        "{count} Sessions created at once: every pod after {:.2} s; Session-to-Pod p50 {:.0} ms, p99 {:.0} ms",
+        all.as_secs_f64(),
+        percentile(&burst, 0.50).as_secs_f64() * 1000.0,
+        percentile(&burst, 0.99).as_secs_f64() * 1000.0,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let agents_n = env_number("HOOKRUN_BENCH_AGENTS", 1000);
     let sequential_n = env_number("HOOKRUN_BENCH_SEQUENTIAL", 50);
     let quiet = Duration::from_secs(env_number("HOOKRUN_BENCH_QUIET_SECS", 60));
 
+    let sessions_n = env_number("HOOKRUN_BENCH_SESSIONS", 100);
+
     let cluster = cluster().await;
     let client = cluster.client().await;
+    if sessions_n > 0 {
+        let ns = TestNamespace::new(cluster).await;
+        let _operator = start_operator(&cluster.kubeconfig_path(), ns.name());
+        session_to_pod(&client, ns.name(), sessions_n).await;
+    }
+    if agents_n == 0 {
+        return;
+    }
     let ns = TestNamespace::new(cluster).await;
     let operator = start_operator(&cluster.kubeconfig_path(), ns.name());
 

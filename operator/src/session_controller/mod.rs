@@ -112,7 +112,15 @@ pub fn run(
         pods: pod_store,
         failures: Mutex::default(),
     });
-    let controller = Controller::new(sessions, watcher::Config::default().any_semantic())
+    let (session_store, session_writer) = reflector::store();
+    let session_events = reflector::reflector(
+        session_writer,
+        watcher(sessions, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(slim),
+    )
+    .touched_objects();
+    let controller = Controller::for_stream(session_events, session_store)
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
         .owns_stream(pod_events)
         .graceful_shutdown_on(shutdown);
@@ -125,6 +133,19 @@ pub fn run(
             }
         });
     (store, runner)
+}
+
+/// Keeps in the cache only what the decisions read: events, answer, title and payload
+/// can reach hundreds of KiB per Session, and writes read the Session afresh anyway.
+fn slim(session: &mut Session) {
+    session.metadata.managed_fields = None;
+    session.spec.title.clear();
+    session.spec.trigger = None;
+    if let Some(status) = session.status.as_mut() {
+        status.events.clear();
+        status.response = None;
+        status.message = None;
+    }
 }
 
 async fn reconcile(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {

@@ -797,3 +797,25 @@ fn a_missing_agent_is_named() {
     assert!(phase::apply(&transition, &mut status, time(0)));
     assert_eq!(status.phase(), SessionPhase::Error);
 }
+
+#[test]
+fn the_cached_session_keeps_what_the_decisions_read() {
+    let mut status = recorded(SessionPhase::Running);
+    status.push_event(event_types::AGENT_MESSAGE, &"x".repeat(10_000), time(1));
+    status.finish(SessionPhase::Complete, Some("answer"), None, time(2));
+    let mut cached = session(&[("A", "b")]);
+    cached.status = Some(status.clone());
+    super::slim(&mut cached);
+    let slim = cached.status.clone().expect("status");
+    assert!(slim.events.is_empty());
+    assert_eq!(slim.response, None);
+    assert!(cached.spec.title.is_empty());
+    assert_eq!(cached.spec.agent, "my-agent");
+    assert_eq!(cached.spec.env.len(), 1);
+    for now in [3, 100] {
+        assert_eq!(
+            decide_at(Some(&slim), None, now),
+            decide_at(Some(&status), None, now)
+        );
+    }
+}
