@@ -135,22 +135,27 @@ impl Setup {
     }
 
     /// Plays the runner API: appends an event to the Session status with the agreed
-    /// read, change, merge patch with resourceVersion.
+    /// read, change, merge patch with resourceVersion, again on a conflict.
     async fn append_event(&self, name: &str, type_: &str, content: &str) {
-        let session = self.sessions.get(name).await.expect("the Session");
-        let mut status = session.status.clone().unwrap_or_default();
-        status.push_event(type_, content, Time(Timestamp::now()));
-        self.sessions
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({
-                    "metadata": {"resourceVersion": session.resource_version()},
-                    "status": status,
-                })),
-            )
-            .await
-            .expect("the event is appended");
+        for _ in 0..50 {
+            let session = self.sessions.get(name).await.expect("the Session");
+            let mut status = session.status.clone().unwrap_or_default();
+            status.push_event(type_, content, Time(Timestamp::now()));
+            let patch = json!({
+                "metadata": {"resourceVersion": session.resource_version()},
+                "status": status,
+            });
+            match self
+                .sessions
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => return,
+                Err(kube::Error::Api(conflict)) if conflict.code == 409 => {}
+                Err(error) => panic!("appending an event failed: {error}"),
+            }
+        }
+        panic!("appending an event kept conflicting");
     }
 
     /// The reasons of the Kubernetes Events about a Session.
@@ -367,6 +372,58 @@ async fn a_running_then_succeeded_pod_completes_with_the_last_agent_message() {
         .await
         .expect("session");
     assert_eq!(event_types_of(&later).len(), 4);
+}
+
+#[tokio::test]
+async fn events_appended_while_the_operator_writes_are_all_kept() {
+    let cluster = cluster().await;
+    let setup = Setup::new(cluster).await;
+    setup.agent("chatty", json!({})).await;
+    setup.session("chatty-wh-00000001", "chatty", &[]).await;
+    setup.pod("chatty-wh-00000001").await;
+    setup
+        .phase("chatty-wh-00000001", SessionPhase::Pending)
+        .await;
+
+    // Two "replicas" append while the operator records the pod running.
+    let appends = |replica: usize| {
+        let setup = &setup;
+        async move {
+            for i in 0..10 {
+                let content = format!("replica {replica} message {i}");
+                setup
+                    .append_event("chatty-wh-00000001", event_types::AGENT_MESSAGE, &content)
+                    .await;
+            }
+        }
+    };
+    let running = async {
+        setup
+            .set_pod_status("chatty-wh-00000001", json!({"phase": "Running"}))
+            .await;
+    };
+    tokio::join!(appends(1), appends(2), running);
+    setup
+        .phase("chatty-wh-00000001", SessionPhase::Running)
+        .await;
+    setup
+        .set_pod_status("chatty-wh-00000001", json!({"phase": "Succeeded"}))
+        .await;
+    let done = setup
+        .phase("chatty-wh-00000001", SessionPhase::Complete)
+        .await;
+    let status = done.status.clone().expect("status");
+    let types = event_types_of(&done);
+    let count = |t: &str| types.iter().filter(|x| x.as_str() == t).count();
+    assert_eq!(count(event_types::AGENT_MESSAGE), 20, "{types:?}");
+    assert_eq!(count(event_types::STATUS_RUNNING), 1, "{types:?}");
+    assert_eq!(count(event_types::STATUS_CLOSED), 1, "{types:?}");
+    assert_eq!(
+        types.last().map(String::as_str),
+        Some(event_types::STATUS_CLOSED)
+    );
+    assert_eq!(status.response.as_deref(), status.last_agent_message());
+    assert!(status.response.is_some());
 }
 
 #[tokio::test]
