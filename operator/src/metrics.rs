@@ -94,7 +94,7 @@ impl Metrics {
         );
         sub.register(
             "session_pod_create_latency_seconds",
-            "Time from a Session's creation to the creation of its pod",
+            "Time from a Session's creation to the creation of its pod (the API stamps creation to the second, so single values can be up to 1 s high)",
             metrics.pod_create_latency.clone(),
         );
         metrics

@@ -248,7 +248,33 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
                 write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
                 return Ok(Action::await_change());
             };
-            let created = create_pod(ctx, &pods, &live, &agent).await?;
+            let created = match create_pod(ctx, &pods, &live, &agent).await {
+                Err(Error::Kube(kube::Error::Api(refusal))) => {
+                    let age = session_age(&live);
+                    let Some(transition) = phase::pod_create_refused(
+                        refusal.code,
+                        &refusal.message,
+                        age,
+                        ctx.pending_timeout,
+                    ) else {
+                        if refusal.code != 403 {
+                            return Err(Error::Kube(kube::Error::Api(refusal)));
+                        }
+                        // Forbidden may pass (a ServiceAccount or quota appears): look
+                        // again soon, and by the pending timeout at the latest.
+                        tracing::warn!(session = %name, namespace = %namespace, detail = %refusal.message, "the cluster refused the session pod; retrying");
+                        ctx.metrics
+                            .reconcile_failed(CONTROLLER, "pod_create_forbidden");
+                        let left = ctx.pending_timeout.saturating_sub(age);
+                        return Ok(Action::requeue(
+                            (left + Duration::from_millis(100)).min(Duration::from_secs(10)),
+                        ));
+                    };
+                    write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                    return Ok(Action::await_change());
+                }
+                other => other?,
+            };
             match observe(live.status.as_ref(), Some(&created)) {
                 Decision::Write(transition) => {
                     write_transition(ctx, &sessions, session, &uid, &transition, Some(&created))
@@ -261,6 +287,15 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             Ok(Action::requeue(RESYNC))
         }
     }
+}
+
+/// How long ago the Session was created (whole seconds: the API stamps no finer).
+fn session_age(session: &Session) -> Duration {
+    let created = session.meta().creation_timestamp.as_ref().map_or_else(
+        || Timestamp::now().as_millisecond(),
+        |t| t.0.as_millisecond(),
+    );
+    Duration::from_millis(u64::try_from(Timestamp::now().as_millisecond() - created).unwrap_or(0))
 }
 
 /// Creates the Session's pod; an existing one (of an earlier attempt) is returned as is.
@@ -279,10 +314,7 @@ async fn create_pod(
     match pods.create(&params, &desired).await {
         Ok(created) => {
             ctx.metrics.wrote(CONTROLLER, "pod_create");
-            if let Some(created_at) = session.meta().creation_timestamp.as_ref() {
-                let ms = Timestamp::now().as_millisecond() - created_at.0.as_millisecond();
-                ctx.metrics.pod_created(ms.max(0) as f64 / 1000.0);
-            }
+            ctx.metrics.pod_created(session_age(session).as_secs_f64());
             tracing::info!(session = %name, namespace = %session.namespace().unwrap_or_default(), agent = %session.spec.agent, "created the session pod");
             Ok(created)
         }

@@ -61,6 +61,7 @@ pub enum FailReason {
     ContainerCreateFailed,
     PodDeleted,
     PodNotOwned,
+    PodCreateRefused,
 }
 
 impl FailReason {
@@ -75,6 +76,7 @@ impl FailReason {
             FailReason::ContainerCreateFailed => "ContainerCreateFailed",
             FailReason::PodDeleted => "PodDeleted",
             FailReason::PodNotOwned => "PodNotOwned",
+            FailReason::PodCreateRefused => "PodCreateRefused",
         }
     }
 }
@@ -116,6 +118,35 @@ pub fn agent_not_found(agent: &str) -> Transition {
         format!("agent {agent} not found"),
         false,
     )
+}
+
+/// What to make of the API refusing to create the pod with `code` and `message`, for a
+/// Session `age` old: `None` to retry (with backoff), or the failure that ends it. An
+/// invalid pod (400, 422) never becomes valid; a forbidden one (a missing
+/// ServiceAccount, an exhausted quota) may, so it is retried until the pending timeout.
+pub fn pod_create_refused(
+    code: u16,
+    message: &str,
+    age: Duration,
+    pending_timeout: Duration,
+) -> Option<Transition> {
+    let message = message.trim();
+    match code {
+        400 | 422 => Some(Transition::fail(
+            FailReason::PodCreateRefused,
+            format!("the pod was refused by the cluster: {message}"),
+            false,
+        )),
+        403 if age >= pending_timeout => Some(Transition::fail(
+            FailReason::PodCreateRefused,
+            format!(
+                "the pod could not be created within {}: {message}",
+                HumanDuration(pending_timeout)
+            ),
+            false,
+        )),
+        _ => None,
+    }
 }
 
 /// What the operator sees of a Session.

@@ -819,3 +819,37 @@ fn the_cached_session_keeps_what_the_decisions_read() {
         );
     }
 }
+
+#[test]
+fn a_refused_pod_fails_at_once_when_invalid_and_after_the_timeout_when_forbidden() {
+    let timeout = Duration::from_secs(300);
+    let invalid = phase::pod_create_refused(
+        422,
+        "Pod \"x\" is invalid: spec...",
+        Duration::ZERO,
+        timeout,
+    )
+    .expect("an invalid pod ends the Session");
+    assert!(matches!(
+        &invalid,
+        Transition::Fail { reason: FailReason::PodCreateRefused, message, .. }
+            if message == "the pod was refused by the cluster: Pod \"x\" is invalid: spec..."
+    ));
+    let forbidden = "pods \"x\" is forbidden: error looking up service account ns/runner";
+    assert_eq!(
+        phase::pod_create_refused(403, forbidden, Duration::from_secs(10), timeout),
+        None
+    );
+    let late = phase::pod_create_refused(403, forbidden, timeout, timeout).expect("ends");
+    assert!(matches!(
+        &late,
+        Transition::Fail { message, .. }
+            if message == &format!("the pod could not be created within 5m: {forbidden}")
+    ));
+    for transient in [429, 500, 503] {
+        assert_eq!(
+            phase::pod_create_refused(transient, "busy", Duration::from_secs(3600), timeout),
+            None
+        );
+    }
+}

@@ -551,6 +551,31 @@ async fn a_pod_unschedulable_past_the_pending_timeout_fails_and_is_removed() {
 }
 
 #[tokio::test]
+async fn a_pod_the_cluster_refuses_past_the_pending_timeout_is_an_error() {
+    let cluster = cluster().await;
+    let setup = Setup::new(cluster).await;
+    setup
+        .agent("lost", json!({"serviceAccountName": "no-such-account"}))
+        .await;
+    setup.session("lost-wh-00000001", "lost", &[]).await;
+    let failed = setup.phase("lost-wh-00000001", SessionPhase::Error).await;
+    let message = failed.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.starts_with("the pod could not be created within 2s: ")
+            && message.contains("no-such-account"),
+        "{message}"
+    );
+    assert!(
+        setup
+            .pods
+            .get_opt("lost-wh-00000001")
+            .await
+            .expect("get")
+            .is_none()
+    );
+}
+
+#[tokio::test]
 async fn a_session_of_a_missing_agent_is_an_error_without_a_pod() {
     let cluster = cluster().await;
     let setup = Setup::new(cluster).await;
