@@ -81,11 +81,12 @@ impl std::fmt::Debug for SecretEntry {
     }
 }
 
-/// Everything a request to one Agent's webhook is checked against.
+/// Everything a request to one Agent's webhook is checked against. Both parts are shared
+/// with the index, so a lookup costs two reference-count increments, not copies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WebhookTarget {
-    pub agent: AgentEntry,
-    pub secret: SecretEntry,
+    pub agent: Arc<AgentEntry>,
+    pub secret: Arc<SecretEntry>,
 }
 
 /// The webhook entry of an Agent, `None` when it has no webhook trigger. `allowCIDRs`
@@ -245,11 +246,13 @@ impl Scope {
     }
 }
 
-/// The index. Lookups clone small entries; the lock is never held across an `.await`.
+/// The index. Lookups share entries; the lock is never held across an `.await`.
 #[derive(Debug, Default)]
 pub struct Index {
-    agents: HashMap<AgentKey, AgentEntry>,
-    secrets: HashMap<AgentKey, SecretEntry>,
+    agents: HashMap<AgentKey, Arc<AgentEntry>>,
+    secrets: HashMap<AgentKey, Arc<SecretEntry>>,
+    /// What an Agent whose Secret is not loaded yet is checked against (accepts nothing).
+    no_secret: Arc<SecretEntry>,
     /// Sessions by (namespace, session name).
     sessions: HashMap<AgentKey, SessionEntry>,
     /// Non-finished Sessions per Agent.
@@ -291,7 +294,7 @@ impl Index {
     /// it has no webhook trigger.
     pub fn target(&self, key: &AgentKey) -> Option<WebhookTarget> {
         let agent = self.agents.get(key)?.clone();
-        let secret = self.secrets.get(key).cloned().unwrap_or_default();
+        let secret = self.secrets.get(key).unwrap_or(&self.no_secret).clone();
         Some(WebhookTarget { agent, secret })
     }
 
@@ -367,7 +370,7 @@ impl Index {
         let key = AgentKey::new(namespace, agent.name_any());
         match agent_entry(agent) {
             Some(entry) => {
-                self.agents.insert(key, entry);
+                self.agents.insert(key, Arc::new(entry));
             }
             None => {
                 self.agents.remove(&key);
@@ -391,7 +394,7 @@ impl Index {
 
     pub fn apply_secret(&mut self, secret: &Secret) {
         if let Some(owner) = secret_owner(secret) {
-            self.secrets.insert(owner, secret_entry(secret));
+            self.secrets.insert(owner, Arc::new(secret_entry(secret)));
         }
     }
 

@@ -2,6 +2,9 @@
 //! outcome, and a latency histogram by route template. Labels are low-cardinality: no
 //! raw paths, tokens or Agent names.
 
+use std::collections::HashSet;
+use std::sync::{PoisonError, RwLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -9,19 +12,32 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// Labels of `hookrun_apiserver_requests_total`.
+/// Labels of `hookrun_apiserver_requests_total`. Static strings, so counting a request
+/// allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub route: String,
-    pub method: String,
-    pub outcome: String,
-    pub status: String,
+    pub route: &'static str,
+    pub method: &'static str,
+    pub outcome: &'static str,
+    pub status: u16,
 }
 
 /// Labels of the latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
-    pub route: String,
+    pub route: &'static str,
+}
+
+/// Distinct route templates and outcomes kept as label values; past this, `other`.
+const MAX_LABEL_VALUES: usize = 256;
+
+/// The label value of an HTTP method: the standard ones, else `other` (a client picks
+/// the method, so it must not grow the label set).
+pub fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("other")
 }
 
 fn latency_histogram() -> Histogram {
@@ -35,6 +51,8 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Wait-mode requests held right now.
     pub waiting: Gauge,
+    /// Route templates and outcomes seen, as `'static` label values.
+    interned: RwLock<HashSet<&'static str>>,
     registry: Registry,
 }
 
@@ -81,6 +99,7 @@ impl Default for Metrics {
             requests,
             latency,
             waiting,
+            interned: RwLock::default(),
             registry,
         }
     }
@@ -102,20 +121,43 @@ impl Metrics {
         WaitingGuard(self.waiting.clone())
     }
 
-    /// Counts one answered request.
+    /// Counts one answered request. `route` is a route template and `outcome` a code from
+    /// a fixed set, never a raw path.
     pub fn observe(&self, route: &str, method: &str, outcome: &str, status: u16, seconds: f64) {
+        let route = self.intern(route);
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_owned(),
-                method: method.to_owned(),
-                outcome: outcome.to_owned(),
-                status: status.to_string(),
+                route,
+                method: method_label(method),
+                outcome: self.intern(outcome),
+                status,
             })
             .inc();
         self.latency
-            .get_or_create(&RouteLabels {
-                route: route.to_owned(),
-            })
+            .get_or_create(&RouteLabels { route })
             .observe(seconds);
+    }
+
+    /// `value` as a `'static` label value, kept once (the set of templates and outcomes is
+    /// small and fixed, so this stays bounded; past [`MAX_LABEL_VALUES`] it is `other`).
+    fn intern(&self, value: &str) -> &'static str {
+        let read = self.interned.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(kept) = read.get(value) {
+            return kept;
+        }
+        drop(read);
+        let mut write = self
+            .interned
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(kept) = write.get(value) {
+            return kept;
+        }
+        if write.len() >= MAX_LABEL_VALUES {
+            return "other";
+        }
+        let kept: &'static str = Box::leak(value.to_owned().into_boxed_str());
+        write.insert(kept);
+        kept
     }
 }

@@ -7,15 +7,15 @@
 //! conflict → 429 concurrency or rate → 503 store. The signature is checked after the
 //! body is read (it signs the body), so an oversized body with a wrong signature is 413.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Instant, SystemTime};
 
-use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -120,6 +120,8 @@ pub enum WebhookError {
     TooManySessions { max: u32 },
     #[error("the cluster cannot store the Session right now; retry later")]
     Unavailable,
+    #[error("this URL answers GET (the verification ping) and POST (a webhook) only")]
+    MethodNotAllowed,
 }
 
 impl WebhookError {
@@ -143,6 +145,7 @@ impl WebhookError {
             WebhookError::RateLimited { .. } => "rate_limited",
             WebhookError::TooManySessions { .. } => "too_many_sessions",
             WebhookError::Unavailable => "unavailable",
+            WebhookError::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -170,19 +173,58 @@ impl WebhookError {
             WebhookError::RateLimited { .. } | WebhookError::TooManySessions { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            WebhookError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 }
 
-/// The outcome of a request, for the access log and metrics.
-#[derive(Clone, Copy, Debug)]
-pub struct Outcome(pub &'static str);
+/// `{"error", "message"}` as JSON bytes.
+fn error_body(code: &str, message: &str) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct ErrorBody<'a> {
+        error: &'a str,
+        message: &'a str,
+    }
+    serde_json::to_vec(&ErrorBody {
+        error: code,
+        message,
+    })
+    .map(Bytes::from)
+    .unwrap_or_default()
+}
+
+/// The bodies of the errors whose message never changes, serialised once: the cheap
+/// refusals (bad token, unknown Agent) are the ones a flood is made of.
+static CONSTANT_BODIES: LazyLock<HashMap<&'static str, Bytes>> = LazyLock::new(|| {
+    [
+        WebhookError::NotReady,
+        WebhookError::NotFound,
+        WebhookError::Forbidden,
+        WebhookError::BadToken,
+        WebhookError::SigningSecretPending,
+        WebhookError::BodyTimeout,
+        WebhookError::Unavailable,
+        WebhookError::MethodNotAllowed,
+    ]
+    .into_iter()
+    .map(|e| (e.code(), error_body(e.code(), &e.to_string())))
+    .collect()
+});
+
+/// What every JSON answer of the door is.
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The methods the door's routes answer (`GET` answers `HEAD` too).
+const ALLOWED_METHODS: HeaderValue = HeaderValue::from_static("GET, HEAD, POST");
 
 impl IntoResponse for WebhookError {
     fn into_response(self) -> Response {
         let code = self.code();
-        let body = Json(json!({"error": code, "message": self.to_string()}));
-        let mut response = (self.status(), body).into_response();
+        let body = match CONSTANT_BODIES.get(code) {
+            Some(body) => body.clone(),
+            None => error_body(code, &self.to_string()),
+        };
+        let mut response = (self.status(), [(header::CONTENT_TYPE, JSON)], body).into_response();
         let headers = response.headers_mut();
         match &self {
             WebhookError::RateLimited { retry, limit } => {
@@ -203,61 +245,80 @@ impl IntoResponse for WebhookError {
                     HeaderValue::from(UNAVAILABLE_RETRY_SECONDS),
                 );
             }
+            WebhookError::MethodNotAllowed => {
+                headers.insert(header::ALLOW, ALLOWED_METHODS);
+            }
             _ => {}
         }
-        response.extensions_mut().insert(Outcome(code));
         response
     }
 }
 
-/// The public router.
+/// The route template with the token in the path.
+pub const TOKEN_ROUTE: &str = "/webhooks/{namespace}/{agent}/{token}";
+/// The route template with the token in `Authorization: Bearer`.
+pub const BEARER_ROUTE: &str = "/webhooks/{namespace}/{agent}";
+/// The route label of a request no route matched.
+const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// The public router. Each handler writes its own access log line and metrics (by route
+/// template, never the path: it holds the token); no middleware wraps them, so a refusal
+/// costs no boxed future and no per-request allocation for labels.
 pub fn app(state: AppState) -> Router {
-    let metrics = state.metrics.clone();
     Router::new()
         .route(
-            "/webhooks/{namespace}/{agent}/{token}",
-            get(ping_handler).post(post_handler),
+            TOKEN_ROUTE,
+            get(ping_handler)
+                .post(post_handler)
+                .fallback(method_not_allowed),
         )
         .route(
-            "/webhooks/{namespace}/{agent}",
-            get(ping_handler).post(post_handler),
+            BEARER_ROUTE,
+            get(ping_handler)
+                .post(post_handler)
+                .fallback(method_not_allowed),
         )
-        .fallback(|| async { WebhookError::NotFound })
+        .fallback(not_found)
         .with_state(state)
-        .layer(middleware::from_fn_with_state(metrics, access_log))
 }
 
-/// Access log and metrics: the route template, never the path (it holds the token).
-async fn access_log(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().clone();
-    let response = next.run(request).await;
+/// An answer and its outcome code, for the access log and metrics.
+type Answered = (Response, &'static str);
+
+/// Which of the door's templates matched.
+fn route_label(matched: Option<&MatchedPath>) -> &'static str {
+    match matched.map(MatchedPath::as_str) {
+        Some(TOKEN_ROUTE) => TOKEN_ROUTE,
+        Some(BEARER_ROUTE) => BEARER_ROUTE,
+        _ => UNMATCHED_ROUTE,
+    }
+}
+
+/// Access log and metrics of one answered request.
+fn record(
+    state: &AppState,
+    route: &'static str,
+    method: &Method,
+    started: Instant,
+    agent: Option<&AgentKey>,
+    (response, outcome): Answered,
+) -> Response {
     let elapsed = started.elapsed();
-    let outcome = response
-        .extensions()
-        .get::<Outcome>()
-        .map_or("other", |o| o.0);
-    let agent = response
-        .extensions()
-        .get::<AgentName>()
-        .map_or("", |a| a.0.as_str());
     let status = response.status().as_u16();
-    metrics.observe(
-        &route,
+    state.metrics.observe(
+        route,
         method.as_str(),
         outcome,
         status,
         elapsed.as_secs_f64(),
     );
+    let (namespace, agent) = agent.map_or(("", ""), |k| (k.namespace.as_str(), k.name.as_str()));
     tracing::info!(
-        %route,
+        route,
         %method,
         status,
         outcome,
+        namespace,
         agent,
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         "webhook request"
@@ -265,9 +326,27 @@ async fn access_log(State(metrics): State<Arc<Metrics>>, request: Request, next:
     response
 }
 
-/// `namespace/agent`, for the access log.
-#[derive(Clone, Debug)]
-struct AgentName(String);
+fn refused(error: WebhookError) -> Answered {
+    let code = error.code();
+    (error.into_response(), code)
+}
+
+async fn not_found(State(state): State<AppState>, method: Method) -> Response {
+    let started = Instant::now();
+    let answered = refused(WebhookError::NotFound);
+    record(&state, UNMATCHED_ROUTE, &method, started, None, answered)
+}
+
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    method: Method,
+) -> Response {
+    let started = Instant::now();
+    let answered = refused(WebhookError::MethodNotAllowed);
+    let route = route_label(matched.as_ref());
+    record(&state, route, &method, started, None, answered)
+}
 
 /// The two door routes' path: the token rides in it, or in `Authorization: Bearer`.
 #[derive(serde::Deserialize)]
@@ -284,12 +363,12 @@ struct Knock {
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Knock {
-    type Rejection = Response;
+    type Rejection = WebhookError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, WebhookError> {
         let Path(path) = Path::<DoorPath>::from_request_parts(parts, state)
             .await
-            .map_err(|_| WebhookError::NotFound.into_response())?;
+            .map_err(|_| WebhookError::NotFound)?;
         let token = path.token.or_else(|| bearer(&parts.headers));
         Ok(Knock {
             key: AgentKey::new(path.namespace, path.agent),
@@ -310,20 +389,45 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 async fn ping_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    knock: Knock,
+    matched: Option<MatchedPath>,
+    method: Method,
+    knock: Result<Knock, WebhookError>,
     headers: HeaderMap,
 ) -> Response {
-    let result = ping(&state, &knock.key, knock.token.as_deref(), peer, &headers);
-    finish(knock.key, result)
+    let started = Instant::now();
+    let route = route_label(matched.as_ref());
+    let knock = match knock {
+        Ok(knock) => knock,
+        Err(error) => return record(&state, route, &method, started, None, refused(error)),
+    };
+    let answered = match ping(&state, &knock.key, knock.token.as_deref(), peer, &headers) {
+        Ok(()) => (ping_ok(), "ping"),
+        Err(error) => refused(error),
+    };
+    record(&state, route, &method, started, Some(&knock.key), answered)
+}
+
+/// `{"ok": true}`.
+fn ping_ok() -> Response {
+    static BODY: Bytes = Bytes::from_static(br#"{"ok":true}"#);
+    ([(header::CONTENT_TYPE, JSON)], BODY.clone()).into_response()
 }
 
 async fn post_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    knock: Knock,
+    matched: Option<MatchedPath>,
+    method: Method,
+    knock: Result<Knock, WebhookError>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let started = Instant::now();
+    let route = route_label(matched.as_ref());
+    let knock = match knock {
+        Ok(knock) => knock,
+        Err(error) => return record(&state, route, &method, started, None, refused(error)),
+    };
     let result = accept(
         &state,
         &knock.key,
@@ -335,17 +439,17 @@ async fn post_handler(
     .await;
     // Nothing of the request is kept while a wait-mode request is held.
     drop(headers);
-    let result = match result {
-        Ok(Accepted::Now(response)) => Ok(response),
-        Ok(Accepted::Hold(hold)) => Ok(hold.answer(&state, &knock.key).await),
-        Err(error) => Err(error),
+    let answered = match result {
+        Ok(Accepted::Now(answered)) => answered,
+        Ok(Accepted::Hold(hold)) => hold.answer(&state, &knock.key).await,
+        Err(error) => refused(error),
     };
-    finish(knock.key, result)
+    record(&state, route, &method, started, Some(&knock.key), answered)
 }
 
 /// An accepted webhook: answered now, or held until its Session finishes.
 enum Accepted {
-    Now(Response),
+    Now(Answered),
     Hold(Box<Hold>),
 }
 
@@ -358,7 +462,7 @@ struct Hold {
 }
 
 impl Hold {
-    async fn answer(self, state: &AppState, key: &AgentKey) -> Response {
+    async fn answer(self, state: &AppState, key: &AgentKey) -> Answered {
         let held = wait::hold(self.request, &state.metrics).await;
         let waited = wait::Waited {
             namespace: &key.namespace,
@@ -368,14 +472,6 @@ impl Hold {
         let (response, outcome) = wait::answer(waited, held);
         decorate(response, outcome, self.replayed, self.rate)
     }
-}
-
-fn finish(key: AgentKey, result: Result<Response, WebhookError>) -> Response {
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
-    response
-        .extensions_mut()
-        .insert(AgentName(format!("{}/{}", key.namespace, key.name)));
-    response
 }
 
 /// The checks before the body: Agent, address, token.
@@ -441,11 +537,8 @@ fn ping(
     token: Option<&str>,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<Response, WebhookError> {
-    authenticate(state, key, token, peer, headers)?;
-    let mut response = Json(json!({"ok": true})).into_response();
-    response.extensions_mut().insert(Outcome("ping"));
-    Ok(response)
+) -> Result<(), WebhookError> {
+    authenticate(state, key, token, peer, headers).map(drop)
 }
 
 /// Reads the body, refusing more than `limit` bytes without reading further.
@@ -574,9 +667,8 @@ async fn accept(
     if let Some((SignatureScheme::Slack, _)) = verified
         && let Some(challenge) = slack_challenge(&raw)
     {
-        let mut response = Json(json!({"challenge": challenge})).into_response();
-        response.extensions_mut().insert(Outcome("challenge"));
-        return Ok(Accepted::Now(response));
+        let response = Json(json!({"challenge": challenge})).into_response();
+        return Ok(Accepted::Now((response, "challenge")));
     }
 
     let parsed = body::parse_webhook_body(&raw).map_err(WebhookError::BadBody)?;
@@ -725,6 +817,11 @@ async fn accept(
                     .and_then(|t| t.payload_digest.as_deref());
                 idempotency::replay_or_conflict(stored, &digest)
                     .map_err(WebhookError::Idempotency)?;
+                // A replay starts nothing: it does not spend the Agent's rate limit.
+                let rate = rate.map(|(limit, remaining)| {
+                    let remaining = give_back_rate(state, key).unwrap_or(remaining);
+                    (limit, remaining)
+                });
                 return Ok(match (subscription, budget) {
                     (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
                         name,
@@ -794,6 +891,15 @@ fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), WebhookErro
     Ok((limit, remaining.0))
 }
 
+/// Returns the token [`take_rate`] took; the tokens now left.
+fn give_back_rate(state: &AppState, key: &AgentKey) -> Option<u32> {
+    state
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .give_back(key)
+}
+
 fn unavailable(key: &AgentKey, error: &StoreError) -> WebhookError {
     tracing::warn!(agent = %key.name, namespace = %key.namespace, %error, "cannot store a webhook Session");
     WebhookError::Unavailable
@@ -836,7 +942,7 @@ pub fn build_session(
 }
 
 /// 200 `{"session", "agentDefinition"}`.
-fn created(key: &AgentKey, name: &str, replayed: bool, rate: Option<(u32, u32)>) -> Response {
+fn created(key: &AgentKey, name: &str, replayed: bool, rate: Option<(u32, u32)>) -> Answered {
     let response = Json(json!({"session": name, "agentDefinition": key.name})).into_response();
     let outcome = if replayed { "replayed" } else { "created" };
     decorate(response, outcome, replayed, rate)
@@ -848,7 +954,7 @@ fn decorate(
     outcome: &'static str,
     replayed: bool,
     rate: Option<(u32, u32)>,
-) -> Response {
+) -> Answered {
     let headers = response.headers_mut();
     if replayed {
         headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
@@ -858,8 +964,7 @@ fn decorate(
             headers.insert(name, value);
         }
     }
-    response.extensions_mut().insert(Outcome(outcome));
-    response
+    (response, outcome)
 }
 
 #[cfg(test)]

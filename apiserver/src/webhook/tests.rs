@@ -938,3 +938,51 @@ async fn a_client_that_disconnects_frees_its_waiter_at_once() {
     let _ = stop.send(true);
     server.await.expect("the server stops");
 }
+
+#[tokio::test]
+async fn a_wrong_method_is_a_json_405_with_allow() {
+    let f = fixture();
+    for uri in [url("plain", TOKEN), format!("/webhooks/{NS}/plain")] {
+        for method in ["PUT", "DELETE", "PATCH"] {
+            let request = Request::builder()
+                .method(method)
+                .uri(&uri)
+                .body(Body::from("{}"))
+                .expect("a request");
+            let answer = f.send(request).await;
+            assert_error(
+                &answer,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+            );
+            assert_eq!(answer.headers["allow"], "GET, HEAD, POST");
+            assert_eq!(answer.headers["content-type"], "application/json");
+        }
+    }
+    assert!(f.store.sessions().is_empty());
+    let text = f.state.metrics.encode();
+    assert!(text.contains(r#"outcome="method_not_allowed""#), "{text}");
+    assert!(!text.contains(TOKEN), "{text}");
+}
+
+#[tokio::test]
+async fn a_replay_found_at_create_time_gives_its_rate_token_back() {
+    let f = fixture_with(index(), 1024, 3);
+    let key = [("idempotency-key", "dup")];
+    let first = f.post(&url("plain", TOKEN), &key, "{}").await;
+    assert_eq!(first.headers["x-ratelimit-remaining"], "2");
+    // The index forgets the name, as when another replica created the Session: the
+    // create collides and the stored Session is read.
+    let name = idempotency::keyed_session_name(NS, "plain", "dup");
+    f.state
+        .index
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .delete_session(&session(NS, &name, "plain", None));
+    let again = f.post(&url("plain", TOKEN), &key, "{}").await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.headers["x-ratelimit-remaining"], "2", "not spent");
+    let other = f.post(&url("plain", TOKEN), &[], "{}").await;
+    assert_eq!(other.headers["x-ratelimit-remaining"], "1");
+}
