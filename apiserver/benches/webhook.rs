@@ -8,30 +8,14 @@
 //!
 //! `HOOKRUN_BENCH_SECONDS` (10) and `HOOKRUN_BENCH_CONNECTIONS` (32) size each run.
 
-use std::{
-    process::Command,
-    sync::{Arc, Mutex, RwLock},
-    time::Duration,
-};
+mod support;
+
+use std::process::Command;
 
 use axum::{Router, routing::get};
-use hookrun_apiserver::{
-    client_ip::TrustedProxies,
-    index::{
-        Index,
-        test_support::{agent, secret},
-    },
-    metrics::Metrics,
-    rate_limit::{RateLimit, RateLimiter},
-    serve_public,
-    store::MemorySessionStore,
-    webhook::{AppState, app},
-};
-use hookrun_crds::token::WebhookToken;
-use serde_json::json;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 
-const NS: &str = "bench";
+use support::BenchDoor;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -131,46 +115,9 @@ fn report(name: &str, run: &Run, bare: &Run, goal: f64) {
 async fn main() {
     let seconds = env_number("HOOKRUN_BENCH_SECONDS", 10);
     let connections = env_number("HOOKRUN_BENCH_CONNECTIONS", 32);
-    let token = WebhookToken::generate().expect("randomness");
-    let linear_secret = "bench-linear-signing-secret";
-
-    let mut index = Index::new(1);
-    index.apply_agent(&agent(NS, "plain", json!({"triggers": [{"webhook": {}}]})));
-    index.apply_agent(&agent(
-        NS,
-        "linear",
-        json!({"triggers": [{"webhook": {"linearSignatureSecret": linear_secret}}]}),
-    ));
-    index.apply_secret(&secret(NS, "plain", &[("token", token.expose())]));
-    index.apply_secret(&secret(
-        NS,
-        "linear",
-        &[
-            ("token", token.expose()),
-            ("linear-signing-secret", linear_secret),
-        ],
-    ));
-    index.mark_synced();
-
-    let unlimited = RateLimit::new(u32::MAX, 1e12).expect("a valid limit");
-    let state = AppState {
-        index: Arc::new(RwLock::new(index)),
-        sessions: Arc::new(MemorySessionStore::default()),
-        trusted_proxies: Arc::new(TrustedProxies::none()),
-        max_body_bytes: 1024 * 1024,
-        rate_limiter: Arc::new(Mutex::new(RateLimiter::new(unlimited))),
-        metrics: Arc::new(Metrics::default()),
-        hub: hookrun_apiserver::hub::SessionHub::new(),
-    };
-    let (_stop, stopped) = watch::channel(false);
-    let door = TcpListener::bind("127.0.0.1:0").await.expect("a port");
-    let door_addr = door.local_addr().expect("an address");
-    tokio::spawn(serve_public(
-        door,
-        app(state),
-        Duration::from_secs(10),
-        stopped,
-    ));
+    let door = BenchDoor::start().await;
+    let token = &door.token;
+    let door_addr = door.addr;
 
     let bare = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let bare_addr = bare.local_addr().expect("an address");
@@ -178,7 +125,7 @@ async fn main() {
     tokio::spawn(async move { axum::serve(bare, hello).await });
 
     let door_url =
-        |agent: &str, token: &str| format!("http://{door_addr}/webhooks/{NS}/{agent}/{token}");
+        |agent: &str, token: &str| format!("http://{door_addr}{}", door.path(agent, token));
     let wrong = "A".repeat(43);
     let kib_body = format!(
         "{{\"webhookTimestamp\":0,\"data\":\"{}\"}}",
