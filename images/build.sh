@@ -42,7 +42,7 @@ RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
 registry_log=$(mktemp)
 "$crane" registry serve --address 127.0.0.1:0 >"$registry_log" 2>&1 &
 registry_pid=$!
-trap 'kill "$registry_pid" 2>/dev/null || true; rm -rf "$registry_log" "${layer_dir:-}"' EXIT
+trap 'kill "$registry_pid" 2>/dev/null || true; rm -rf "$registry_log" "${crane_log:-}" "${layer_dir:-}"' EXIT
 port=
 for _ in $(seq 1 50); do
   port=$(sed -n 's/.*serving on port \([0-9]*\).*/\1/p' "$registry_log" | head -1)
@@ -51,24 +51,28 @@ for _ in $(seq 1 50); do
 done
 [ -n "$port" ] || { echo "images: crane registry did not start:" >&2; cat "$registry_log" >&2; exit 1; }
 scratch=127.0.0.1:$port
+crane_log=$(mktemp)
+quiet() { "$@" >"$crane_log" 2>&1 || { cat "$crane_log" >&2; exit 1; }; }
 
 for pair in "${images[@]}"; do
   name=${pair%%:*}
   binary=$build_dir/$target/release/$name
-  if ! file "$binary" | grep -q 'statically linked'; then
+  if ! file "$binary" | grep -Eq 'statically linked|static-pie linked'; then
     echo "images: $binary is not statically linked:" >&2
     file "$binary" >&2
     exit 1
   fi
   layer_dir=$(mktemp -d)
   install -D -m 0755 "$binary" "$layer_dir/rootfs/usr/local/bin/$name"
+  # Symbols stay in target/ for debugging; the image carries none.
+  strip --strip-all "$layer_dir/rootfs/usr/local/bin/$name"
   install -D -m 0644 /etc/ssl/certs/ca-certificates.crt "$layer_dir/rootfs/etc/ssl/certs/ca-certificates.crt"
   install -d -m 1777 "$layer_dir/rootfs/tmp"
   # A reproducible layer: sorted, owned by root, one fixed mtime.
   tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 \
     -C "$layer_dir/rootfs" -cf "$layer_dir/layer.tar" .
-  "$crane" append --oci-empty-base -f "$layer_dir/layer.tar" -t "$scratch/$name:build" >/dev/null
-  "$crane" mutate "$scratch/$name:build" \
+  quiet "$crane" append --oci-empty-base -f "$layer_dir/layer.tar" -t "$scratch/$name:build"
+  quiet "$crane" mutate "$scratch/$name:build" \
     --entrypoint "/usr/local/bin/$name" \
     --user 65532:65532 \
     --workdir / \
@@ -80,7 +84,7 @@ for pair in "${images[@]}"; do
     -l "org.opencontainers.image.source=$source_url" \
     -l "org.opencontainers.image.licenses=Apache-2.0" \
     -t "$registry_prefix/$name:$version" \
-    -o "$out/$name.tar" >/dev/null
+    -o "$out/$name.tar"
   rm -rf "$layer_dir"
   echo "images: $out/$name.tar ($registry_prefix/$name:$version, $(du -h "$out/$name.tar" | cut -f1))"
 done
