@@ -460,7 +460,17 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         helm(
             cluster,
             &[
-                "install", RELEASE, &chart, "-n", rel, "--set", &public, "--set", &watch,
+                "install",
+                RELEASE,
+                &chart,
+                "-n",
+                rel,
+                "--set",
+                &public,
+                "--set",
+                &watch,
+                "--set",
+                "rbac.aggregateSessionsToEdit=true",
             ],
         ),
         "helm install",
@@ -593,6 +603,62 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
             "{who} {verb} {resource} in {ns:?}"
         );
     }
+
+    // The opt-in aggregation: holders of the built-in `edit` role may start Sessions but
+    // still cannot read Agents (whose status holds URLs); `view` gets neither.
+    let alice = format!("alice-{rel}");
+    let bob = format!("bob-{rel}");
+    for (user, role) in [(&alice, "edit"), (&bob, "view")] {
+        success(
+            team.kubectl(
+                &[
+                    "create",
+                    "rolebinding",
+                    user,
+                    &format!("--clusterrole={role}"),
+                    &format!("--user={user}"),
+                ],
+                None,
+            ),
+            "kubectl create rolebinding",
+        );
+    }
+    let aggregated = eventually(BUDGET, || async {
+        can_i(
+            cluster,
+            &alice,
+            "create",
+            "sessions.hookrun.dev",
+            Some(team_name),
+        )
+        .then_some(())
+    })
+    .await;
+    assert!(
+        aggregated.is_some(),
+        "edit holders may create Sessions once aggregated"
+    );
+    assert!(!can_i(
+        cluster,
+        &alice,
+        "get",
+        "agents.hookrun.dev",
+        Some(team_name)
+    ));
+    assert!(!can_i(
+        cluster,
+        &bob,
+        "get",
+        "sessions.hookrun.dev",
+        Some(team_name)
+    ));
+    assert!(!can_i(
+        cluster,
+        &bob,
+        "get",
+        "agents.hookrun.dev",
+        Some(team_name)
+    ));
 
     // The real binaries, as the chart's ServiceAccounts, with the chart's arguments.
     let operator_kubeconfig = service_account_kubeconfig(cluster, rel, "hr-hookrun-operator");
