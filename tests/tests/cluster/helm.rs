@@ -794,6 +794,21 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
             "an RBAC refusal: {log}"
         );
     }
+    // Leader election ran on the Lease the Role names, in the release namespace.
+    let holder = success(
+        release_ns.kubectl(
+            &[
+                "get",
+                "lease",
+                "hr-hookrun-operator",
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ],
+            None,
+        ),
+        "kubectl get lease",
+    );
+    assert!(!holder.is_empty(), "the operator holds its Lease");
 
     // Upgrade with changed values: Deployments change, token Secrets do not.
     success(
