@@ -3,6 +3,8 @@
 //! Today it serves the webhook door on the public port and `/healthz`, `/readyz` and
 //! `/metrics` on the admin port.
 
+pub mod api;
+pub mod auth;
 pub mod body;
 pub mod client_ip;
 pub mod hub;
@@ -10,6 +12,9 @@ pub mod idempotency;
 pub mod index;
 pub mod metrics;
 pub mod rate_limit;
+pub mod read;
+pub mod runner;
+pub mod session_status;
 pub mod signature;
 pub mod store;
 pub mod title;
@@ -233,7 +238,12 @@ pub async fn shutdown_signal() {
 
 /// Connects to the cluster (retrying while it cannot: the server stays up and unready
 /// meanwhile), then feeds the index and lets the store create Sessions.
-async fn connect(store: KubeSessionStore, namespaces: Vec<String>, index: SharedIndex) {
+async fn connect(
+    store: KubeSessionStore,
+    cluster: api::ClusterClient,
+    namespaces: Vec<String>,
+    index: SharedIndex,
+) {
     let client = loop {
         match kube::Client::try_default().await {
             Ok(client) => break client,
@@ -244,6 +254,7 @@ async fn connect(store: KubeSessionStore, namespaces: Vec<String>, index: Shared
         }
     };
     store.connect(client.clone());
+    cluster.connect(client.clone());
     index::run_watches(client, namespaces, index).await;
 }
 
@@ -266,12 +277,15 @@ pub async fn run(args: Args) -> Result<(), Error> {
     index.set_hub(hub.clone());
     let index: SharedIndex = Arc::new(RwLock::new(index));
     let store = KubeSessionStore::new();
+    let cluster = api::ClusterClient::new();
     tokio::spawn(connect(
         store.clone(),
+        cluster.clone(),
         args.namespaces.clone(),
         index.clone(),
     ));
     let metrics = Arc::new(Metrics::default());
+    let api_state = api::ApiState::new(cluster, hub.clone(), metrics.clone());
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
         index: index.clone(),
@@ -307,7 +321,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
         });
     let public_server = serve_public(
         public,
-        webhook::app(state),
+        webhook::app(state)
+            .merge(runner::router(api_state.clone()))
+            .merge(read::router(api_state)),
         args.header_read_timeout.0,
         stopped,
     );

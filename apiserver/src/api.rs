@@ -1,0 +1,264 @@
+//! What the runner API ([`crate::runner`]) and the read API ([`crate::read`]) share: the
+//! lazily connected cluster client, their state, their JSON error, request bodies read
+//! within a bound, and the access log and metrics of their routes.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hookrun_crds::Session;
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::auth::Authenticator;
+use crate::hub::SessionHub;
+use crate::metrics::Metrics;
+use crate::session_status::StatusWriter;
+
+/// The largest body the runner API reads.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Seconds a caller is told to wait while the cluster is not reachable.
+const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
+/// How long a caller may take to send a body once the headers are in.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Kubernetes client, set once the cluster answers (see `connect` in `lib.rs`);
+/// until then the APIs answer 503.
+#[derive(Clone, Default)]
+pub struct ClusterClient(Arc<OnceLock<Client>>);
+
+impl ClusterClient {
+    /// A handle whose client arrives later through [`ClusterClient::connect`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `client` from now on (the first client set stays).
+    pub fn connect(&self, client: Client) {
+        let _ = self.0.set(client);
+    }
+
+    /// The client, or 503 while there is none.
+    pub fn client(&self) -> Result<Client, ApiError> {
+        self.0.get().cloned().ok_or_else(ApiError::not_connected)
+    }
+
+    /// The Sessions of `namespace`.
+    pub fn sessions(&self, namespace: &str) -> Result<Api<Session>, ApiError> {
+        Ok(Api::namespaced(self.client()?, namespace))
+    }
+}
+
+/// What the runner and read routers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub cluster: ClusterClient,
+    pub auth: Arc<Authenticator>,
+    pub hub: Arc<SessionHub>,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<StatusWriter>,
+}
+
+impl ApiState {
+    /// A state with fresh caches over `cluster`, `hub` and `metrics`.
+    pub fn new(cluster: ClusterClient, hub: Arc<SessionHub>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            cluster,
+            auth: Arc::new(Authenticator::default()),
+            hub,
+            metrics,
+            status: Arc::new(StatusWriter::default()),
+        }
+    }
+}
+
+/// An answer other than success: `{"error": code, "message": message}` with `status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error answer.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 naming what was wrong.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 401.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 403.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    /// 404 for a Session that does not exist.
+    pub fn session_not_found(namespace: &str, name: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "session_not_found",
+            format!("there is no Session {name} in namespace {namespace}"),
+        )
+    }
+
+    /// 503 while no client is connected.
+    pub fn not_connected() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the apiserver is not connected to the cluster yet; retry in a few seconds",
+        )
+    }
+
+    /// 503 for a cluster call that failed; the cause goes to the log, not the caller.
+    pub fn cluster(what: &str, error: &kube::Error) -> Self {
+        tracing::warn!(%error, what, "a cluster call failed");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("the cluster could not {what} right now; retry in a few seconds"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": self.code, "message": self.message}));
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(UNAVAILABLE_RETRY_SECONDS),
+            );
+        }
+        response
+    }
+}
+
+/// The credential in `Authorization: Bearer <token>`, if one is there.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Reads a body of at most [`MAX_BODY_BYTES`] (413 beyond) within 30 s (408 after).
+pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, MAX_BODY_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the body is larger than {MAX_BODY_BYTES} bytes (or unreadable): send less"),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the body did not arrive within 30 s: send the whole request at once",
+        )),
+    }
+}
+
+/// Logs and counts each runner and read request by route template and status code:
+/// never the path's values or the token.
+pub async fn api_access_log(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    let status = response.status();
+    let outcome = if status.is_success() {
+        "ok"
+    } else {
+        status.canonical_reason().unwrap_or("error")
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.observe(&route, method.as_str(), outcome, status.as_u16(), elapsed);
+    tracing::info!(%route, %method, status = status.as_u16(), latency_ms = elapsed * 1000.0, "api request");
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_from_the_authorization_header() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc"),
+        );
+        assert_eq!(bearer_token(&headers), Some("abc"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer  x.y "),
+        );
+        assert_eq!(bearer_token(&headers), Some("x.y"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer_token(&headers), None);
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert_eq!(bearer_token(&headers), None);
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_and_503_says_when_to_retry() {
+        let response = ApiError::not_connected().into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from(5u64))
+        );
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("a body");
+        let value: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(value["error"], "unavailable");
+        assert!(
+            value["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("retry"))
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_are_bounded() {
+        let big = vec![b'x'; MAX_BODY_BYTES + 1];
+        let error = read_body(Body::from(big)).await.expect_err("too large");
+        assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let ok = read_body(Body::from("{}")).await.expect("small");
+        assert_eq!(&ok[..], b"{}");
+    }
+}

@@ -1,0 +1,473 @@
+//! The read API, for holders of a Kubernetes token allowed to `get` Sessions:
+//! `GET /agents/{session}?namespace=` (where the Session is), `.../events` (its stored
+//! events, optionally of one type) and `.../stream` (Server-Sent Events: the stored
+//! events, then live ones from the [`SessionHub`], until `session.status_closed`).
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router, middleware};
+use hookrun_crds::Session;
+use hookrun_crds::session::{SessionEvent, SessionStatus, event_types};
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::api::{self, ApiError, ApiState, bearer_token};
+use crate::hub::{Seen, Subscription};
+
+/// How long a stream stays quiet before it sends a heartbeat comment.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// The read routes, with their access log and metrics.
+pub fn router(state: ApiState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/agents/{session}", get(session_summary))
+        .route("/agents/{session}/events", get(session_events))
+        .route("/agents/{session}/stream", get(session_stream))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(metrics, api::api_access_log))
+}
+
+/// The query of every read route.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ReadQuery {
+    namespace: Option<String>,
+    event_type: Option<String>,
+}
+
+/// The namespace a read is about: 400 naming the parameter when missing.
+fn namespace(query: &Result<Query<ReadQuery>, QueryRejection>) -> Result<String, ApiError> {
+    let query = query
+        .as_ref()
+        .map_err(|e| ApiError::bad_request(format!("the query string is not valid: {e}")))?;
+    match query.namespace.as_deref().map(str::trim) {
+        Some(ns) if !ns.is_empty() => Ok(ns.to_owned()),
+        _ => Err(ApiError::bad_request(
+            "the query parameter namespace is required: add ?namespace=<the Session's namespace>",
+        )),
+    }
+}
+
+/// Checks the caller's token and RBAC, then reads the Session (404 when unknown).
+async fn authorized_session(
+    state: &ApiState,
+    headers: &HeaderMap,
+    namespace: &str,
+    name: &str,
+) -> Result<Session, ApiError> {
+    let token = bearer_token(headers).ok_or_else(|| {
+        ApiError::unauthorized(
+            "send a Kubernetes token allowed to get sessions.hookrun.dev as Authorization: \
+             Bearer <token>",
+        )
+    })?;
+    let client = state.cluster.client()?;
+    state.auth.reader(&client, token, namespace).await?;
+    read_session(state, namespace, name).await
+}
+
+async fn read_session(state: &ApiState, namespace: &str, name: &str) -> Result<Session, ApiError> {
+    state
+        .cluster
+        .sessions(namespace)?
+        .get_opt(name)
+        .await
+        .map_err(|error| ApiError::cluster("read the Session", &error))?
+        .ok_or_else(|| ApiError::session_not_found(namespace, name))
+}
+
+/// The answer of `GET /agents/{session}`.
+pub fn summary(session: &Session) -> serde_json::Value {
+    let status = session.status.clone().unwrap_or_default();
+    json!({
+        "session": session.name_any(),
+        "namespace": session.namespace(),
+        "agentDefinition": session.spec.agent,
+        "phase": status.phase(),
+        "title": session.spec.title,
+        "createdAt": session.metadata.creation_timestamp,
+        "startTime": status.start_time,
+        "completionTime": status.completion_time,
+        "response": status.response,
+        "message": status.message,
+        "eventCount": status.events.len(),
+        "droppedEvents": status.dropped_events.unwrap_or(0),
+    })
+}
+
+/// One event as the read API shows it.
+fn event_json(event: &SessionEvent) -> serde_json::Value {
+    json!({"type": event.type_, "content": event.content, "timestamp": event.timestamp})
+}
+
+/// The answer of `GET /agents/{session}/events`: every stored event, or those of
+/// `event_type`.
+pub fn events(status: &SessionStatus, event_type: Option<&str>) -> serde_json::Value {
+    let events: Vec<_> = status
+        .events
+        .iter()
+        .filter(|e| event_type.is_none_or(|t| e.type_ == t))
+        .map(event_json)
+        .collect();
+    json!({"count": events.len(), "events": events})
+}
+
+async fn session_summary(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let namespace = namespace(&query)?;
+        let session = authorized_session(&state, &headers, &namespace, &name).await?;
+        Ok::<_, ApiError>(Json(summary(&session)))
+    }
+    .await;
+    result.into_response()
+}
+
+async fn session_events(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let namespace = namespace(&query)?;
+        let session = authorized_session(&state, &headers, &namespace, &name).await?;
+        let event_type = query
+            .ok()
+            .and_then(|q| q.0.event_type)
+            .filter(|t| !t.is_empty());
+        let status = session.status.unwrap_or_default();
+        Ok::<_, ApiError>(Json(events(&status, event_type.as_deref())))
+    }
+    .await;
+    result.into_response()
+}
+
+/// One SSE message: `id`, `event` (the type) and `data` (the event as one line of JSON).
+pub fn sse_frame(id: u64, event: &SessionEvent) -> String {
+    // JSON escapes newlines, so `data` is one line; the type has no newline by
+    // validation, but a stray one must not split the frame either.
+    let type_: String = event
+        .type_
+        .chars()
+        .filter(|c| *c != '\n' && *c != '\r')
+        .collect();
+    format!("id: {id}\nevent: {type_}\ndata: {}\n\n", event_json(event))
+}
+
+/// The comment line a quiet stream sends so proxies and clients keep it open.
+pub const HEARTBEAT_FRAME: &str = ": heartbeat\n\n";
+
+/// The id after which a resumed stream continues: `Last-Event-ID`, when it is a number.
+pub fn last_event_id(headers: &HeaderMap) -> u64 {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The frames of the events of `status` with ids above `after`; returns them and the
+/// highest id seen.
+pub fn frames_after(status: &SessionStatus, after: u64) -> (Vec<String>, u64) {
+    let first = status.first_event_id();
+    let mut last = after;
+    let frames = status
+        .events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| (first + i as u64, event))
+        .filter(|(id, _)| *id > after)
+        .map(|(id, event)| {
+            last = last.max(id);
+            sse_frame(id, event)
+        })
+        .collect();
+    (frames, last)
+}
+
+/// Whether a stream that has sent everything in `status` is over: the Session finished
+/// (its last event is `session.status_closed`).
+fn closed(status: &SessionStatus) -> bool {
+    status.is_finished()
+        || status
+            .events
+            .last()
+            .is_some_and(|e| e.type_ == event_types::STATUS_CLOSED)
+}
+
+/// A stream's state between frames.
+struct Stream {
+    subscription: Subscription,
+    uid: Option<String>,
+    last_id: u64,
+    queued: VecDeque<String>,
+    done: bool,
+}
+
+impl Stream {
+    /// Queues what `session` holds beyond what was sent; marks the stream done once the
+    /// Session is closed.
+    fn take(&mut self, session: &Session) {
+        let status = session.status.clone().unwrap_or_default();
+        let (frames, last) = frames_after(&status, self.last_id);
+        self.queued.extend(frames);
+        self.last_id = last;
+        if closed(&status) {
+            self.done = true;
+        }
+    }
+
+    /// The next frame: queued ones first, then whatever the hub brings, with heartbeats
+    /// while nothing happens. `None` ends the stream.
+    async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(frame) = self.queued.pop_front() {
+                return Some(frame);
+            }
+            if self.done {
+                return None;
+            }
+            match tokio::time::timeout(HEARTBEAT, self.subscription.changed()).await {
+                Err(_quiet) => return Some(HEARTBEAT_FRAME.to_owned()),
+                Ok(None | Some(Seen::Deleted)) => self.done = true,
+                Ok(Some(Seen::Nothing)) => {}
+                Ok(Some(Seen::Session(session))) => {
+                    // Another Session of the same name (deleted, made again) is not ours.
+                    if session.metadata.uid != self.uid {
+                        self.done = true;
+                    } else {
+                        self.take(&session);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens a stream on Session `name`: follows it in the hub first, then reads it once.
+async fn open_stream(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+    last_id: u64,
+    headers: &HeaderMap,
+) -> Result<Stream, ApiError> {
+    let subscription = state.hub.subscribe(namespace, name);
+    let session = authorized_session(state, headers, namespace, name).await?;
+    let mut stream = Stream {
+        subscription,
+        uid: session.metadata.uid.clone(),
+        last_id,
+        queued: VecDeque::new(),
+        done: false,
+    };
+    stream.take(&session);
+    Ok(stream)
+}
+
+async fn session_stream(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let namespace = namespace(&query)?;
+        let last_id = last_event_id(&headers);
+        open_stream(&state, &namespace, &name, last_id, &headers).await
+    }
+    .await;
+    let stream = match result {
+        Ok(stream) => stream,
+        Err(error) => return error.into_response(),
+    };
+    // The stream (and its hub subscription) is dropped when the client goes away.
+    let body = futures::stream::unfold(stream, |mut stream| async move {
+        let frame = stream.next().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(frame)),
+            stream,
+        ))
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Proxies such as nginx buffer responses unless told not to.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+    use crate::hub::SessionHub;
+
+    fn at() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    fn status_with(contents: &[&str]) -> SessionStatus {
+        let mut status = SessionStatus::default();
+        for content in contents {
+            status.push_event("agent.message", content, at());
+        }
+        status
+    }
+
+    #[test]
+    fn frames_carry_the_id_the_type_and_one_line_of_json() {
+        let status = status_with(&["line one\nline two"]);
+        let frame = sse_frame(7, &status.events[0]);
+        let lines: Vec<&str> = frame.split('\n').collect();
+        assert_eq!(lines[0], "id: 7");
+        assert_eq!(lines[1], "event: agent.message");
+        assert!(lines[2].starts_with("data: {"), "{frame}");
+        assert_eq!(&lines[3..], ["", ""]);
+        let data: serde_json::Value =
+            serde_json::from_str(lines[2].trim_start_matches("data: ")).expect("JSON");
+        assert_eq!(data["type"], "agent.message");
+        assert_eq!(data["content"], "line one\nline two");
+        assert_eq!(data["timestamp"], "1970-01-01T00:00:00Z");
+        assert!(HEARTBEAT_FRAME.starts_with(':') && HEARTBEAT_FRAME.ends_with("\n\n"));
+    }
+
+    #[test]
+    fn last_event_id_resumes_after_that_id() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(last_event_id(&headers), 0);
+        headers.insert("last-event-id", HeaderValue::from_static(" 2 "));
+        assert_eq!(last_event_id(&headers), 2);
+        headers.insert("last-event-id", HeaderValue::from_static("nope"));
+        assert_eq!(last_event_id(&headers), 0);
+
+        let status = status_with(&["a", "b", "c"]);
+        let (frames, last) = frames_after(&status, 2);
+        assert_eq!(last, 3);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].starts_with("id: 3\n"));
+        let (frames, last) = frames_after(&status, 0);
+        assert_eq!((frames.len(), last), (3, 3));
+        let (frames, last) = frames_after(&status, 9);
+        assert_eq!((frames.len(), last), (0, 9));
+    }
+
+    #[test]
+    fn ids_stay_stable_when_old_events_are_dropped() {
+        let mut status = status_with(&["a", "b", "c"]);
+        status.events.remove(0);
+        status.dropped_events = Some(1);
+        let (frames, _) = frames_after(&status, 0);
+        assert!(frames[0].starts_with("id: 2\n"));
+        let (frames, _) = frames_after(&status, 2);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].starts_with("id: 3\n"));
+    }
+
+    #[test]
+    fn events_filter_by_type_and_the_summary_counts_them() {
+        let mut status = status_with(&["a", "b"]);
+        status.push_event("tool.call", "t", at());
+        let all = events(&status, None);
+        assert_eq!(all["count"], 3);
+        let some = events(&status, Some("tool.call"));
+        assert_eq!(some["count"], 1);
+        assert_eq!(some["events"][0]["content"], "t");
+        assert_eq!(events(&status, Some("none"))["events"], json!([]));
+        assert!(!closed(&status));
+        status.finish(hookrun_crds::SessionPhase::Complete, Some("b"), None, at());
+        assert!(closed(&status));
+    }
+
+    #[test]
+    fn a_missing_namespace_names_the_parameter() {
+        let missing: Result<Query<ReadQuery>, QueryRejection> = Ok(Query(ReadQuery::default()));
+        let error = namespace(&missing).expect_err("required");
+        assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
+        assert!(error.message.contains("namespace"));
+        let given = Ok(Query(ReadQuery {
+            namespace: Some("team".into()),
+            event_type: None,
+        }));
+        assert_eq!(namespace(&given), Ok("team".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_stream_replays_then_follows_the_hub_and_ends_when_closed() {
+        let hub = SessionHub::new();
+        let mut session = crate::index::test_support::session(
+            "team",
+            "s",
+            "a",
+            Some(hookrun_crds::SessionPhase::Running),
+        );
+        session.metadata.uid = Some("uid-1".into());
+        let mut status = status_with(&["one", "two"]);
+        session.status = Some(status.clone());
+        let mut stream = Stream {
+            subscription: hub.subscribe("team", "s"),
+            uid: Some("uid-1".into()),
+            last_id: 1,
+            queued: VecDeque::new(),
+            done: false,
+        };
+        stream.take(&session);
+        assert!(
+            stream
+                .next()
+                .await
+                .is_some_and(|f| f.starts_with("id: 2\n"))
+        );
+
+        status.push_event("agent.message", "three", at());
+        status.finish(hookrun_crds::SessionPhase::Complete, None, None, at());
+        session.status = Some(status.clone());
+        hub.publish(&session);
+        // The same Session published twice: each event is sent once.
+        hub.publish(&session);
+        let three = stream.next().await.expect("a frame");
+        assert!(
+            three.starts_with("id: 3\nevent: agent.message\n"),
+            "{three}"
+        );
+        let closing = stream.next().await.expect("a frame");
+        assert!(
+            closing.contains("event: session.status_closed"),
+            "{closing}"
+        );
+        assert_eq!(stream.next().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_stream_sends_heartbeats_and_a_deleted_session_ends_it() {
+        let hub = SessionHub::new();
+        let session = crate::index::test_support::session("team", "s", "a", None);
+        let mut stream = Stream {
+            subscription: hub.subscribe("team", "s"),
+            uid: session.metadata.uid.clone(),
+            last_id: 0,
+            queued: VecDeque::new(),
+            done: false,
+        };
+        assert_eq!(stream.next().await.as_deref(), Some(HEARTBEAT_FRAME));
+        hub.publish_deleted(&session);
+        assert_eq!(stream.next().await, None);
+    }
+}

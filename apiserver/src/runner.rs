@@ -1,0 +1,487 @@
+//! The runner API, called by session pods with their projected, pod-bound token:
+//! `GET /runner/v1/session` (what to run), `POST /runner/v1/events` (append an event) and
+//! `POST /runner/v1/complete` (the outcome). A token speaks only for the Session named
+//! like its pod, in its namespace, whose `status.podUid` is that pod's uid.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use hookrun_crds::agent::EnvVar;
+use hookrun_crds::session::{SessionEnvVar, SessionStatus};
+use hookrun_crds::{Agent, Session, SessionPhase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{Api, ResourceExt};
+use serde_json::{Map, Value, json};
+
+use crate::api::{self, ApiError, ApiState, bearer_token};
+use crate::auth::PodIdentity;
+use crate::session_status::StatusError;
+
+/// The longest event type.
+const MAX_EVENT_TYPE_LEN: usize = 64;
+
+/// The runner routes, with their access log and metrics.
+pub fn router(state: ApiState) -> Router {
+    let metrics = state.metrics.clone();
+    Router::new()
+        .route("/runner/v1/session", get(session_context))
+        .route("/runner/v1/events", post(append_event))
+        .route("/runner/v1/complete", post(complete))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(metrics, api::api_access_log))
+}
+
+/// Whether `pod` is the Session's own pod: its uid when the operator wrote one, else its
+/// name.
+pub fn session_owns_pod(status: Option<&SessionStatus>, pod: &PodIdentity) -> bool {
+    let Some(status) = status else {
+        return false;
+    };
+    match (&status.pod_uid, &status.pod_name) {
+        (Some(uid), _) => *uid == pod.pod_uid,
+        (None, Some(name)) => *name == pod.pod_name,
+        (None, None) => false,
+    }
+}
+
+/// The calling pod's Session, read once, and its collection.
+struct Caller {
+    sessions: Api<Session>,
+    session: Session,
+    client: kube::Client,
+}
+
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let token = bearer_token(headers).ok_or_else(|| {
+        ApiError::unauthorized(
+            "send the pod's projected token (the file at HOOKRUN_TOKEN_FILE) as \
+             Authorization: Bearer <token>",
+        )
+    })?;
+    let client = state.cluster.client()?;
+    let pod = state.auth.runner(&client, token).await?;
+    let sessions: Api<Session> = Api::namespaced(client.clone(), &pod.namespace);
+    let not_yours = || {
+        ApiError::forbidden(
+            "the token's pod is not the pod of a Session: only a session's own pod may call \
+             the runner API",
+        )
+    };
+    let session = sessions
+        .get_opt(&pod.pod_name)
+        .await
+        .map_err(|error| ApiError::cluster("read the Session", &error))?
+        .ok_or_else(not_yours)?;
+    if !session_owns_pod(session.status.as_ref(), &pod) {
+        return Err(not_yours());
+    }
+    Ok(Caller {
+        sessions,
+        session,
+        client,
+    })
+}
+
+/// The Agent's literal env, then the Session's overrides (same name: the Session wins).
+/// Values from Secrets or ConfigMaps are not served: the pod gets those from its spec.
+pub fn merged_env(agent: &[EnvVar], session: &[SessionEnvVar]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = agent
+        .iter()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    for over in session {
+        match env.iter_mut().find(|(name, _)| *name == over.name) {
+            Some(slot) => slot.1 = over.value.clone(),
+            None => env.push((over.name.clone(), over.value.clone())),
+        }
+    }
+    env
+}
+
+/// The runner's view of its Session.
+pub fn context(session: &Session, agent: Option<&Agent>) -> Value {
+    let spec = agent.map(|a| &a.spec);
+    let agent_env = spec
+        .and_then(|s| s.session.as_ref())
+        .map(|t| t.env.as_slice())
+        .unwrap_or_default();
+    let env: Vec<Value> = merged_env(agent_env, &session.spec.env)
+        .into_iter()
+        .map(|(name, value)| json!({"name": name, "value": value}))
+        .collect();
+    let exec = spec
+        .and_then(|s| s.exec.as_ref())
+        .map(|e| json!({"command": e.command, "workingDir": e.working_dir}));
+    json!({
+        "session": session.name_any(),
+        "namespace": session.namespace(),
+        "agent": session.spec.agent,
+        "title": session.spec.title,
+        "system": spec.and_then(|s| s.system.clone()),
+        "models": spec.map(|s| s.models.clone()).unwrap_or_default(),
+        "exec": exec,
+        "env": env,
+        "trigger": session.spec.trigger,
+        "phase": session.status.as_ref().map(SessionStatus::phase).unwrap_or_default(),
+    })
+}
+
+async fn session_context(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers).await?;
+        let namespace = caller.session.namespace().unwrap_or_default();
+        let agent = Api::<Agent>::namespaced(caller.client, &namespace)
+            .get_opt(&caller.session.spec.agent)
+            .await
+            .map_err(|error| ApiError::cluster("read the Agent", &error))?;
+        Ok::<_, ApiError>(Json(context(&caller.session, agent.as_ref())))
+    }
+    .await;
+    result.into_response()
+}
+
+/// Checks an event type: `^[a-z0-9][a-z0-9._-]{0,63}$`, and not `session.*` (hookrun's).
+pub fn validate_event_type(type_: &str) -> Result<(), String> {
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c);
+    let first_ok = type_
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if !first_ok || type_.len() > MAX_EVENT_TYPE_LEN || !type_.chars().all(valid) {
+        return Err(format!(
+            "type must match ^[a-z0-9][a-z0-9._-]{{0,63}}$, e.g. agent.message; got {} \
+             characters that do not",
+            type_.chars().count()
+        ));
+    }
+    if type_.starts_with("session.") {
+        return Err("type session.* is reserved for hookrun's own events".to_owned());
+    }
+    Ok(())
+}
+
+fn json_object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice(raw) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(error) => Err(ApiError::bad_request(format!(
+            "the body is not JSON ({error}): send a JSON object"
+        ))),
+    }
+}
+
+/// An optional string field (absent and `null` are both `None`).
+fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(ApiError::bad_request(format!("{field} must be a string"))),
+    }
+}
+
+/// `{"type": "...", "content": "..."}` of `POST /runner/v1/events`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NewEvent {
+    pub type_: String,
+    pub content: String,
+}
+
+/// Parses and checks an event body; errors name the field.
+pub fn parse_event(raw: &[u8]) -> Result<NewEvent, ApiError> {
+    let body = json_object(raw)?;
+    let type_ = optional_string(&body, "type")?
+        .ok_or_else(|| ApiError::bad_request("type is required, e.g. \"agent.message\""))?;
+    validate_event_type(&type_).map_err(ApiError::bad_request)?;
+    let content = optional_string(&body, "content")?.unwrap_or_default();
+    Ok(NewEvent { type_, content })
+}
+
+/// `{"status": "complete"|"error", "response"?, "message"?}` of `POST /runner/v1/complete`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub phase: SessionPhase,
+    pub response: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Parses a completion body; errors name the field.
+pub fn parse_completion(raw: &[u8]) -> Result<Completion, ApiError> {
+    let body = json_object(raw)?;
+    let phase = match optional_string(&body, "status")?.as_deref() {
+        Some("complete") => SessionPhase::Complete,
+        Some("error") => SessionPhase::Error,
+        _ => {
+            return Err(ApiError::bad_request(
+                "status is required and must be \"complete\" or \"error\"",
+            ));
+        }
+    };
+    Ok(Completion {
+        phase,
+        response: optional_string(&body, "response")?,
+        message: optional_string(&body, "message")?,
+    })
+}
+
+/// The Session had already finished.
+#[derive(Debug)]
+struct Finished;
+
+fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> ApiError {
+    match error {
+        StatusError::Refused(Finished) => ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "session_finished",
+            "the Session has already finished: it takes no more events or outcomes",
+        ),
+        StatusError::NotFound => ApiError::session_not_found(namespace, name),
+        StatusError::Contended => ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the Session changed too often to write it; retry in a few seconds",
+        ),
+        StatusError::Kube(error) => ApiError::cluster("write the Session's status", &error),
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers).await?;
+        let event = parse_event(&api::read_body(body).await?)?;
+        let (namespace, name) = (
+            caller.session.namespace().unwrap_or_default(),
+            caller.session.name_any(),
+        );
+        let id = state
+            .status
+            .update(
+                &caller.sessions,
+                &name,
+                Some(caller.session),
+                |_, status| {
+                    if status.is_finished() {
+                        return Err(Finished);
+                    }
+                    Ok(status.push_event(&event.type_, &event.content, now()))
+                },
+            )
+            .await
+            .map_err(|e| status_error(e, &namespace, &name))?;
+        Ok::<_, ApiError>(Json(json!({"id": id})))
+    }
+    .await;
+    result.into_response()
+}
+
+async fn complete(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers).await?;
+        let completion = parse_completion(&api::read_body(body).await?)?;
+        let (namespace, name) = (
+            caller.session.namespace().unwrap_or_default(),
+            caller.session.name_any(),
+        );
+        let phase = state
+            .status
+            .update(
+                &caller.sessions,
+                &name,
+                Some(caller.session),
+                |_, status| {
+                    let response = match (&completion.response, completion.phase) {
+                        (Some(response), _) => Some(response.clone()),
+                        (None, SessionPhase::Complete) => {
+                            status.last_agent_message().map(str::to_owned)
+                        }
+                        (None, _) => None,
+                    };
+                    let message = match (&completion.message, completion.phase) {
+                        (None, SessionPhase::Error) => {
+                            Some("the agent reported an error".to_owned())
+                        }
+                        (message, _) => message.clone(),
+                    };
+                    if status.finish(
+                        completion.phase,
+                        response.as_deref(),
+                        message.as_deref(),
+                        now(),
+                    ) {
+                        Ok(completion.phase)
+                    } else {
+                        Err(Finished)
+                    }
+                },
+            )
+            .await
+            .map_err(|e| status_error(e, &namespace, &name))?;
+        Ok::<_, ApiError>(Json(json!({"phase": phase})))
+    }
+    .await;
+    result.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use hookrun_crds::SessionSpec;
+
+    use super::*;
+
+    fn pod(name: &str, uid: &str) -> PodIdentity {
+        PodIdentity {
+            namespace: "team".into(),
+            pod_name: name.into(),
+            pod_uid: uid.into(),
+        }
+    }
+
+    #[test]
+    fn only_the_sessions_own_pod_is_served() {
+        let mut status = SessionStatus {
+            pod_name: Some("s-1".into()),
+            ..SessionStatus::default()
+        };
+        assert!(!session_owns_pod(None, &pod("s-1", "u")));
+        assert!(session_owns_pod(Some(&status), &pod("s-1", "u")));
+        assert!(!session_owns_pod(Some(&status), &pod("s-2", "u")));
+        status.pod_uid = Some("u-1".into());
+        assert!(session_owns_pod(Some(&status), &pod("s-1", "u-1")));
+        // A pod of the same name made again has another uid.
+        assert!(!session_owns_pod(Some(&status), &pod("s-1", "u-2")));
+        assert!(!session_owns_pod(
+            Some(&SessionStatus::default()),
+            &pod("s-1", "u")
+        ));
+    }
+
+    #[test]
+    fn event_types() {
+        for ok in [
+            "agent.message",
+            "tool_call",
+            "a",
+            "x-1.y_z",
+            &"a".repeat(64),
+        ] {
+            assert_eq!(validate_event_type(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".a", "-a", "Agent", "a b", "a/b", "é", &"a".repeat(65)] {
+            assert!(validate_event_type(bad).is_err(), "{bad}");
+        }
+        let reserved = validate_event_type("session.status_closed").expect_err("reserved");
+        assert!(reserved.contains("reserved"));
+    }
+
+    #[test]
+    fn event_bodies_name_the_bad_field() {
+        assert_eq!(
+            parse_event(br#"{"type":"agent.message","content":"hi"}"#),
+            Ok(NewEvent {
+                type_: "agent.message".into(),
+                content: "hi".into()
+            })
+        );
+        assert_eq!(
+            parse_event(br#"{"type":"note"}"#).map(|e| e.content),
+            Ok(String::new())
+        );
+        let message = |raw: &[u8]| parse_event(raw).expect_err("bad").message;
+        assert!(message(br#"{"content":"x"}"#).starts_with("type"));
+        assert!(message(br#"{"type":"a","content":3}"#).starts_with("content"));
+        assert!(message(br#"{"type":"session.x"}"#).contains("reserved"));
+        assert!(message(b"[1]").contains("object"));
+        assert!(message(b"{").contains("not JSON"));
+        assert_eq!(
+            parse_event(b"{").expect_err("bad").status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn completion_bodies() {
+        assert_eq!(
+            parse_completion(br#"{"status":"complete","response":"done"}"#),
+            Ok(Completion {
+                phase: SessionPhase::Complete,
+                response: Some("done".into()),
+                message: None
+            })
+        );
+        assert_eq!(
+            parse_completion(br#"{"status":"error","message":"boom"}"#).map(|c| c.phase),
+            Ok(SessionPhase::Error)
+        );
+        let bad = parse_completion(br#"{"status":"done"}"#).expect_err("bad");
+        assert!(bad.message.starts_with("status"));
+        let bad = parse_completion(br#"{"status":"complete","response":1}"#).expect_err("bad");
+        assert!(bad.message.starts_with("response"));
+    }
+
+    #[test]
+    fn env_is_the_agents_then_the_sessions_overrides() {
+        let agent = vec![
+            EnvVar {
+                name: "A".into(),
+                value: Some("1".into()),
+                value_from: None,
+            },
+            EnvVar {
+                name: "SECRET".into(),
+                value: None,
+                value_from: None,
+            },
+            EnvVar {
+                name: "B".into(),
+                value: Some("2".into()),
+                value_from: None,
+            },
+        ];
+        let session = vec![
+            SessionEnvVar {
+                name: "B".into(),
+                value: "over".into(),
+            },
+            SessionEnvVar {
+                name: "C".into(),
+                value: "3".into(),
+            },
+        ];
+        let env = merged_env(&agent, &session);
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("A", "1"), ("B", "over"), ("C", "3")]);
+    }
+
+    #[test]
+    fn the_context_without_an_agent_still_names_the_session() {
+        let session = Session {
+            metadata: kube::api::ObjectMeta {
+                name: Some("a-wh-1".into()),
+                namespace: Some("team".into()),
+                ..Default::default()
+            },
+            spec: SessionSpec {
+                agent: "a".into(),
+                title: "hello".into(),
+                ..SessionSpec::default()
+            },
+            status: None,
+        };
+        let value = context(&session, None);
+        assert_eq!(value["session"], "a-wh-1");
+        assert_eq!(value["namespace"], "team");
+        assert_eq!(value["title"], "hello");
+        assert_eq!(value["system"], Value::Null);
+        assert_eq!(value["models"], json!([]));
+        assert_eq!(value["exec"], Value::Null);
+        assert_eq!(value["trigger"], Value::Null);
+        assert_eq!(value["phase"], "Pending");
+    }
+}

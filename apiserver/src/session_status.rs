@@ -1,0 +1,215 @@
+//! Writing a Session's status without losing anyone's change: read the Session, change
+//! its status with the crds helpers, then a JSON merge patch on the status subresource
+//! that carries `metadata.resourceVersion`, so the kube-apiserver refuses (409) a write
+//! based on a stale read; on 409 read again and redo the change.
+//!
+//! Writers in this process take turns per Session (a local lock), so their patches do not
+//! collide with each other; only writers in other processes (replicas, the operator) can
+//! cause a 409, and those are retried with a small random backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use hookrun_crds::Session;
+use hookrun_crds::session::SessionStatus;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use rand::Rng;
+use serde_json::{Value, json};
+
+/// How long a change keeps retrying after conflicts before giving up.
+pub const CONFLICT_BUDGET: Duration = Duration::from_secs(15);
+
+/// Why a status change did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError<E> {
+    /// The Session does not exist (any more).
+    #[error("the Session does not exist")]
+    NotFound,
+    /// Other writers kept winning for [`CONFLICT_BUDGET`].
+    #[error("the Session kept changing under this write")]
+    Contended,
+    /// The cluster did not answer.
+    #[error("the cluster call failed: {0}")]
+    Kube(#[source] kube::Error),
+    /// The change itself refused (e.g. the Session already finished).
+    #[error("the change was refused")]
+    Refused(E),
+}
+
+type Key = (String, String);
+
+/// Serializes this process's status writes per Session and performs them.
+#[derive(Debug, Default)]
+pub struct StatusWriter {
+    turns: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The merge patch that turns `old` into `new`: every field of `new`, `null` for fields
+/// `old` had and `new` has not, and the resourceVersion the change was based on.
+pub fn status_patch(
+    old: &SessionStatus,
+    new: &SessionStatus,
+    resource_version: &str,
+) -> Result<Value, serde_json::Error> {
+    let mut status = serde_json::to_value(new)?;
+    if let (Value::Object(old), Value::Object(fields)) = (serde_json::to_value(old)?, &mut status) {
+        for key in old.keys() {
+            fields.entry(key.clone()).or_insert(Value::Null);
+        }
+    }
+    Ok(json!({"metadata": {"resourceVersion": resource_version}, "status": status}))
+}
+
+/// A random pause before retry `attempt` (from 1): up to 5 ms, growing to 100 ms.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = (5u64 << attempt.min(5)).min(100);
+    Duration::from_millis(rand::rng().random_range(1..=ceiling))
+}
+
+impl StatusWriter {
+    /// Changes the status of Session `name` with `edit` and writes it, retrying on
+    /// conflicts. `edit` sees the current Session and a copy of its status; when it
+    /// leaves the status as it was, nothing is written. `current` is a Session already
+    /// read (saves the first read); a stale one only costs a retry.
+    pub async fn update<T, E>(
+        &self,
+        api: &Api<Session>,
+        name: &str,
+        mut current: Option<Session>,
+        mut edit: impl FnMut(&Session, &mut SessionStatus) -> Result<T, E>,
+    ) -> Result<T, StatusError<E>> {
+        // The collection URL names the namespace: one lock per Session.
+        let key = (api.resource_url().to_owned(), name.to_owned());
+        let turn = self.turn(&key);
+        let guard = turn.lock().await;
+        let result = async {
+            let started = tokio::time::Instant::now();
+            let mut attempt = 0;
+            loop {
+                let session = match current.take() {
+                    Some(session) => session,
+                    None => api
+                        .get_opt(name)
+                        .await
+                        .map_err(StatusError::Kube)?
+                        .ok_or(StatusError::NotFound)?,
+                };
+                let old = session.status.clone().unwrap_or_default();
+                let mut new = old.clone();
+                let value = edit(&session, &mut new).map_err(StatusError::Refused)?;
+                if new == old {
+                    return Ok(value);
+                }
+                let version = session
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default();
+                let patch = status_patch(&old, &new, &version)
+                    .map_err(|e| StatusError::Kube(kube::Error::SerdeError(e)))?;
+                match api
+                    .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => return Ok(value),
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        attempt += 1;
+                        if started.elapsed() > CONFLICT_BUDGET {
+                            return Err(StatusError::Contended);
+                        }
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    Err(kube::Error::Api(status)) if status.code == 404 => {
+                        return Err(StatusError::NotFound);
+                    }
+                    Err(error) => return Err(StatusError::Kube(error)),
+                }
+            }
+        }
+        .await;
+        drop(guard);
+        self.release(&key, turn);
+        result
+    }
+
+    fn turn(&self, key: &Key) -> Arc<tokio::sync::Mutex<()>> {
+        self.turns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the Session's lock once nobody else holds or waits for it.
+    fn release(&self, key: &Key, turn: Arc<tokio::sync::Mutex<()>>) {
+        let mut turns = self.turns.lock().unwrap_or_else(PoisonError::into_inner);
+        drop(turn);
+        if turns.get(key).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(key);
+        }
+    }
+
+    /// How many Sessions have a write in flight (for tests).
+    pub fn in_flight(&self) -> usize {
+        self.turns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hookrun_crds::SessionPhase;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    use super::*;
+
+    fn at() -> Time {
+        Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn the_patch_carries_the_version_and_clears_removed_fields() {
+        let mut old = SessionStatus {
+            message: Some("was".into()),
+            ..SessionStatus::default()
+        };
+        old.push_event("agent.message", "hi", at());
+        let mut new = old.clone();
+        new.message = None;
+        new.push_event("agent.message", "again", at());
+        let patch = status_patch(&old, &new, "42").expect("serializable");
+        assert_eq!(patch["metadata"]["resourceVersion"], "42");
+        assert_eq!(patch["status"]["message"], Value::Null);
+        assert_eq!(patch["status"]["events"].as_array().map(Vec::len), Some(2));
+        assert!(patch["status"].get("phase").is_none());
+        new.phase = Some(SessionPhase::Running);
+        let patch = status_patch(&old, &new, "43").expect("serializable");
+        assert_eq!(patch["status"]["phase"], "Running");
+    }
+
+    #[test]
+    fn backoff_stays_small() {
+        for attempt in 1..20 {
+            let pause = backoff(attempt);
+            assert!(pause >= Duration::from_millis(1) && pause <= Duration::from_millis(100));
+        }
+    }
+
+    #[tokio::test]
+    async fn locks_are_forgotten_after_use() {
+        let writer = StatusWriter::default();
+        let key = ("ns".to_owned(), "s".to_owned());
+        let turn = writer.turn(&key);
+        assert_eq!(writer.in_flight(), 1);
+        let other = writer.turn(&key);
+        writer.release(&key, turn);
+        assert_eq!(writer.in_flight(), 1);
+        writer.release(&key, other);
+        assert_eq!(writer.in_flight(), 0);
+    }
+}
