@@ -73,6 +73,55 @@ impl Drop for Process {
     }
 }
 
+/// The real apiserver alone, watching one namespace (tests that play the operator).
+pub struct ApiServer {
+    pub process: Process,
+    /// `host:port` of the public listener.
+    pub public: String,
+    /// `host:port` of the admin listener.
+    pub admin: String,
+}
+
+impl ApiServer {
+    /// Starts `hookrun-apiserver` with `kubeconfig`, watching `namespace`, and waits for
+    /// the addresses it logs; `tag` goes into the log file's name.
+    pub async fn start(kubeconfig: &std::path::Path, namespace: &str, tag: &str) -> Self {
+        let process = Process::start_with(
+            kubeconfig,
+            "hookrun-apiserver",
+            tag,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--namespaces",
+                namespace,
+                "--rate-limit-burst",
+                "1000",
+                "--rate-limit-per-second",
+                "100",
+            ],
+        );
+        let field = |name: &str| {
+            let text = process.log_text();
+            let rest = text.split(&format!("{name}=")).nth(1)?;
+            Some(rest.split_whitespace().next()?.to_owned())
+        };
+        let addresses = eventually(BUDGET, || async { field("public").zip(field("admin")) })
+            .await
+            .unwrap_or_else(|| {
+                panic!("the apiserver logged no address: {}", process.log.display())
+            });
+        let (public, admin) = addresses;
+        ApiServer {
+            process,
+            public,
+            admin,
+        }
+    }
+}
+
 /// The operator and the apiserver, both watching only `ns`.
 pub struct Door {
     _operator: Process,
@@ -109,42 +158,12 @@ impl Door {
                 ns.name(),
             ],
         );
-        let apiserver = Process::start_with(
-            kubeconfig,
-            "hookrun-apiserver",
-            ns.name(),
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--namespaces",
-                ns.name(),
-                "--rate-limit-burst",
-                "1000",
-                "--rate-limit-per-second",
-                "100",
-            ],
-        );
-        let field = |name: &str| {
-            let text = apiserver.log_text();
-            let rest = text.split(&format!("{name}=")).nth(1)?;
-            Some(rest.split_whitespace().next()?.to_owned())
-        };
-        let addresses = eventually(BUDGET, || async { field("public").zip(field("admin")) })
-            .await
-            .unwrap_or_else(|| {
-                panic!(
-                    "the apiserver logged no address: {}",
-                    apiserver.log.display()
-                )
-            });
-        let (public, admin) = addresses;
+        let apiserver = ApiServer::start(kubeconfig, ns.name(), ns.name()).await;
         Door {
             _operator: operator,
-            apiserver,
-            public,
-            admin,
+            apiserver: apiserver.process,
+            public: apiserver.public,
+            admin: apiserver.admin,
         }
     }
 

@@ -4,6 +4,7 @@
 mod crds;
 mod helm;
 mod operator;
+mod runner;
 mod sessions;
 mod wait;
 mod webhook;
