@@ -2,6 +2,7 @@
 //! binary starts (see `hookrun_tests::cluster`), each in a namespace of its own.
 
 mod crds;
+mod dev;
 mod helm;
 mod operator;
 mod runner;

@@ -1,0 +1,214 @@
+//! `make dev` as a new user runs it: hookrun-dev (what `make dev` runs once the binaries
+//! are built) on free ports with its own control plane; the echo Agent's URL is printed,
+//! a wait-mode call comes back with the title, and Ctrl-C leaves no process behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hookrun_tests::{control_plane::workspace_root, door, eventually, workspace_binary};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| !stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// `name pid` lines of a pid file.
+fn pids_in(path: &Path) -> Vec<(String, u32)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (name, pid) = line.split_once(' ')?;
+            Some((name.to_owned(), pid.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// hookrun-dev in the background, its output collected line by line.
+struct Dev {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Its state and logs, removed when the test passes.
+    dir: PathBuf,
+    state: PathBuf,
+    logs: PathBuf,
+    public: String,
+}
+
+impl Dev {
+    fn start() -> Self {
+        let root = workspace_root().join("target/test-clusters");
+        let tag = format!("dev-{}", std::process::id());
+        let state = root.join(&tag).join("state");
+        let logs = root.join(&tag).join("logs");
+        let _ = std::fs::remove_dir_all(root.join(&tag));
+        let public = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(workspace_binary("hookrun-dev"))
+            .arg("--state")
+            .arg(&state)
+            .arg("--logs")
+            .arg(&logs)
+            .args(["--listen", &public])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args([
+                "--operator-admin-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("hookrun-dev starts");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lines.lock().expect("lock").push(line);
+                }
+            });
+        }
+        Dev {
+            child,
+            lines,
+            dir: root.join(&tag),
+            state,
+            logs,
+            public,
+        }
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().expect("lock").join("\n")
+    }
+
+    /// The webhook path of an Agent, from the printed URL.
+    async fn webhook_path(&self, agent: &str) -> String {
+        let marker = format!("{}/webhooks/default/{agent}/", self.public);
+        let found = eventually(Duration::from_secs(240), || async {
+            let lines = self.lines.lock().expect("lock").clone();
+            lines.iter().find_map(|line| {
+                let url = line.split_whitespace().find(|w| w.contains(&marker))?;
+                url.split_once(&self.public)
+                    .map(|(_, path)| path.to_owned())
+            })
+        })
+        .await;
+        found.unwrap_or_else(|| panic!("no URL printed for {agent}:\n{}", self.output()))
+    }
+}
+
+impl Drop for Dev {
+    /// A failed test still stops hookrun-dev the way a user does (Ctrl-C), so that it
+    /// stops what it started instead of leaving it behind.
+    fn drop(&mut self) {
+        let Some(pid) = self.child.id() else { return };
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+        let begun = Instant::now();
+        while alive(pid) && begun.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[tokio::test]
+async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
+    let begun = Instant::now();
+    let mut dev = Dev::start();
+    let path = dev.webhook_path("echo").await;
+    let ready = begun.elapsed();
+    let output = dev.output();
+    assert!(
+        output.contains("\"wait\":60"),
+        "the wait-mode curl line:\n{output}"
+    );
+
+    // Everything it started, read while it runs.
+    let mut started = pids_in(&dev.logs.join("dev.pids"));
+    started.extend(pids_in(&dev.state.join("pids")));
+    let names: Vec<&str> = started.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in [
+        "hookrun-cluster",
+        "hookrun-operator",
+        "hookrun-apiserver",
+        "etcd",
+        "kube-apiserver",
+    ] {
+        assert!(names.contains(&expected), "{expected} in {names:?}");
+    }
+
+    let mut timings = Vec::new();
+    for _ in 0..3 {
+        let call = Instant::now();
+        let answer = door::request(
+            &dev.public,
+            "POST",
+            &path,
+            &[],
+            r#"{"title":"hello","wait":60}"#,
+        )
+        .await;
+        timings.push(call.elapsed());
+        assert_eq!(answer.status, 200, "{:?}\n{}", answer.json, dev.output());
+        assert_eq!(answer.json["phase"], "Complete", "{:?}", answer.json);
+        assert!(
+            answer.json["response"]
+                .as_str()
+                .is_some_and(|r| r.contains("hello")),
+            "{:?}",
+            answer.json
+        );
+    }
+    let output = dev.output();
+    assert!(output.contains("▶ session default/echo-wh-"), "{output}");
+    assert!(output.contains("■ session default/echo-wh-"), "{output}");
+    eprintln!(
+        "make dev: URLs after {:.1}s; wait-mode calls took {timings:?}",
+        ready.as_secs_f64()
+    );
+
+    let pid = dev.child.id().expect("a pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(60), dev.child.wait())
+        .await
+        .expect("hookrun-dev stops within 60 s of Ctrl-C")
+        .expect("its status");
+    assert!(status.success(), "{status}\n{}", dev.output());
+    let left: Vec<_> = started.iter().filter(|(_, pid)| alive(*pid)).collect();
+    assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
+    assert!(
+        dev.output()
+            .contains("everything make dev started has stopped")
+    );
+    let _ = std::fs::remove_dir_all(&dev.dir);
+}
