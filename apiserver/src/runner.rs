@@ -13,6 +13,7 @@ use hookrun_crds::agent::EnvVar;
 use hookrun_crds::session::{SessionEnvVar, SessionStatus};
 use hookrun_crds::{Agent, Session, SessionPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::{Map, Value, json};
 
@@ -133,10 +134,16 @@ async fn session_context(State(state): State<ApiState>, headers: HeaderMap) -> R
     let result = async {
         let caller = caller(&state, &headers).await?;
         let namespace = caller.session.namespace().unwrap_or_default();
+        // A list by name, not a get: the apiserver's RBAC grants list/watch on Agents
+        // (for its index) and nothing more.
+        let selector = format!("metadata.name={}", caller.session.spec.agent);
         let agent = Api::<Agent>::namespaced(caller.client, &namespace)
-            .get_opt(&caller.session.spec.agent)
+            .list(&ListParams::default().fields(&selector))
             .await
-            .map_err(|error| ApiError::cluster("read the Agent", &error))?;
+            .map_err(|error| ApiError::cluster("read the Agent", &error))?
+            .items
+            .into_iter()
+            .next();
         Ok::<_, ApiError>(Json(context(&caller.session, agent.as_ref())))
     }
     .await;
@@ -341,6 +348,49 @@ mod tests {
             pod_name: name.into(),
             pod_uid: uid.into(),
         }
+    }
+
+    async fn call(router: Router, path: &str, token: Option<&str>) -> Response {
+        use tower::ServiceExt;
+        let mut request = axum::http::Request::get(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        router
+            .oneshot(request.body(Body::empty()).expect("a request"))
+            .await
+            .expect("infallible")
+    }
+
+    #[tokio::test]
+    async fn without_a_cluster_the_apis_answer_503_and_are_counted_by_route() {
+        let state = ApiState::new(
+            crate::api::ClusterClient::new(),
+            crate::hub::SessionHub::new(),
+            std::sync::Arc::new(crate::metrics::Metrics::default()),
+        );
+        let app = router(state.clone()).merge(crate::read::router(state.clone()));
+        let missing = call(app.clone(), "/runner/v1/session", None).await;
+        assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+        let down = call(app.clone(), "/runner/v1/session", Some("t")).await;
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(down.headers().contains_key("retry-after"));
+        let no_namespace = call(app.clone(), "/agents/s", Some("t")).await;
+        assert_eq!(no_namespace.status(), StatusCode::BAD_REQUEST);
+        let read = call(app, "/agents/s/events?namespace=team", Some("t")).await;
+        assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let text = state.metrics.encode();
+        assert!(
+            text.contains(
+                r#"route="/runner/v1/session",method="GET",outcome="Unauthorized",status="401""#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"route="/agents/{session}/events""#),
+            "{text}"
+        );
+        assert!(!text.contains("namespace=team"), "{text}");
     }
 
     #[test]
