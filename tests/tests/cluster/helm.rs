@@ -1,7 +1,8 @@
 //! Cluster tests of the Helm chart (issue 7): `helm lint`, `helm template` with several
 //! value sets accepted by the real kube-apiserver (`--dry-run=server`), and a real
 //! `helm install` → RBAC checks → the real operator and apiserver running with tokens of
-//! the chart's ServiceAccounts → `helm upgrade` → `helm uninstall`. No kubelet runs, so
+//! the chart's ServiceAccounts through webhook → Session → Pod → runner API (TokenReview)
+//! → Complete → `helm upgrade` → `helm uninstall`. No kubelet runs, so
 //! the chart's Deployments never start pods; the binaries run here instead, with the
 //! arguments the chart gives them.
 
@@ -725,6 +726,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         "the apiserver never knew the token: {}",
         apiserver_process.log_text()
     );
+    let webhook_clock = Instant::now();
     let answer = request(
         &public_addr,
         "POST",
@@ -756,6 +758,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
             operator_process.log_text()
         )
     });
+    let to_pod = webhook_clock.elapsed();
     let container = pod
         .spec
         .as_ref()
@@ -787,13 +790,6 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         pending.is_some(),
         "the operator recorded the pod in the Session's status"
     );
-    for process in [&operator_process, &apiserver_process] {
-        let log = process.log_text();
-        assert!(
-            !log.to_lowercase().contains("forbidden"),
-            "an RBAC refusal: {log}"
-        );
-    }
     // Leader election ran on the Lease the Role names, in the release namespace.
     let holder = success(
         release_ns.kubectl(
@@ -809,6 +805,56 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         "kubectl get lease",
     );
     assert!(!holder.is_empty(), "the operator holds its Lease");
+
+    // Play the harness: the pod's bound token reaches the runner API, which checks it
+    // with a TokenReview and writes the Session's status, as the chart's apiserver
+    // ServiceAccount.
+    let uid = pod.metadata.uid.clone().expect("a pod uid");
+    let pod_token = success(
+        team.kubectl(
+            &[
+                "create",
+                "token",
+                "default",
+                "--audience",
+                names::TOKEN_AUDIENCE,
+                "--bound-object-kind=Pod",
+                &format!("--bound-object-name={session_name}"),
+                &format!("--bound-object-uid={uid}"),
+            ],
+            None,
+        ),
+        "kubectl create token (pod-bound)",
+    );
+    let bearer = format!("Bearer {}", pod_token.trim());
+    let auth = [("Authorization", bearer.as_str())];
+    let context = request(&public_addr, "GET", "/runner/v1/session", &auth, "").await;
+    assert_eq!(context.status, 200, "{:?}", context.json);
+    assert_eq!(context.json["title"], "hello from helm");
+    assert_eq!(
+        context.json["models"],
+        json!(["anthropic/claude-sonnet-4-6"])
+    );
+    let message = r#"{"type": "agent.message", "content": "hello from the chart"}"#;
+    let posted = request(&public_addr, "POST", "/runner/v1/events", &auth, message).await;
+    assert_eq!(posted.status, 200, "{:?}", posted.json);
+    let complete = r#"{"status": "complete"}"#;
+    let done = request(&public_addr, "POST", "/runner/v1/complete", &auth, complete).await;
+    assert_eq!(done.json["phase"], "Complete", "{:?}", done.json);
+    let response = sessions
+        .get(&session_name)
+        .await
+        .expect("the Session")
+        .status
+        .and_then(|s| s.response);
+    assert_eq!(response.as_deref(), Some("hello from the chart"));
+    for process in [&operator_process, &apiserver_process] {
+        let log = process.log_text();
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "an RBAC refusal: {log}"
+        );
+    }
 
     // Upgrade with changed values: Deployments change, token Secrets do not.
     success(
@@ -891,6 +937,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
 
     eprintln!(
         "helm install took {install_time:?}; the chart's operator and apiserver, started as its \
-         ServiceAccounts, gave the first Agent its URL {to_url:?} after starting"
+         ServiceAccounts, gave the first Agent its URL {to_url:?} after starting; webhook to \
+         session Pod took {to_pod:?}"
     );
 }
