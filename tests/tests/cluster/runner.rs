@@ -601,6 +601,21 @@ async fn the_stream_shows_events_live_ends_after_close_and_resumes_from_last_eve
     )
     .await;
     assert_eq!(denied.status, 403);
+
+    // A stream on a Session that is deleted ends.
+    setup.session_with_pod("s-wh-2", "s").await;
+    let path = setup.read_path("s-wh-2", "/stream");
+    let mut doomed = SseStream::open(&setup.apiserver.public, &path, &reader, None).await;
+    assert_eq!(doomed.status, 200);
+    setup
+        .sessions()
+        .delete("s-wh-2", &Default::default())
+        .await
+        .expect("deleted");
+    assert!(
+        doomed.next().await.is_none(),
+        "the stream ends with its Session"
+    );
 }
 
 #[tokio::test]
