@@ -49,24 +49,56 @@ pub struct HeldRequest {
     pub budget: Duration,
 }
 
-/// Holds until the Session finishes, is deleted, or the budget passes.
-pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
+/// A request being held: only what waiting needs, not the Session and its payload (a
+/// held request's memory is mostly this and its connection).
+#[derive(Debug)]
+pub struct Waiting {
+    subscription: Subscription,
+    /// Changes of another Session of the same name (deleted and created again) are not
+    /// ours.
+    uid: Option<String>,
+    last: SessionPhase,
+    budget: Duration,
+}
+
+/// Decides at once when the Session is gone or finished; otherwise what to wait with.
+pub fn begin(request: HeldRequest) -> Result<Waiting, Held> {
     let HeldRequest {
-        mut subscription,
+        subscription,
         current,
         budget,
     } = request;
     let Some(current) = current else {
-        return Held::Deleted;
+        return Err(Held::Deleted);
     };
-    if phase(&current).is_finished() {
-        return Held::Finished(Box::new(current.status.unwrap_or_default()));
+    let last = phase(&current);
+    if last.is_finished() {
+        return Err(Held::Finished(Box::new(current.status.unwrap_or_default())));
     }
-    // Changes of another Session of the same name (deleted and created again) are not ours.
-    let uid = current.metadata.uid.clone();
-    let mut last = phase(&current);
-    // Only the uid and phase are needed while waiting, not the Session and its payload.
-    drop(current);
+    Ok(Waiting {
+        subscription,
+        uid: current.metadata.uid,
+        last,
+        budget,
+    })
+}
+
+/// Holds until the Session finishes, is deleted, or the budget passes.
+pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
+    match begin(request) {
+        Ok(waiting) => wait_for_end(waiting, metrics).await,
+        Err(held) => held,
+    }
+}
+
+/// Waits on the hub; counted in `hookrun_apiserver_waiting_requests` meanwhile.
+pub async fn wait_for_end(waiting: Waiting, metrics: &Metrics) -> Held {
+    let Waiting {
+        mut subscription,
+        uid,
+        mut last,
+        budget,
+    } = waiting;
     let _waiting = metrics.waiting();
     let deadline = tokio::time::Instant::now() + budget;
     loop {

@@ -428,20 +428,22 @@ async fn post_handler(
         Ok(knock) => knock,
         Err(error) => return record(&state, route, &method, started, None, refused(error)),
     };
-    let result = accept(
+    // Boxed, so its state (the body, the Session it built) is freed once it is done and
+    // is not part of a held request's memory.
+    let result = Box::pin(accept(
         &state,
         &knock.key,
         knock.token.as_deref(),
         peer,
         &headers,
         body,
-    )
+    ))
     .await;
     // Nothing of the request is kept while a wait-mode request is held.
     drop(headers);
     let answered = match result {
         Ok(Accepted::Now(answered)) => answered,
-        Ok(Accepted::Hold(hold)) => hold.answer(&state, &knock.key).await,
+        Ok(Accepted::Hold(hold)) => Box::pin(hold.answer(&state, &knock.key)).await,
         Err(error) => refused(error),
     };
     record(&state, route, &method, started, Some(&knock.key), answered)
@@ -458,19 +460,29 @@ struct Hold {
     name: String,
     replayed: bool,
     rate: Option<(u32, u32)>,
-    request: wait::HeldRequest,
+    /// What to wait with, or the answer already known (finished, or gone).
+    waiting: Result<wait::Waiting, wait::Held>,
 }
 
 impl Hold {
     async fn answer(self, state: &AppState, key: &AgentKey) -> Answered {
-        let held = wait::hold(self.request, &state.metrics).await;
+        let Hold {
+            name,
+            replayed,
+            rate,
+            waiting,
+        } = self;
+        let held = match waiting {
+            Ok(waiting) => wait::wait_for_end(waiting, &state.metrics).await,
+            Err(held) => held,
+        };
         let waited = wait::Waited {
             namespace: &key.namespace,
-            session: &self.name,
+            session: &name,
             agent: &key.name,
         };
         let (response, outcome) = wait::answer(waited, held);
-        decorate(response, outcome, self.replayed, self.rate)
+        decorate(response, outcome, replayed, rate)
     }
 }
 
@@ -725,11 +737,11 @@ async fn accept(
                 name,
                 replayed: true,
                 rate: None,
-                request: wait::HeldRequest {
+                waiting: wait::begin(wait::HeldRequest {
                     subscription,
                     current,
                     budget,
-                },
+                }),
             })));
         }
     }
@@ -792,11 +804,11 @@ async fn accept(
                         name,
                         replayed: false,
                         rate,
-                        request: wait::HeldRequest {
+                        waiting: wait::begin(wait::HeldRequest {
                             subscription,
                             current: Some(stored),
                             budget,
-                        },
+                        }),
                     })),
                     _ => Accepted::Now(created(key, &name, false, rate)),
                 });
@@ -827,11 +839,11 @@ async fn accept(
                         name,
                         replayed: true,
                         rate,
-                        request: wait::HeldRequest {
+                        waiting: wait::begin(wait::HeldRequest {
                             subscription,
                             current: Some(existing),
                             budget,
-                        },
+                        }),
                     })),
                     _ => Accepted::Now(created(key, &name, true, rate)),
                 });
