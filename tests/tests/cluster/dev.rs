@@ -157,6 +157,158 @@ impl Drop for Dev {
     }
 }
 
+/// What the fake chat-completions server saw: the Authorization header and the body.
+type Seen = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
+
+/// A one-route OpenAI-compatible server: answers every request with a chat completion
+/// whose content repeats the user message.
+async fn fake_chat_completions() -> (String, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let address = listener.local_addr().expect("an address").to_string();
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            let (head, body) = loop {
+                let Ok(n) = socket.read(&mut buf).await else {
+                    break (String::new(), Vec::new());
+                };
+                if n == 0 {
+                    break (String::new(), Vec::new());
+                }
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request).into_owned();
+                let Some((head, _)) = text.split_once("\r\n\r\n") else {
+                    continue;
+                };
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let start = head.len() + 4;
+                if request.len() >= start + length {
+                    break (head.to_owned(), request[start..start + length].to_vec());
+                }
+            };
+            let auth = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("authorization: ")
+                        .or(l.strip_prefix("Authorization: "))
+                })
+                .unwrap_or("")
+                .to_owned();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let user = body["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or("")
+                .to_owned();
+            record.lock().expect("lock").push((auth, body));
+            let answer = serde_json::json!({
+                "id": "chatcmpl-dev", "object": "chat.completion", "created": 1, "model": "fake-model",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("the fake model heard: {user}")}, "finish_reason": "stop"}]
+            })
+            .to_string();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    (address, seen)
+}
+
+/// A model Agent under make dev: the pod runner resolves its key from a Secret, the
+/// harness calls the (fake) chat completions API and the answer comes back in wait mode.
+async fn model_agent_through_the_pod_runner(dev: &Dev) {
+    let (model, seen) = fake_chat_completions().await;
+    let manifest = format!(
+        r#"
+apiVersion: v1
+kind: Secret
+metadata: {{name: fake-openai, namespace: default}}
+stringData: {{api-key: sk-test-dev}}
+---
+apiVersion: hookrun.dev/v1alpha1
+kind: Agent
+metadata: {{name: fake-llm, namespace: default}}
+spec:
+  models: [openai/fake-model]
+  system: Be brief.
+  triggers: [{{webhook: {{}}}}]
+  session:
+    env:
+      - {{name: OPENAI_BASE_URL, value: "http://{model}/v1"}}
+      - name: OPENAI_API_KEY
+        valueFrom: {{secretKeyRef: {{name: fake-openai, key: api-key}}}}
+"#
+    );
+    let kubeconfig = dev.state.join("kubeconfig");
+    let applied = kubectl(&kubeconfig, &["apply", "-f", "-"], Some(&manifest));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let url = eventually(Duration::from_secs(30), || async {
+        let out = kubectl(
+            &kubeconfig,
+            &[
+                "get",
+                "agent",
+                "fake-llm",
+                "-n",
+                "default",
+                "-o",
+                "jsonpath={.status.webhookUrl}",
+            ],
+            None,
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (!url.is_empty()).then_some(url)
+    })
+    .await
+    .expect("fake-llm gets a URL");
+    let path = url
+        .split_once(&dev.public)
+        .map(|(_, p)| p.to_owned())
+        .expect("a local URL");
+    let answer = door::request(
+        &dev.public,
+        "POST",
+        &path,
+        &[],
+        r#"{"title":"hello model","wait":60}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{:?}\n{}", answer.json, dev.output());
+    assert_eq!(answer.json["phase"], "Complete", "{:?}", answer.json);
+    assert_eq!(answer.json["response"], "the fake model heard: hello model");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].0, "Bearer sk-test-dev",
+        "the key came from the Secret"
+    );
+    assert_eq!(seen[0].1["model"], "fake-model");
+    assert_eq!(
+        seen[0].1["messages"][0],
+        serde_json::json!({"role": "system", "content": "Be brief."})
+    );
+}
+
 #[tokio::test]
 async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
     let begun = Instant::now();
@@ -274,6 +426,8 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
     assert!(stream.contains("session.status_closed"), "{stream}");
     let refused = door::request(&dev.public, "GET", &summary, &[], "").await;
     assert_eq!(refused.status, 401, "no token, no answer");
+
+    model_agent_through_the_pod_runner(&dev).await;
 
     let pid = dev.child.id().expect("a pid");
     let _ = std::process::Command::new("kill")
