@@ -444,5 +444,7 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
         dev.output()
             .contains("everything make dev started has stopped")
     );
-    let _ = std::fs::remove_dir_all(&dev.dir);
+    if let Err(error) = std::fs::remove_dir_all(&dev.dir) {
+        eprintln!("cannot remove {}: {error}", dev.dir.display());
+    }
 }
