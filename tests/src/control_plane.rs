@@ -178,6 +178,10 @@ impl ControlPlane {
                 "--advertise-address=127.0.0.1".into(),
                 format!("--token-auth-file={}", path("tokens.csv")),
                 "--authorization-mode=RBAC".into(),
+                // As hardened clusters run it: an owner reference that blocks its
+                // owner's deletion needs `update` on the owner's finalizers, which the
+                // chart's RBAC must then grant (the chart test proves it does).
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", path("sa.pub")),
                 format!("--service-account-signing-key-file={}", path("sa.key")),
