@@ -137,7 +137,12 @@ mod tests {
         let mut mine = hub.subscribe("team", "a-wh-1");
         hub.publish(&session("team", "other", "a", Some(SessionPhase::Running)));
         assert!(matches!(mine.latest(), Seen::Nothing));
-        hub.publish(&session("team", "a-wh-1", "a", Some(SessionPhase::Complete)));
+        hub.publish(&session(
+            "team",
+            "a-wh-1",
+            "a",
+            Some(SessionPhase::Complete),
+        ));
         match mine.changed().await {
             Some(Seen::Session(s)) => {
                 assert_eq!(

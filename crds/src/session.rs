@@ -326,7 +326,10 @@ mod tests {
         assert_eq!(status.dropped_events, Some(5));
         assert_eq!(status.first_event_id(), 6);
         assert_eq!(status.events[0].content, "5");
-        assert_eq!(status.last_agent_message(), Some((MAX_EVENTS + 4).to_string().as_str()));
+        assert_eq!(
+            status.last_agent_message(),
+            Some((MAX_EVENTS + 4).to_string().as_str())
+        );
     }
 
     #[test]
@@ -356,7 +359,10 @@ mod tests {
         assert_eq!(status.phase(), SessionPhase::Complete);
         assert_eq!(status.response.as_deref(), Some("done"));
         let types: Vec<_> = status.events.iter().map(|e| e.type_.as_str()).collect();
-        assert_eq!(types, [event_types::STATUS_RUNNING, event_types::STATUS_CLOSED]);
+        assert_eq!(
+            types,
+            [event_types::STATUS_RUNNING, event_types::STATUS_CLOSED]
+        );
         assert_eq!(status.events[1].content, "Complete");
         assert!(!status.mark_running(at()));
     }
