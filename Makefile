@@ -45,9 +45,10 @@ lint:
 dev:
 	@CARGO="$(CARGO)" tools/dev.sh
 
-## bench: the operator on the local control plane, and the webhook door under wrk
+## bench: the operator on the local control plane, the webhook door under wrk, held wait-mode requests
 bench: tools
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p hookrun-tests --bench operator
 	$(CARGO) bench -p hookrun-apiserver --bench webhook
+	$(CARGO) bench -p hookrun-apiserver --bench wait
