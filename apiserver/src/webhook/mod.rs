@@ -369,7 +369,9 @@ impl<S: Send + Sync> FromRequestParts<S> for Knock {
         let Path(path) = Path::<DoorPath>::from_request_parts(parts, state)
             .await
             .map_err(|_| WebhookError::NotFound)?;
-        let token = path.token.or_else(|| bearer(&parts.headers));
+        let token = path
+            .token
+            .or_else(|| crate::api::bearer_token(&parts.headers).map(str::to_owned));
         Ok(Knock {
             key: AgentKey::new(path.namespace, path.agent),
             token,
@@ -378,14 +380,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Knock {
 }
 
 /// The token in `Authorization: Bearer <token>`.
-fn bearer(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
-}
-
 async fn ping_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
