@@ -228,6 +228,33 @@ impl TestNamespace {
         all.extend_from_slice(args);
         kubectl(&self.kubeconfig, &all, stdin)
     }
+
+    /// Creates a ServiceAccount `reader` allowed to `get` Sessions in this namespace (what
+    /// the read API asks the cluster) and returns a token of it.
+    pub fn session_reader_token(&self) -> String {
+        let rbac = format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: reader}}\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: session-reader}}\n\
+             rules: [{{apiGroups: [hookrun.dev], resources: [sessions], verbs: [get]}}]\n---\n\
+             apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: session-reader}}\n\
+             roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: session-reader}}\n\
+             subjects: [{{kind: ServiceAccount, name: reader, namespace: {}}}]\n",
+            self.name
+        );
+        let applied = self.kubectl(&["apply", "-f", "-"], Some(&rbac));
+        assert!(
+            applied.status.success(),
+            "{}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        let token = self.kubectl(&["create", "token", "reader"], None);
+        assert!(
+            token.status.success(),
+            "kubectl create token: {}",
+            String::from_utf8_lossy(&token.stderr)
+        );
+        String::from_utf8_lossy(&token.stdout).trim().to_owned()
+    }
 }
 
 impl Drop for TestNamespace {

@@ -354,26 +354,6 @@ async fn errors_are_recorded_and_only_the_sessions_own_pod_token_is_served() {
     assert_eq!(bad.status, 400);
 }
 
-/// A ServiceAccount `reader` allowed to get Sessions in the namespace; its token.
-fn reader_token(setup: &Setup) -> String {
-    let rbac = format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: reader}}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: session-reader}}\n\
-         rules: [{{apiGroups: [hookrun.dev], resources: [sessions], verbs: [get]}}]\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: session-reader}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: session-reader}}\n\
-         subjects: [{{kind: ServiceAccount, name: reader, namespace: {}}}]\n",
-        setup.ns.name()
-    );
-    let output = setup.ns.kubectl(&["apply", "-f", "-"], Some(&rbac));
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    setup.token("reader", &[])
-}
-
 #[tokio::test]
 async fn the_read_api_answers_holders_of_get_sessions_only() {
     let setup = Setup::new().await;
@@ -384,7 +364,7 @@ async fn the_read_api_answers_holders_of_get_sessions_only() {
     setup
         .complete(&pod, json!({"status": "complete", "response": "bye"}))
         .await;
-    let reader = reader_token(&setup);
+    let reader = setup.ns.session_reader_token();
 
     let summary = setup
         .get(&setup.read_path("r-wh-1", ""), Some(&reader))
@@ -550,7 +530,7 @@ async fn the_stream_shows_events_live_ends_after_close_and_resumes_from_last_eve
     let uid = setup.session_with_pod("s-wh-1", "s").await;
     let pod = setup.pod_token("s-wh-1", &uid);
     setup.event(&pod, "agent.message", "before").await;
-    let reader = reader_token(&setup);
+    let reader = setup.ns.session_reader_token();
     let path = setup.read_path("s-wh-1", "/stream");
 
     let mut stream = SseStream::open(&setup.apiserver.public, &path, &reader, None).await;

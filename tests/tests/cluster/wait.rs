@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use hookrun_crds::session::event_types;
 use hookrun_crds::{Session, SessionPhase};
 use hookrun_tests::door::{BUDGET, Door, request, webhook_path};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
@@ -36,6 +37,7 @@ async fn finish(sessions: &Api<Session>, name: &str, response: &str) {
         let session = sessions.get(name).await.expect("the Session reads");
         let mut status = session.status.clone().unwrap_or_default();
         let now = Time(k8s_openapi::jiff::Timestamp::now());
+        status.push_event(event_types::AGENT_MESSAGE, response, now.clone());
         assert!(status.finish(SessionPhase::Complete, Some(response), None, now));
         let patch = json!({
             "metadata": {"resourceVersion": session.metadata.resource_version},
@@ -123,6 +125,21 @@ async fn a_wait_that_runs_out_is_202_with_a_poll_url() {
     assert_eq!(answer.header("location"), Some(poll.as_str()));
     assert_eq!(answer.json["timedOut"], true);
     assert_eq!(answer.json["response"], serde_json::Value::Null);
-    // The Session runs on.
+    // The Session runs on, and the pollUrl answers once it has.
     assert!(sessions.get_opt(name).await.expect("reads").is_some());
+    finish(&sessions, name, "late but here").await;
+    let token = ns.session_reader_token();
+    let bearer = format!("Bearer {token}");
+    let events = request(
+        &door.public,
+        "GET",
+        &poll,
+        &[("authorization", bearer.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(events.status, 200, "{:?}", events);
+    assert_eq!(events.json["count"], 1, "{:?}", events.json);
+    assert_eq!(events.json["events"][0]["type"], "agent.message");
+    assert_eq!(events.json["events"][0]["content"], "late but here");
 }
