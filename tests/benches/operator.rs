@@ -6,7 +6,8 @@
 //!    Events counted apart), writes during a quiet window afterwards (goal: zero);
 //! 3. the operator's resident memory with those Agents;
 //! 4. Session-created-to-Pod-created latency: Sessions one at a time, then all at once
-//!    (p50, p99).
+//!    (p50, p99);
+//! 5. webhook-to-Pod latency through the real apiserver, one webhook at a time (p50, p99).
 //!
 //! Sizes: `HOOKRUN_BENCH_AGENTS` (1000), `HOOKRUN_BENCH_SEQUENTIAL` (50),
 //! `HOOKRUN_BENCH_QUIET_SECS` (60), `HOOKRUN_BENCH_SESSIONS` (100). With
@@ -27,6 +28,7 @@ use hookrun_crds::{
     Agent, AgentSpec, Session, SessionSpec,
     agent::{Trigger, WebhookTrigger},
 };
+use hookrun_tests::door::{self, ApiServer};
 use hookrun_tests::{TestNamespace, cluster, workspace_binary};
 use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use kube::{
@@ -279,6 +281,63 @@ async fn session_to_pod(client: &Client, namespace: &str, count: u64) {
     );
 }
 
+/// Webhook-to-Pod latency: `count` webhooks one at a time through the real apiserver,
+/// each from just before the POST to the ADDED event of the pod of the Session it names.
+async fn webhook_to_pod(
+    client: &Client,
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    count: u64,
+) {
+    let agents: Api<Agent> = Api::namespaced(client.clone(), namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let apiserver = ApiServer::start(kubeconfig, namespace, "bench").await;
+    let path = door::webhook_path(&agents, namespace, "bench").await;
+    assert!(
+        door::is_known(&apiserver.public, &path).await,
+        "the apiserver never accepted the token"
+    );
+    let mut added = watcher(pods, watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    let mut latencies = Vec::new();
+    for i in 0..=count {
+        let started = Instant::now();
+        let answer = door::request(
+            &apiserver.public,
+            "POST",
+            &path,
+            &[],
+            r#"{"title":"bench"}"#,
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let name = answer.json["session"]
+            .as_str()
+            .expect("a Session")
+            .to_owned();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(60), added.try_next()).await {
+                Ok(Ok(Some(pod))) if pod.metadata.name.as_deref() == Some(name.as_str()) => break,
+                Ok(Ok(Some(_))) => continue,
+                other => panic!("no pod for {name}: {other:?}"),
+            }
+        }
+        // The first one also waits out the watch's initial list.
+        if i > 0 {
+            latencies.push(started.elapsed());
+        }
+    }
+    latencies.sort();
+    println!(
+        "webhook-to-Pod latency over {} sequential webhooks: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        latencies.len(),
+        percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
+        percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let agents_n = env_number("HOOKRUN_BENCH_AGENTS", 1000);
@@ -293,6 +352,7 @@ async fn main() {
         let ns = TestNamespace::new(cluster).await;
         let _operator = start_operator(&cluster.kubeconfig_path(), ns.name());
         session_to_pod(&client, ns.name(), sessions_n).await;
+        webhook_to_pod(&client, &cluster.kubeconfig_path(), ns.name(), sessions_n).await;
     }
     if agents_n == 0 {
         return;

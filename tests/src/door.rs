@@ -174,16 +174,22 @@ impl Door {
 
     /// Waits until the apiserver knows the Agent's current token (a GET ping is 200).
     pub async fn wait_until_known(&self, path: &str) {
-        let known = eventually(BUDGET, || async {
-            (request(&self.public, "GET", path, &[], "").await.status == 200).then_some(())
-        })
-        .await;
         assert!(
-            known.is_some(),
+            is_known(&self.public, path).await,
             "the apiserver never accepted the token; log: {}",
             self.apiserver.log_text()
         );
     }
+}
+
+/// Whether the apiserver at `address` comes to accept the webhook `path` (a GET ping is
+/// 200) within [`BUDGET`].
+pub async fn is_known(address: &str, path: &str) -> bool {
+    eventually(BUDGET, || async {
+        (request(address, "GET", path, &[], "").await.status == 200).then_some(())
+    })
+    .await
+    .is_some()
 }
 
 /// An HTTP answer.
