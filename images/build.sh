@@ -20,7 +20,7 @@ revision=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 target=x86_64-unknown-linux-gnu
 # A target directory of its own: these artifacts share nothing with the debug build,
 # and a long `cargo test` elsewhere holding target/'s lock must not block this one.
-build_dir=$root/target/static
+build_dir=${CARGO_TARGET_DIR:-$root/target}/static
 out=$root/target/images
 mkdir -p "$out"
 
