@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{StreamExt, TryStreamExt, stream, stream::BoxStream};
 use hookrun_crds::{
     Agent, AgentSpec, Session, SessionSpec,
     agent::{Trigger, WebhookTrigger},
@@ -199,34 +199,19 @@ async fn session_to_pod(client: &Client, namespace: &str, count: u64) {
         .applied_objects()
         .boxed();
 
-    let mut sequential = Vec::new();
-    for i in 0..=count {
-        let name = format!("seq-wh-{i:08x}");
-        let started = Instant::now();
-        sessions
-            .create(&PostParams::default(), &session(&name))
-            .await
-            .expect("create");
-        loop {
-            match tokio::time::timeout(Duration::from_secs(60), added.try_next()).await {
-                Ok(Ok(Some(pod))) if pod.metadata.name.as_deref() == Some(name.as_str()) => break,
-                Ok(Ok(Some(_))) => continue,
-                other => panic!("no pod for {name}: {other:?}"),
-            }
+    let sequential = one_at_a_time(&mut added, count, |i| {
+        let sessions = sessions.clone();
+        async move {
+            let name = format!("seq-wh-{i:08x}");
+            sessions
+                .create(&PostParams::default(), &session(&name))
+                .await
+                .expect("create");
+            name
         }
-        // The first one also waits out the operator's start.
-        if i > 0 {
-            sequential.push(started.elapsed());
-        }
-    }
-    sequential.sort();
-    println!(
-        "Session-to-Pod latency over {} sequential Sessions: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        sequential.len(),
-        percentile(&sequential, 0.50).as_secs_f64() * 1000.0,
-        percentile(&sequential, 0.99).as_secs_f64() * 1000.0,
-        sequential.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
-    );
+    })
+    .await;
+    print_latencies("Session-to-Pod", "sequential Sessions", &sequential);
 
     let created: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> = Arc::default();
     let started = Instant::now();
@@ -300,22 +285,38 @@ async fn webhook_to_pod(
     let mut added = watcher(pods, watcher::Config::default())
         .applied_objects()
         .boxed();
+    let (public, path) = (apiserver.public.clone(), path.clone());
+    let latencies = one_at_a_time(&mut added, count, |_| {
+        let (public, path) = (public.clone(), path.clone());
+        async move {
+            let answer = door::request(&public, "POST", &path, &[], r#"{"title":"bench"}"#).await;
+            assert_eq!(answer.status, 200, "{answer:?}");
+            answer.json["session"]
+                .as_str()
+                .expect("a Session")
+                .to_owned()
+        }
+    })
+    .await;
+    print_latencies("webhook-to-Pod", "sequential webhooks", &latencies);
+}
+
+/// Runs `start(i)` for `i` in `0..=count`, one at a time; each returns the name of the
+/// Session it made, and is timed until that Session's pod appears on `added`. The first
+/// is not counted: it also waits out the operator's start or the watch's initial list.
+async fn one_at_a_time<F, Fut>(
+    added: &mut BoxStream<'static, Result<Pod, watcher::Error>>,
+    count: u64,
+    start: F,
+) -> Vec<Duration>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let mut latencies = Vec::new();
     for i in 0..=count {
         let started = Instant::now();
-        let answer = door::request(
-            &apiserver.public,
-            "POST",
-            &path,
-            &[],
-            r#"{"title":"bench"}"#,
-        )
-        .await;
-        assert_eq!(answer.status, 200, "{answer:?}");
-        let name = answer.json["session"]
-            .as_str()
-            .expect("a Session")
-            .to_owned();
+        let name = start(i).await;
         loop {
             match tokio::time::timeout(Duration::from_secs(60), added.try_next()).await {
                 Ok(Ok(Some(pod))) if pod.metadata.name.as_deref() == Some(name.as_str()) => break,
@@ -323,18 +324,21 @@ async fn webhook_to_pod(
                 other => panic!("no pod for {name}: {other:?}"),
             }
         }
-        // The first one also waits out the watch's initial list.
         if i > 0 {
             latencies.push(started.elapsed());
         }
     }
     latencies.sort();
+    latencies
+}
+
+fn print_latencies(what: &str, over: &str, sorted: &[Duration]) {
     println!(
-        "webhook-to-Pod latency over {} sequential webhooks: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        latencies.len(),
-        percentile(&latencies, 0.50).as_secs_f64() * 1000.0,
-        percentile(&latencies, 0.99).as_secs_f64() * 1000.0,
-        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
+        "{what} latency over {} {over}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        sorted.len(),
+        percentile(sorted, 0.50).as_secs_f64() * 1000.0,
+        percentile(sorted, 0.99).as_secs_f64() * 1000.0,
+        sorted.last().copied().unwrap_or_default().as_secs_f64() * 1000.0,
     );
 }
 
