@@ -258,29 +258,35 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// Changes the calling pod's Session status with `edit` (refused once it has finished),
+/// through the shared conflict-retrying writer.
+async fn update_status<T>(
+    state: &ApiState,
+    caller: Caller,
+    edit: impl FnMut(&Session, &mut SessionStatus) -> Result<T, Finished>,
+) -> Result<T, ApiError> {
+    let (namespace, name) = (
+        caller.session.namespace().unwrap_or_default(),
+        caller.session.name_any(),
+    );
+    state
+        .status
+        .update(&caller.sessions, &name, Some(caller.session), edit)
+        .await
+        .map_err(|e| status_error(e, &namespace, &name))
+}
+
 async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let caller = caller(&state, &headers).await?;
         let event = parse_event(&api::read_body(body).await?)?;
-        let (namespace, name) = (
-            caller.session.namespace().unwrap_or_default(),
-            caller.session.name_any(),
-        );
-        let id = state
-            .status
-            .update(
-                &caller.sessions,
-                &name,
-                Some(caller.session),
-                |_, status| {
-                    if status.is_finished() {
-                        return Err(Finished);
-                    }
-                    Ok(status.push_event(&event.type_, &event.content, now()))
-                },
-            )
-            .await
-            .map_err(|e| status_error(e, &namespace, &name))?;
+        let id = update_status(&state, caller, |_, status| {
+            if status.is_finished() {
+                return Err(Finished);
+            }
+            Ok(status.push_event(&event.type_, &event.content, now()))
+        })
+        .await?;
         Ok::<_, ApiError>(Json(json!({"id": id})))
     }
     .await;
@@ -291,44 +297,28 @@ async fn complete(State(state): State<ApiState>, headers: HeaderMap, body: Body)
     let result = async {
         let caller = caller(&state, &headers).await?;
         let completion = parse_completion(&api::read_body(body).await?)?;
-        let (namespace, name) = (
-            caller.session.namespace().unwrap_or_default(),
-            caller.session.name_any(),
-        );
-        let phase = state
-            .status
-            .update(
-                &caller.sessions,
-                &name,
-                Some(caller.session),
-                |_, status| {
-                    let response = match (&completion.response, completion.phase) {
-                        (Some(response), _) => Some(response.clone()),
-                        (None, SessionPhase::Complete) => {
-                            status.last_agent_message().map(str::to_owned)
-                        }
-                        (None, _) => None,
-                    };
-                    let message = match (&completion.message, completion.phase) {
-                        (None, SessionPhase::Error) => {
-                            Some("the agent reported an error".to_owned())
-                        }
-                        (message, _) => message.clone(),
-                    };
-                    if status.finish(
-                        completion.phase,
-                        response.as_deref(),
-                        message.as_deref(),
-                        now(),
-                    ) {
-                        Ok(completion.phase)
-                    } else {
-                        Err(Finished)
-                    }
-                },
-            )
-            .await
-            .map_err(|e| status_error(e, &namespace, &name))?;
+        let phase = update_status(&state, caller, |_, status| {
+            let response = match (&completion.response, completion.phase) {
+                (Some(response), _) => Some(response.clone()),
+                (None, SessionPhase::Complete) => status.last_agent_message().map(str::to_owned),
+                (None, _) => None,
+            };
+            let message = match (&completion.message, completion.phase) {
+                (None, SessionPhase::Error) => Some("the agent reported an error".to_owned()),
+                (message, _) => message.clone(),
+            };
+            if status.finish(
+                completion.phase,
+                response.as_deref(),
+                message.as_deref(),
+                now(),
+            ) {
+                Ok(completion.phase)
+            } else {
+                Err(Finished)
+            }
+        })
+        .await?;
         Ok::<_, ApiError>(Json(json!({"phase": phase})))
     }
     .await;

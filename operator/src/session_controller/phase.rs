@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hookrun_crds::session::{SessionPhase, SessionStatus};
 use k8s_openapi::{
-    api::core::v1::{ContainerStateTerminated, ContainerStateWaiting, Pod},
+    api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStateWaiting, Pod},
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
@@ -270,7 +270,7 @@ fn ttl_decision(status: &SessionStatus, now: Timestamp, ttl: Duration) -> Decisi
     }
 }
 
-fn agent_container_waiting(pod: &Pod) -> Option<&ContainerStateWaiting> {
+fn agent_container_state(pod: &Pod) -> Option<&ContainerState> {
     pod.status
         .as_ref()?
         .container_statuses
@@ -278,22 +278,15 @@ fn agent_container_waiting(pod: &Pod) -> Option<&ContainerStateWaiting> {
         .iter()
         .find(|c| c.name == CONTAINER)?
         .state
-        .as_ref()?
-        .waiting
         .as_ref()
 }
 
+fn agent_container_waiting(pod: &Pod) -> Option<&ContainerStateWaiting> {
+    agent_container_state(pod)?.waiting.as_ref()
+}
+
 fn agent_container_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == CONTAINER)?
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()
+    agent_container_state(pod)?.terminated.as_ref()
 }
 
 fn image(pod: &Pod) -> &str {
