@@ -33,7 +33,7 @@ use crate::{
     admin::AdminState,
     agent_controller::Context,
     cli::{Args, LogFormat},
-    leader::LeaderElector,
+    leader::{LeaderElector, Leadership},
     metrics::Metrics,
     session_controller::pod::PodSettings,
 };
@@ -90,7 +90,23 @@ fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + S
 /// Runs the operator until SIGTERM/SIGINT, or until leadership is lost (an error: the
 /// process should restart and campaign again).
 pub async fn run(args: Args) -> Result<()> {
-    let client = Client::try_default().await?;
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    // The elector renews through its own client; everything else goes through one whose
+    // writes are refused whenever this process does not hold the Lease.
+    let leadership = Arc::new(Leadership::default());
+    let lease_client = Client::try_from(config.clone())?;
+    let client = if args.leader_elect {
+        let gate = leadership.clone();
+        kube::client::ClientBuilder::try_from(config)?
+            .with_layer(&tower::filter::FilterLayer::new(move |request| {
+                gate.admit(request)
+            }))
+            .build()
+    } else {
+        lease_client.clone()
+    };
     let mut registry = Registry::default();
     let metrics = Metrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
@@ -134,11 +150,12 @@ pub async fn run(args: Args) -> Result<()> {
             .filter(|ns| !ns.is_empty())
             .unwrap_or_else(|| "default".to_owned());
         let elector = Arc::new(LeaderElector::new(
-            client.clone(),
+            lease_client,
             &namespace,
             &args.leader_election_id,
             leader::default_identity(),
             args.leader_election_lease_duration.0,
+            leadership,
         ));
         // A standby is healthy and ready to take over.
         ready.store(true, Ordering::Release);
