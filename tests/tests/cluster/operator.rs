@@ -55,6 +55,17 @@ struct Operator {
 
 impl Operator {
     fn start(cluster: &Cluster, ns: &TestNamespace, extra: &[&str]) -> Self {
+        Self::start_with_url(cluster, ns, PUBLIC_URL, extra)
+    }
+
+    /// Like [`Operator::start`] with its own public URL, so that the URLs an operator
+    /// writes into Agent statuses say which operator wrote them.
+    fn start_with_url(
+        cluster: &Cluster,
+        ns: &TestNamespace,
+        public_url: &str,
+        extra: &[&str],
+    ) -> Self {
         let dir = workspace_root().join("target/test-clusters");
         std::fs::create_dir_all(&dir).expect("the log directory");
         let log = dir.join(format!("operator-{}-{}.log", ns.name(), rand_suffix()));
@@ -62,7 +73,7 @@ impl Operator {
         let child = Command::new(operator_binary())
             .args([
                 "--public-url",
-                PUBLIC_URL,
+                public_url,
                 "--runner-url",
                 "http://runner.hookrun.test",
                 "--admin-listen",
@@ -676,4 +687,197 @@ async fn with_leader_election_only_one_operator_writes() {
         None,
         "the lease was not released"
     );
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to a process.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
+    leases
+        .get_opt("hookrun-operator")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+#[tokio::test]
+async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
+    const OLD: &str = "https://old-leader.example.test/";
+    const NEW: &str = "https://new-leader.example.test/";
+    const LEASE: Duration = Duration::from_secs(3);
+    const MARKER: &str = "test.hookrun.dev/after-exit";
+    const AGENTS: usize = 40;
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let leases: Api<Lease> = Api::namespaced(client, ns.name());
+    let election = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        ns.name(),
+        "--leader-election-lease-duration",
+        "3s",
+    ];
+    let old = Operator::start_with_url(cluster, &ns, OLD, &election);
+    let old_pid = format!("-{}", old.pid());
+    eventually(BUDGET, || async {
+        lease_holder(&leases)
+            .await
+            .filter(|h| h.ends_with(&old_pid))
+    })
+    .await
+    .expect("the first operator leads");
+    let new = Operator::start_with_url(cluster, &ns, NEW, &election);
+    let new_pid = format!("-{}", new.pid());
+    let urls = |agents: &Api<Agent>| {
+        let agents = agents.clone();
+        async move {
+            agents
+                .list(&Default::default())
+                .await
+                .map(|list| {
+                    list.items
+                        .into_iter()
+                        .filter_map(|a| a.status?.webhook_url)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        }
+    };
+
+    // Freeze the leader in the middle of a burst of work, so that it holds reconciles
+    // that are past every check of their own when it stops.
+    let burst = {
+        let agents = agents.clone();
+        tokio::spawn(async move {
+            futures::future::join_all((0..AGENTS).map(|i| {
+                let agents = agents.clone();
+                async move { apply_agent(&agents, &format!("a{i}"), webhook_agent()).await }
+            }))
+            .await
+        })
+    };
+    eventually(BUDGET, || async {
+        urls(&agents)
+            .await
+            .iter()
+            .any(|u| u.starts_with(OLD))
+            .then_some(())
+    })
+    .await
+    .expect("the first leader starts on the burst");
+    signal(old.pid(), "STOP");
+    let frozen_at = std::time::Instant::now();
+    burst.await.expect("the burst is applied");
+
+    // The standby takes over within the lease duration and a few seconds, judged by its
+    // own clock, and writes its own URL everywhere.
+    eventually(LEASE + Duration::from_secs(10), || async {
+        lease_holder(&leases)
+            .await
+            .filter(|h| h.ends_with(&new_pid))
+    })
+    .await
+    .expect("the standby takes over from a frozen leader");
+    let takeover = frozen_at.elapsed();
+    assert!(
+        takeover <= LEASE + Duration::from_secs(5),
+        "takeover took {takeover:?}"
+    );
+    eventually(Duration::from_secs(30), || async {
+        let urls = urls(&agents).await;
+        (urls.len() == AGENTS && urls.iter().all(|u| u.starts_with(NEW))).then_some(())
+    })
+    .await
+    .expect("the new leader writes every URL");
+
+    // Record every Agent change from now on, then wake the old leader.
+    let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let watch = {
+        let recorded = recorded.clone();
+        let stream =
+            kube::runtime::watcher(agents.clone(), kube::runtime::watcher::Config::default());
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(Ok(event)) = stream.next().await {
+                if let kube::runtime::watcher::Event::Apply(agent)
+                | kube::runtime::watcher::Event::InitApply(agent) = event
+                {
+                    let marked = agent.annotations().contains_key(MARKER);
+                    if let Some(url) = agent.status.and_then(|s| s.webhook_url) {
+                        recorded.lock().expect("the record").push((url, marked));
+                    }
+                }
+            }
+        })
+    };
+    eventually(BUDGET, || async {
+        (!recorded.lock().ok()?.is_empty()).then_some(())
+    })
+    .await
+    .expect("the watch sees the Agents");
+    signal(old.pid(), "CONT");
+    let mut old = old;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exited = loop {
+        if let Some(status) = old.child.try_wait().expect("the old leader's status") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old leader did not exit once it found the lease gone"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!exited.success(), "losing the lease is an error exit");
+    // A write after its exit: once the watch shows it, it has shown every earlier write.
+    agents
+        .patch(
+            "a0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {MARKER: "1"}}})),
+        )
+        .await
+        .expect("the marker annotation");
+    eventually(BUDGET, || async {
+        recorded
+            .lock()
+            .ok()?
+            .iter()
+            .any(|(_, marked)| *marked)
+            .then_some(())
+    })
+    .await
+    .expect("the watch sees the marker");
+    watch.abort();
+    let stale: Vec<String> = recorded
+        .lock()
+        .expect("the record")
+        .iter()
+        .filter(|(u, _)| !u.starts_with(NEW))
+        .map(|(u, _)| {
+            u.rsplit_once('/')
+                .map_or(u.clone(), |(path, _)| path.to_owned())
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "the old leader wrote {} statuses after the new one took over: {stale:?}",
+        stale.len()
+    );
+    assert!(
+        old.log_text().contains("stepping down") || old.log_text().contains("took the lease"),
+        "the old leader says why it stopped: {}",
+        old.log_text()
+    );
+    drop(new);
 }
