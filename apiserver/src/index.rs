@@ -166,7 +166,10 @@ struct SecretCandidate {
 
 /// A Secret's namespace and its own name.
 fn secret_key(secret: &Secret) -> Option<AgentKey> {
-    Some(AgentKey::new(secret.namespace()?, secret.metadata.name.clone()?))
+    Some(AgentKey::new(
+        secret.namespace()?,
+        secret.metadata.name.clone()?,
+    ))
 }
 
 /// What the index keeps of a managed Secret. A previous token without a readable expiry

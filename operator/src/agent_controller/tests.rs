@@ -411,7 +411,10 @@ fn a_deleted_reference_drops_the_copy_of_its_signing_secret_and_keeps_the_others
     assert!(!without_gh.missing[0].secret_exists);
     let after = plan(&facts(None), Some(&before), &without_gh.signing, now(), 'z');
     assert_eq!(data(&after.secret, "github-secret"), None);
-    assert_eq!(data(&after.secret, "linear-signing-secret"), Some("lin".into()));
+    assert_eq!(
+        data(&after.secret, "linear-signing-secret"),
+        Some("lin".into())
+    );
     assert_eq!(after.change, TokenChange::Kept, "the token stays");
     assert!(secret::secret_needs_write(&after.secret, Some(&before)));
 

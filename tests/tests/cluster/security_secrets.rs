@@ -34,8 +34,12 @@ fn start_operator(cluster: &Cluster, ns: &TestNamespace) -> Process {
 }
 
 async fn start_apiserver(cluster: &Cluster, ns: &TestNamespace, tag: &str) -> ApiServer {
-    ApiServer::start(&cluster.kubeconfig_path(), ns.name(), &format!("{}-{tag}", ns.name()))
-        .await
+    ApiServer::start(
+        &cluster.kubeconfig_path(),
+        ns.name(),
+        &format!("{}-{tag}", ns.name()),
+    )
+    .await
 }
 
 async fn apply_webhook_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
@@ -172,12 +176,7 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
     create_as_user(
         &ns,
         &user,
-        &forged_secret(
-            "victim-webhook-3",
-            "victim",
-            &uid,
-            None,
-        ),
+        &forged_secret("victim-webhook-3", "victim", &uid, None),
     );
     create_as_user(
         &ns,
@@ -203,7 +202,11 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
         let (real, forged_victim, forged_squatted) =
             (real.clone(), forged_victim.clone(), forged_squatted.clone());
         async move {
-            assert_eq!(post_status(&address, &forged_victim).await, 401, "forged token, victim");
+            assert_eq!(
+                post_status(&address, &forged_victim).await,
+                401,
+                "forged token, victim"
+            );
             assert_eq!(
                 post_status(&address, &forged_squatted).await,
                 401,
@@ -218,7 +221,10 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
     // After a restart the relist sees every Secret at once, in the cluster's order.
     drop(apiserver);
     let restarted = start_apiserver(cluster, &ns, "restarted").await;
-    assert!(is_known(&restarted.public, &real).await, "the real token after a restart");
+    assert!(
+        is_known(&restarted.public, &real).await,
+        "the real token after a restart"
+    );
     check(restarted.public.clone()).await;
 }
 
@@ -265,6 +271,17 @@ async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
     };
 
     apply_webhook_agent(&agents, "squatter", json!({})).await;
+    // Whatever the operator makes of it, once it has said so the Secret must be as it was.
+    let reconciled = eventually(BUDGET, || async {
+        let agent = agents.get("squatter").await.ok()?;
+        ready_condition(&agent)
+    })
+    .await;
+    assert!(
+        reconciled.is_some(),
+        "the operator never reconciled the Agent"
+    );
+    unchanged("the Agent was applied").await;
     let message = wait_for_reason(&agents, "squatter", "False", "SecretNameTaken").await;
     assert!(
         message.contains(&format!("{taken:?}")) && message.contains("rename or delete"),
@@ -306,7 +323,12 @@ async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
         .await
         .expect("the Agent deletes");
     let gone = eventually(BUDGET, || async {
-        agents.get_opt("squatter").await.ok()?.is_none().then_some(())
+        agents
+            .get_opt("squatter")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
     assert!(gone.is_some(), "the Agent was not deleted");
@@ -322,10 +344,18 @@ async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
     wait_for_reason(&agents, "squatter", "True", "WebhookReady").await;
     let managed = secrets.get(&taken).await.expect("the operator's Secret");
     assert_eq!(
-        managed.labels().get(names::MANAGED_BY_LABEL).map(String::as_str),
+        managed
+            .labels()
+            .get(names::MANAGED_BY_LABEL)
+            .map(String::as_str),
         Some(names::MANAGED_BY)
     );
-    let uid = agents.get("squatter").await.expect("the Agent").metadata.uid;
+    let uid = agents
+        .get("squatter")
+        .await
+        .expect("the Agent")
+        .metadata
+        .uid;
     assert!(
         managed
             .owner_references()
@@ -391,13 +421,14 @@ async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
         n += 1;
         n
     };
-    let accepted = eventually(BUDGET, || {
-        let (address, path, n) = (address.clone(), path.clone(), next());
-        async move {
-            (github_delivery(&address, &path, Some("gh-one"), n).await.0 == 200).then_some(())
-        }
-    })
-    .await;
+    let accepted =
+        eventually(BUDGET, || {
+            let (address, path, n) = (address.clone(), path.clone(), next());
+            async move {
+                (github_delivery(&address, &path, Some("gh-one"), n).await.0 == 200).then_some(())
+            }
+        })
+        .await;
     assert!(accepted.is_some(), "a signed delivery was never accepted");
 
     // Revoke it by deleting the referenced Secret.
@@ -406,21 +437,6 @@ async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
         .await
         .expect("the GitHub Secret deletes");
     let message = wait_for_reason(&agents, "signed", "False", "SecretRefMissing").await;
-    assert!(
-        message.contains("\"github\"") && message.contains("refused"),
-        "{message}"
-    );
-    let managed = secrets
-        .get(&names::webhook_secret_name("signed"))
-        .await
-        .expect("the managed Secret stays (its token too)");
-    assert!(
-        !managed
-            .data
-            .unwrap_or_default()
-            .contains_key("github-secret"),
-        "the copy of the revoked signing secret is still there"
-    );
     let refused = eventually(BUDGET, || {
         let (address, path, n) = (address.clone(), path.clone(), next());
         async move {
@@ -438,6 +454,21 @@ async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
         let (status, json) = github_delivery(&address, &path, None, next()).await;
         assert_eq!(status, 401, "unsigned: {json}");
     }
+    assert!(
+        message.contains("\"github\"") && message.contains("refused"),
+        "{message}"
+    );
+    let managed = secrets
+        .get(&names::webhook_secret_name("signed"))
+        .await
+        .expect("the managed Secret stays (its token too)");
+    assert!(
+        !managed
+            .data
+            .unwrap_or_default()
+            .contains_key("github-secret"),
+        "the copy of the revoked signing secret is still there"
+    );
 
     // Recreated (with a new value): accepted again, and only with the new value.
     secrets
@@ -445,14 +476,18 @@ async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
         .await
         .expect("the GitHub Secret again");
     wait_for_reason(&agents, "signed", "True", "WebhookReady").await;
-    let accepted = eventually(BUDGET, || {
-        let (address, path, n) = (address.clone(), path.clone(), next());
-        async move {
-            (github_delivery(&address, &path, Some("gh-two"), n).await.0 == 200).then_some(())
-        }
-    })
-    .await;
-    assert!(accepted.is_some(), "the recreated secret was never accepted");
+    let accepted =
+        eventually(BUDGET, || {
+            let (address, path, n) = (address.clone(), path.clone(), next());
+            async move {
+                (github_delivery(&address, &path, Some("gh-two"), n).await.0 == 200).then_some(())
+            }
+        })
+        .await;
+    assert!(
+        accepted.is_some(),
+        "the recreated secret was never accepted"
+    );
     let (status, json) = github_delivery(&address, &path, Some("gh-one"), next()).await;
     assert_eq!(status, 401, "the old value after the new one: {json}");
 }
