@@ -924,14 +924,14 @@ mod tests {
         let agents: Vec<Agent> = objects
             .iter()
             .filter_map(|o| match o {
-                Obj::Agent(a) => Some(a.clone()),
+                Obj::Agent(a) => Some((**a).clone()),
                 Obj::Secret(_) => None,
             })
             .collect();
         let secrets: Vec<Secret> = objects
             .iter()
             .filter_map(|o| match o {
-                Obj::Secret(s) => Some(s.clone()),
+                Obj::Secret(s) => Some((**s).clone()),
                 Obj::Agent(_) => None,
             })
             .collect();
@@ -949,8 +949,14 @@ mod tests {
     }
 
     enum Obj {
-        Agent(Agent),
-        Secret(Secret),
+        Agent(Box<Agent>),
+        Secret(Box<Secret>),
+    }
+
+    impl Obj {
+        fn secret(s: Secret) -> Self {
+            Obj::Secret(Box::new(s))
+        }
     }
 
     #[test]
@@ -958,10 +964,10 @@ mod tests {
         let real_digest = Some(hookrun_crds::token::digest("real"));
         every_order(
             &[
-                Obj::Agent(webhook_agent()),
-                Obj::Secret(real("real")),
-                Obj::Secret(forged("forged", other_name)),
-                Obj::Secret(forged("forged2", |s| {
+                Obj::Agent(Box::new(webhook_agent())),
+                Obj::secret(real("real")),
+                Obj::secret(forged("forged", other_name)),
+                Obj::secret(forged("forged2", |s| {
                     other_name(s);
                     s.metadata.name = Some("zzz".into());
                 })),
@@ -970,8 +976,8 @@ mod tests {
         );
         every_order(
             &[
-                Obj::Agent(webhook_agent()),
-                Obj::Secret(forged("forged", other_name)),
+                Obj::Agent(Box::new(webhook_agent())),
+                Obj::secret(forged("forged", other_name)),
             ],
             |index, how| assert_eq!(token_of(index), None, "{how}"),
         );
@@ -982,8 +988,8 @@ mod tests {
         for forge in [wrong_uid, no_controller] {
             every_order(
                 &[
-                    Obj::Agent(webhook_agent()),
-                    Obj::Secret(forged("forged", forge)),
+                    Obj::Agent(Box::new(webhook_agent())),
+                    Obj::secret(forged("forged", forge)),
                 ],
                 |index, how| assert_eq!(token_of(index), None, "{how}"),
             );
@@ -994,7 +1000,10 @@ mod tests {
             }
         });
         every_order(
-            &[Obj::Agent(webhook_agent()), Obj::Secret(other_group)],
+            &[
+                Obj::Agent(Box::new(webhook_agent())),
+                Obj::secret(other_group),
+            ],
             |index, how| assert_eq!(token_of(index), None, "{how}"),
         );
     }
