@@ -129,14 +129,47 @@ fn parse_cidr(s: &str) -> Option<IpNet> {
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
 }
 
-/// The Agent that controls a managed Secret, by its controller owner reference.
-pub fn secret_owner(secret: &Secret) -> Option<AgentKey> {
+/// The Agent a managed Secret claims to belong to: its controller owner reference to an
+/// Agent, when the Secret also has the name the operator gives that Agent's Secret.
+/// A Secret that fails either is nobody's token (anyone who may create Secrets in the
+/// namespace can add the managed label and an owner reference).
+pub fn secret_owner(secret: &Secret) -> Option<SecretOwner> {
     let namespace = secret.namespace()?;
-    secret
-        .owner_references()
-        .iter()
-        .find(|o| o.kind == "Agent" && o.controller == Some(true))
-        .map(|o| AgentKey::new(namespace, o.name.clone()))
+    let owner = secret.owner_references().iter().find(|o| {
+        o.kind == "Agent"
+            && o.controller == Some(true)
+            && o.api_version.split('/').next() == Some(hookrun_crds::GROUP)
+    })?;
+    if secret.metadata.name.as_deref() != Some(names::webhook_secret_name(&owner.name).as_str()) {
+        return None;
+    }
+    Some(SecretOwner {
+        agent: AgentKey::new(namespace, owner.name.clone()),
+        uid: owner.uid.clone(),
+    })
+}
+
+/// The Agent a managed Secret names as its controller, with the uid that must match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretOwner {
+    pub agent: AgentKey,
+    pub uid: String,
+}
+
+/// A managed Secret the watch delivered, kept by its own name until an Agent with the
+/// owner's name and uid takes it.
+#[derive(Clone, Debug)]
+struct SecretCandidate {
+    owner: SecretOwner,
+    entry: Arc<SecretEntry>,
+}
+
+/// A Secret's namespace and its own name.
+fn secret_key(secret: &Secret) -> Option<AgentKey> {
+    Some(AgentKey::new(
+        secret.namespace()?,
+        secret.metadata.name.clone()?,
+    ))
 }
 
 /// What the index keeps of a managed Secret. A previous token without a readable expiry
@@ -250,6 +283,12 @@ impl Scope {
 #[derive(Debug, Default)]
 pub struct Index {
     agents: HashMap<AgentKey, Arc<AgentEntry>>,
+    /// Managed Secrets by (namespace, Secret name): at most one per name, whatever order
+    /// the watches deliver Agents and Secrets in.
+    candidates: HashMap<AgentKey, SecretCandidate>,
+    /// The Secret each Agent accepts: the candidate with the Agent's Secret name whose
+    /// controller owner reference carries the Agent's uid. Derived from `agents` and
+    /// `candidates` whenever either changes, so a lookup is one map read.
     secrets: HashMap<AgentKey, Arc<SecretEntry>>,
     /// What an Agent whose Secret is not loaded yet is checked against (accepts nothing).
     no_secret: Arc<SecretEntry>,
@@ -370,44 +409,109 @@ impl Index {
         let key = AgentKey::new(namespace, agent.name_any());
         match agent_entry(agent) {
             Some(entry) => {
-                self.agents.insert(key, Arc::new(entry));
+                self.agents.insert(key.clone(), Arc::new(entry));
             }
             None => {
                 self.agents.remove(&key);
             }
         }
+        self.match_secret(&key);
     }
 
     pub fn delete_agent(&mut self, agent: &Agent) {
         if let Some(namespace) = agent.namespace() {
-            self.agents
-                .remove(&AgentKey::new(namespace, agent.name_any()));
+            let key = AgentKey::new(namespace, agent.name_any());
+            self.agents.remove(&key);
+            self.match_secret(&key);
         }
     }
 
     pub fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
         self.agents.retain(|k, _| !scope.contains(&k.namespace));
         for agent in agents {
-            self.apply_agent(agent);
+            if let (Some(namespace), Some(entry)) = (agent.namespace(), agent_entry(agent)) {
+                let key = AgentKey::new(namespace, agent.name_any());
+                self.agents.insert(key, Arc::new(entry));
+            }
         }
+        self.match_secrets_in(scope);
     }
 
     pub fn apply_secret(&mut self, secret: &Secret) {
-        if let Some(owner) = secret_owner(secret) {
-            self.secrets.insert(owner, Arc::new(secret_entry(secret)));
+        let Some(key) = secret_key(secret) else {
+            return;
+        };
+        let previous = match secret_owner(secret) {
+            Some(owner) => {
+                let agent = owner.agent.clone();
+                let entry = Arc::new(secret_entry(secret));
+                let previous = self
+                    .candidates
+                    .insert(key, SecretCandidate { owner, entry });
+                self.match_secret(&agent);
+                previous
+            }
+            // Renamed away from the operator's name, or its owner reference changed.
+            None => self.candidates.remove(&key),
+        };
+        if let Some(previous) = previous {
+            self.match_secret(&previous.owner.agent);
         }
     }
 
     pub fn delete_secret(&mut self, secret: &Secret) {
-        if let Some(owner) = secret_owner(secret) {
-            self.secrets.remove(&owner);
+        if let Some(key) = secret_key(secret)
+            && let Some(previous) = self.candidates.remove(&key)
+        {
+            self.match_secret(&previous.owner.agent);
         }
     }
 
     pub fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
-        self.secrets.retain(|k, _| !scope.contains(&k.namespace));
+        self.candidates.retain(|k, _| !scope.contains(&k.namespace));
         for secret in secrets {
-            self.apply_secret(secret);
+            if let (Some(key), Some(owner)) = (secret_key(secret), secret_owner(secret)) {
+                let entry = Arc::new(secret_entry(secret));
+                self.candidates
+                    .insert(key, SecretCandidate { owner, entry });
+            }
+        }
+        self.match_secrets_in(scope);
+    }
+
+    /// Sets the Secret the Agent `key` accepts: the candidate under the operator's name
+    /// for it, if its controller owner reference carries the Agent's uid; else none.
+    fn match_secret(&mut self, key: &AgentKey) {
+        let accepted = self.agents.get(key).and_then(|agent| {
+            let name = AgentKey::new(key.namespace.clone(), names::webhook_secret_name(&key.name));
+            self.candidates
+                .get(&name)
+                .filter(|c| {
+                    !agent.uid.is_empty() && c.owner.uid == agent.uid && c.owner.agent == *key
+                })
+                .map(|c| c.entry.clone())
+        });
+        match accepted {
+            Some(entry) => {
+                self.secrets.insert(key.clone(), entry);
+            }
+            None => {
+                self.secrets.remove(key);
+            }
+        }
+    }
+
+    /// [`Index::match_secret`] for every Agent of `scope`, after a relist.
+    fn match_secrets_in(&mut self, scope: &Scope) {
+        self.secrets.retain(|k, _| !scope.contains(&k.namespace));
+        let keys: Vec<AgentKey> = self
+            .agents
+            .keys()
+            .filter(|k| scope.contains(&k.namespace))
+            .cloned()
+            .collect();
+        for key in &keys {
+            self.match_secret(key);
         }
     }
 
@@ -704,7 +808,13 @@ mod tests {
                 ("github-secret", ""),
             ],
         );
-        assert_eq!(secret_owner(&s), Some(AgentKey::new("ns", "a")));
+        assert_eq!(
+            secret_owner(&s),
+            Some(SecretOwner {
+                agent: AgentKey::new("ns", "a"),
+                uid: "uid-a".into()
+            })
+        );
         let e = secret_entry(&s);
         assert_eq!(e.token, Some(hookrun_crds::token::digest("current")));
         let prev = e.previous.clone().expect("previous");
@@ -746,6 +856,202 @@ mod tests {
         // Removing the trigger removes the entry.
         index.apply_agent(&agent("b", "y", json!({})));
         assert!(index.target(&AgentKey::new("b", "y")).is_none());
+    }
+
+    /// The operator's Secret of Agent `a` in `ns`, with token `token`.
+    fn real(token: &str) -> Secret {
+        secret("ns", "a", &[("token", token)])
+    }
+
+    /// A Secret a namespace user made: the managed label and an owner reference to `a`,
+    /// changed by `forge`.
+    fn forged(token: &str, forge: impl FnOnce(&mut Secret)) -> Secret {
+        let mut s = secret("ns", "a", &[("token", token)]);
+        forge(&mut s);
+        s
+    }
+
+    fn other_name(s: &mut Secret) {
+        s.metadata.name = Some("a-webhook-2".into());
+    }
+
+    fn wrong_uid(s: &mut Secret) {
+        if let Some(o) = s.metadata.owner_references.as_mut() {
+            o[0].uid = "uid-forged".into();
+        }
+    }
+
+    fn no_controller(s: &mut Secret) {
+        if let Some(o) = s.metadata.owner_references.as_mut() {
+            o[0].controller = None;
+        }
+    }
+
+    fn token_of(index: &Index) -> Option<[u8; 32]> {
+        index.target(&AgentKey::new("ns", "a"))?.secret.token
+    }
+
+    fn webhook_agent() -> Agent {
+        agent("ns", "a", json!({"triggers": [{"webhook": {}}]}))
+    }
+
+    /// Every order of `objects` through the watch events and through relists.
+    fn every_order(objects: &[Obj], check: impl Fn(&Index, &str)) {
+        fn permutations(n: usize) -> Vec<Vec<usize>> {
+            if n == 0 {
+                return vec![vec![]];
+            }
+            let mut all = Vec::new();
+            for p in permutations(n - 1) {
+                for at in 0..=p.len() {
+                    let mut q = p.clone();
+                    q.insert(at, n - 1);
+                    all.push(q);
+                }
+            }
+            all
+        }
+        for order in permutations(objects.len()) {
+            let mut index = Index::new(2);
+            for &i in &order {
+                match &objects[i] {
+                    Obj::Agent(a) => index.apply_agent(a),
+                    Obj::Secret(s) => index.apply_secret(s),
+                }
+            }
+            check(&index, &format!("events in order {order:?}"));
+        }
+        let agents: Vec<Agent> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Obj::Agent(a) => Some((**a).clone()),
+                Obj::Secret(_) => None,
+            })
+            .collect();
+        let secrets: Vec<Secret> = objects
+            .iter()
+            .filter_map(|o| match o {
+                Obj::Secret(s) => Some((**s).clone()),
+                Obj::Agent(_) => None,
+            })
+            .collect();
+        for agents_first in [true, false] {
+            let mut index = Index::new(2);
+            if agents_first {
+                index.reset_agents(&Scope::All, &agents);
+                index.reset_secrets(&Scope::Namespace("ns".into()), &secrets);
+            } else {
+                index.reset_secrets(&Scope::All, &secrets);
+                index.reset_agents(&Scope::Namespace("ns".into()), &agents);
+            }
+            check(&index, &format!("relist, agents first: {agents_first}"));
+        }
+    }
+
+    enum Obj {
+        Agent(Box<Agent>),
+        Secret(Box<Secret>),
+    }
+
+    impl Obj {
+        fn secret(s: Secret) -> Self {
+            Obj::Secret(Box::new(s))
+        }
+    }
+
+    #[test]
+    fn a_forged_secret_of_another_name_never_adds_or_replaces_a_token() {
+        let real_digest = Some(hookrun_crds::token::digest("real"));
+        every_order(
+            &[
+                Obj::Agent(Box::new(webhook_agent())),
+                Obj::secret(real("real")),
+                Obj::secret(forged("forged", other_name)),
+                Obj::secret(forged("forged2", |s| {
+                    other_name(s);
+                    s.metadata.name = Some("zzz".into());
+                })),
+            ],
+            |index, how| assert_eq!(token_of(index), real_digest, "{how}"),
+        );
+        every_order(
+            &[
+                Obj::Agent(Box::new(webhook_agent())),
+                Obj::secret(forged("forged", other_name)),
+            ],
+            |index, how| assert_eq!(token_of(index), None, "{how}"),
+        );
+    }
+
+    #[test]
+    fn a_secret_with_the_right_name_but_the_wrong_owner_is_no_token() {
+        for forge in [wrong_uid, no_controller] {
+            every_order(
+                &[
+                    Obj::Agent(Box::new(webhook_agent())),
+                    Obj::secret(forged("forged", forge)),
+                ],
+                |index, how| assert_eq!(token_of(index), None, "{how}"),
+            );
+        }
+        let other_group = forged("forged", |s| {
+            if let Some(o) = s.metadata.owner_references.as_mut() {
+                o[0].api_version = "evil.example/v1".into();
+            }
+        });
+        every_order(
+            &[
+                Obj::Agent(Box::new(webhook_agent())),
+                Obj::secret(other_group),
+            ],
+            |index, how| assert_eq!(token_of(index), None, "{how}"),
+        );
+    }
+
+    #[test]
+    fn a_forged_secret_replaced_by_the_real_one_gives_way_and_back() {
+        let mut index = Index::new(1);
+        index.apply_secret(&forged("forged", wrong_uid));
+        index.apply_agent(&webhook_agent());
+        assert_eq!(token_of(&index), None);
+        // The same object updated by the operator: now it is the real one.
+        index.apply_secret(&real("real"));
+        assert_eq!(token_of(&index), Some(hookrun_crds::token::digest("real")));
+        // Edited to carry another owner: it stops counting at once.
+        index.apply_secret(&forged("forged", wrong_uid));
+        assert_eq!(token_of(&index), None);
+        index.apply_secret(&real("real"));
+        // Deleting a forged Secret of another name leaves the real one.
+        index.delete_secret(&forged("forged", other_name));
+        assert_eq!(token_of(&index), Some(hookrun_crds::token::digest("real")));
+        index.delete_secret(&real("real"));
+        assert_eq!(token_of(&index), None);
+    }
+
+    #[test]
+    fn an_agent_recreated_with_a_new_uid_does_not_take_the_old_secret() {
+        let mut index = Index::new(1);
+        index.apply_agent(&webhook_agent());
+        index.apply_secret(&real("old"));
+        assert_eq!(token_of(&index), Some(hookrun_crds::token::digest("old")));
+
+        let mut recreated = webhook_agent();
+        recreated.metadata.uid = Some("uid-a-2".into());
+        index.delete_agent(&webhook_agent());
+        index.apply_agent(&recreated);
+        assert_eq!(token_of(&index), None, "the old Secret must not count");
+        // The same after a relist that sees the old Secret first.
+        index.reset_secrets(&Scope::All, &[real("old")]);
+        index.reset_agents(&Scope::All, std::slice::from_ref(&recreated));
+        assert_eq!(token_of(&index), None);
+
+        let new = forged("new", |s| {
+            if let Some(o) = s.metadata.owner_references.as_mut() {
+                o[0].uid = "uid-a-2".into();
+            }
+        });
+        index.apply_secret(&new);
+        assert_eq!(token_of(&index), Some(hookrun_crds::token::digest("new")));
     }
 
     #[test]

@@ -97,7 +97,13 @@ pub enum WebhookError {
     MissingSignature { expected: String },
     #[error(transparent)]
     Signature(SignatureError),
-    #[error("the Agent's signing secret is not loaded yet; retry in a few seconds")]
+    /// 503, not 401: the sender's signature is not at fault, the receiver lacks the key
+    /// (not loaded yet, or the Secret it comes from was deleted), and senders retry a
+    /// 5xx once it is back instead of giving up. Either way nothing is accepted.
+    #[error(
+        "the Agent's signing secret for this signature is missing: it is not loaded yet, or \
+         the Secret it is read from was deleted (see the Agent's Ready condition); retry later"
+    )]
     SigningSecretPending,
     #[error("the Agent's webhook is misconfigured: {0}")]
     Misconfigured(SignatureError),

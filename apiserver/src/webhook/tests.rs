@@ -986,3 +986,41 @@ async fn a_replay_found_at_create_time_gives_its_rate_token_back() {
     let other = f.post(&url("plain", TOKEN), &[], "{}").await;
     assert_eq!(other.headers["x-ratelimit-remaining"], "1");
 }
+
+#[tokio::test]
+async fn a_scheme_whose_signing_secret_is_gone_refuses_signed_and_unsigned_requests() {
+    // The Agent requires GitHub signatures; its managed Secret has the token but no
+    // GitHub key (the referenced Secret was deleted and the operator removed the copy).
+    let mut index = index();
+    index.apply_agent(&agent(
+        NS,
+        "revoked",
+        json!({"triggers": [{"webhook": {"githubSecretRef": {"name": "gh", "key": "secret"}}}]}),
+    ));
+    index.apply_secret(&secret(NS, "revoked", &[("token", TOKEN)]));
+    let f = fixture_with(index, 1024 * 1024, 100);
+    let body = r#"{"action":"opened"}"#;
+    let signature = format!("sha256={}", hex_hmac("old-github-secret", body.as_bytes()));
+    let headers = [
+        ("x-hub-signature-256", signature.as_str()),
+        ("x-github-event", "issues"),
+        ("x-github-delivery", "d-1"),
+    ];
+    let answer = f.post(&url("revoked", TOKEN), &headers, body).await;
+    assert_error(
+        &answer,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "signing_secret_pending",
+    );
+    assert!(answer.headers.contains_key("retry-after"));
+    assert!(
+        answer.json["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deleted")),
+        "{}",
+        answer.json
+    );
+    let unsigned = f.post(&url("revoked", TOKEN), &[], body).await;
+    assert_error(&unsigned, StatusCode::UNAUTHORIZED, "missing_signature");
+    assert!(f.store.sessions().is_empty());
+}

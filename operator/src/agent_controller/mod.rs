@@ -36,7 +36,7 @@ use kube::{
 use serde_json::json;
 
 use self::{
-    secret::{AgentFacts, MissingRef, TokenChange},
+    secret::{AgentFacts, MissingRef, SecretClaim, TokenChange},
     status::Outcome,
 };
 use crate::{
@@ -118,7 +118,9 @@ pub fn run(
     let store = controller.store();
     let agent_index = store.clone();
     // Referenced Secrets are watched by metadata only (no data of the cluster's other
-    // Secrets crosses the wire); a change maps back to the Agents that name them.
+    // Secrets crosses the wire); a change maps back to the Agents that name them, and to
+    // the Agent whose webhook Secret name it has (a user's Secret there blocks it until
+    // it goes, and the managed-label watch does not see that one).
     let controller = controller
         .owns(
             secrets,
@@ -134,7 +136,11 @@ pub fn run(
                 agent_index
                     .state()
                     .into_iter()
-                    .filter(|agent| agent.namespace() == ns && references_secret(agent, &name))
+                    .filter(|agent| {
+                        agent.namespace() == ns
+                            && (references_secret(agent, &name)
+                                || names::webhook_secret_name(&agent.name_any()) == name)
+                    })
                     .map(|agent| ObjectRef::from_obj(&*agent))
                     .collect::<Vec<_>>()
             },
@@ -225,23 +231,41 @@ async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
             for wanted_name in wanted {
                 referenced.insert(wanted_name, secrets.get_opt(wanted_name).await?);
             }
-            let resolved = secret::resolve_signing_secrets(webhook, &webhook_path(agent), |n| {
-                referenced.get(n).and_then(Option::as_ref)
-            });
-            match resolved {
-                Err(missing) => {
-                    // The watch on referenced Secrets brings the Agent back when it appears.
+            let resolved =
+                secret::resolve_available_signing_secrets(webhook, &webhook_path(agent), |n| {
+                    referenced.get(n).and_then(Option::as_ref)
+                });
+            // With a reference missing, an existing Secret still loses the copy of that
+            // signing secret (deleting it revokes it), but no new token is minted.
+            let mint = resolved.missing.is_empty();
+            let applied = apply_secret(
+                agent,
+                ctx,
+                &secrets,
+                &secret_name,
+                grace,
+                &resolved.signing,
+                mint,
+            )
+            .await?;
+            let (outcome, requeue) = applied.unwrap_or((Outcome::NoWebhookTrigger, None));
+            if let Some(requeue) = requeue {
+                action = Action::requeue(requeue.min(RESYNC));
+            }
+            match (&outcome, resolved.missing.first()) {
+                (Outcome::SecretNameTaken { .. }, _) => {
+                    // The metadata watch on Secrets brings the Agent back when it goes.
                     action = Action::await_change();
-                    secret_ref_missing(&name, &missing)
-                }
-                Ok(signing) => {
-                    let (outcome, requeue) =
-                        apply_secret(agent, ctx, &secrets, &secret_name, grace, &signing).await?;
-                    if let Some(requeue) = requeue {
-                        action = Action::requeue(requeue.min(RESYNC));
-                    }
                     outcome
                 }
+                (_, Some(missing)) => {
+                    // The watch on referenced Secrets brings the Agent back when it appears.
+                    if requeue.is_none() {
+                        action = Action::await_change();
+                    }
+                    secret_ref_missing(&name, missing)
+                }
+                (_, None) => outcome,
             }
         }
     };
@@ -253,24 +277,17 @@ async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
 fn secret_ref_missing(agent: &str, missing: &MissingRef) -> Outcome {
     tracing::info!(agent, secret = %missing.secret, key = %missing.key, "referenced signing secret is missing");
     Outcome::SecretRefMissing {
-        message: missing.message(),
-    }
-}
-
-/// Whether `secret` is controlled by `agent`, or by nobody (then the operator adopts it).
-fn controlled_by(secret: &Secret, agent: &Agent) -> bool {
-    match secret
-        .owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true))
-    {
-        None => true,
-        Some(owner) => Some(&owner.uid) == agent.uid().as_ref(),
+        message: format!(
+            "{}; until then webhooks that need this signing secret are refused (the \
+             operator removed its copy)",
+            missing.message()
+        ),
     }
 }
 
 /// Builds the managed Secret and applies it if it differs from the one that exists.
-/// Returns the outcome and, when a previous token is kept, when to come back to drop it.
+/// Returns the outcome and, when a previous token is kept, when to come back to drop it;
+/// `None` when there is no Secret and `mint` is false.
 async fn apply_secret(
     agent: &Agent,
     ctx: &Context,
@@ -278,7 +295,8 @@ async fn apply_secret(
     secret_name: &str,
     rotation_grace: Duration,
     signing: &std::collections::BTreeMap<String, Vec<u8>>,
-) -> Result<(Outcome, Option<Duration>)> {
+    mint: bool,
+) -> Result<Option<(Outcome, Option<Duration>)>> {
     let name = agent.name_any();
     let namespace = agent
         .namespace()
@@ -289,10 +307,19 @@ async fn apply_secret(
     // Read live, not from a cache: a stale cache that lacks the Secret would mint a new
     // token, and an existing token must never be replaced by accident.
     let existing = secrets.get_opt(secret_name).await?;
-    if let Some(existing) = &existing
-        && !controlled_by(existing, agent)
-    {
-        return Err(Error::SecretOwnedElsewhere(secret_name.to_owned()));
+    match secret::secret_claim(existing.as_ref().map(|s| &s.metadata), &owner.uid) {
+        SecretClaim::Absent if !mint => return Ok(None),
+        SecretClaim::Absent | SecretClaim::Controlled | SecretClaim::Unclaimed => {}
+        SecretClaim::OwnedElsewhere => {
+            return Err(Error::SecretOwnedElsewhere(secret_name.to_owned()));
+        }
+        SecretClaim::NameTaken => {
+            tracing::warn!(agent = %name, %namespace, secret = secret_name, "a Secret hookrun did not create has the webhook Secret's name; leaving it alone");
+            let outcome = Outcome::SecretNameTaken {
+                secret_name: secret_name.to_owned(),
+            };
+            return Ok(Some((outcome, None)));
+        }
     }
     let facts = AgentFacts {
         name: &name,
@@ -369,7 +396,7 @@ async fn apply_secret(
         secret_name: secret_name.to_owned(),
         redacted: ctx.redact_url_in_status,
     };
-    Ok((outcome, requeue))
+    Ok(Some((outcome, requeue)))
 }
 
 /// Deletes the managed Secret of an Agent that no longer has a webhook trigger.
@@ -382,11 +409,9 @@ async fn remove_secret(
     let Some(existing) = secrets.get_metadata_opt(secret_name).await? else {
         return Ok(());
     };
-    let ours = existing
-        .owner_references()
-        .iter()
-        .any(|o| Some(&o.uid) == agent.uid().as_ref());
-    if !ours {
+    // Only the operator's own Secret goes: a user's Secret of the same name stays.
+    let uid = agent.uid().unwrap_or_default();
+    if secret::secret_claim(Some(&existing.metadata), &uid) != SecretClaim::Controlled {
         return Ok(());
     }
     match secrets.delete(secret_name, &DeleteParams::default()).await {

@@ -277,6 +277,51 @@ impl MissingRef {
     }
 }
 
+/// Who the Secret under the managed Secret's name belongs to, and so what the operator
+/// may do with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretClaim {
+    /// There is none: the operator creates it.
+    Absent,
+    /// The operator's own: labelled as managed and controlled by this Agent.
+    Controlled,
+    /// Labelled as managed but controlled by nobody (an earlier write lost its owner
+    /// reference): the operator adopts it.
+    Unclaimed,
+    /// Labelled as managed and controlled by another object (an Agent of the same name
+    /// that is being deleted): wait for it to go.
+    OwnedElsewhere,
+    /// Not labelled as managed: somebody else's Secret. Never written, owned or deleted.
+    NameTaken,
+}
+
+/// Classifies the metadata of `existing` for the Agent with uid `agent_uid`. Only the managed-by label
+/// makes a Secret the operator's to adopt: an owner reference alone can be written by
+/// anyone who may edit the Secret.
+pub fn secret_claim(existing: Option<&ObjectMeta>, agent_uid: &str) -> SecretClaim {
+    let Some(existing) = existing else {
+        return SecretClaim::Absent;
+    };
+    let managed = existing
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(names::MANAGED_BY_LABEL))
+        .is_some_and(|v| v == names::MANAGED_BY);
+    if !managed {
+        return SecretClaim::NameTaken;
+    }
+    let controller = existing
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    match controller {
+        None => SecretClaim::Unclaimed,
+        Some(owner) if !agent_uid.is_empty() && owner.uid == agent_uid => SecretClaim::Controlled,
+        Some(_) => SecretClaim::OwnedElsewhere,
+    }
+}
+
 /// The names of the Secrets a webhook trigger references.
 pub fn referenced_secrets(webhook: &WebhookTrigger) -> Vec<&SecretKeyRef> {
     webhook
@@ -297,7 +342,31 @@ pub fn resolve_signing_secrets<'s>(
     trigger_path: &str,
     lookup: impl Fn(&str) -> Option<&'s Secret>,
 ) -> Result<BTreeMap<String, Vec<u8>>, MissingRef> {
-    let mut resolved = BTreeMap::new();
+    let resolved = resolve_available_signing_secrets(webhook, trigger_path, lookup);
+    match resolved.missing.into_iter().next() {
+        Some(missing) => Err(missing),
+        None => Ok(resolved.signing),
+    }
+}
+
+/// The signing secrets that can be read now, and the references that cannot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResolvedSigning {
+    /// What to copy into the managed Secret, keyed by the managed key.
+    pub signing: BTreeMap<String, Vec<u8>>,
+    /// The references whose Secret or key is missing. Their schemes get no copy at all:
+    /// a copy kept from before would go on accepting signatures made with a secret that
+    /// was revoked by deleting it.
+    pub missing: Vec<MissingRef>,
+}
+
+/// Like [`resolve_signing_secrets`], but resolves what it can and lists the rest.
+pub fn resolve_available_signing_secrets<'s>(
+    webhook: &WebhookTrigger,
+    trigger_path: &str,
+    lookup: impl Fn(&str) -> Option<&'s Secret>,
+) -> ResolvedSigning {
+    let mut resolved = ResolvedSigning::default();
     for (scheme, source) in webhook.signing_secrets() {
         let value = match source {
             SecretSource::Inline(value) => value.as_bytes().to_vec(),
@@ -310,17 +379,20 @@ pub fn resolve_signing_secrets<'s>(
                 match value {
                     Some(value) => value.0.clone(),
                     None => {
-                        return Err(MissingRef {
+                        resolved.missing.push(MissingRef {
                             field: format!("{trigger_path}.{}", scheme.ref_field()),
                             secret: reference.name.clone(),
                             key: reference.key.clone(),
                             secret_exists: secret.is_some(),
                         });
+                        continue;
                     }
                 }
             }
         };
-        resolved.insert(scheme.secret_key().to_owned(), value);
+        resolved
+            .signing
+            .insert(scheme.secret_key().to_owned(), value);
     }
-    Ok(resolved)
+    resolved
 }

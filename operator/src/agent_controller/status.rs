@@ -17,6 +17,7 @@ pub enum ReadyReason {
     NoWebhookTrigger,
     SecretRefMissing,
     InvalidSpec,
+    SecretNameTaken,
 }
 
 impl ReadyReason {
@@ -27,6 +28,7 @@ impl ReadyReason {
             ReadyReason::NoWebhookTrigger => "NoWebhookTrigger",
             ReadyReason::SecretRefMissing => "SecretRefMissing",
             ReadyReason::InvalidSpec => "InvalidSpec",
+            ReadyReason::SecretNameTaken => "SecretNameTaken",
         }
     }
 
@@ -54,6 +56,8 @@ pub enum Outcome {
     SecretRefMissing { message: String },
     /// The spec fails validation; the message names the fields.
     InvalidSpec { message: String },
+    /// A Secret the operator did not create has the managed Secret's name.
+    SecretNameTaken { secret_name: String },
 }
 
 impl Outcome {
@@ -63,6 +67,7 @@ impl Outcome {
             Outcome::NoWebhookTrigger => ReadyReason::NoWebhookTrigger,
             Outcome::SecretRefMissing { .. } => ReadyReason::SecretRefMissing,
             Outcome::InvalidSpec { .. } => ReadyReason::InvalidSpec,
+            Outcome::SecretNameTaken { .. } => ReadyReason::SecretNameTaken,
         }
     }
 
@@ -81,6 +86,13 @@ impl Outcome {
             }
             Outcome::SecretRefMissing { message } => message.clone(),
             Outcome::InvalidSpec { message } => format!("the spec is invalid: {message}"),
+            Outcome::SecretNameTaken { secret_name } => format!(
+                "Secret {secret_name:?} already exists and was not created by hookrun (it lacks \
+                 the label {}={}); the operator leaves it alone: rename or delete it so the \
+                 operator can create the Agent's webhook Secret under that name",
+                hookrun_crds::names::MANAGED_BY_LABEL,
+                hookrun_crds::names::MANAGED_BY
+            ),
         }
     }
 }
@@ -124,7 +136,8 @@ pub fn desired_status(
         .unwrap_or_default();
     let webhook_url = match outcome {
         Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
-        Outcome::NoWebhookTrigger => None,
+        // The name is somebody else's: no Secret of ours carries a URL.
+        Outcome::NoWebhookTrigger | Outcome::SecretNameTaken { .. } => None,
         Outcome::SecretRefMissing { .. } | Outcome::InvalidSpec { .. } => {
             existing.and_then(|s| s.webhook_url.clone())
         }

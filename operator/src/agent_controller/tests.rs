@@ -384,6 +384,120 @@ fn a_missing_reference_names_the_secret_the_key_and_the_field() {
     );
 }
 
+#[test]
+fn a_deleted_reference_drops_the_copy_of_its_signing_secret_and_keeps_the_others() {
+    let w = webhook(
+        "githubSecretRef: {name: gh, key: secret}\nlinearSignatureSecretRef: {name: linear, key: signing-secret}\n",
+    );
+    let gh = secret_with("gh", "secret", "old-gh");
+    let linear = secret_with("linear", "signing-secret", "lin");
+    let both = secret::resolve_available_signing_secrets(&w, "spec.triggers[0].webhook", |n| {
+        [&gh, &linear]
+            .into_iter()
+            .find(|s| s.metadata.name.as_deref() == Some(n))
+    });
+    assert!(both.missing.is_empty());
+    let before = plan(&facts(None), None, &both.signing, now(), 'a').secret;
+    assert_eq!(data(&before, "github-secret"), Some("old-gh".into()));
+
+    // The GitHub Secret is deleted: its reference is listed as missing, the other one
+    // still resolves, and the plan built from that drops the stale copy.
+    let without_gh =
+        secret::resolve_available_signing_secrets(&w, "spec.triggers[0].webhook", |n| {
+            (n == "linear").then_some(&linear)
+        });
+    assert_eq!(without_gh.missing.len(), 1);
+    assert_eq!(without_gh.missing[0].secret, "gh");
+    assert!(!without_gh.missing[0].secret_exists);
+    let after = plan(&facts(None), Some(&before), &without_gh.signing, now(), 'z');
+    assert_eq!(data(&after.secret, "github-secret"), None);
+    assert_eq!(
+        data(&after.secret, "linear-signing-secret"),
+        Some("lin".into())
+    );
+    assert_eq!(after.change, TokenChange::Kept, "the token stays");
+    assert!(secret::secret_needs_write(&after.secret, Some(&before)));
+
+    // Its key deleted, the Secret still there: the same.
+    let emptied = secret_with("gh", "other", "x");
+    let no_key = secret::resolve_available_signing_secrets(&w, "spec.triggers[0].webhook", |n| {
+        [&emptied, &linear]
+            .into_iter()
+            .find(|s| s.metadata.name.as_deref() == Some(n))
+    });
+    assert!(no_key.missing[0].secret_exists);
+    assert!(!no_key.signing.contains_key("github-secret"));
+}
+
+fn meta(labels: &[(&str, &str)], owners: Vec<OwnerReference>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some("my-agent-webhook".into()),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        owner_references: Some(owners),
+        ..ObjectMeta::default()
+    }
+}
+
+#[test]
+fn only_secrets_labelled_as_managed_are_adopted() {
+    use secret::SecretClaim;
+    let managed = [(names::MANAGED_BY_LABEL, names::MANAGED_BY)];
+    assert_eq!(secret::secret_claim(None, "uid-1"), SecretClaim::Absent);
+    assert_eq!(
+        secret::secret_claim(Some(&meta(&managed, vec![owner()])), "uid-1"),
+        SecretClaim::Controlled
+    );
+    assert_eq!(
+        secret::secret_claim(Some(&meta(&managed, vec![])), "uid-1"),
+        SecretClaim::Unclaimed
+    );
+    assert_eq!(
+        secret::secret_claim(Some(&meta(&managed, vec![owner()])), "uid-2"),
+        SecretClaim::OwnedElsewhere
+    );
+    // A user's Secret: no label, or another value, whatever its owner references say.
+    for labels in [&[][..], &[(names::MANAGED_BY_LABEL, "helm")][..]] {
+        for owners in [vec![], vec![owner()]] {
+            assert_eq!(
+                secret::secret_claim(Some(&meta(labels, owners)), "uid-1"),
+                SecretClaim::NameTaken
+            );
+        }
+    }
+    assert_eq!(
+        secret::secret_claim(Some(&meta(&managed, vec![owner()])), ""),
+        SecretClaim::OwnedElsewhere,
+        "an Agent without a uid controls nothing"
+    );
+}
+
+#[test]
+fn a_taken_name_says_what_to_do_and_publishes_no_url() {
+    let ready = status::desired_status(None, &ready("https://h/webhooks/ns/a/t"), Some(1), now());
+    let taken = Outcome::SecretNameTaken {
+        secret_name: "my-agent-webhook".into(),
+    };
+    let s = status::desired_status(Some(&ready), &taken, Some(2), now());
+    assert_eq!(s.webhook_url, None);
+    let c = &s.conditions[0];
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "SecretNameTaken")
+    );
+    assert!(
+        c.message.contains("\"my-agent-webhook\"")
+            && c.message.contains("rename or delete")
+            && c.message.contains(names::MANAGED_BY_LABEL),
+        "{}",
+        c.message
+    );
+}
+
 fn ready(url: &str) -> Outcome {
     Outcome::WebhookReady {
         status_url: url.into(),
