@@ -87,7 +87,11 @@ impl ApiState {
 
     /// The same state, with the client address read through `trusted_proxies` and
     /// denied read callers limited to `reviews` reviews per address.
-    pub fn with_review_limit(mut self, trusted_proxies: TrustedProxies, reviews: RateLimit) -> Self {
+    pub fn with_review_limit(
+        mut self,
+        trusted_proxies: TrustedProxies,
+        reviews: RateLimit,
+    ) -> Self {
         self.auth = Arc::new(Authenticator::new(self.metrics.clone(), reviews));
         self.trusted_proxies = Arc::new(trusted_proxies);
         self

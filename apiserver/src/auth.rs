@@ -322,9 +322,13 @@ impl Authenticator {
             Some(decision) => decision,
             None => {
                 let audience = hookrun_crds::names::TOKEN_AUDIENCE;
-                let status =
-                    token_review(client, &self.metrics, token, Some(vec![audience.to_owned()]))
-                        .await?;
+                let status = token_review(
+                    client,
+                    &self.metrics,
+                    token,
+                    Some(vec![audience.to_owned()]),
+                )
+                .await?;
                 let decision = runner_decision(&status, audience);
                 let bytes = ENTRY_OVERHEAD
                     + decision.as_ref().map_or(0, |pod| {

@@ -180,8 +180,7 @@ async fn session_summary(
 ) -> Response {
     let result = async {
         let (namespace, name) = target(path, &query)?;
-        let session =
-            authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
+        let session = authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
         Ok::<_, ApiError>(Json(summary(&session)))
     }
     .await;
@@ -197,8 +196,7 @@ async fn session_events(
 ) -> Response {
     let result = async {
         let (namespace, name) = target(path, &query)?;
-        let session =
-            authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
+        let session = authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
         let event_type = query
             .ok()
             .and_then(|q| q.0.event_type)
@@ -478,7 +476,11 @@ mod tests {
             let error = namespace(&query).expect_err(bad);
             assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
             assert!(error.message.contains("namespace"), "{}", error.message);
-            assert!(error.message.contains("DNS-1123 label"), "{}", error.message);
+            assert!(
+                error.message.contains("DNS-1123 label"),
+                "{}",
+                error.message
+            );
             assert!(!error.message.contains(bad), "{}", error.message);
         }
         for bad in ["s/status", "s?watch=true", "UPPER", ".."] {

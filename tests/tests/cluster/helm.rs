@@ -499,7 +499,9 @@ fn installed_args(ns: &TestNamespace, deployment: &str) -> Vec<String> {
     let (_, args) = container_args(&deployment);
     args.into_iter()
         .map(|arg| match arg.split_once('=') {
-            Some((flag @ ("--listen" | "--runner-listen" | "--admin-listen"), _)) => format!("{flag}=127.0.0.1:0"),
+            Some((flag @ ("--listen" | "--runner-listen" | "--admin-listen"), _)) => {
+                format!("{flag}=127.0.0.1:0")
+            }
             _ => arg,
         })
         .collect()
@@ -897,7 +899,10 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         .await
         .expect("the apiserver logs its runner address");
     let hidden = request(&public_addr, "GET", "/runner/v1/session", &auth, "").await;
-    assert_eq!(hidden.status, 404, "the runner API is not on the public port");
+    assert_eq!(
+        hidden.status, 404,
+        "the runner API is not on the public port"
+    );
     let context = request(&runner_addr, "GET", "/runner/v1/session", &auth, "").await;
     assert_eq!(context.status, 200, "{:?}", context.json);
     assert_eq!(context.json["title"], "hello from helm");

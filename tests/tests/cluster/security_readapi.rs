@@ -132,7 +132,11 @@ async fn webhooks(door: &Door, path: &str, count: usize) -> Vec<(u16, f64)> {
     for i in 0..count {
         let started = Instant::now();
         let answer = door
-            .post(path, &[], &json!({"title": format!("webhook {i}")}).to_string())
+            .post(
+                path,
+                &[],
+                &json!({"title": format!("webhook {i}")}).to_string(),
+            )
             .await;
         answers.push((answer.status, started.elapsed().as_secs_f64()));
     }
@@ -170,7 +174,10 @@ async fn a_flood_of_random_tokens_is_throttled_while_webhooks_and_readers_keep_w
     let reader = format!("Bearer {}", ns.session_reader_token());
     let first = door.post(&path, &[], r#"{"title": "read me"}"#).await;
     assert_eq!(first.status, 200, "{:?}", first.json);
-    let session = first.json["session"].as_str().expect("a session").to_owned();
+    let session = first.json["session"]
+        .as_str()
+        .expect("a session")
+        .to_owned();
     let read_path = format!("/agents/{session}?namespace={}", ns.name());
     let read = |from: &'static str| {
         let (door, read_path, reader) = (&door, read_path.clone(), reader.clone());
@@ -240,7 +247,11 @@ async fn a_flood_of_random_tokens_is_throttled_while_webhooks_and_readers_keep_w
         unauthorized + throttled,
         FLOOD,
         "only 401 and 429: {:?}",
-        statuses.iter().filter(|s| **s != 401 && **s != 429).take(5).collect::<Vec<_>>()
+        statuses
+            .iter()
+            .filter(|s| **s != 401 && **s != 429)
+            .take(5)
+            .collect::<Vec<_>>()
     );
     // Each 401 cost one TokenReview; the reader's cache may have expired once (2 more).
     let spent = reviews_after - reviews_before;
@@ -249,7 +260,10 @@ async fn a_flood_of_random_tokens_is_throttled_while_webhooks_and_readers_keep_w
         "flood: {FLOOD} junk tokens in {flood_time:.1}s: {unauthorized} × 401, {throttled} × \
          429, {spent} TokenReviews (bound {bound})"
     );
-    assert!(spent <= bound, "{spent} TokenReviews for the flood, bound {bound}");
+    assert!(
+        spent <= bound,
+        "{spent} TokenReviews for the flood, bound {bound}"
+    );
     assert!(throttled >= FLOOD / 2, "{throttled} throttled");
 
     // Webhooks and the allowed reader were not affected.
