@@ -445,5 +445,10 @@ mod tests {
         assert!(defaults.trusted_proxies.is_empty());
         assert_eq!(defaults.max_body_bytes, 1024 * 1024);
         assert!(defaults.namespaces.is_empty());
+        // The runner API has a port of its own, never the public one.
+        assert_eq!(defaults.runner_listen.port(), 8081);
+        assert_ne!(defaults.runner_listen, defaults.listen);
+        assert_eq!(defaults.review_limit_burst, 20);
+        assert_eq!(defaults.review_limit_per_second, 1.0);
     }
 }
