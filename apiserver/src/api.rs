@@ -16,8 +16,10 @@ use kube::{Api, Client};
 use serde_json::json;
 
 use crate::auth::Authenticator;
+use crate::client_ip::TrustedProxies;
 use crate::hub::SessionHub;
 use crate::metrics::Metrics;
+use crate::rate_limit::{RateLimit, RetryAfter};
 use crate::session_status::StatusWriter;
 
 /// The largest body the runner API reads.
@@ -62,18 +64,37 @@ pub struct ApiState {
     pub hub: Arc<SessionHub>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<StatusWriter>,
+    /// Whose `X-Forwarded-For` names the client whose review attempts are counted.
+    pub trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl ApiState {
-    /// A state with fresh caches over `cluster`, `hub` and `metrics`.
+    /// A state with fresh caches over `cluster`, `hub` and `metrics`, no trusted proxy
+    /// and the default review limit.
     pub fn new(cluster: ClusterClient, hub: Arc<SessionHub>, metrics: Arc<Metrics>) -> Self {
         Self {
             cluster,
-            auth: Arc::new(Authenticator::default()),
+            auth: Arc::new(Authenticator::new(
+                metrics.clone(),
+                crate::auth::default_review_limit(),
+            )),
             hub,
             metrics,
             status: Arc::new(StatusWriter::default()),
+            trusted_proxies: Arc::new(TrustedProxies::none()),
         }
+    }
+
+    /// The same state, with the client address read through `trusted_proxies` and
+    /// denied read callers limited to `reviews` reviews per address.
+    pub fn with_review_limit(
+        mut self,
+        trusted_proxies: TrustedProxies,
+        reviews: RateLimit,
+    ) -> Self {
+        self.auth = Arc::new(Authenticator::new(self.metrics.clone(), reviews));
+        self.trusted_proxies = Arc::new(trusted_proxies);
+        self
     }
 }
 
@@ -83,6 +104,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for `Retry-After` (always sent with 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -92,6 +115,16 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE)
+                .then_some(UNAVAILABLE_RETRY_SECONDS),
+        }
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn too_many_requests(retry: RetryAfter, message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(retry.seconds()),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
         }
     }
 
@@ -143,11 +176,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": self.code, "message": self.message}));
         let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(UNAVAILABLE_RETRY_SECONDS),
-            );
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -1,14 +1,20 @@
 //! Who is calling the runner and read APIs, asked of the cluster: a TokenReview (with the
 //! audience `hookrun` for session pods), then for the read API a SubjectAccessReview for
-//! `get sessions.hookrun.dev` in the namespace. Answers, failed ones too, are cached for
-//! [`CACHE_TTL`] under a SHA-256 digest of the token: the token itself is never kept.
+//! `get` on the one Session in its namespace. Answers, failed ones too, are cached for
+//! [`CACHE_TTL`] under a SHA-256 digest of the token (the token itself is never kept),
+//! in caches bounded both by entries and by bytes. Reviews for the read API are limited
+//! per client address ([`crate::auth_limit`]), so callers who are denied cannot spend
+//! the apiserver's share of the Kubernetes API.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
-use std::sync::{Mutex, PoisonError};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::authentication::v1::{
+    TokenReview, TokenReviewSpec, TokenReviewStatus, UserInfo,
+};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -17,11 +23,18 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
+use crate::auth_limit::ReviewLimiter;
+use crate::metrics::Metrics;
+use crate::rate_limit::{RateLimit, RetryAfter};
 
 /// How long a review's answer is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(10);
 /// The most answers each cache keeps.
 pub const CACHE_CAPACITY: usize = 10_000;
+/// The most bytes (estimated) each cache keeps.
+pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
+/// What one cache entry costs beyond its keys and values: map slots, the order index.
+const ENTRY_OVERHEAD: usize = 96;
 /// The TokenReview extra key holding the name of the pod a token is bound to.
 pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 /// The TokenReview extra key holding that pod's uid.
@@ -40,48 +53,86 @@ impl TokenDigest {
 }
 
 /// A map whose entries expire after a fixed time and which never holds more than its
-/// capacity (expired entries go first, then the oldest).
+/// capacity of entries nor more than its budget of bytes (each entry's size is given by
+/// the caller). Expired entries go first, then the oldest.
 #[derive(Debug)]
 pub struct TtlCache<K, V> {
     ttl: Duration,
     capacity: usize,
-    entries: HashMap<K, (Instant, V)>,
+    max_bytes: usize,
+    bytes: usize,
+    next: u64,
+    entries: HashMap<K, Entry<V>>,
+    /// Keys by insertion time: the oldest first.
+    order: BTreeMap<(Instant, u64), K>,
+}
+
+#[derive(Debug)]
+struct Entry<V> {
+    stored: Instant,
+    seq: u64,
+    bytes: usize,
+    value: V,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
-    /// An empty cache.
-    pub fn new(ttl: Duration, capacity: usize) -> Self {
+    /// An empty cache of at most `capacity` entries and `max_bytes` bytes.
+    pub fn new(ttl: Duration, capacity: usize, max_bytes: usize) -> Self {
         Self {
             ttl,
             capacity: capacity.max(1),
+            max_bytes,
+            bytes: 0,
+            next: 0,
             entries: HashMap::new(),
+            order: BTreeMap::new(),
         }
     }
 
     /// The value stored for `key` less than the TTL before `now`.
     pub fn get(&self, key: &K, now: Instant) -> Option<V> {
-        let (stored, value) = self.entries.get(key)?;
-        (now.saturating_duration_since(*stored) < self.ttl).then(|| value.clone())
+        let entry = self.entries.get(key)?;
+        (now.saturating_duration_since(entry.stored) < self.ttl).then(|| entry.value.clone())
     }
 
-    /// Stores `value` for `key` at `now`.
-    pub fn insert(&mut self, key: K, value: V, now: Instant) {
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
-            let ttl = self.ttl;
-            self.entries
-                .retain(|_, (stored, _)| now.saturating_duration_since(*stored) < ttl);
-            if self.entries.len() >= self.capacity {
-                let oldest = self
-                    .entries
-                    .iter()
-                    .min_by_key(|(_, (stored, _))| *stored)
-                    .map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    self.entries.remove(&oldest);
-                }
+    /// Stores `value`, of `bytes` bytes, for `key` at `now`; an entry larger than the
+    /// whole budget is not stored.
+    pub fn insert(&mut self, key: K, value: V, bytes: usize, now: Instant) {
+        self.remove(&key);
+        if bytes > self.max_bytes {
+            return;
+        }
+        // Expired entries first, then the oldest, until the new one fits.
+        while let Some((&(stored, seq), _)) = self.order.first_key_value() {
+            let expired = now.saturating_duration_since(stored) >= self.ttl;
+            let full = self.entries.len() >= self.capacity || self.bytes + bytes > self.max_bytes;
+            if !expired && !full {
+                break;
+            }
+            if let Some(oldest) = self.order.remove(&(stored, seq)) {
+                self.remove(&oldest);
             }
         }
-        self.entries.insert(key, (now, value));
+        let seq = self.next;
+        self.next += 1;
+        self.bytes += bytes;
+        self.order.insert((now, seq), key.clone());
+        self.entries.insert(
+            key,
+            Entry {
+                stored: now,
+                seq,
+                bytes,
+                value,
+            },
+        );
+    }
+
+    fn remove(&mut self, key: &K) {
+        if let Some(entry) = self.entries.remove(key) {
+            self.bytes -= entry.bytes;
+            self.order.remove(&(entry.stored, entry.seq));
+        }
     }
 
     /// How many entries are held (expired ones included until pushed out).
@@ -93,6 +144,24 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// The bytes the held entries were stored with.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// The bytes a cached identity holds, for the byte budgets.
+pub fn user_bytes(user: &UserInfo) -> usize {
+    let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let list = |l: &[String]| l.iter().map(|s| s.len() + 24).sum::<usize>();
+    len(&user.username)
+        + len(&user.uid)
+        + user.groups.as_deref().map_or(0, list)
+        + user
+            .extra
+            .as_ref()
+            .map_or(0, |e| e.iter().map(|(k, v)| k.len() + 48 + list(v)).sum())
 }
 
 /// `(namespace, serviceaccount)` of a `system:serviceaccount:<ns>:<sa>` username.
@@ -171,24 +240,49 @@ pub fn runner_decision(status: &TokenReviewStatus, audience: &str) -> Result<Pod
     })
 }
 
-/// The TokenReview and SubjectAccessReview caches.
+/// What a reader's TokenReview said: the identity, or `None` for a token the cluster
+/// does not know.
+type ReviewedUser = Option<UserInfo>;
+
+/// The read API's SubjectAccessReview cache key: token digest, namespace, Session name.
+type AccessKey = (TokenDigest, String, String);
+
+/// The TokenReview and SubjectAccessReview caches, and the per-address review limit.
 #[derive(Debug)]
 pub struct Authenticator {
     runners: Mutex<TtlCache<TokenDigest, Result<PodIdentity, Denied>>>,
-    readers: Mutex<TtlCache<(TokenDigest, String), Result<(), Denied>>>,
+    users: Mutex<TtlCache<TokenDigest, ReviewedUser>>,
+    access: Mutex<TtlCache<AccessKey, bool>>,
+    limiter: Mutex<ReviewLimiter>,
+    metrics: Arc<Metrics>,
 }
 
-impl Default for Authenticator {
-    fn default() -> Self {
+/// The default per-address review limit: a burst of 20, then one per second.
+pub fn default_review_limit() -> RateLimit {
+    RateLimit::new(20, 1.0).unwrap_or_else(|_| unreachable!("a valid constant"))
+}
+
+impl Authenticator {
+    /// Empty caches; reviews counted in `metrics`; denied read callers limited to
+    /// `reviews` per address.
+    pub fn new(metrics: Arc<Metrics>, reviews: RateLimit) -> Self {
         Self {
-            runners: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY)),
-            readers: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY)),
+            runners: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
+            users: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
+            access: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
+            limiter: Mutex::new(ReviewLimiter::new(
+                reviews,
+                crate::auth_limit::DEFAULT_CAPACITY,
+                Instant::now(),
+            )),
+            metrics,
         }
     }
 }
 
 async fn token_review(
     client: &Client,
+    metrics: &Metrics,
     token: &str,
     audiences: Option<Vec<String>>,
 ) -> Result<TokenReviewStatus, ApiError> {
@@ -199,12 +293,24 @@ async fn token_review(
         },
         ..TokenReview::default()
     };
+    metrics.review("token_review");
     let reviewed = Api::<TokenReview>::all(client.clone())
         .create(&PostParams::default(), &review)
         .await
         .map_err(|error| ApiError::cluster("review the token", &error))?;
     Ok(reviewed.status.unwrap_or_default())
 }
+
+/// The identity a reader's TokenReview vouches for, if any.
+pub fn reviewed_user(status: TokenReviewStatus) -> ReviewedUser {
+    match (status.authenticated, status.user) {
+        (Some(true), Some(user)) => Some(user),
+        _ => None,
+    }
+}
+
+const READ_FORBIDDEN: &str = "this identity may not get that Session (sessions.hookrun.dev) in \
+                              that namespace: grant get on sessions with a Role";
 
 impl Authenticator {
     /// The session pod that `token` speaks for: 401 when the token is not valid for the
@@ -216,47 +322,83 @@ impl Authenticator {
             Some(decision) => decision,
             None => {
                 let audience = hookrun_crds::names::TOKEN_AUDIENCE;
-                let status = token_review(client, token, Some(vec![audience.to_owned()])).await?;
+                let status = token_review(
+                    client,
+                    &self.metrics,
+                    token,
+                    Some(vec![audience.to_owned()]),
+                )
+                .await?;
                 let decision = runner_decision(&status, audience);
-                lock(&self.runners).insert(key, decision.clone(), Instant::now());
+                let bytes = ENTRY_OVERHEAD
+                    + decision.as_ref().map_or(0, |pod| {
+                        pod.namespace.len() + pod.pod_name.len() + pod.pod_uid.len()
+                    });
+                lock(&self.runners).insert(key, decision.clone(), bytes, Instant::now());
                 decision
             }
         };
         decision.map_err(Denied::into_error)
     }
 
-    /// Whether `token` may read Sessions in `namespace`: 401 for an invalid token, 403
-    /// when the cluster's RBAC does not allow `get` on `sessions.hookrun.dev` there.
+    /// Whether `token` may read Session `name` in `namespace`: 401 for an invalid token,
+    /// 403 when the cluster's RBAC does not allow `get` on it, 429 when `client_ip` has
+    /// spent its review attempts (before any review is sent). `namespace` and `name`
+    /// must be validated names.
     pub async fn reader(
         &self,
         client: &Client,
         token: &str,
         namespace: &str,
+        name: &str,
+        client_ip: IpAddr,
     ) -> Result<(), ApiError> {
-        let key = (TokenDigest::of(token), namespace.to_owned());
-        let cached = lock(&self.readers).get(&key, Instant::now());
-        let decision = match cached {
-            Some(decision) => decision,
+        let digest = TokenDigest::of(token);
+        let access_key = (digest, namespace.to_owned(), name.to_owned());
+        let now = Instant::now();
+        if let Some(allowed) = lock(&self.access).get(&access_key, now) {
+            return access_decision(allowed);
+        }
+        let known = lock(&self.users).get(&digest, now);
+        let user = match known {
+            Some(None) => return Err(Denied::Unauthenticated.into_error()),
+            Some(Some(user)) => Some(user),
+            None => None,
+        };
+        // A review is needed: it costs this address an attempt, given back if allowed.
+        if let Err(retry) = lock(&self.limiter).try_acquire(client_ip, now) {
+            self.metrics.auth_throttled.inc();
+            return Err(throttled(retry));
+        }
+        let user = match user {
+            Some(user) => user,
             None => {
-                let decision = self.review_reader(client, token, namespace).await?;
-                lock(&self.readers).insert(key, decision.clone(), Instant::now());
-                decision
+                let status = token_review(client, &self.metrics, token, None).await?;
+                let user = reviewed_user(status);
+                let bytes = ENTRY_OVERHEAD + user.as_ref().map_or(0, user_bytes);
+                lock(&self.users).insert(digest, user.clone(), bytes, Instant::now());
+                match user {
+                    Some(user) => user,
+                    None => return Err(Denied::Unauthenticated.into_error()),
+                }
             }
         };
-        decision.map_err(Denied::into_error)
+        let allowed = self.review_access(client, user, namespace, name).await?;
+        let bytes = ENTRY_OVERHEAD + namespace.len() + name.len();
+        lock(&self.access).insert(access_key, allowed, bytes, Instant::now());
+        if allowed {
+            lock(&self.limiter).give_back(client_ip);
+        }
+        access_decision(allowed)
     }
 
-    async fn review_reader(
+    async fn review_access(
         &self,
         client: &Client,
-        token: &str,
+        user: UserInfo,
         namespace: &str,
-    ) -> Result<Result<(), Denied>, ApiError> {
-        let status = token_review(client, token, None).await?;
-        let user = match (status.authenticated, status.user) {
-            (Some(true), Some(user)) => user,
-            _ => return Ok(Err(Denied::Unauthenticated)),
-        };
+        name: &str,
+    ) -> Result<bool, ApiError> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: user.username,
@@ -265,6 +407,7 @@ impl Authenticator {
                 extra: user.extra,
                 resource_attributes: Some(ResourceAttributes {
                     namespace: Some(namespace.to_owned()),
+                    name: Some(name.to_owned()),
                     verb: Some("get".to_owned()),
                     group: Some("hookrun.dev".to_owned()),
                     resource: Some("sessions".to_owned()),
@@ -274,20 +417,30 @@ impl Authenticator {
             },
             ..SubjectAccessReview::default()
         };
+        self.metrics.review("subject_access_review");
         let reviewed = Api::<SubjectAccessReview>::all(client.clone())
             .create(&PostParams::default(), &review)
             .await
             .map_err(|error| ApiError::cluster("review the access", &error))?;
-        let allowed = reviewed.status.is_some_and(|s| s.allowed);
-        Ok(if allowed {
-            Ok(())
-        } else {
-            Err(Denied::Forbidden(
-                "this identity may not get sessions.hookrun.dev in that namespace: grant it \
-                 with a Role",
-            ))
-        })
+        Ok(reviewed.status.is_some_and(|s| s.allowed))
     }
+}
+
+fn access_decision(allowed: bool) -> Result<(), ApiError> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(Denied::Forbidden(READ_FORBIDDEN).into_error())
+    }
+}
+
+/// 429 for an address that spent its review attempts.
+pub fn throttled(retry: RetryAfter) -> ApiError {
+    ApiError::too_many_requests(
+        retry,
+        "too many requests from this address were denied: wait for Retry-After, then send \
+         a valid token allowed to get the Session",
+    )
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -389,23 +542,63 @@ mod tests {
     #[test]
     fn cache_entries_expire_and_the_size_is_bounded() {
         let start = Instant::now();
-        let mut cache = TtlCache::new(Duration::from_secs(10), 3);
-        cache.insert("a", 1, start);
+        let mut cache = TtlCache::new(Duration::from_secs(10), 3, 1000);
+        cache.insert("a", 1, 1, start);
         assert_eq!(cache.get(&"a", start + Duration::from_secs(9)), Some(1));
         assert_eq!(cache.get(&"a", start + Duration::from_secs(10)), None);
-        cache.insert("b", 2, start + Duration::from_secs(1));
-        cache.insert("c", 3, start + Duration::from_secs(2));
+        cache.insert("b", 2, 1, start + Duration::from_secs(1));
+        cache.insert("c", 3, 1, start + Duration::from_secs(2));
         // Full: the oldest ("a") goes.
-        cache.insert("d", 4, start + Duration::from_secs(3));
+        cache.insert("d", 4, 1, start + Duration::from_secs(3));
         assert_eq!(cache.len(), 3);
         assert_eq!(cache.get(&"a", start + Duration::from_secs(3)), None);
         assert_eq!(cache.get(&"b", start + Duration::from_secs(3)), Some(2));
-        // Full again, much later: every expired entry goes at once.
-        cache.insert("e", 5, start + Duration::from_secs(60));
+        // Much later: every expired entry goes at once.
+        cache.insert("e", 5, 1, start + Duration::from_secs(60));
         assert_eq!(cache.len(), 1);
         // Overwriting a key never evicts.
-        cache.insert("e", 6, start + Duration::from_secs(61));
+        cache.insert("e", 6, 1, start + Duration::from_secs(61));
         assert_eq!(cache.get(&"e", start + Duration::from_secs(61)), Some(6));
+        assert_eq!((cache.len(), cache.bytes()), (1, 1));
+    }
+
+    #[test]
+    fn the_cache_keeps_to_its_byte_budget() {
+        let start = Instant::now();
+        let mut cache = TtlCache::new(Duration::from_secs(10), 1000, 100);
+        for i in 0..10u32 {
+            cache.insert(i, i, 30, start + Duration::from_millis(u64::from(i)));
+            assert!(cache.bytes() <= 100, "{}", cache.bytes());
+        }
+        // Three entries of 30 fit in 100: the newest three.
+        assert_eq!(cache.len(), 3);
+        let at = start + Duration::from_millis(20);
+        assert_eq!(cache.get(&9, at), Some(9));
+        assert_eq!(cache.get(&6, at), None);
+        // One large entry pushes out as many old ones as it needs.
+        cache.insert(100, 100, 95, at);
+        assert_eq!((cache.len(), cache.bytes()), (1, 95));
+        // An entry larger than the whole budget is not kept (and evicts nothing).
+        cache.insert(101, 101, 101, at);
+        assert_eq!(cache.get(&101, at), None);
+        assert_eq!(cache.get(&100, at), Some(100));
+        // Replacing an entry releases its bytes.
+        cache.insert(100, 7, 10, at);
+        assert_eq!((cache.len(), cache.bytes()), (1, 10));
+    }
+
+    #[test]
+    fn reader_reviews_become_identities_and_their_size_is_counted() {
+        assert_eq!(reviewed_user(TokenReviewStatus::default()), None);
+        let status = reviewed(true, &[], "alice", extra(&[("k", &["v1", "v2"])]));
+        let user = reviewed_user(status).expect("authenticated");
+        assert_eq!(user.username.as_deref(), Some("alice"));
+        let small = user_bytes(&user);
+        let mut big = user.clone();
+        big.groups = Some(vec!["g".repeat(10_000)]);
+        assert!(user_bytes(&big) >= small + 10_000);
+        let denied = reviewed(false, &[], "alice", BTreeMap::new());
+        assert_eq!(reviewed_user(denied), None);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! The hookrun apiserver: authenticates webhooks from a watched index and opens Sessions
 //! (issue 4), holds wait-mode requests and serves the read and runner APIs (issue 5).
-//! Today it serves the webhook door on the public port and `/healthz`, `/readyz` and
+//! It serves the webhook door and the read API on the public port, the runner API on
+//! the runner port (reached only by session pods), and `/healthz`, `/readyz` and
 //! `/metrics` on the admin port.
 
 pub mod api;
 pub mod auth;
+pub mod auth_limit;
 pub mod body;
 pub mod client_ip;
+pub mod dns_name;
 pub mod hub;
 pub mod idempotency;
 pub mod index;
@@ -72,9 +75,13 @@ impl FromStr for FlagDuration {
 #[derive(clap::Parser, Debug, Clone)]
 #[command(version, about = "hookrun's webhook front door and session API")]
 pub struct Args {
-    /// Address of the public listener (webhooks, read API, runner API).
+    /// Address of the public listener (webhooks, read API).
     #[arg(long, env = "HOOKRUN_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Address of the runner API (`/runner/v1/...`), which only session pods call; never
+    /// the public port.
+    #[arg(long, env = "HOOKRUN_RUNNER_LISTEN", default_value = "0.0.0.0:8081")]
+    pub runner_listen: SocketAddr,
     /// Address of /healthz, /readyz and /metrics; never the public port.
     #[arg(long, env = "HOOKRUN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
@@ -96,6 +103,13 @@ pub struct Args {
     /// How long a client may take to send a request's headers (`10s`, `500ms`).
     #[arg(long, env = "HOOKRUN_HEADER_READ_TIMEOUT", default_value = "10s")]
     pub header_read_timeout: FlagDuration,
+    /// TokenReviews and SubjectAccessReviews per second that read API callers from one
+    /// address may cause once the burst is spent, unless they are allowed.
+    #[arg(long, env = "HOOKRUN_REVIEW_LIMIT_PER_SECOND", default_value_t = 1.0)]
+    pub review_limit_per_second: f64,
+    /// Reviews one address may cause at once before it gets 429.
+    #[arg(long, env = "HOOKRUN_REVIEW_LIMIT_BURST", default_value_t = 20)]
+    pub review_limit_burst: u32,
     /// Comma-separated namespaces to serve; every namespace when absent.
     #[arg(long, env = "HOOKRUN_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
@@ -167,6 +181,12 @@ async fn metrics(State(state): State<AdminState>) -> axum::response::Response {
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// The public router: the webhook door and the read API. The runner API is not here: it
+/// has its own listener ([`runner::router`]), so `/runner/v1/...` is 404 on this port.
+pub fn public_app(webhooks: AppState, api: api::ApiState) -> Router {
+    webhook::app(webhooks).merge(read::router(api))
 }
 
 /// Serves `app` over HTTP/1 on `listener` until `shutdown` flips, with a header read
@@ -267,9 +287,12 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 /// Serves until SIGTERM.
 pub async fn run(args: Args) -> Result<(), Error> {
     let limit = RateLimit::new(args.rate_limit_burst, args.rate_limit_per_second)?;
+    let review_limit = RateLimit::new(args.review_limit_burst, args.review_limit_per_second)?;
     let public = bind(args.listen).await?;
+    let runner_listener = bind(args.runner_listen).await?;
     let admin = bind(args.admin_listen).await?;
     let public_addr = public.local_addr().map_err(Error::Serve)?;
+    let runner_addr = runner_listener.local_addr().map_err(Error::Serve)?;
     let admin_addr = admin.local_addr().map_err(Error::Serve)?;
 
     let hub = hub::SessionHub::new();
@@ -285,7 +308,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         index.clone(),
     ));
     let metrics = Arc::new(Metrics::default());
-    let api_state = api::ApiState::new(cluster, hub.clone(), metrics.clone());
+    let api_state = api::ApiState::new(cluster, hub.clone(), metrics.clone())
+        .with_review_limit(args.trusted_proxies.clone(), review_limit);
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
         index: index.clone(),
@@ -313,21 +337,25 @@ pub async fn run(args: Args) -> Result<(), Error> {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
-    tracing::info!(public = %public_addr, admin = %admin_addr, "hookrun-apiserver started");
+    tracing::info!(public = %public_addr, runner = %runner_addr, admin = %admin_addr, "hookrun-apiserver started");
     let mut admin_stopped = stopped.clone();
     let admin_server = axum::serve(admin, admin_app(AdminState { index, metrics }))
         .with_graceful_shutdown(async move {
             let _ = admin_stopped.wait_for(|stop| *stop).await;
         });
+    let runner_server = serve_public(
+        runner_listener,
+        runner::router(api_state.clone()),
+        args.header_read_timeout.0,
+        stopped.clone(),
+    );
     let public_server = serve_public(
         public,
-        webhook::app(state)
-            .merge(runner::router(api_state.clone()))
-            .merge(read::router(api_state)),
+        public_app(state, api_state),
         args.header_read_timeout.0,
         stopped,
     );
-    let (admin_result, ()) = tokio::join!(admin_server, public_server);
+    let (admin_result, (), ()) = tokio::join!(admin_server, public_server, runner_server);
     admin_result.map_err(Error::Serve)?;
     tracing::info!("hookrun-apiserver stopped");
     Ok(())
@@ -417,5 +445,10 @@ mod tests {
         assert!(defaults.trusted_proxies.is_empty());
         assert_eq!(defaults.max_body_bytes, 1024 * 1024);
         assert!(defaults.namespaces.is_empty());
+        // The runner API has a port of its own, never the public one.
+        assert_eq!(defaults.runner_listen.port(), 8081);
+        assert_ne!(defaults.runner_listen, defaults.listen);
+        assert_eq!(defaults.review_limit_burst, 20);
+        assert_eq!(defaults.review_limit_per_second, 1.0);
     }
 }

@@ -28,6 +28,13 @@ pub struct RouteLabels {
     pub route: &'static str,
 }
 
+/// Labels of `hookrun_apiserver_auth_reviews_total`: which review the apiserver asked
+/// the cluster for (`token_review`, `subject_access_review`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    pub kind: &'static str,
+}
+
 /// Distinct route templates and outcomes kept as label values; past this, `other`.
 const MAX_LABEL_VALUES: usize = 256;
 
@@ -51,6 +58,11 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Wait-mode requests held right now.
     pub waiting: Gauge,
+    /// TokenReviews and SubjectAccessReviews sent to the cluster, by kind.
+    pub auth_reviews: Family<ReviewLabels, Counter>,
+    /// Read requests refused with 429 before a review, their address having spent its
+    /// review attempts.
+    pub auth_throttled: Counter,
     /// Route templates and outcomes seen, as `'static` label values.
     interned: RwLock<HashSet<&'static str>>,
     registry: Registry,
@@ -95,10 +107,24 @@ impl Default for Metrics {
             "Wait-mode webhook requests held until their Session finishes",
             waiting.clone(),
         );
+        let auth_reviews = Family::<ReviewLabels, Counter>::default();
+        registry.register(
+            "auth_reviews",
+            "TokenReviews and SubjectAccessReviews sent to the cluster, by kind",
+            auth_reviews.clone(),
+        );
+        let auth_throttled = Counter::default();
+        registry.register(
+            "auth_throttled",
+            "Read requests refused (429) because their address spent its review attempts",
+            auth_throttled.clone(),
+        );
         Self {
             requests,
             latency,
             waiting,
+            auth_reviews,
+            auth_throttled,
             interned: RwLock::default(),
             registry,
         }
@@ -119,6 +145,14 @@ impl Metrics {
     pub fn waiting(&self) -> WaitingGuard {
         self.waiting.inc();
         WaitingGuard(self.waiting.clone())
+    }
+
+    /// Counts one review sent to the cluster (`kind` is `token_review` or
+    /// `subject_access_review`).
+    pub fn review(&self, kind: &'static str) {
+        self.auth_reviews
+            .get_or_create(&ReviewLabels { kind })
+            .inc();
     }
 
     /// Counts one answered request. `route` is a route template and `outcome` a code from

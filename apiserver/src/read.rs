@@ -4,12 +4,13 @@
 //! events, then live ones from the [`SessionHub`], until `session.status_closed`).
 
 use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{Extensions, HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
@@ -19,6 +20,8 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use crate::api::{self, ApiError, ApiState, bearer_token};
+use crate::client_ip;
+use crate::dns_name::{is_dns_label, is_dns_subdomain};
 use crate::hub::{Seen, Subscription};
 
 /// How long a stream stays quiet before it sends a heartbeat comment.
@@ -42,23 +45,68 @@ pub struct ReadQuery {
     event_type: Option<String>,
 }
 
-/// The namespace a read is about: 400 naming the parameter when missing.
+/// The namespace a read is about: 400 naming the parameter when it is missing or not a
+/// namespace name (the value is not echoed).
 fn namespace(query: &Result<Query<ReadQuery>, QueryRejection>) -> Result<String, ApiError> {
-    let query = query
-        .as_ref()
-        .map_err(|e| ApiError::bad_request(format!("the query string is not valid: {e}")))?;
+    let query = query.as_ref().map_err(|_| {
+        ApiError::bad_request(
+            "the query string is not valid: send ?namespace=<the Session's namespace> and, \
+             for events, &event_type=<type>",
+        )
+    })?;
     match query.namespace.as_deref().map(str::trim) {
-        Some(ns) if !ns.is_empty() => Ok(ns.to_owned()),
+        Some(ns) if is_dns_label(ns) => Ok(ns.to_owned()),
+        Some(ns) if !ns.is_empty() => Err(ApiError::bad_request(
+            "the query parameter namespace is not a namespace name: use a DNS-1123 label, \
+             1 to 63 lowercase letters, digits and '-', starting and ending with a letter or \
+             digit",
+        )),
         _ => Err(ApiError::bad_request(
             "the query parameter namespace is required: add ?namespace=<the Session's namespace>",
         )),
     }
 }
 
-/// Checks the caller's token and RBAC, then reads the Session (404 when unknown).
+/// The Session name of the path: 400 when it is not an object name (the value is not
+/// echoed).
+fn session_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    const NOT_A_NAME: &str = "the session in the path /agents/{session} is not a Session \
+                              name: use a DNS-1123 subdomain, at most 253 lowercase letters, \
+                              digits, '-' and '.'";
+    match path {
+        Ok(Path(name)) if is_dns_subdomain(&name) => Ok(name),
+        _ => Err(ApiError::bad_request(NOT_A_NAME)),
+    }
+}
+
+/// The validated `(namespace, session name)` a read is about; checked before anything
+/// else, authentication included.
+fn target(
+    path: Result<Path<String>, PathRejection>,
+    query: &Result<Query<ReadQuery>, QueryRejection>,
+) -> Result<(String, String), ApiError> {
+    let name = session_name(path)?;
+    let namespace = namespace(query)?;
+    Ok((namespace, name))
+}
+
+/// The address whose review attempts a request spends: the TCP peer, or behind trusted
+/// proxies the first untrusted `X-Forwarded-For` hop (the peer when that hop is not
+/// readable).
+pub fn client_address(state: &ApiState, headers: &HeaderMap, extensions: &Extensions) -> IpAddr {
+    let peer = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
+    let forwarded = client_ip::forwarded_for_values(headers);
+    client_ip::resolve_client_ip(peer, &forwarded, &state.trusted_proxies).unwrap_or(peer)
+}
+
+/// Checks the caller's token and RBAC for Session `name`, then reads it (404 when
+/// unknown).
 async fn authorized_session(
     state: &ApiState,
     headers: &HeaderMap,
+    extensions: &Extensions,
     namespace: &str,
     name: &str,
 ) -> Result<Session, ApiError> {
@@ -69,7 +117,11 @@ async fn authorized_session(
         )
     })?;
     let client = state.cluster.client()?;
-    state.auth.reader(&client, token, namespace).await?;
+    let address = client_address(state, headers, extensions);
+    state
+        .auth
+        .reader(&client, token, namespace, name, address)
+        .await?;
     read_session(state, namespace, name).await
 }
 
@@ -121,13 +173,14 @@ pub fn events(status: &SessionStatus, event_type: Option<&str>) -> serde_json::V
 
 async fn session_summary(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
+    extensions: Extensions,
 ) -> Response {
     let result = async {
-        let namespace = namespace(&query)?;
-        let session = authorized_session(&state, &headers, &namespace, &name).await?;
+        let (namespace, name) = target(path, &query)?;
+        let session = authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
         Ok::<_, ApiError>(Json(summary(&session)))
     }
     .await;
@@ -136,13 +189,14 @@ async fn session_summary(
 
 async fn session_events(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
+    extensions: Extensions,
 ) -> Response {
     let result = async {
-        let namespace = namespace(&query)?;
-        let session = authorized_session(&state, &headers, &namespace, &name).await?;
+        let (namespace, name) = target(path, &query)?;
+        let session = authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
         let event_type = query
             .ok()
             .and_then(|q| q.0.event_type)
@@ -263,9 +317,10 @@ async fn open_stream(
     name: &str,
     last_id: u64,
     headers: &HeaderMap,
+    extensions: &Extensions,
 ) -> Result<Stream, ApiError> {
     let subscription = state.hub.subscribe(namespace, name);
-    let session = authorized_session(state, headers, namespace, name).await?;
+    let session = authorized_session(state, headers, extensions, namespace, name).await?;
     let mut stream = Stream {
         subscription,
         uid: session.metadata.uid.clone(),
@@ -279,14 +334,15 @@ async fn open_stream(
 
 async fn session_stream(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
+    extensions: Extensions,
 ) -> Response {
     let result = async {
-        let namespace = namespace(&query)?;
+        let (namespace, name) = target(path, &query)?;
         let last_id = last_event_id(&headers);
-        open_stream(&state, &namespace, &name, last_id, &headers).await
+        open_stream(&state, &namespace, &name, last_id, &headers, &extensions).await
     }
     .await;
     let stream = match result {
@@ -407,6 +463,81 @@ mod tests {
             event_type: None,
         }));
         assert_eq!(namespace(&given), Ok("team".to_owned()));
+    }
+
+    #[test]
+    fn names_that_are_not_kubernetes_names_are_refused_without_being_echoed() {
+        let long = "a".repeat(64 * 1024);
+        for bad in [long.as_str(), "Team", "team?x=1", "a/b", "-a"] {
+            let query = Ok(Query(ReadQuery {
+                namespace: Some(bad.to_owned()),
+                event_type: None,
+            }));
+            let error = namespace(&query).expect_err(bad);
+            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
+            assert!(error.message.contains("namespace"), "{}", error.message);
+            assert!(
+                error.message.contains("DNS-1123 label"),
+                "{}",
+                error.message
+            );
+            assert!(!error.message.contains(bad), "{}", error.message);
+        }
+        for bad in ["s/status", "s?watch=true", "UPPER", ".."] {
+            let error = session_name(Ok(Path(bad.to_owned()))).expect_err(bad);
+            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
+            assert!(error.message.contains("DNS-1123 subdomain"));
+            assert!(!error.message.contains(bad), "{}", error.message);
+        }
+        assert_eq!(
+            session_name(Ok(Path("agent-wh-0123abcd".to_owned()))),
+            Ok("agent-wh-0123abcd".to_owned())
+        );
+    }
+
+    async fn get(app: &Router, uri: &str, token: Option<&str>) -> Response {
+        use tower::ServiceExt;
+        let mut request = axum::http::Request::get(uri);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        app.clone()
+            .oneshot(request.body(Body::empty()).expect("a request"))
+            .await
+            .expect("infallible")
+    }
+
+    #[tokio::test]
+    async fn bad_names_are_400_before_the_token_is_looked_at() {
+        // No cluster: anything that got as far as authentication would be 401 or 503.
+        let state = ApiState::new(
+            crate::api::ClusterClient::new(),
+            SessionHub::new(),
+            std::sync::Arc::new(crate::metrics::Metrics::default()),
+        );
+        let app = router(state);
+        let long = "a".repeat(60_000);
+        let uris = [
+            "/agents/s%2Fstatus?namespace=team".to_owned(),
+            "/agents/s%3Fwatch=1?namespace=team".to_owned(),
+            "/agents/%FF?namespace=team".to_owned(),
+            "/agents/s/events?namespace=Team".to_owned(),
+            "/agents/s/stream?namespace=team%2Fsessions".to_owned(),
+            format!("/agents/s?namespace={long}"),
+        ];
+        for uri in &uris {
+            for token in [None, Some("t")] {
+                let response = get(&app, uri, token).await;
+                assert_eq!(
+                    response.status(),
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "{}",
+                    &uri[..uri.len().min(80)]
+                );
+            }
+        }
+        let fine = get(&app, "/agents/s?namespace=team", Some("t")).await;
+        assert_eq!(fine.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]

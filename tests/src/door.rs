@@ -76,8 +76,10 @@ impl Drop for Process {
 /// The real apiserver alone, watching one namespace (tests that play the operator).
 pub struct ApiServer {
     pub process: Process,
-    /// `host:port` of the public listener.
+    /// `host:port` of the public listener (webhooks, read API).
     pub public: String,
+    /// `host:port` of the runner listener (`/runner/v1/...`).
+    pub runner: String,
     /// `host:port` of the admin listener.
     pub admin: String,
 }
@@ -86,40 +88,53 @@ impl ApiServer {
     /// Starts `hookrun-apiserver` with `kubeconfig`, watching `namespace`, and waits for
     /// the addresses it logs; `tag` goes into the log file's name.
     pub async fn start(kubeconfig: &std::path::Path, namespace: &str, tag: &str) -> Self {
-        let process = Process::start_with(
-            kubeconfig,
-            "hookrun-apiserver",
-            tag,
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--namespaces",
-                namespace,
-                "--rate-limit-burst",
-                "1000",
-                "--rate-limit-per-second",
-                "100",
-            ],
-        );
-        let field = |name: &str| {
+        Self::start_with_args(kubeconfig, namespace, tag, &[]).await
+    }
+
+    /// Like [`ApiServer::start`], with `extra` flags after the usual ones.
+    pub async fn start_with_args(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        tag: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--runner-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--namespaces",
+            namespace,
+            "--rate-limit-burst",
+            "1000",
+            "--rate-limit-per-second",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        let process = Process::start_with(kubeconfig, "hookrun-apiserver", tag, &args);
+        let addresses = eventually(BUDGET, || async {
             let text = process.log_text();
-            let rest = text.split(&format!("{name}=")).nth(1)?;
-            Some(rest.split_whitespace().next()?.to_owned())
-        };
-        let addresses = eventually(BUDGET, || async { field("public").zip(field("admin")) })
-            .await
-            .unwrap_or_else(|| {
-                panic!("the apiserver logged no address: {}", process.log.display())
-            });
-        let (public, admin) = addresses;
+            let field = |name: &str| logged_field(&text, name);
+            Some((field("public")?, field("runner")?, field("admin")?))
+        })
+        .await
+        .unwrap_or_else(|| panic!("the apiserver logged no address: {}", process.log.display()));
+        let (public, runner, admin) = addresses;
         ApiServer {
             process,
             public,
+            runner,
             admin,
         }
     }
+}
+
+/// The value of the first ` name=value` field in a log text.
+pub fn logged_field(text: &str, name: &str) -> Option<String> {
+    let rest = text.split(&format!(" {name}=")).nth(1)?;
+    Some(rest.split_whitespace().next()?.to_owned())
 }
 
 /// The operator and the apiserver, both watching only `ns`.
@@ -128,6 +143,8 @@ pub struct Door {
     pub apiserver: Process,
     /// `host:port` of the public listener.
     pub public: String,
+    /// `host:port` of the runner listener.
+    pub runner: String,
     /// `host:port` of the admin listener.
     pub admin: String,
 }
@@ -145,6 +162,16 @@ impl Door {
         ns: &TestNamespace,
         kubeconfig: &std::path::Path,
     ) -> Self {
+        Self::start_with_args(cluster, ns, kubeconfig, &[]).await
+    }
+
+    /// Like [`Door::start_with`], with `extra` flags for the apiserver.
+    pub async fn start_with_args(
+        cluster: &Cluster,
+        ns: &TestNamespace,
+        kubeconfig: &std::path::Path,
+        extra: &[&str],
+    ) -> Self {
         let operator = Process::start(
             cluster,
             "hookrun-operator",
@@ -158,11 +185,12 @@ impl Door {
                 ns.name(),
             ],
         );
-        let apiserver = ApiServer::start(kubeconfig, ns.name(), ns.name()).await;
+        let apiserver = ApiServer::start_with_args(kubeconfig, ns.name(), ns.name(), extra).await;
         Door {
             _operator: operator,
             apiserver: apiserver.process,
             public: apiserver.public,
+            runner: apiserver.runner,
             admin: apiserver.admin,
         }
     }

@@ -71,12 +71,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-apiserver" (include "hookrun.fullname" .) }}
 {{- end }}
 
-{{/* The runner API as session pods reach it: the in-cluster Service unless set. */}}
+{{- define "hookrun.runnerServiceName" -}}
+{{- printf "%s-runner" (include "hookrun.fullname" .) }}
+{{- end }}
+
+{{/* The runner API as session pods reach it: the in-cluster runner Service unless set. */}}
 {{- define "hookrun.runnerURL" -}}
 {{- if .Values.runnerURL }}
 {{- .Values.runnerURL }}
 {{- else }}
-{{- printf "http://%s.%s.svc:%v" (include "hookrun.apiserverServiceName" .) .Release.Namespace .Values.apiserver.service.port }}
+{{- printf "http://%s.%s.svc:%v" (include "hookrun.runnerServiceName" .) .Release.Namespace .Values.apiserver.runnerService.port }}
 {{- end }}
 {{- end }}
 

@@ -79,6 +79,7 @@ impl Dev {
             .arg("--logs")
             .arg(&logs)
             .args(["--listen", &public])
+            .args(["--runner-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
             .args([
                 "--operator-admin-listen",

@@ -195,8 +195,12 @@ async fn every_values_set_renders_and_the_kube_apiserver_accepts_it() {
         let kinds = |kind: &str| of_kind(&objects, kind).len();
         assert_eq!(kinds("Deployment"), 2, "{label}");
         assert_eq!(kinds("PodDisruptionBudget"), 1, "{label}");
+        assert_runner_service(&objects, label);
         match *label {
-            "ingress" => assert_eq!(kinds("Ingress"), 1),
+            "ingress" => {
+                assert_eq!(kinds("Ingress"), 1);
+                assert_ingress_routes_only_public_paths(of_kind(&objects, "Ingress")[0]);
+            }
             "metrics" => {
                 assert_eq!(kinds("ServiceMonitor"), 1);
                 assert_eq!(kinds("NetworkPolicy"), 2);
@@ -250,6 +254,66 @@ async fn every_values_set_renders_and_the_kube_apiserver_accepts_it() {
                 );
             }
         }
+    }
+}
+
+/// The runner API has its own ClusterIP Service on the apiserver's runner port, and the
+/// public Service does not carry that port.
+fn assert_runner_service(objects: &[Value], label: &str) {
+    let services = of_kind(objects, "Service");
+    let runner = services
+        .iter()
+        .find(|s| name(s) == "hr-hookrun-runner")
+        .unwrap_or_else(|| panic!("no runner Service ({label})"));
+    assert_eq!(runner["spec"]["type"], "ClusterIP", "{label}");
+    assert_eq!(
+        runner["spec"]["ports"],
+        json!([{"name": "runner", "port": 8081, "targetPort": "runner", "protocol": "TCP"}]),
+        "{label}"
+    );
+    let public = services
+        .iter()
+        .find(|s| name(s) == "hr-hookrun-apiserver")
+        .unwrap_or_else(|| panic!("no public Service ({label})"));
+    let public_ports: Vec<&Value> = public["spec"]["ports"]
+        .as_array()
+        .map(|p| p.iter().map(|p| &p["targetPort"]).collect())
+        .unwrap_or_default();
+    assert_eq!(public_ports, [&json!("http")], "{label}");
+    let apiserver = of_kind(objects, "Deployment")
+        .into_iter()
+        .find(|d| name(d) == "hr-hookrun-apiserver")
+        .unwrap_or_else(|| panic!("no apiserver Deployment ({label})"));
+    let (_, args) = container_args(apiserver);
+    assert!(
+        args.iter().any(|a| a == "--runner-listen=0.0.0.0:8081"),
+        "{label}: {args:?}"
+    );
+}
+
+/// The Ingress routes the webhook door and the read API, never the runner API.
+fn assert_ingress_routes_only_public_paths(ingress: &Value) {
+    let paths: Vec<(String, Value)> = ingress["spec"]["rules"][0]["http"]["paths"]
+        .as_array()
+        .map(|paths| {
+            paths
+                .iter()
+                .map(|p| {
+                    (
+                        p["path"].as_str().unwrap_or_default().to_owned(),
+                        p["backend"]["service"].clone(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let routed: Vec<&str> = paths.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(routed, ["/webhooks", "/agents"]);
+    for (_, backend) in &paths {
+        assert_eq!(
+            *backend,
+            json!({"name": "hr-hookrun-apiserver", "port": {"name": "http"}})
+        );
     }
 }
 
@@ -435,7 +499,9 @@ fn installed_args(ns: &TestNamespace, deployment: &str) -> Vec<String> {
     let (_, args) = container_args(&deployment);
     args.into_iter()
         .map(|arg| match arg.split_once('=') {
-            Some((flag @ ("--listen" | "--admin-listen"), _)) => format!("{flag}=127.0.0.1:0"),
+            Some((flag @ ("--listen" | "--runner-listen" | "--admin-listen"), _)) => {
+                format!("{flag}=127.0.0.1:0")
+            }
             _ => arg,
         })
         .collect()
@@ -488,6 +554,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         "deployment.apps/hr-hookrun-operator",
         "deployment.apps/hr-hookrun-apiserver",
         "service/hr-hookrun-apiserver",
+        "service/hr-hookrun-runner",
         "serviceaccount/hr-hookrun-operator",
         "serviceaccount/hr-hookrun-apiserver",
         "poddisruptionbudget.policy/hr-hookrun-apiserver",
@@ -774,8 +841,8 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     };
     assert_eq!(
         env(names::env::RUNNER_URL).as_deref(),
-        Some(format!("http://hr-hookrun-apiserver.{rel}.svc:8080").as_str()),
-        "the pod calls the chart's in-cluster Service"
+        Some(format!("http://hr-hookrun-runner.{rel}.svc:8081").as_str()),
+        "the pod calls the chart's in-cluster runner Service"
     );
     assert_eq!(
         container.image.as_deref(),
@@ -828,7 +895,15 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     );
     let bearer = format!("Bearer {}", pod_token.trim());
     let auth = [("Authorization", bearer.as_str())];
-    let context = request(&public_addr, "GET", "/runner/v1/session", &auth, "").await;
+    let runner_addr = eventually(BUDGET, || async { field("runner") })
+        .await
+        .expect("the apiserver logs its runner address");
+    let hidden = request(&public_addr, "GET", "/runner/v1/session", &auth, "").await;
+    assert_eq!(
+        hidden.status, 404,
+        "the runner API is not on the public port"
+    );
+    let context = request(&runner_addr, "GET", "/runner/v1/session", &auth, "").await;
     assert_eq!(context.status, 200, "{:?}", context.json);
     assert_eq!(context.json["title"], "hello from helm");
     assert_eq!(
@@ -836,10 +911,10 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         json!(["anthropic/claude-sonnet-4-6"])
     );
     let message = r#"{"type": "agent.message", "content": "hello from the chart"}"#;
-    let posted = request(&public_addr, "POST", "/runner/v1/events", &auth, message).await;
+    let posted = request(&runner_addr, "POST", "/runner/v1/events", &auth, message).await;
     assert_eq!(posted.status, 200, "{:?}", posted.json);
     let complete = r#"{"status": "complete"}"#;
-    let done = request(&public_addr, "POST", "/runner/v1/complete", &auth, complete).await;
+    let done = request(&runner_addr, "POST", "/runner/v1/complete", &auth, complete).await;
     assert_eq!(done.json["phase"], "Complete", "{:?}", done.json);
     let response = sessions
         .get(&session_name)

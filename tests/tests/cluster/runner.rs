@@ -54,7 +54,13 @@ impl Setup {
             .as_deref()
             .map(|a| vec![("Authorization", a)])
             .unwrap_or_default();
-        request(&self.apiserver.public, method, path, &headers, body).await
+        // The runner API has its own listener; the read API is on the public one.
+        let address = if path.starts_with("/runner/") {
+            &self.apiserver.runner
+        } else {
+            &self.apiserver.public
+        };
+        request(address, method, path, &headers, body).await
     }
 
     async fn get(&self, path: &str, token: Option<&str>) -> Answer {
@@ -605,7 +611,7 @@ async fn two_apiservers_appending_to_one_session_lose_no_event() {
     let second = ApiServer::start(&cluster.kubeconfig_path(), setup.ns.name(), "second").await;
     let uid = setup.session_with_pod("c-wh-1", "c").await;
     let token = setup.pod_token("c-wh-1", &uid);
-    let addresses = [setup.apiserver.public.clone(), second.public.clone()];
+    let addresses = [setup.apiserver.runner.clone(), second.runner.clone()];
     // The second one answers once connected.
     let ready = eventually(BUDGET, || async {
         let answer = request(

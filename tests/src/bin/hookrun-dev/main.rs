@@ -37,9 +37,12 @@ struct Cli {
     /// Logs of the operator, the apiserver and every session.
     #[arg(long, default_value_os_t = workspace_root().join("target/dev-logs"))]
     logs: PathBuf,
-    /// The apiserver's public listener; webhook URLs and the runner URL point here.
+    /// The apiserver's public listener; webhook URLs point here.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// The apiserver's runner listener; the runner URL of session pods points here.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    runner_listen: SocketAddr,
     /// The apiserver's admin listener (health, metrics).
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
@@ -196,6 +199,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
         .map_err(|e| format!("cannot create {}: {e}", cli.logs.display()))?;
     children::stop_leftovers(&cli.logs.join("dev.pids")).await;
     port_free(cli.listen, "--listen")?;
+    port_free(cli.runner_listen, "--runner-listen")?;
     port_free(cli.admin_listen, "--admin-listen")?;
     port_free(cli.operator_admin_listen, "--operator-admin-listen")?;
 
@@ -257,11 +261,12 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     println!("dev: CRDs installed");
 
     let public = format!("http://{}", cli.listen);
+    let runner = format!("http://{}", cli.runner_listen);
     let operator_args: Vec<String> = [
         "--public-url",
         &public,
         "--runner-url",
-        &public,
+        &runner,
         "--default-harness-image",
         &cli.harness_image,
         "--admin-listen",
@@ -278,6 +283,8 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     let apiserver_args: Vec<String> = [
         "--listen",
         &cli.listen.to_string(),
+        "--runner-listen",
+        &cli.runner_listen.to_string(),
         "--admin-listen",
         &cli.admin_listen.to_string(),
     ]
