@@ -6,6 +6,8 @@ mod dev;
 mod helm;
 mod operator;
 mod runner;
+mod security_logs;
+mod security_replay;
 mod sessions;
 mod wait;
 mod webhook;
