@@ -298,8 +298,8 @@ mod tests {
         assert!(got.value.starts_with("sha256:"), "{}", got.value);
         let again = choose_key(None, None, Some(("linear", &id)), None).expect("accepted");
         assert_eq!(again.map(|k| k.value), Some(got.value.clone()));
-        let other = choose_key(None, None, Some(("linear", &"e".repeat(250))), None)
-            .expect("accepted");
+        let other =
+            choose_key(None, None, Some(("linear", &"e".repeat(250))), None).expect("accepted");
         assert_ne!(other.map(|k| k.value), Some(got.value));
         let short = format!("linear:{}", "d".repeat(249));
         assert_eq!(bounded_key(short.clone()), short);
@@ -325,7 +325,10 @@ mod tests {
         }
         // A provider's redelivery of one event may differ in its signed timestamp.
         let delivery = KeySource::Delivery("linear");
-        assert_eq!(replay_or_conflict(delivery, Some(&body), &other), Ok(Replay));
+        assert_eq!(
+            replay_or_conflict(delivery, Some(&body), &other),
+            Ok(Replay)
+        );
         assert_eq!(replay_or_conflict(delivery, None, &other), Ok(Replay));
     }
 }

@@ -406,7 +406,10 @@ mod tests {
             log_filter("warn,hookrun_apiserver=debug"),
             "warn,hookrun_apiserver=debug,kube_client=error"
         );
-        assert_eq!(log_filter("info,kube_client=debug"), "info,kube_client=debug");
+        assert_eq!(
+            log_filter("info,kube_client=debug"),
+            "info,kube_client=debug"
+        );
         for filter in ["info", "", "debug,hyper=info"] {
             assert!(
                 tracing_subscriber::EnvFilter::try_new(log_filter(filter)).is_ok(),

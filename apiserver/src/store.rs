@@ -272,7 +272,11 @@ mod tests {
         let long = "é".repeat(1000);
         match store_error(api_error(422, "Invalid", &long)) {
             StoreError::Rejected { message, .. } => {
-                assert!(message.len() <= MAX_REJECTION_MESSAGE + 3, "{}", message.len());
+                assert!(
+                    message.len() <= MAX_REJECTION_MESSAGE + 3,
+                    "{}",
+                    message.len()
+                );
             }
             other => panic!("{other:?}"),
         }

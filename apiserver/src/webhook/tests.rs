@@ -1074,7 +1074,11 @@ async fn a_signed_body_without_a_timestamp_replays_whatever_id_rides_beside_it()
         assert_eq!(replay.json["session"], original, "{extra:?}");
     }
     assert_eq!(f.store.sessions().len(), 1);
-    let trigger = f.store.sessions()[0].spec.trigger.clone().expect("a trigger");
+    let trigger = f.store.sessions()[0]
+        .spec
+        .trigger
+        .clone()
+        .expect("a trigger");
     assert_eq!(trigger.delivery_id.as_deref(), Some("d-1"));
 
     // The generic HMAC has no delivery id at all: the same signed body is one Session.
@@ -1130,7 +1134,11 @@ async fn a_provider_redelivery_with_a_fresh_signed_timestamp_is_the_original_ses
     assert_eq!(redelivered.headers["idempotent-replayed"], "true");
     assert_eq!(redelivered.json["session"], first.json["session"]);
     // Also when the create collides (another replica made the Session).
-    forget(&f, first.json["session"].as_str().expect("a name"), "linear");
+    forget(
+        &f,
+        first.json["session"].as_str().expect("a name"),
+        "linear",
+    );
     let collided = post(linear_body("Crash", sent + 500), "d-9").await;
     assert_eq!(collided.status, StatusCode::OK, "{}", collided.json);
     assert_eq!(collided.headers["idempotent-replayed"], "true");
@@ -1168,8 +1176,9 @@ async fn a_long_delivery_id_fits_the_session_and_a_refused_create_is_400() {
     assert_eq!(again.json["session"], name.as_str());
 
     // Whatever else the cluster refuses is the caller's 400, never a 503 to retry.
-    f.store
-        .set_rejecting(Some("spec.title: Too long: may not be more than 65536 bytes"));
+    f.store.set_rejecting(Some(
+        "spec.title: Too long: may not be more than 65536 bytes",
+    ));
     for headers in [&[][..], &[("idempotency-key", "k-400")][..]] {
         let answer = f
             .post(&url("plain", TOKEN), headers, r#"{"title":"t"}"#)

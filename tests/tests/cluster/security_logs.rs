@@ -31,7 +31,11 @@ async fn paths_headers_and_junk_that_name_no_agent_never_reach_the_log() {
     let ns = TestNamespace::new(cluster).await;
     let server = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), "logs").await;
     eventually(BUDGET, || async {
-        (request(&server.admin, "GET", "/readyz", &[], "").await.status == 200).then_some(())
+        (request(&server.admin, "GET", "/readyz", &[], "")
+            .await
+            .status
+            == 200)
+            .then_some(())
     })
     .await
     .expect("the apiserver becomes ready");
@@ -71,7 +75,11 @@ async fn paths_headers_and_junk_that_name_no_agent_never_reach_the_log() {
     }
     // 60 KB of junk in the path and in a header: refused before any handler.
     let long = format!("/webhooks/{ns}/{MARKER}{}/token", "k".repeat(60 * 1024));
-    let answer = send_raw(&server.public, &format!("POST {long} HTTP/1.1\r\nHost: x\r\n")).await;
+    let answer = send_raw(
+        &server.public,
+        &format!("POST {long} HTTP/1.1\r\nHost: x\r\n"),
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 4"), "{:.200}", answer);
     let header = format!("X-Junk: {MARKER}{}", "h".repeat(60 * 1024));
     let answer = send_raw(
@@ -87,7 +95,12 @@ async fn paths_headers_and_junk_that_name_no_agent_never_reach_the_log() {
         (log.matches("webhook request").count() >= 2 * door_paths.len()).then_some(log)
     })
     .await
-    .unwrap_or_else(|| panic!("the door logged too few requests: {}", server.process.log_text()));
+    .unwrap_or_else(|| {
+        panic!(
+            "the door logged too few requests: {}",
+            server.process.log_text()
+        )
+    });
     assert!(
         !logged.to_lowercase().contains(&MARKER.to_lowercase()),
         "the marker is in the log: {}",
