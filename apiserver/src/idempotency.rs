@@ -72,16 +72,29 @@ impl IdempotencyError {
     }
 }
 
-/// The key of a request: the digest of a body signed without a timestamp as
-/// `(source, digest)` first (nothing unsigned may open a second Session for a captured
-/// body); else the `Idempotency-Key` header, else the body's `idempotency_key` (when both
-/// are sent they must agree), else the provider's delivery id as `(source, id)`; `None`
-/// when there is none. Keys are checked even when the signed body wins.
+/// A key that the request's signature covers, so only the holder of the signing secret
+/// chooses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignedKey<'a> {
+    /// The digest of a body signed without a timestamp (GitHub, the generic HMAC).
+    Body {
+        source: &'static str,
+        digest: &'a str,
+    },
+    /// A delivery id inside the signature (Standard Webhooks, Slack).
+    Delivery { source: &'static str, id: &'a str },
+}
+
+/// The key of a request: a key the signature covers first (nothing unsigned may open a
+/// second Session for a captured request); else the `Idempotency-Key` header, else the
+/// body's `idempotency_key` (when both are sent they must agree), else the provider's
+/// unsigned delivery id as `(source, id)`; `None` when there is none. The caller's keys
+/// are checked even when a signed key wins.
 pub fn choose_key(
     header: Option<&str>,
     body: Option<&str>,
     delivery: Option<(&'static str, &str)>,
-    signed_body: Option<(&'static str, &str)>,
+    signed: Option<SignedKey<'_>>,
 ) -> Result<Option<IdempotencyKey>, IdempotencyError> {
     let header = header
         .map(|h| check_idempotency_key("Idempotency-Key", h))
@@ -91,11 +104,20 @@ pub fn choose_key(
     {
         return Err(IdempotencyError::Disagree);
     }
-    if let Some((source, digest)) = signed_body {
-        return Ok(Some(IdempotencyKey {
-            value: bounded_key(format!("{source}:body:{digest}")),
-            source: KeySource::SignedBody(source),
-        }));
+    match signed {
+        Some(SignedKey::Body { source, digest }) => {
+            return Ok(Some(IdempotencyKey {
+                value: bounded_key(format!("{source}:body:{digest}")),
+                source: KeySource::SignedBody(source),
+            }));
+        }
+        Some(SignedKey::Delivery { source, id }) => {
+            return Ok(Some(IdempotencyKey {
+                value: bounded_key(format!("{source}:{id}")),
+                source: KeySource::Delivery(source),
+            }));
+        }
+        None => {}
     }
     match (header, body) {
         (Some(h), Some(b)) if h != b => Err(IdempotencyError::Disagree),
@@ -262,7 +284,10 @@ mod tests {
         let long = "k".repeat(257);
         assert!(choose_key(Some(&long), None, None, None).is_err());
         // Checked even when a signed body names the Session.
-        let signed = Some(("github", "sha256:00"));
+        let signed = Some(SignedKey::Body {
+            source: "github",
+            digest: "sha256:00",
+        });
         assert!(choose_key(Some(""), None, None, signed).is_err());
         assert_eq!(
             choose_key(Some("a"), Some("b"), None, signed),
@@ -273,19 +298,33 @@ mod tests {
     #[test]
     fn a_signed_body_wins_over_every_unsigned_key() {
         let digest = payload_digest(b"{}");
+        let body = SignedKey::Body {
+            source: "github",
+            digest: &digest,
+        };
         let got = choose_key(
             Some("fresh-key"),
             None,
             Some(("github", "fresh-delivery")),
-            Some(("github", &digest)),
+            Some(body),
         )
         .expect("accepted")
         .expect("a key");
         assert_eq!(got.source, KeySource::SignedBody("github"));
         assert_eq!(got.value, format!("github:body:{digest}"));
-        let other_ids = choose_key(None, None, Some(("github", "x")), Some(("github", &digest)))
-            .expect("accepted");
+        let other_ids =
+            choose_key(None, None, Some(("github", "x")), Some(body)).expect("accepted");
         assert_eq!(other_ids, Some(got));
+        // A signed delivery id beats the caller's key too.
+        let signed_id = SignedKey::Delivery {
+            source: "standard-webhooks",
+            id: "msg_1",
+        };
+        let got = choose_key(Some("fresh-key"), Some("fresh-key"), None, Some(signed_id))
+            .expect("accepted")
+            .expect("a key");
+        assert_eq!(got.source, KeySource::Delivery("standard-webhooks"));
+        assert_eq!(got.value, "standard-webhooks:msg_1");
     }
 
     #[test]

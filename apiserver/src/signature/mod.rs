@@ -85,6 +85,16 @@ pub fn signs_timestamp(scheme: SignatureScheme) -> bool {
     }
 }
 
+/// Whether the scheme's delivery id is covered by its signature (Standard Webhooks signs
+/// `webhook-id`; Slack's id is the digest of the signed body), so no one without the
+/// signing secret can choose it. Linear's and GitHub's delivery headers are not signed.
+pub fn signs_delivery_id(scheme: SignatureScheme) -> bool {
+    matches!(
+        scheme,
+        SignatureScheme::Slack | SignatureScheme::StandardWebhooks
+    )
+}
+
 /// Why a request's signature was refused. Messages name the header or field and say what
 /// would be accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -714,16 +714,30 @@ async fn accept(
         .as_ref()
         .and_then(|(_, v)| v.dedup_key.as_deref().map(|id| (v.source, id)));
     let digest = body::payload_digest(&raw);
-    // A signature without a timestamp never expires: the signed body itself is the key.
-    let signed_body = verified
-        .as_ref()
-        .filter(|(scheme, _)| !signature::signs_timestamp(*scheme))
-        .map(|(_, v)| (v.source, digest.as_str()));
+    // What the signature covers names the Session before anything a replayer can choose:
+    // a signature without a timestamp never expires, so the signed body itself is the key.
+    let signed_key = verified.as_ref().and_then(|(scheme, v)| {
+        if !signature::signs_timestamp(*scheme) {
+            Some(idempotency::SignedKey::Body {
+                source: v.source,
+                digest: &digest,
+            })
+        } else if signature::signs_delivery_id(*scheme) {
+            v.dedup_key
+                .as_deref()
+                .map(|id| idempotency::SignedKey::Delivery {
+                    source: v.source,
+                    id,
+                })
+        } else {
+            None
+        }
+    });
     let key_choice = idempotency::choose_key(
         header_text(headers, "idempotency-key")?,
         parsed.idempotency_key.as_deref(),
         delivery,
-        signed_body,
+        signed_key,
     )
     .map_err(WebhookError::Idempotency)?;
 

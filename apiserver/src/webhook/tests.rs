@@ -1193,3 +1193,31 @@ async fn a_long_delivery_id_fits_the_session_and_a_refused_create_is_400() {
     let answer = f.post(&url("plain", TOKEN), &[], "{}").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
 }
+
+#[tokio::test]
+async fn a_signed_delivery_id_beats_a_fresh_idempotency_key() {
+    let f = fixture();
+    let body =
+        r#"{"type":"event_callback","event_id":"Ev1","event":{"type":"app_mention","text":"hi"}}"#;
+    let ts = (now_ms() / 1000).to_string();
+    let sig = format!(
+        "v0={}",
+        hex_hmac(SLACK_SECRET, format!("v0:{ts}:{body}").as_bytes())
+    );
+    let signed = [
+        ("x-slack-signature", sig.as_str()),
+        ("x-slack-request-timestamp", ts.as_str()),
+    ];
+    let first = f.post(&url("slack", TOKEN), &signed, body).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    // The captured request again within Slack's window, with a key of the replayer's.
+    for key in ["fresh-1", "fresh-2"] {
+        let mut headers = signed.to_vec();
+        headers.push(("idempotency-key", key));
+        let replay = f.post(&url("slack", TOKEN), &headers, body).await;
+        assert_eq!(replay.status, StatusCode::OK, "{}", replay.json);
+        assert_eq!(replay.headers["idempotent-replayed"], "true", "{key}");
+        assert_eq!(replay.json["session"], first.json["session"]);
+    }
+    assert_eq!(f.store.sessions().len(), 1);
+}
