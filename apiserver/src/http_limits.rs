@@ -83,6 +83,7 @@ mod tests {
     use crate::webhook::{self, AppState};
 
     const PING: &str = "/webhooks/team/plain/tok-plain";
+    const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
     /// The real public server (hyper and the door's router) on a free port.
     async fn serve() -> (SocketAddr, watch::Sender<bool>) {
@@ -111,7 +112,7 @@ mod tests {
         tokio::spawn(crate::serve_public(
             listener,
             webhook::app(state),
-            Duration::from_secs(5),
+            HEADER_READ_TIMEOUT,
             stopped,
         ));
         (addr, stop)
@@ -126,7 +127,8 @@ mod tests {
     }
 
     /// Sends `head` (a request head without its blank line) on a keep-alive connection
-    /// and reads until the server closes it or 1 s passes.
+    /// and reads until the server closes it, or until 300 ms pass in silence after a whole
+    /// answer (well within the header read timeout, which closes an idle connection).
     async fn exchange(addr: SocketAddr, head: &str) -> Exchange {
         let mut stream = TcpStream::connect(addr).await.expect("connects");
         // The server may refuse before it read everything; a write it never reads is
@@ -135,7 +137,13 @@ mod tests {
         let mut received = Vec::new();
         let mut buf = [0u8; 4096];
         let closed = loop {
-            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+            let answered = received.ends_with(b"}");
+            let patience = if answered {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(10)
+            };
+            match tokio::time::timeout(patience, stream.read(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break true,
                 Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
                 Err(_) => break false,
@@ -208,6 +216,38 @@ mod tests {
         // Still serving.
         let ok = exchange(addr, &head(PING, &[])).await;
         assert_eq!(ok.status, 200, "{}", ok.text);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_after_the_header_read_timeout() {
+        let (addr, _stop) = serve().await;
+        let started = std::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.expect("connects");
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(HEADER_READ_TIMEOUT * 5, silent.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        // Also between requests on a keep-alive connection.
+        let mut idle = TcpStream::connect(addr).await.expect("connects");
+        idle.write_all(format!("{}\r\n", head(PING, &[])).as_bytes())
+            .await
+            .expect("sent");
+        let mut received = Vec::new();
+        let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 5, async {
+            loop {
+                match idle.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => received.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "an idle keep-alive connection stays open");
+        let text = String::from_utf8_lossy(&received);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     }
 
     #[test]
