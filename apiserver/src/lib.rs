@@ -10,6 +10,7 @@ pub mod auth_limit;
 pub mod body;
 pub mod client_ip;
 pub mod dns_name;
+pub mod http_limits;
 pub mod hub;
 pub mod idempotency;
 pub mod index;
@@ -33,7 +34,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Router, routing::get};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -85,7 +86,7 @@ pub struct Args {
     /// Address of /healthz, /readyz and /metrics; never the public port.
     #[arg(long, env = "HOOKRUN_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
     pub admin_listen: SocketAddr,
-    /// Log filter in `RUST_LOG` syntax.
+    /// Log filter in `RUST_LOG` syntax; `kube_client` is held to `error` unless named.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
     /// Comma-separated CIDRs of proxies whose `X-Forwarded-For` is believed.
@@ -137,10 +138,25 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
 }
 
-/// Structured logs to stderr, filtered by `filter`.
+/// The Kubernetes client's log target. At WARN it writes whole response bodies it cannot
+/// parse (Session titles, env values), so it is held to ERROR unless the filter names it.
+const KUBE_CLIENT_TARGET: &str = "kube_client";
+
+/// The log filter in effect for the user's `filter`: theirs, with the Kubernetes client
+/// held to errors unless they set its level themselves.
+pub fn log_filter(filter: &str) -> String {
+    let filter = filter.trim();
+    if filter.contains(KUBE_CLIENT_TARGET) {
+        return filter.to_owned();
+    }
+    let base = if filter.is_empty() { "info" } else { filter };
+    format!("{base},{KUBE_CLIENT_TARGET}=error")
+}
+
+/// Structured logs to stderr, filtered by `filter` (see [`log_filter`]).
 pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only on a terminal: log files and collectors get plain text.
@@ -189,8 +205,9 @@ pub fn public_app(webhooks: AppState, api: api::ApiState) -> Router {
     webhook::app(webhooks).merge(read::router(api))
 }
 
-/// Serves `app` over HTTP/1 on `listener` until `shutdown` flips, with a header read
-/// timeout that holds (hyper needs a timer for it), and `ConnectInfo` for the handlers.
+/// Serves `app` over HTTP/1 on `listener` until `shutdown` flips, within the limits of
+/// [`http_limits`] (header count and bytes, target length, buffers, header read
+/// timeout), with `ConnectInfo` for the handlers.
 pub async fn serve_public(
     listener: TcpListener,
     app: Router,
@@ -211,13 +228,17 @@ pub async fn serve_public(
                 };
                 let router = app.clone();
                 let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    let refused = http_limits::refuse_long_target(request.uri());
                     request.extensions_mut().insert(ConnectInfo(peer));
-                    router.clone().oneshot(request.map(axum::body::Body::new))
+                    let router = router.clone();
+                    async move {
+                        match refused {
+                            Some(response) => Ok(response),
+                            None => router.oneshot(request.map(axum::body::Body::new)).await,
+                        }
+                    }
                 });
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_read_timeout);
+                let builder = http_limits::http1_builder(header_read_timeout);
                 let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
                 tokio::spawn(async move {
                     if let Err(error) = connection.await {
@@ -403,6 +424,26 @@ mod tests {
         let (status, text) = get_admin(&state, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(text.contains("hookrun_apiserver_requests_total"), "{text}");
+    }
+
+    #[test]
+    fn the_kube_client_logs_errors_only_unless_the_filter_names_it() {
+        assert_eq!(log_filter("info"), "info,kube_client=error");
+        assert_eq!(log_filter(""), "info,kube_client=error");
+        assert_eq!(
+            log_filter("warn,hookrun_apiserver=debug"),
+            "warn,hookrun_apiserver=debug,kube_client=error"
+        );
+        assert_eq!(
+            log_filter("info,kube_client=debug"),
+            "info,kube_client=debug"
+        );
+        for filter in ["info", "", "debug,hyper=info"] {
+            assert!(
+                tracing_subscriber::EnvFilter::try_new(log_filter(filter)).is_ok(),
+                "{filter}"
+            );
+        }
     }
 
     #[test]

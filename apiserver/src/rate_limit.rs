@@ -122,8 +122,8 @@ impl TokenBucket {
         }
     }
 
-    /// Puts back a token taken for a request that turned out not to count (a replay);
-    /// never above the capacity. Returns the whole tokens now in the bucket.
+    /// Puts back a token taken for a request that turned out not to count; never above
+    /// the capacity. Returns the whole tokens now in the bucket.
     pub fn give_back(&mut self) -> u32 {
         self.tokens = (self.tokens + 1.0).min(f64::from(self.limit.capacity));
         self.tokens as u32
@@ -182,12 +182,6 @@ impl<K: Eq + Hash> RateLimiter<K> {
             .try_acquire(now)
     }
 
-    /// Puts back a token [`RateLimiter::try_acquire`] took from `key`'s bucket; `None` when
-    /// the bucket was forgotten meanwhile (it is full then anyway).
-    pub fn give_back(&mut self, key: &K) -> Option<u32> {
-        self.buckets.get_mut(key).map(TokenBucket::give_back)
-    }
-
     /// Forgets buckets that have refilled completely: a new bucket would be the same, and
     /// keys of deleted Agents must not pile up.
     pub fn prune(&mut self, now: Instant) {
@@ -228,15 +222,14 @@ mod tests {
     #[test]
     fn a_token_given_back_counts_again_up_to_the_capacity() {
         let t0 = Instant::now();
-        let mut limiter = RateLimiter::new(limit(2, 0.001));
-        assert_eq!(limiter.try_acquire("a", t0), Ok(Remaining(1)));
-        assert_eq!(limiter.try_acquire("a", t0), Ok(Remaining(0)));
-        assert_eq!(limiter.give_back(&"a"), Some(1));
-        assert_eq!(limiter.try_acquire("a", t0), Ok(Remaining(0)));
-        assert_eq!(limiter.give_back(&"a"), Some(1));
-        assert_eq!(limiter.give_back(&"a"), Some(2));
-        assert_eq!(limiter.give_back(&"a"), Some(2), "never above the capacity");
-        assert_eq!(limiter.give_back(&"b"), None);
+        let mut bucket = TokenBucket::new(limit(2, 0.001), t0);
+        assert_eq!(bucket.try_acquire(t0), Ok(Remaining(1)));
+        assert_eq!(bucket.try_acquire(t0), Ok(Remaining(0)));
+        assert_eq!(bucket.give_back(), 1);
+        assert_eq!(bucket.try_acquire(t0), Ok(Remaining(0)));
+        assert_eq!(bucket.give_back(), 1);
+        assert_eq!(bucket.give_back(), 2);
+        assert_eq!(bucket.give_back(), 2, "never above the capacity");
     }
 
     #[test]

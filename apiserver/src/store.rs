@@ -16,6 +16,15 @@ pub enum StoreError {
     /// A Session of that name exists.
     #[error("a Session of that name already exists")]
     AlreadyExists,
+    /// The cluster refused the Session itself (a 4xx other than AlreadyExists and
+    /// throttling): sending it again would be refused again.
+    #[error("the cluster refused the Session ({reason}): {message}")]
+    Rejected {
+        /// The Kubernetes reason, e.g. `Invalid`.
+        reason: String,
+        /// The Kubernetes message, cut to [`MAX_REJECTION_MESSAGE`] bytes.
+        message: String,
+    },
     /// The cluster did not take the request.
     #[error("the cluster cannot store the Session: {0}")]
     Unavailable(String),
@@ -60,11 +69,36 @@ impl KubeSessionStore {
     }
 }
 
+/// The longest Kubernetes message a [`StoreError::Rejected`] keeps.
+pub const MAX_REJECTION_MESSAGE: usize = 512;
+
 fn store_error(error: kube::Error) -> StoreError {
     match error {
         kube::Error::Api(status) if status.is_already_exists() => StoreError::AlreadyExists,
+        kube::Error::Api(status) if is_refusal(status.code) => StoreError::Rejected {
+            reason: cut(&status.reason, 64),
+            message: cut(&status.message, MAX_REJECTION_MESSAGE),
+        },
         other => StoreError::Unavailable(other.to_string()),
     }
+}
+
+/// Whether a status code from the Kubernetes API refuses the request itself: a 4xx, but
+/// not 429 (the API is throttling, so a retry later is right).
+pub fn is_refusal(code: u16) -> bool {
+    (400..500).contains(&code) && code != 429
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 impl SessionStore for KubeSessionStore {
@@ -97,6 +131,8 @@ impl SessionStore for KubeSessionStore {
 pub struct MemorySessionStore {
     sessions: Mutex<HashMap<(String, String), Session>>,
     unavailable: std::sync::atomic::AtomicBool,
+    /// When set, every create is refused like a Kubernetes 422 with this message.
+    rejecting: Mutex<Option<String>>,
     forgetful: bool,
 }
 
@@ -128,6 +164,14 @@ impl MemorySessionStore {
             .store(unavailable, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Makes every create fail as the cluster refusing the object (or work again).
+    pub fn set_rejecting(&self, message: Option<&str>) {
+        *self
+            .rejecting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = message.map(str::to_owned);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Session>> {
         self.sessions
             .lock()
@@ -147,6 +191,17 @@ impl SessionStore for MemorySessionStore {
     fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {
             self.check()?;
+            let rejecting = self
+                .rejecting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if let Some(message) = rejecting {
+                return Err(StoreError::Rejected {
+                    reason: "Invalid".to_owned(),
+                    message,
+                });
+            }
             let key = (session.namespace().unwrap_or_default(), session.name_any());
             let mut sessions = self.lock();
             if sessions.contains_key(&key) {
@@ -171,5 +226,59 @@ impl SessionStore for MemorySessionStore {
                 .get(&(namespace.to_owned(), name.to_owned()))
                 .cloned())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
+        kube::Error::Api(
+            kube::core::Status {
+                code,
+                reason: reason.to_owned(),
+                message: message.to_owned(),
+                ..kube::core::Status::default()
+            }
+            .boxed(),
+        )
+    }
+
+    #[test]
+    fn a_refusal_by_the_cluster_is_not_a_retryable_outage() {
+        assert!(matches!(
+            store_error(api_error(409, "AlreadyExists", "exists")),
+            StoreError::AlreadyExists
+        ));
+        for (code, reason) in [(422, "Invalid"), (400, "BadRequest"), (403, "Forbidden")] {
+            match store_error(api_error(code, reason, "spec.x: Too long")) {
+                StoreError::Rejected { reason: r, message } => {
+                    assert_eq!(r, reason);
+                    assert_eq!(message, "spec.x: Too long");
+                }
+                other => panic!("{code}: {other:?}"),
+            }
+        }
+        for code in [429, 500, 503, 504] {
+            assert!(
+                matches!(
+                    store_error(api_error(code, "x", "y")),
+                    StoreError::Unavailable(_)
+                ),
+                "{code}"
+            );
+        }
+        let long = "é".repeat(1000);
+        match store_error(api_error(422, "Invalid", &long)) {
+            StoreError::Rejected { message, .. } => {
+                assert!(
+                    message.len() <= MAX_REJECTION_MESSAGE + 3,
+                    "{}",
+                    message.len()
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -72,6 +72,29 @@ pub fn verifier(scheme: SignatureScheme) -> &'static dyn Verifier {
     }
 }
 
+/// Whether the scheme's signature covers a timestamp, so a captured request stops
+/// verifying once its replay window passes. GitHub and the generic HMAC sign the body
+/// alone, and their delivery id (if any) rides in an unsigned header: a request of theirs
+/// is deduplicated by the digest of its signed body instead.
+pub fn signs_timestamp(scheme: SignatureScheme) -> bool {
+    match scheme {
+        SignatureScheme::Linear | SignatureScheme::Slack | SignatureScheme::StandardWebhooks => {
+            true
+        }
+        SignatureScheme::Github | SignatureScheme::Hmac => false,
+    }
+}
+
+/// Whether the scheme's delivery id is covered by its signature (Standard Webhooks signs
+/// `webhook-id`; Slack's id is the digest of the signed body), so no one without the
+/// signing secret can choose it. Linear's and GitHub's delivery headers are not signed.
+pub fn signs_delivery_id(scheme: SignatureScheme) -> bool {
+    matches!(
+        scheme,
+        SignatureScheme::Slack | SignatureScheme::StandardWebhooks
+    )
+}
+
 /// Why a request's signature was refused. Messages name the header or field and say what
 /// would be accepted.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

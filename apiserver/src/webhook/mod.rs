@@ -4,7 +4,8 @@
 //!
 //! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 401
 //! missing signature → 413 body → 401 bad signature → 400 body → 422 idempotency
-//! conflict → 429 concurrency or rate → 503 store. The signature is checked after the
+//! conflict → 429 concurrency or rate (replays included) → 400 when the cluster refuses
+//! the Session itself, 503 when it cannot store it. The signature is checked after the
 //! body is read (it signs the body), so an oversized body with a wrong signature is 413.
 
 use std::collections::HashMap;
@@ -126,6 +127,11 @@ pub enum WebhookError {
     TooManySessions { max: u32 },
     #[error("the cluster cannot store the Session right now; retry later")]
     Unavailable,
+    #[error(
+        "the cluster refused the Session ({reason}): {message}; sending the same request \
+         again will be refused again"
+    )]
+    Rejected { reason: String, message: String },
     #[error("this URL answers GET (the verification ping) and POST (a webhook) only")]
     MethodNotAllowed,
 }
@@ -151,6 +157,7 @@ impl WebhookError {
             WebhookError::RateLimited { .. } => "rate_limited",
             WebhookError::TooManySessions { .. } => "too_many_sessions",
             WebhookError::Unavailable => "unavailable",
+            WebhookError::Rejected { .. } => "session_rejected",
             WebhookError::MethodNotAllowed => "method_not_allowed",
         }
     }
@@ -164,7 +171,8 @@ impl WebhookError {
             WebhookError::NotFound => StatusCode::NOT_FOUND,
             WebhookError::BadForwardedFor(_)
             | WebhookError::BodyRead(_)
-            | WebhookError::BadBody(_) => StatusCode::BAD_REQUEST,
+            | WebhookError::BadBody(_)
+            | WebhookError::Rejected { .. } => StatusCode::BAD_REQUEST,
             WebhookError::Forbidden => StatusCode::FORBIDDEN,
             WebhookError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             WebhookError::BadToken
@@ -300,6 +308,9 @@ fn route_label(matched: Option<&MatchedPath>) -> &'static str {
     }
 }
 
+/// Outcomes of requests whose path names no Agent the index knows.
+const UNKNOWN_AGENT_OUTCOMES: [&str; 2] = ["not_found", "not_ready"];
+
 /// Access log and metrics of one answered request.
 fn record(
     state: &AppState,
@@ -318,6 +329,9 @@ fn record(
         status,
         elapsed.as_secs_f64(),
     );
+    // Names only of an Agent the index knows: the segments of a path that named none are
+    // whatever the client wrote (a token in the wrong place, kilobytes of junk).
+    let agent = agent.filter(|_| !UNKNOWN_AGENT_OUTCOMES.contains(&outcome));
     let (namespace, agent) = agent.map_or(("", ""), |k| (k.namespace.as_str(), k.name.as_str()));
     tracing::info!(
         route,
@@ -705,13 +719,33 @@ async fn accept(
     let delivery = verified
         .as_ref()
         .and_then(|(_, v)| v.dedup_key.as_deref().map(|id| (v.source, id)));
+    let digest = body::payload_digest(&raw);
+    // What the signature covers names the Session before anything a replayer can choose:
+    // a signature without a timestamp never expires, so the signed body itself is the key.
+    let signed_key = verified.as_ref().and_then(|(scheme, v)| {
+        if !signature::signs_timestamp(*scheme) {
+            Some(idempotency::SignedKey::Body {
+                source: v.source,
+                digest: &digest,
+            })
+        } else if signature::signs_delivery_id(*scheme) {
+            v.dedup_key
+                .as_deref()
+                .map(|id| idempotency::SignedKey::Delivery {
+                    source: v.source,
+                    id,
+                })
+        } else {
+            None
+        }
+    });
     let key_choice = idempotency::choose_key(
         header_text(headers, "idempotency-key")?,
         parsed.idempotency_key.as_deref(),
         delivery,
+        signed_key,
     )
     .map_err(WebhookError::Idempotency)?;
-    let digest = body::payload_digest(&raw);
 
     if let Some(chosen) = &key_choice {
         let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
@@ -721,10 +755,13 @@ async fn accept(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .session_digest(&key.namespace, &name);
         if let Some(stored) = known {
-            idempotency::replay_or_conflict(stored.as_deref(), &digest)
+            idempotency::replay_or_conflict(chosen.source, stored.as_deref(), &digest)
                 .map_err(WebhookError::Idempotency)?;
+            // A replay is a request like any other: it costs the Agent's rate limit, so
+            // a captured request cannot be answered (or held) without bound.
+            let rate = Some(take_rate(state, key)?);
             let Some(budget) = budget else {
-                return Ok(Accepted::Now(created(key, &name, true, None)));
+                return Ok(Accepted::Now(created(key, &name, true, rate)));
             };
             // Wait on the original Session: follow it first, then read where it is.
             let subscription = state.hub.subscribe(&key.namespace, &name);
@@ -732,11 +769,11 @@ async fn accept(
                 .sessions
                 .get(&key.namespace, &name)
                 .await
-                .map_err(|error| unavailable(key, &error))?;
+                .map_err(|error| store_failure(key, &error))?;
             return Ok(Accepted::Hold(Box::new(Hold {
                 name,
                 replayed: true,
-                rate: None,
+                rate,
                 waiting: wait::begin(wait::HeldRequest {
                     subscription,
                     current,
@@ -819,7 +856,7 @@ async fn accept(
                     .sessions
                     .get(&key.namespace, &name)
                     .await
-                    .map_err(|error| unavailable(key, &error))?;
+                    .map_err(|error| store_failure(key, &error))?;
                 // Deleted between the create and the read: the caller retries.
                 let existing = existing.ok_or(WebhookError::Unavailable)?;
                 let stored = existing
@@ -827,13 +864,12 @@ async fn accept(
                     .trigger
                     .as_ref()
                     .and_then(|t| t.payload_digest.as_deref());
-                idempotency::replay_or_conflict(stored, &digest)
+                let source = key_choice
+                    .as_ref()
+                    .map_or(idempotency::KeySource::Header, |k| k.source);
+                idempotency::replay_or_conflict(source, stored, &digest)
                     .map_err(WebhookError::Idempotency)?;
-                // A replay starts nothing: it does not spend the Agent's rate limit.
-                let rate = rate.map(|(limit, remaining)| {
-                    let remaining = give_back_rate(state, key).unwrap_or(remaining);
-                    (limit, remaining)
-                });
+                // The replay keeps the rate token it took: replays are charged too.
                 return Ok(match (subscription, budget) {
                     (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
                         name,
@@ -856,7 +892,7 @@ async fn accept(
             }
             Err(error) => {
                 release(state, key, &name, reservation);
-                return Err(unavailable(key, &error));
+                return Err(store_failure(key, &error));
             }
         }
     }
@@ -903,18 +939,23 @@ fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), WebhookErro
     Ok((limit, remaining.0))
 }
 
-/// Returns the token [`take_rate`] took; the tokens now left.
-fn give_back_rate(state: &AppState, key: &AgentKey) -> Option<u32> {
-    state
-        .rate_limiter
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .give_back(key)
-}
-
-fn unavailable(key: &AgentKey, error: &StoreError) -> WebhookError {
-    tracing::warn!(agent = %key.name, namespace = %key.namespace, %error, "cannot store a webhook Session");
-    WebhookError::Unavailable
+/// The answer to a failed Session create or read: 400 with the reason when the cluster
+/// refused the object itself (retrying cannot help), else 503. The log names the reason
+/// only: a Kubernetes message can quote the Session's title or env.
+fn store_failure(key: &AgentKey, error: &StoreError) -> WebhookError {
+    match error {
+        StoreError::Rejected { reason, message } => {
+            tracing::warn!(agent = %key.name, namespace = %key.namespace, %reason, "the cluster refused a webhook Session");
+            WebhookError::Rejected {
+                reason: reason.clone(),
+                message: message.clone(),
+            }
+        }
+        error => {
+            tracing::warn!(agent = %key.name, namespace = %key.namespace, %error, "cannot store a webhook Session");
+            WebhookError::Unavailable
+        }
+    }
 }
 
 /// The Session of an accepted webhook, owned by its Agent.

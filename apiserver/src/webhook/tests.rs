@@ -965,26 +965,261 @@ async fn a_wrong_method_is_a_json_405_with_allow() {
     assert!(!text.contains(TOKEN), "{text}");
 }
 
-#[tokio::test]
-async fn a_replay_found_at_create_time_gives_its_rate_token_back() {
-    let f = fixture_with(index(), 1024, 3);
-    let key = [("idempotency-key", "dup")];
-    let first = f.post(&url("plain", TOKEN), &key, "{}").await;
-    assert_eq!(first.headers["x-ratelimit-remaining"], "2");
-    // The index forgets the name, as when another replica created the Session: the
-    // create collides and the stored Session is read.
-    let name = idempotency::keyed_session_name(NS, "plain", "dup");
+const GITHUB_SECRET: &str = "gh-secret";
+const HMAC_SECRET: &str = "hmac-secret";
+
+/// The fixture's index with a GitHub-signed and an HMAC-signed Agent.
+fn signed_index() -> Index {
+    let mut idx = index();
+    for (name, field, key, value) in [
+        ("github", "githubSecret", "github-secret", GITHUB_SECRET),
+        ("hmac", "hmacSecret", "hmac-secret", HMAC_SECRET),
+    ] {
+        idx.apply_agent(&agent(
+            NS,
+            name,
+            json!({"triggers": [{"webhook": {field: "x"}}]}),
+        ));
+        idx.apply_secret(&secret(NS, name, &[("token", TOKEN), (key, value)]));
+    }
+    idx
+}
+
+/// Forgets Session `name` in the index, as when another replica created it: the next
+/// duplicate collides at create time and reads the stored Session.
+fn forget(f: &Fixture, name: &str, agent: &str) {
     f.state
         .index
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .delete_session(&session(NS, &name, "plain", None));
-    let again = f.post(&url("plain", TOKEN), &key, "{}").await;
+        .delete_session(&session(NS, name, agent, None));
+}
+
+#[tokio::test]
+async fn replays_are_charged_to_the_rate_limit() {
+    let f = fixture_with(index(), 1024, 4);
+    let key = [("idempotency-key", "dup")];
+    let first = f.post(&url("plain", TOKEN), &key, r#"{"title":"t"}"#).await;
+    assert_eq!(first.headers["x-ratelimit-remaining"], "3");
+    // Answered from the index.
+    let again = f.post(&url("plain", TOKEN), &key, r#"{"title":"t"}"#).await;
     assert_eq!(again.status, StatusCode::OK, "{}", again.json);
     assert_eq!(again.headers["idempotent-replayed"], "true");
-    assert_eq!(again.headers["x-ratelimit-remaining"], "2", "not spent");
-    let other = f.post(&url("plain", TOKEN), &[], "{}").await;
-    assert_eq!(other.headers["x-ratelimit-remaining"], "1");
+    assert_eq!(again.headers["x-ratelimit-remaining"], "2");
+    // Found at create time.
+    let name = first.json["session"].as_str().expect("a name").to_owned();
+    forget(&f, &name, "plain");
+    let collided = f.post(&url("plain", TOKEN), &key, r#"{"title":"t"}"#).await;
+    assert_eq!(collided.status, StatusCode::OK, "{}", collided.json);
+    assert_eq!(collided.headers["idempotent-replayed"], "true");
+    assert_eq!(collided.headers["x-ratelimit-remaining"], "1");
+    // In wait mode, on a finished Session.
+    f.finish_the_session(SessionPhase::Complete, Some("done"));
+    let waited = f
+        .post(
+            &url("plain", TOKEN),
+            &[("idempotency-key", "dup"), ("prefer", "wait=30")],
+            r#"{"title":"t"}"#,
+        )
+        .await;
+    assert_eq!(waited.status, StatusCode::OK, "{}", waited.json);
+    assert_eq!(waited.headers["idempotent-replayed"], "true");
+    assert_eq!(waited.headers["x-ratelimit-remaining"], "0");
+    let refused = f.post(&url("plain", TOKEN), &key, r#"{"title":"t"}"#).await;
+    assert_error(&refused, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    assert_eq!(f.store.sessions().len(), 1);
+}
+
+#[tokio::test]
+async fn a_signed_body_without_a_timestamp_replays_whatever_id_rides_beside_it() {
+    let f = fixture_with(signed_index(), 1024 * 1024, 100);
+    let body = r#"{"action":"opened","issue":{"number":7,"title":"Crash on start"}}"#;
+    let github = format!("sha256={}", hex_hmac(GITHUB_SECRET, body.as_bytes()));
+    let first = f
+        .post(
+            &url("github", TOKEN),
+            &[
+                ("x-hub-signature-256", &github),
+                ("x-github-delivery", "d-1"),
+                ("x-github-event", "issues"),
+            ],
+            body,
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    let original = first.json["session"].clone();
+    // A captured delivery sent again with fresh unsigned ids and keys, answered from the
+    // index and at create time (another replica's Session).
+    for (i, extra) in [
+        ("x-github-delivery", "d-2"),
+        ("idempotency-key", "fresh"),
+        ("x-github-delivery", "d-3"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if i == 2 {
+            forget(&f, original.as_str().expect("a name"), "github");
+        }
+        let replay = f
+            .post(
+                &url("github", TOKEN),
+                &[("x-hub-signature-256", &github), extra],
+                body,
+            )
+            .await;
+        assert_eq!(replay.status, StatusCode::OK, "{extra:?}: {}", replay.json);
+        assert_eq!(replay.headers["idempotent-replayed"], "true", "{extra:?}");
+        assert_eq!(replay.json["session"], original, "{extra:?}");
+    }
+    assert_eq!(f.store.sessions().len(), 1);
+    let trigger = f.store.sessions()[0]
+        .spec
+        .trigger
+        .clone()
+        .expect("a trigger");
+    assert_eq!(trigger.delivery_id.as_deref(), Some("d-1"));
+
+    // The generic HMAC has no delivery id at all: the same signed body is one Session.
+    let hmac = format!("sha256={}", hex_hmac(HMAC_SECRET, body.as_bytes()));
+    let mut sessions = Vec::new();
+    for extra in [&[][..], &[("idempotency-key", "k-1")][..], &[][..]] {
+        let mut headers = vec![("x-signature", hmac.as_str())];
+        headers.extend_from_slice(extra);
+        let answer = f.post(&url("hmac", TOKEN), &headers, body).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        sessions.push(answer.json["session"].clone());
+    }
+    assert!(sessions.iter().all(|s| *s == sessions[0]), "{sessions:?}");
+    assert_eq!(f.store.sessions().len(), 2);
+    // Another body is another Session.
+    let other = r#"{"action":"opened","issue":{"number":8}}"#;
+    let sig = format!("sha256={}", hex_hmac(HMAC_SECRET, other.as_bytes()));
+    let answer = f
+        .post(&url("hmac", TOKEN), &[("x-signature", &sig)], other)
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert!(answer.headers.get("idempotent-replayed").is_none());
+    assert_eq!(f.store.sessions().len(), 3);
+}
+
+fn linear_body(title: &str, sent_ms: u128) -> String {
+    format!(
+        r#"{{"action":"create","type":"Issue","data":{{"title":"{title}"}},"webhookTimestamp":{sent_ms}}}"#
+    )
+}
+
+#[tokio::test]
+async fn a_provider_redelivery_with_a_fresh_signed_timestamp_is_the_original_session() {
+    let f = fixture();
+    let sent = now_ms();
+    let post = |body: String, delivery: &'static str| {
+        let f = &f;
+        async move {
+            let sig = hex_hmac(LINEAR_SECRET, body.as_bytes());
+            f.post(
+                &url("linear", TOKEN),
+                &[("linear-signature", &sig), ("linear-delivery", delivery)],
+                &body,
+            )
+            .await
+        }
+    };
+    let first = post(linear_body("Crash", sent - 1000), "d-9").await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    // Linear redelivers the event with the same id and a new webhookTimestamp.
+    let redelivered = post(linear_body("Crash", sent), "d-9").await;
+    assert_eq!(redelivered.status, StatusCode::OK, "{}", redelivered.json);
+    assert_eq!(redelivered.headers["idempotent-replayed"], "true");
+    assert_eq!(redelivered.json["session"], first.json["session"]);
+    // Also when the create collides (another replica made the Session).
+    forget(
+        &f,
+        first.json["session"].as_str().expect("a name"),
+        "linear",
+    );
+    let collided = post(linear_body("Crash", sent + 500), "d-9").await;
+    assert_eq!(collided.status, StatusCode::OK, "{}", collided.json);
+    assert_eq!(collided.headers["idempotent-replayed"], "true");
+    assert_eq!(collided.json["session"], first.json["session"]);
+    assert_eq!(f.store.sessions().len(), 1);
+    // A caller's own key still conflicts on a different body (see
+    // idempotency_keys_replay_or_conflict); another delivery is another Session.
+    let other = post(linear_body("Crash", sent), "d-10").await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.json);
+    assert_ne!(other.json["session"], first.json["session"]);
+}
+
+#[tokio::test]
+async fn a_long_delivery_id_fits_the_session_and_a_refused_create_is_400() {
+    let f = fixture();
+    let long_id = "d".repeat(250);
+    let body = linear_body("Long id", now_ms());
+    let sig = hex_hmac(LINEAR_SECRET, body.as_bytes());
+    let headers = [
+        ("linear-signature", sig.as_str()),
+        ("linear-delivery", long_id.as_str()),
+    ];
+    let answer = f.post(&url("linear", TOKEN), &headers, &body).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    let stored = f.store.sessions().pop().expect("a Session");
+    let name = stored.metadata.name.clone().expect("a name");
+    assert!(name.len() <= names::MAX_LABEL_LEN, "{name}");
+    let trigger = stored.spec.trigger.expect("a trigger");
+    // The CRD allows 256 characters in trigger.idempotencyKey and deliveryId.
+    let key = trigger.idempotency_key.expect("a key");
+    assert!(key.len() <= 256, "{} characters", key.len());
+    assert_eq!(trigger.delivery_id.as_deref(), Some(long_id.as_str()));
+    let again = f.post(&url("linear", TOKEN), &headers, &body).await;
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.json["session"], name.as_str());
+
+    // Whatever else the cluster refuses is the caller's 400, never a 503 to retry.
+    f.store.set_rejecting(Some(
+        "spec.title: Too long: may not be more than 65536 bytes",
+    ));
+    for headers in [&[][..], &[("idempotency-key", "k-400")][..]] {
+        let answer = f
+            .post(&url("plain", TOKEN), headers, r#"{"title":"t"}"#)
+            .await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "session_rejected");
+        let message = answer.json["message"].as_str().unwrap_or_default();
+        assert!(message.contains("Invalid"), "{message}");
+        assert!(message.contains("spec.title: Too long"), "{message}");
+        assert!(!answer.headers.contains_key("retry-after"));
+    }
+    f.store.set_rejecting(None);
+    let answer = f.post(&url("plain", TOKEN), &[], "{}").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+}
+
+#[tokio::test]
+async fn a_signed_delivery_id_beats_a_fresh_idempotency_key() {
+    let f = fixture();
+    let body =
+        r#"{"type":"event_callback","event_id":"Ev1","event":{"type":"app_mention","text":"hi"}}"#;
+    let ts = (now_ms() / 1000).to_string();
+    let sig = format!(
+        "v0={}",
+        hex_hmac(SLACK_SECRET, format!("v0:{ts}:{body}").as_bytes())
+    );
+    let signed = [
+        ("x-slack-signature", sig.as_str()),
+        ("x-slack-request-timestamp", ts.as_str()),
+    ];
+    let first = f.post(&url("slack", TOKEN), &signed, body).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    // The captured request again within Slack's window, with a key of the replayer's.
+    for key in ["fresh-1", "fresh-2"] {
+        let mut headers = signed.to_vec();
+        headers.push(("idempotency-key", key));
+        let replay = f.post(&url("slack", TOKEN), &headers, body).await;
+        assert_eq!(replay.status, StatusCode::OK, "{}", replay.json);
+        assert_eq!(replay.headers["idempotent-replayed"], "true", "{key}");
+        assert_eq!(replay.json["session"], first.json["session"]);
+    }
+    assert_eq!(f.store.sessions().len(), 1);
 }
 
 #[tokio::test]
