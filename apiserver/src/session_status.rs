@@ -137,7 +137,11 @@ impl StatusWriter {
                     Err(kube::Error::Api(status))
                         if is_too_large_refusal(status.code, &status.message) =>
                     {
-                        tracing::warn!(session = name, code = status.code, "the cluster refused a Session status as too large; ending the Session");
+                        tracing::warn!(
+                            session = name,
+                            code = status.code,
+                            "the cluster refused a Session status as too large; ending the Session"
+                        );
                         return match finish_oversize(api, name, session).await {
                             Ok(ended) => Err(StatusError::TooLarge { ended }),
                             Err(error) => Err(error),
@@ -194,7 +198,11 @@ pub async fn finish_oversize<E>(
     let mut attempt = 0;
     loop {
         let status = session.status.clone().unwrap_or_default();
-        let version = session.metadata.resource_version.clone().unwrap_or_default();
+        let version = session
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
         let at = Time(k8s_openapi::jiff::Timestamp::now());
         let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
             return Ok(false);
@@ -205,7 +213,12 @@ pub async fn finish_oversize<E>(
         {
             Ok(stored) => {
                 let phase = stored.status.map(|s| s.phase()).unwrap_or_default();
-                tracing::warn!(session = name, shed, phase = phase.as_str(), "ended a Session whose status the cluster would not store");
+                tracing::warn!(
+                    session = name,
+                    shed,
+                    phase = phase.as_str(),
+                    "ended a Session whose status the cluster would not store"
+                );
                 return Ok(phase == SessionPhase::Error);
             }
             Err(kube::Error::Api(refusal))

@@ -358,7 +358,9 @@ mod tests {
         assert_eq!(known_github_event("Issues"), UNKNOWN_GITHUB_EVENT);
         for event in GITHUB_EVENTS {
             assert!(
-                event.bytes().all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
+                event
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit()),
                 "{event}"
             );
             assert_eq!(known_github_event(event), *event);

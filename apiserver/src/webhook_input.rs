@@ -65,7 +65,9 @@ impl InputPolicy {
         for (i, var) in env.iter().enumerate() {
             let name = &var.name;
             let problem = if self.agent_env.iter().any(|own| own == name) {
-                format!("{name:?} is set by the Agent (spec.session.env) and a webhook cannot replace it")
+                format!(
+                    "{name:?} is set by the Agent (spec.session.env) and a webhook cannot replace it"
+                )
             } else if !env_name_allowed(&self.allowed_env, name) {
                 format!("{name:?} may not be set by a webhook")
             } else {
@@ -147,7 +149,10 @@ mod tests {
         );
         for (env, field) in [
             (vec![var("OPENAI_BASE_URL", "http://evil")], "env[0].name"),
-            (vec![var("TICKET", "1"), var("LD_PRELOAD", "/x.so")], "env[1].name"),
+            (
+                vec![var("TICKET", "1"), var("LD_PRELOAD", "/x.so")],
+                "env[1].name",
+            ),
             (vec![var("GITHUB_TOKEN_SCOPE", "all")], "env[0].name"),
         ] {
             let err = policy.check_env(&env).expect_err("refused");
@@ -184,7 +189,9 @@ mod tests {
         );
         let payload = "\u{0}".repeat(20 * 1024);
         assert_eq!(
-            defaults.check_parts(None, &payload, &[]).map_err(|e| e.part),
+            defaults
+                .check_parts(None, &payload, &[])
+                .map_err(|e| e.part),
             Err(BudgetPart::Payload)
         );
     }

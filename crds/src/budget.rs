@@ -235,7 +235,11 @@ impl SessionBudgets {
 
     /// Checks the payload kept on the Session (its encoded length, quotes excluded).
     pub fn check_payload(&self, payload: &str) -> Result<(), OverBudget> {
-        Self::check(BudgetPart::Payload, encoded_str_len(payload) - 2, self.payload)
+        Self::check(
+            BudgetPart::Payload,
+            encoded_str_len(payload) - 2,
+            self.payload,
+        )
     }
 
     /// Checks a Session's env list, as encoded in the object.
@@ -353,7 +357,11 @@ mod tests {
         assert_eq!(err.part, BudgetPart::Title);
         assert_eq!(err.bytes, 6 * 4096);
         assert!(err.to_string().contains("titleBytes"), "{err}");
-        assert!(budgets.check_title(&"x".repeat(DEFAULT_TITLE_BYTES)).is_ok());
+        assert!(
+            budgets
+                .check_title(&"x".repeat(DEFAULT_TITLE_BYTES))
+                .is_ok()
+        );
     }
 
     proptest! {

@@ -378,7 +378,11 @@ mod tests {
         let measured: usize = status.events.iter().map(SessionEvent::encoded_len).sum();
         assert!(measured + 1 >= stored, "{measured} < {stored}");
         // Content over its bound is cut by its encoded size.
-        status.push_event("agent.message", &"\u{1}".repeat(MAX_EVENT_CONTENT_BYTES), at());
+        status.push_event(
+            "agent.message",
+            &"\u{1}".repeat(MAX_EVENT_CONTENT_BYTES),
+            at(),
+        );
         let last = status.events.last().expect("an event");
         assert_eq!(last.content.len(), MAX_EVENT_CONTENT_BYTES / 6);
     }
@@ -388,14 +392,26 @@ mod tests {
         let mut status = SessionStatus::default();
         let answer = "<".repeat(MAX_RESPONSE_BYTES);
         assert!(status.finish(SessionPhase::Complete, Some(&answer), Some(&answer), at()));
-        assert_eq!(status.response.as_ref().map(String::len), Some(MAX_RESPONSE_BYTES / 6));
-        assert_eq!(status.message.as_ref().map(String::len), Some(MAX_MESSAGE_BYTES / 6));
+        assert_eq!(
+            status.response.as_ref().map(String::len),
+            Some(MAX_RESPONSE_BYTES / 6)
+        );
+        assert_eq!(
+            status.message.as_ref().map(String::len),
+            Some(MAX_MESSAGE_BYTES / 6)
+        );
     }
 
     #[test]
     fn too_large_refusals() {
-        assert!(is_too_large_refusal(413, "Request entity too large: limit is 3145728"));
-        assert!(is_too_large_refusal(500, "etcdserver: request is too large"));
+        assert!(is_too_large_refusal(
+            413,
+            "Request entity too large: limit is 3145728"
+        ));
+        assert!(is_too_large_refusal(
+            500,
+            "etcdserver: request is too large"
+        ));
         assert!(is_too_large_refusal(422, "The request is too large"));
         assert!(!is_too_large_refusal(409, "too large"));
         assert!(!is_too_large_refusal(500, "etcd is down"));

@@ -105,8 +105,7 @@ pub fn check_allowed_env_entry(entry: &str) -> Result<(), String> {
              digits and _, not starting with a digit, e.g. TICKET or GITHUB_*"
         ));
     }
-    if base.starts_with(RESERVED_ENV_PREFIX) || (prefix && RESERVED_ENV_PREFIX.starts_with(base))
-    {
+    if base.starts_with(RESERVED_ENV_PREFIX) || (prefix && RESERVED_ENV_PREFIX.starts_with(base)) {
         return Err(format!(
             "{entry:?} covers the reserved prefix {RESERVED_ENV_PREFIX}: hookrun sets those \
              variables itself"
@@ -472,7 +471,9 @@ session:
             .map(|i| format!("V{i}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let spec = spec_from_yaml(&format!("triggers: [{{webhook: {{allowedEnv: [{many}]}}}}]"));
+        let spec = spec_from_yaml(&format!(
+            "triggers: [{{webhook: {{allowedEnv: [{many}]}}}}]"
+        ));
         assert_eq!(
             fields(validate_agent_spec(&spec)),
             ["spec.triggers[0].webhook.allowedEnv"]

@@ -691,7 +691,9 @@ async fn accept(
 
     let parsed = body::parse_webhook_body(&raw).map_err(WebhookError::BadBody)?;
     let input = &target.agent.input;
-    input.check_env(&parsed.env).map_err(WebhookError::BadBody)?;
+    input
+        .check_env(&parsed.env)
+        .map_err(WebhookError::BadBody)?;
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
             .and_then(body::parse_prefer_wait)

@@ -1049,9 +1049,7 @@ async fn webhook_env_is_limited_to_the_agents_allowed_names() {
         // Set by the Agent itself, though GITHUB_* is allowed.
         (&["GITHUB_TOKEN"][..], "env[0].name"),
     ] {
-        let answer = f
-            .post(&url("guarded", TOKEN), &[], &env_body(names))
-            .await;
+        let answer = f.post(&url("guarded", TOKEN), &[], &env_body(names)).await;
         assert_error(&answer, StatusCode::BAD_REQUEST, "bad_body");
         let message = answer.json["message"].as_str().unwrap_or_default();
         assert!(message.starts_with(&format!("{field}:")), "{message}");
@@ -1084,7 +1082,10 @@ async fn parts_over_their_budget_are_413_naming_the_part() {
     let answer = post(title).await;
     assert_error(&answer, StatusCode::PAYLOAD_TOO_LARGE, "title_too_large");
     let message = answer.json["message"].as_str().unwrap_or_default();
-    assert!(message.contains("2400 bytes") && message.contains("2048"), "{message}");
+    assert!(
+        message.contains("2400 bytes") && message.contains("2048"),
+        "{message}"
+    );
     assert!(message.contains("limits.titleBytes"), "{message}");
 
     let env = json!({"title": "t", "env": [{"name": "TICKET", "value": "<".repeat(200)}]});

@@ -9,8 +9,8 @@ use hookrun_crds::{Agent, Session, SessionPhase, SessionSpec, session::SessionEn
 use hookrun_tests::door::{Answer, ApiServer, BUDGET, Door, Process, request, webhook_path};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
 async fn count(sessions: &Api<Session>) -> usize {
@@ -70,7 +70,10 @@ async fn webhook_env_is_refused_unless_the_agent_allows_the_name() {
     let answer = door.post(&closed, &[], &env_body(&["TICKET"])).await;
     assert_eq!(answer.status, 400, "{answer:?}");
     assert!(message(&answer).starts_with("env[0].name:"), "{answer:?}");
-    assert!(message(&answer).contains("allowedEnv is empty"), "{answer:?}");
+    assert!(
+        message(&answer).contains("allowedEnv is empty"),
+        "{answer:?}"
+    );
 
     for names in [
         &["OPENAI_BASE_URL"][..],
@@ -84,7 +87,11 @@ async fn webhook_env_is_refused_unless_the_agent_allows_the_name() {
         assert!(message(&answer).starts_with("env[0].name:"), "{answer:?}");
         assert!(message(&answer).contains("TICKET, GITHUB_*"), "{answer:?}");
     }
-    assert_eq!(count(&sessions).await, 0, "a refused webhook stored a Session");
+    assert_eq!(
+        count(&sessions).await,
+        0,
+        "a refused webhook stored a Session"
+    );
 
     let body = json!({"title": "triage", "env": [
         {"name": "TICKET", "value": "42"},
@@ -193,10 +200,18 @@ async fn parts_over_their_budget_are_413_and_store_nothing() {
         assert_eq!(answer.json["error"], code, "{answer:?}");
         assert!(message(&answer).contains(limit), "{answer:?}");
     }
-    assert_eq!(count(&sessions).await, 0, "an over-budget webhook stored a Session");
+    assert_eq!(
+        count(&sessions).await,
+        0,
+        "an over-budget webhook stored a Session"
+    );
 
     let answer = door
-        .post(&defaults, &[], &json!({"title": "x".repeat(16 * 1024)}).to_string())
+        .post(
+            &defaults,
+            &[],
+            &json!({"title": "x".repeat(16 * 1024)}).to_string(),
+        )
         .await;
     assert_eq!(answer.status, 200, "{answer:?}");
 }
@@ -244,16 +259,24 @@ async fn fill_to_the_limit(sessions: &Api<Session>, name: &str, base: Value, roo
         }]);
         async move {
             sessions
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": status})))
+                .patch_status(
+                    name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"status": status})),
+                )
                 .await
         }
     };
     let (mut fits, mut refused) = (0usize, 400 * 1024usize);
     match write(refused).await {
         Err(error) if is_too_large(&error) => {}
-        other => panic!("a status of {refused} bytes over a padded spec was not refused: {other:?}"),
+        other => {
+            panic!("a status of {refused} bytes over a padded spec was not refused: {other:?}")
+        }
     }
-    write(fits).await.expect("the padded Session takes a small status");
+    write(fits)
+        .await
+        .expect("the padded Session takes a small status");
     while refused - fits > 16 {
         let middle = (fits + refused) / 2;
         match write(middle).await {
@@ -281,7 +304,10 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
 
     let name = "big-wh-00000001";
     sessions
-        .create(&PostParams::default(), &padded_session(name, "big", SPEC_PADDING))
+        .create(
+            &PostParams::default(),
+            &padded_session(name, "big", SPEC_PADDING),
+        )
         .await
         .expect("a padded Session under etcd's limit is stored");
     let pod: Pod = serde_json::from_value(json!({
@@ -305,7 +331,14 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
         let auth = format!("Bearer {token}");
         let public = apiserver.public.clone();
         async move {
-            request(&public, "POST", "/runner/v1/events", &[("Authorization", &auth)], &body).await
+            request(
+                &public,
+                "POST",
+                "/runner/v1/events",
+                &[("Authorization", &auth)],
+                &body,
+            )
+            .await
         }
     };
     let small = eventually(BUDGET, || async {
@@ -346,7 +379,10 @@ async fn an_operator_write_refused_as_too_large_ends_the_session() {
 
     let name = "big-wh-00000002";
     sessions
-        .create(&PostParams::default(), &padded_session(name, "big", SPEC_PADDING))
+        .create(
+            &PostParams::default(),
+            &padded_session(name, "big", SPEC_PADDING),
+        )
         .await
         .expect("a padded Session under etcd's limit is stored");
     // Running on a pod that is gone: the operator's next write ends it (PodDeleted), and
@@ -382,7 +418,11 @@ async fn an_operator_write_refused_as_too_large_ends_the_session() {
     assert_eq!(ended.phase(), SessionPhase::Error);
     assert_eq!(ended.message.as_deref(), Some(OVERSIZE_MESSAGE));
     assert!(ended.completion_time.is_some());
-    assert!(operator.log_text().contains("too large"), "{}", operator.log_text());
+    assert!(
+        operator.log_text().contains("too large"),
+        "{}",
+        operator.log_text()
+    );
 }
 
 /// A `hookrun`-audience token bound to pod `name`, as its projected token would be.
