@@ -5,8 +5,9 @@
 //! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 401
 //! missing signature → 413 body → 401 bad signature → 400 body (env names outside the
 //! Agent's `allowedEnv` included) → 422 idempotency conflict → 413 a part over its
-//! storage budget → 429 concurrency or rate → 503 store. The signature is checked after the
-//! body is read (it signs the body), so an oversized body with a wrong signature is 413.
+//! storage budget → 429 concurrency or rate → 503 store. The signature is checked after
+//! the body is read (it signs the body), so an oversized body with a wrong signature is
+//! 413.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
