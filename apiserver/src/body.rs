@@ -5,12 +5,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use hookrun_crds::session::{MAX_PAYLOAD_BYTES, MAX_TITLE_BYTES, SessionEnvVar};
+use hookrun_crds::session::SessionEnvVar;
 use hookrun_crds::validation::check_env_name;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-
-use crate::title::floor_char_boundary;
 
 /// The most `env` entries a webhook may set.
 pub const MAX_ENV_ENTRIES: usize = 64;
@@ -143,13 +141,6 @@ fn field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
 fn parse_title(object: &Map<String, Value>) -> Result<Option<String>, BodyError> {
     match field(object, "title") {
         None => Ok(None),
-        Some(Value::String(title)) if title.len() > MAX_TITLE_BYTES => Err(BodyError::new(
-            "title",
-            format!(
-                "is {} bytes: at most {MAX_TITLE_BYTES} are accepted",
-                title.len()
-            ),
-        )),
         Some(Value::String(title)) if title.trim().is_empty() => Ok(None),
         Some(Value::String(title)) => Ok(Some(title.clone())),
         Some(_) => Err(BodyError::new("title", "must be a string")),
@@ -275,34 +266,10 @@ pub fn payload_digest(body: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(body)))
 }
 
-/// The part of a provider payload a Session keeps for the harness.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BoundedPayload {
-    /// The body as text, at most [`MAX_PAYLOAD_BYTES`] bytes, cut on a character boundary;
-    /// bytes that are not UTF-8 are replaced with U+FFFD.
-    pub text: String,
-    /// Whether `text` is less than the whole body.
-    pub truncated: bool,
-}
-
-/// The body cut to [`MAX_PAYLOAD_BYTES`].
-pub fn bounded_payload(body: &[u8]) -> BoundedPayload {
-    let head = &body[..body.len().min(MAX_PAYLOAD_BYTES)];
-    let (mut text, dropped_tail) = match std::str::from_utf8(head) {
-        Ok(text) => (text.to_owned(), false),
-        // The text ends inside a character (usually our cut split it): drop its first
-        // bytes rather than show U+FFFD.
-        Err(e) if e.error_len().is_none() => (
-            String::from_utf8_lossy(&head[..e.valid_up_to()]).into_owned(),
-            true,
-        ),
-        Err(_) => (String::from_utf8_lossy(head).into_owned(), false),
-    };
-    // Replacement characters take 3 bytes, so a lossy copy may have grown past the limit.
-    let before = text.len();
-    text.truncate(floor_char_boundary(&text, MAX_PAYLOAD_BYTES));
-    let truncated = body.len() > MAX_PAYLOAD_BYTES || dropped_tail || text.len() < before;
-    BoundedPayload { text, truncated }
+/// The body as the text a Session keeps for the harness: bytes that are not UTF-8 are
+/// replaced with U+FFFD. Its size is checked against the Agent's payload budget.
+pub fn payload_text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).into_owned()
 }
 
 #[cfg(test)]
@@ -381,14 +348,11 @@ mod tests {
     }
 
     #[test]
-    fn title_bounds_and_type() {
+    fn title_type() {
         assert_eq!(field_of(r#"{"title":5}"#), "title");
-        let long = format!(r#"{{"title":"{}"}}"#, "x".repeat(MAX_TITLE_BYTES + 1));
-        let err = parse(&long).expect_err("too long");
-        assert_eq!(err.field, "title");
-        assert!(err.message.contains("65536"), "{err}");
-        let fits = format!(r#"{{"title":"{}"}}"#, "x".repeat(MAX_TITLE_BYTES));
-        assert!(parse(&fits).is_ok());
+        // Its size is the Agent's title budget's business (413), not the parser's.
+        let long = format!(r#"{{"title":"{}"}}"#, "x".repeat(100_000));
+        assert!(parse(&long).is_ok());
     }
 
     #[test]
@@ -500,34 +464,10 @@ mod tests {
     }
 
     #[test]
-    fn bounded_payload_keeps_small_bodies_whole() {
-        let got = bounded_payload(br#"{"a":1}"#);
-        assert_eq!(got.text, r#"{"a":1}"#);
-        assert!(!got.truncated);
-        let exact = "x".repeat(MAX_PAYLOAD_BYTES);
-        let got = bounded_payload(exact.as_bytes());
-        assert_eq!(got.text.len(), MAX_PAYLOAD_BYTES);
-        assert!(!got.truncated);
-    }
-
-    #[test]
-    fn bounded_payload_cuts_on_a_char_boundary() {
-        // One ASCII byte then two-byte characters: the limit falls inside one.
-        let body = format!("x{}", "é".repeat(MAX_PAYLOAD_BYTES));
-        let got = bounded_payload(body.as_bytes());
-        assert!(got.truncated);
-        assert_eq!(got.text.len(), MAX_PAYLOAD_BYTES - 1);
-        assert!(!got.text.contains('\u{FFFD}'));
-    }
-
-    #[test]
-    fn bounded_payload_replaces_invalid_bytes_and_stays_bounded() {
-        let got = bounded_payload(b"ok\xffok");
-        assert_eq!(got.text, "ok\u{FFFD}ok");
-        assert!(!got.truncated);
-        let all_bad = vec![0xffu8; MAX_PAYLOAD_BYTES];
-        let got = bounded_payload(&all_bad);
-        assert!(got.text.len() <= MAX_PAYLOAD_BYTES);
-        assert!(got.truncated);
+    fn payload_text_keeps_the_whole_body() {
+        assert_eq!(payload_text(br#"{"a":1}"#), r#"{"a":1}"#);
+        assert_eq!(payload_text(b"ok\xffok"), "ok\u{FFFD}ok");
+        let big = "é".repeat(100_000);
+        assert_eq!(payload_text(big.as_bytes()), big);
     }
 }

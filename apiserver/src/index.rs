@@ -51,6 +51,8 @@ pub struct AgentEntry {
     pub schemes: Vec<SignatureScheme>,
     /// `spec.session.maxConcurrent`.
     pub max_concurrent: Option<u32>,
+    /// What a webhook may put in a Session's `env`, and its storage budgets.
+    pub input: crate::webhook_input::InputPolicy,
 }
 
 /// A token digest that stops being accepted at `expires_at`.
@@ -118,6 +120,7 @@ pub fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
             .as_ref()
             .and_then(|s| s.max_concurrent)
             .map(|m| u32::try_from(m.max(0)).unwrap_or(u32::MAX)),
+        input: crate::webhook_input::InputPolicy::of(&agent.spec),
     })
 }
 

@@ -24,6 +24,7 @@ pub mod store;
 pub mod title;
 pub mod wait;
 pub mod webhook;
+pub mod webhook_input;
 
 use std::net::SocketAddr;
 use std::str::FromStr;

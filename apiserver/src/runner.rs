@@ -251,6 +251,17 @@ fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> Ap
             "the Session changed too often to write it; retry in a few seconds",
         ),
         StatusError::Kube(error) => ApiError::cluster("write the Session's status", &error),
+        StatusError::TooLarge { ended } => ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "status_too_large",
+            if ended {
+                "the cluster refused to store the Session's status as too large: the write was \
+                 not stored and the Session was ended in phase Error"
+            } else {
+                "the cluster refused to store the Session's status as too large: the write was \
+                 not stored (the Session had already finished)"
+            },
+        ),
     }
 }
 

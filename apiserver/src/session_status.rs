@@ -3,6 +3,11 @@
 //! that carries `metadata.resourceVersion`, so the kube-apiserver refuses (409) a write
 //! based on a stale read; on 409 read again and redo the change.
 //!
+//! A write the cluster refuses as too large (its request limit, or etcd's) is replaced
+//! by the smallest write that ends the Session in `Error` ([`finish_oversize`]), so a
+//! Session never stays Running, holding its Agent's concurrency slot, because its status
+//! cannot grow.
+//!
 //! Writers in this process take turns per Session (a local lock), so their patches do not
 //! collide with each other; only writers in other processes (replicas, the operator) can
 //! cause a 409, and those are retried with a small random backoff.
@@ -11,8 +16,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hookrun_crds::Session;
-use hookrun_crds::session::SessionStatus;
+use hookrun_crds::session::{SessionStatus, is_too_large_refusal, oversize_finish_patch};
+use hookrun_crds::{Session, SessionPhase};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use rand::Rng;
@@ -36,6 +42,10 @@ pub enum StatusError<E> {
     /// The change itself refused (e.g. the Session already finished).
     #[error("the change was refused")]
     Refused(E),
+    /// The cluster refused the write as too large; `ended` when the Session was then
+    /// ended in `Error` with a minimal write (false: it had already finished).
+    #[error("the cluster refused the status as too large")]
+    TooLarge { ended: bool },
 }
 
 type Key = (String, String);
@@ -124,6 +134,19 @@ impl StatusWriter {
                     Err(kube::Error::Api(status)) if status.code == 404 => {
                         return Err(StatusError::NotFound);
                     }
+                    Err(kube::Error::Api(status))
+                        if is_too_large_refusal(status.code, &status.message) =>
+                    {
+                        tracing::warn!(
+                            session = name,
+                            code = status.code,
+                            "the cluster refused a Session status as too large; ending the Session"
+                        );
+                        return match finish_oversize(api, name, session).await {
+                            Ok(ended) => Err(StatusError::TooLarge { ended }),
+                            Err(error) => Err(error),
+                        };
+                    }
                     Err(error) => return Err(StatusError::Kube(error)),
                 }
             }
@@ -158,6 +181,70 @@ impl StatusWriter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+}
+
+/// Ends Session `name` (last read as `session`) in `Error` with the smallest write there
+/// is, after the cluster refused a status write as too large: phase, message and
+/// completion time; if even that is refused, the kept events and answer are dropped too.
+/// True when it ended the Session, false when it had finished already.
+pub async fn finish_oversize<E>(
+    api: &Api<Session>,
+    name: &str,
+    mut session: Session,
+) -> Result<bool, StatusError<E>> {
+    let started = tokio::time::Instant::now();
+    let mut shed = false;
+    let mut attempt = 0;
+    loop {
+        let status = session.status.clone().unwrap_or_default();
+        let version = session
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
+        let at = Time(k8s_openapi::jiff::Timestamp::now());
+        let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
+            return Ok(false);
+        };
+        let retry = match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(stored) => {
+                let phase = stored.status.map(|s| s.phase()).unwrap_or_default();
+                tracing::warn!(
+                    session = name,
+                    shed,
+                    phase = phase.as_str(),
+                    "ended a Session whose status the cluster would not store"
+                );
+                return Ok(phase == SessionPhase::Error);
+            }
+            Err(kube::Error::Api(refusal))
+                if !shed && is_too_large_refusal(refusal.code, &refusal.message) =>
+            {
+                shed = true;
+                false
+            }
+            Err(kube::Error::Api(refusal)) if refusal.code == 409 => true,
+            Err(kube::Error::Api(refusal)) if refusal.code == 404 => {
+                return Err(StatusError::NotFound);
+            }
+            Err(error) => return Err(StatusError::Kube(error)),
+        };
+        if retry {
+            attempt += 1;
+            if started.elapsed() > CONFLICT_BUDGET {
+                return Err(StatusError::Contended);
+            }
+            tokio::time::sleep(backoff(attempt)).await;
+            session = api
+                .get_opt(name)
+                .await
+                .map_err(StatusError::Kube)?
+                .ok_or(StatusError::NotFound)?;
+        }
     }
 }
 

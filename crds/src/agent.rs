@@ -23,6 +23,8 @@ pub const MAX_CONCURRENT_RANGE: (i64, i64) = (1, 10_000);
 pub const MAX_ALLOW_CIDRS: usize = 256;
 /// How many env entries `spec.session.env` may carry.
 pub const MAX_ENV: usize = 128;
+/// How many `allowedEnv` entries one trigger may carry.
+pub const MAX_ALLOWED_ENV: usize = 64;
 
 /// An AI agent that the outside world can start through a secret webhook URL.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -185,6 +187,55 @@ pub struct WebhookTrigger {
     /// A generic HMAC-SHA256 secret, read from a Secret in the Agent's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hmac_secret_ref: Option<SecretKeyRef>,
+
+    /// The environment variables a webhook body's `env` may set: names (`TICKET`) or
+    /// name prefixes ending in `*` (`GITHUB_*`). Empty (the default) lets a webhook set
+    /// none. A variable the Agent sets in `spec.session.env` can never be set by a
+    /// webhook, and `HOOKRUN_*` names are reserved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 257,
+        "pattern": "^[A-Za-z_][A-Za-z0-9_]*[*]?$",
+        "x-kubernetes-validations": [{
+            "rule": "!self.startsWith('HOOKRUN_') && !(self.endsWith('*') && 'HOOKRUN_'.startsWith(self.substring(0, self.size() - 1)))",
+            "message": "names and prefixes that cover HOOKRUN_ are reserved for the variables hookrun sets"
+        }]
+    }))]
+    pub allowed_env: Vec<String>,
+
+    /// Storage budgets of the Sessions this webhook stores, in JSON-encoded bytes
+    /// (defaults: title 16 KiB, payload 64 KiB, env 16 KiB, whole Session 128 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<WebhookLimits>,
+}
+
+/// Storage budgets of one webhook's Sessions, each in bytes of the JSON that reaches
+/// etcd (control characters and `<`, `>`, `&` count 6 bytes). A request over a budget is
+/// answered 413 naming the part.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookLimits {
+    /// The caller's `title` (1024 to 65536; default 16384). A title composed from a
+    /// provider's payload is cut to it instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65536))]
+    pub title_bytes: Option<i64>,
+    /// The request body kept on the Session for the harness (1024 to 262144; default
+    /// 65536).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 262144))]
+    pub payload_bytes: Option<i64>,
+    /// The body's `env`, all entries together (1024 to 65536; default 16384).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65536))]
+    pub env_bytes: Option<i64>,
+    /// The whole Session object (1024 to 524288; default 131072, or the parts' budgets
+    /// plus 16 KiB when they are raised past it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 524288))]
+    pub session_bytes: Option<i64>,
 }
 
 /// A key of a Secret in the same namespace as the Agent.
@@ -207,7 +258,8 @@ pub struct SessionTemplate {
     #[schemars(length(min = 1, max = 1024))]
     pub image: Option<String>,
 
-    /// Environment of the session pod; a webhook may override values per session.
+    /// Environment of the session pod. A webhook can never replace these; it may add
+    /// only the names the webhook trigger's `allowedEnv` lists.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 128))]
     pub env: Vec<EnvVar>,

@@ -8,6 +8,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod agent;
+pub mod budget;
 pub mod crd;
 pub mod names;
 pub mod session;

@@ -5,21 +5,29 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::budget::{cut_encoded, encoded_str_len};
 
 /// The largest title (the initial prompt) a Session carries.
 pub const MAX_TITLE_BYTES: usize = 64 * 1024;
-/// The largest provider payload kept on a Session for the harness.
-pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The largest request body kept on a Session for the harness (the ceiling of the
+/// Agent's `limits.payloadBytes`).
+pub const MAX_PAYLOAD_BYTES: usize = crate::budget::CEILING_PAYLOAD_BYTES;
 /// How many events a Session keeps; older ones are dropped and counted.
 pub const MAX_EVENTS: usize = 200;
-/// The most bytes of event content a Session keeps, all events together.
+/// The most bytes the kept events take in the stored object, JSON-encoded (control
+/// characters count 6 bytes), all events together.
 pub const MAX_EVENTS_BYTES: usize = 256 * 1024;
-/// The largest content of one event; longer content is cut.
+/// The largest content of one event, JSON-encoded; longer content is cut.
 pub const MAX_EVENT_CONTENT_BYTES: usize = 32 * 1024;
-/// The largest final answer kept in `status.response`; a longer one is cut.
+/// The largest final answer kept in `status.response`, JSON-encoded; a longer one is cut.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// The largest `status.message`.
+/// The largest `status.message`, JSON-encoded.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024;
+/// `status.message` of a Session that the cluster refused to store a status write of.
+pub const OVERSIZE_MESSAGE: &str = "the cluster refused to store this Session's status as too \
+     large; hookrun ended the Session without the write (events or answer may be missing)";
 
 /// Event types hookrun itself writes or reads.
 pub mod event_types {
@@ -109,9 +117,9 @@ pub struct SessionTrigger {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 80))]
     pub payload_digest: Option<String>,
-    /// The raw provider payload, cut at 64 KiB.
+    /// The request body, within the Agent's payload budget (at most 256 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 65536))]
+    #[schemars(length(max = 262144))]
     pub payload: Option<String>,
     /// Whether `payload` was cut.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -150,6 +158,16 @@ pub struct SessionEvent {
     pub content: String,
     /// When it was recorded.
     pub timestamp: Time,
+}
+
+impl SessionEvent {
+    /// The bytes this event takes in the stored list, JSON-encoded, with its comma.
+    pub fn encoded_len(&self) -> usize {
+        // {"type":,"content":,"timestamp":"2006-01-02T15:04:05Z"},
+        const FRAME: usize = r#"{"type":,"content":,"timestamp":""},"#.len();
+        const TIMESTAMP: usize = "2006-01-02T15:04:05Z".len();
+        FRAME + TIMESTAMP + encoded_str_len(&self.type_) + encoded_str_len(&self.content)
+    }
 }
 
 /// What happened to a session so far.
@@ -233,20 +251,21 @@ impl SessionStatus {
 
     /// Appends an event, cutting its content at [`MAX_EVENT_CONTENT_BYTES`] and dropping
     /// the oldest events (counted in `droppedEvents`) to stay within [`MAX_EVENTS`] and
-    /// [`MAX_EVENTS_BYTES`]. Returns the new event's id.
+    /// [`MAX_EVENTS_BYTES`], both measured as stored (JSON-encoded). Returns the new
+    /// event's id.
     pub fn push_event(&mut self, type_: &str, content: &str, at: Time) -> u64 {
-        let (content, _) = truncate_utf8(content, MAX_EVENT_CONTENT_BYTES);
+        let (content, _) = cut_encoded(content, MAX_EVENT_CONTENT_BYTES);
         self.events.push(SessionEvent {
             type_: type_.to_owned(),
             content: content.to_owned(),
             timestamp: at,
         });
-        let mut bytes: usize = self.events.iter().map(|e| e.content.len()).sum();
+        let mut bytes: usize = self.events.iter().map(SessionEvent::encoded_len).sum();
         let mut drop = 0;
         while self.events.len() - drop > MAX_EVENTS
             || (bytes > MAX_EVENTS_BYTES && self.events.len() - drop > 1)
         {
-            bytes -= self.events[drop].content.len();
+            bytes -= self.events[drop].encoded_len();
             drop += 1;
         }
         if drop > 0 {
@@ -292,17 +311,129 @@ impl SessionStatus {
             return false;
         }
         self.phase = Some(phase);
-        self.response = response.map(|r| truncate_utf8(r, MAX_RESPONSE_BYTES).0.to_owned());
-        self.message = message.map(|m| truncate_utf8(m, MAX_MESSAGE_BYTES).0.to_owned());
+        self.response = response.map(|r| cut_encoded(r, MAX_RESPONSE_BYTES).0.to_owned());
+        self.message = message.map(|m| cut_encoded(m, MAX_MESSAGE_BYTES).0.to_owned());
         self.completion_time = Some(at.clone());
         self.push_event(event_types::STATUS_CLOSED, phase.as_str(), at);
         true
     }
 }
 
+/// Whether the kube-apiserver refused a write because the request or the object it would
+/// store is too large: its own body limit (413, "Request entity too large"), a patched
+/// object past that limit, or etcd's request size limit ("etcdserver: request is too
+/// large", which arrives as a 500).
+pub fn is_too_large_refusal(code: u16, message: &str) -> bool {
+    if code == 413 {
+        return true;
+    }
+    let message = message.to_ascii_lowercase();
+    matches!(code, 400 | 422 | 500)
+        && (message.contains("too large") || message.contains("exceeds the maximum"))
+}
+
+/// The merge patch that ends a Session whose status write the cluster refused as too
+/// large: `Error`, [`OVERSIZE_MESSAGE`] and the completion time, nothing that grows.
+/// `shed` also removes the kept events and answer (counted in `droppedEvents`), for an
+/// object so close to the limit that even that small write does not fit. `None` when
+/// the Session had already finished: the first ending wins.
+pub fn oversize_finish_patch(
+    current: &SessionStatus,
+    resource_version: &str,
+    at: &Time,
+    shed: bool,
+) -> Option<Value> {
+    if current.is_finished() {
+        return None;
+    }
+    let mut status = json!({
+        "phase": SessionPhase::Error.as_str(),
+        "message": OVERSIZE_MESSAGE,
+        "completionTime": at,
+    });
+    if shed {
+        status["events"] = Value::Null;
+        status["response"] = Value::Null;
+        status["droppedEvents"] =
+            json!(current.dropped_events.unwrap_or(0) + current.events.len() as i64);
+    }
+    Some(json!({"metadata": {"resourceVersion": resource_version}, "status": status}))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_bytes_are_measured_encoded() {
+        let mut status = SessionStatus::default();
+        // Raw, 200 events of 2 KiB control characters are 400 KiB; encoded 2.4 MiB.
+        let controls = "\u{1}".repeat(2 * 1024);
+        for _ in 0..MAX_EVENTS {
+            status.push_event("agent.message", &controls, at());
+        }
+        let stored = serde_json::to_vec(&status.events).expect("json").len();
+        assert!(stored <= MAX_EVENTS_BYTES, "{stored}");
+        // The measure counts a comma after every event, the list's brackets aside.
+        let measured: usize = status.events.iter().map(SessionEvent::encoded_len).sum();
+        assert!(measured + 1 >= stored, "{measured} < {stored}");
+        // Content over its bound is cut by its encoded size.
+        status.push_event(
+            "agent.message",
+            &"\u{1}".repeat(MAX_EVENT_CONTENT_BYTES),
+            at(),
+        );
+        let last = status.events.last().expect("an event");
+        assert_eq!(last.content.len(), MAX_EVENT_CONTENT_BYTES / 6);
+    }
+
+    #[test]
+    fn answers_and_messages_are_cut_encoded() {
+        let mut status = SessionStatus::default();
+        let answer = "<".repeat(MAX_RESPONSE_BYTES);
+        assert!(status.finish(SessionPhase::Complete, Some(&answer), Some(&answer), at()));
+        assert_eq!(
+            status.response.as_ref().map(String::len),
+            Some(MAX_RESPONSE_BYTES / 6)
+        );
+        assert_eq!(
+            status.message.as_ref().map(String::len),
+            Some(MAX_MESSAGE_BYTES / 6)
+        );
+    }
+
+    #[test]
+    fn too_large_refusals() {
+        assert!(is_too_large_refusal(
+            413,
+            "Request entity too large: limit is 3145728"
+        ));
+        assert!(is_too_large_refusal(
+            500,
+            "etcdserver: request is too large"
+        ));
+        assert!(is_too_large_refusal(422, "The request is too large"));
+        assert!(!is_too_large_refusal(409, "too large"));
+        assert!(!is_too_large_refusal(500, "etcd is down"));
+        assert!(!is_too_large_refusal(422, "spec.title: Too long"));
+    }
+
+    #[test]
+    fn the_oversize_patch_ends_without_growing() {
+        let mut status = SessionStatus::default();
+        status.mark_running(at());
+        status.push_event("agent.message", "hi", at());
+        let patch = oversize_finish_patch(&status, "7", &at(), false).expect("a patch");
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        assert_eq!(patch["status"]["phase"], "Error");
+        assert_eq!(patch["status"]["message"], OVERSIZE_MESSAGE);
+        assert!(patch["status"].get("events").is_none());
+        let shed = oversize_finish_patch(&status, "7", &at(), true).expect("a patch");
+        assert_eq!(shed["status"]["events"], Value::Null);
+        assert_eq!(shed["status"]["droppedEvents"], 2);
+        status.finish(SessionPhase::Complete, None, None, at());
+        assert_eq!(oversize_finish_patch(&status, "8", &at(), false), None);
+    }
 
     fn at() -> Time {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)

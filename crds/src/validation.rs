@@ -7,9 +7,11 @@ use std::fmt;
 use ipnet::IpNet;
 
 use crate::agent::{
-    AgentSpec, EnvVar, MAX_ALLOW_CIDRS, MAX_CONCURRENT_RANGE, MAX_ENV, MAX_SYSTEM_BYTES,
-    SecretKeyRef, SignatureScheme, TIMEOUT_SECONDS_RANGE, TTL_SECONDS_RANGE,
+    AgentSpec, EnvVar, MAX_ALLOW_CIDRS, MAX_ALLOWED_ENV, MAX_CONCURRENT_RANGE, MAX_ENV,
+    MAX_SYSTEM_BYTES, SecretKeyRef, SignatureScheme, TIMEOUT_SECONDS_RANGE, TTL_SECONDS_RANGE,
+    WebhookLimits,
 };
+use crate::budget::{BudgetPart, MIN_LIMIT_BYTES};
 
 /// The prefix of environment variable names that hookrun sets itself.
 pub const RESERVED_ENV_PREFIX: &str = "HOOKRUN_";
@@ -81,6 +83,61 @@ pub fn check_env_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks one `allowedEnv` entry: a variable name, or a name prefix ending in `*`. A
+/// bare `*` and anything that covers `HOOKRUN_` names are refused.
+pub fn check_allowed_env_entry(entry: &str) -> Result<(), String> {
+    let (base, prefix) = match entry.strip_suffix('*') {
+        Some(base) => (base, true),
+        None => (entry, false),
+    };
+    if base.is_empty() {
+        return Err(
+            "a bare * would let any caller set any variable (LD_PRELOAD, proxies, the model's \
+             base URL): list names such as TICKET or prefixes such as GITHUB_*"
+                .to_owned(),
+        );
+    }
+    if !is_env_name(base) {
+        return Err(format!(
+            "{entry:?} is not a variable name or a name prefix ending in *: use letters, \
+             digits and _, not starting with a digit, e.g. TICKET or GITHUB_*"
+        ));
+    }
+    if base.starts_with(RESERVED_ENV_PREFIX) || (prefix && RESERVED_ENV_PREFIX.starts_with(base)) {
+        return Err(format!(
+            "{entry:?} covers the reserved prefix {RESERVED_ENV_PREFIX}: hookrun sets those \
+             variables itself"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `allowed` (names and `PREFIX*` entries of `allowedEnv`) lets a webhook set
+/// the variable `name`.
+pub fn env_name_allowed(allowed: &[String], name: &str) -> bool {
+    allowed.iter().any(|entry| match entry.strip_suffix('*') {
+        Some(prefix) => !prefix.is_empty() && name.starts_with(prefix),
+        None => entry == name,
+    })
+}
+
+fn check_limits(errors: &mut FieldErrors, field: &str, limits: &WebhookLimits) {
+    let parts = [
+        (BudgetPart::Title, limits.title_bytes),
+        (BudgetPart::Payload, limits.payload_bytes),
+        (BudgetPart::Env, limits.env_bytes),
+        (BudgetPart::Session, limits.session_bytes),
+    ];
+    for (part, value) in parts {
+        check_range(
+            errors,
+            &format!("{field}.{}", part.limit_field()),
+            value,
+            (MIN_LIMIT_BYTES as i64, part.ceiling() as i64),
+        );
+    }
 }
 
 /// Parses one `allowCIDRs` entry.
@@ -190,6 +247,23 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
             if let Err(message) = parse_cidr(cidr) {
                 errors.push(format!("{at}.allowCIDRs[{j}]"), message);
             }
+        }
+        if webhook.allowed_env.len() > MAX_ALLOWED_ENV {
+            errors.push(
+                format!("{at}.allowedEnv"),
+                format!(
+                    "has {} entries: at most {MAX_ALLOWED_ENV}",
+                    webhook.allowed_env.len()
+                ),
+            );
+        }
+        for (j, entry) in webhook.allowed_env.iter().enumerate() {
+            if let Err(message) = check_allowed_env_entry(entry) {
+                errors.push(format!("{at}.allowedEnv[{j}]"), message);
+            }
+        }
+        if let Some(limits) = &webhook.limits {
+            check_limits(&mut errors, &format!("{at}.limits"), limits);
         }
         for scheme in SignatureScheme::ALL {
             match webhook.secret_fields(scheme) {
@@ -371,6 +445,72 @@ session:
             ..Default::default()
         };
         assert_eq!(fields(validate_agent_spec(&spec)), ["spec.triggers"]);
+    }
+
+    #[test]
+    fn allowed_env_entries_are_checked() {
+        let spec = spec_from_yaml(
+            "triggers: [{webhook: {allowedEnv: [TICKET, GITHUB_*, '*', HOOKRUN_X, HOOK*, \
+             HOOKRUN_*, 1X, A-B*, _*], limits: {titleBytes: 100, payloadBytes: 262144, \
+             envBytes: 65537}}}]",
+        );
+        assert_eq!(
+            fields(validate_agent_spec(&spec)),
+            [
+                "spec.triggers[0].webhook.allowedEnv[2]",
+                "spec.triggers[0].webhook.allowedEnv[3]",
+                "spec.triggers[0].webhook.allowedEnv[4]",
+                "spec.triggers[0].webhook.allowedEnv[5]",
+                "spec.triggers[0].webhook.allowedEnv[6]",
+                "spec.triggers[0].webhook.allowedEnv[7]",
+                "spec.triggers[0].webhook.limits.titleBytes",
+                "spec.triggers[0].webhook.limits.envBytes",
+            ]
+        );
+        let many = (0..=MAX_ALLOWED_ENV)
+            .map(|i| format!("V{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let spec = spec_from_yaml(&format!(
+            "triggers: [{{webhook: {{allowedEnv: [{many}]}}}}]"
+        ));
+        assert_eq!(
+            fields(validate_agent_spec(&spec)),
+            ["spec.triggers[0].webhook.allowedEnv"]
+        );
+    }
+
+    #[test]
+    fn allowed_env_matching() {
+        let allowed = vec!["TICKET".to_owned(), "GITHUB_*".to_owned()];
+        assert!(env_name_allowed(&allowed, "TICKET"));
+        assert!(env_name_allowed(&allowed, "GITHUB_REPO"));
+        assert!(env_name_allowed(&allowed, "GITHUB_"));
+        assert!(!env_name_allowed(&allowed, "TICKETS"));
+        assert!(!env_name_allowed(&allowed, "GITHUB"));
+        assert!(!env_name_allowed(&allowed, "OPENAI_BASE_URL"));
+        assert!(!env_name_allowed(&[], "TICKET"));
+        assert!(!env_name_allowed(&["*".to_owned()], "LD_PRELOAD"));
+    }
+
+    proptest::proptest! {
+        /// An entry the check accepts never lets a HOOKRUN_ name through, and a bare
+        /// name matches only itself.
+        #[test]
+        fn accepted_entries_never_cover_reserved_names(
+            entry in "[A-Z_*]{0,12}",
+            suffix in "[A-Z0-9_]{0,8}",
+        ) {
+            if check_allowed_env_entry(&entry).is_ok() {
+                let reserved = format!("{RESERVED_ENV_PREFIX}{suffix}");
+                proptest::prop_assert!(!env_name_allowed(std::slice::from_ref(&entry), &reserved));
+                if !entry.ends_with('*') {
+                    proptest::prop_assert!(env_name_allowed(std::slice::from_ref(&entry), &entry));
+                    let longer = format!("{entry}X");
+                    proptest::prop_assert!(!env_name_allowed(std::slice::from_ref(&entry), &longer));
+                }
+            }
+        }
     }
 
     #[test]

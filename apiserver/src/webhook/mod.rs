@@ -3,10 +3,12 @@
 //! API call, the Session create (plus one read when a keyed create collides).
 //!
 //! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 401
-//! missing signature → 413 body → 401 bad signature → 400 body → 422 idempotency
-//! conflict → 429 concurrency or rate (replays included) → 400 when the cluster refuses
-//! the Session itself, 503 when it cannot store it. The signature is checked after the
-//! body is read (it signs the body), so an oversized body with a wrong signature is 413.
+//! missing signature → 413 body → 401 bad signature → 400 body (env names outside the
+//! Agent's `allowedEnv` included) → 422 idempotency conflict → 413 a part over its
+//! storage budget → 429 concurrency or rate (replays included) → 400 when the cluster
+//! refuses the Session itself, 503 when it cannot store it. The signature is checked
+//! after the body is read (it signs the body), so an oversized body with a wrong
+//! signature is 413.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use hookrun_crds::agent::SignatureScheme;
+use hookrun_crds::budget::{BudgetPart, OverBudget};
 use hookrun_crds::names;
 use hookrun_crds::session::SessionTrigger;
 use hookrun_crds::{Session, SessionSpec};
@@ -110,6 +113,8 @@ pub enum WebhookError {
     Misconfigured(SignatureError),
     #[error("the body is larger than {limit} bytes: send at most {limit} bytes")]
     TooLarge { limit: usize },
+    #[error(transparent)]
+    OverBudget(OverBudget),
     #[error("the body could not be read: {0}")]
     BodyRead(String),
     #[error("the body did not arrive within {} s: send the whole request at once", BODY_READ_TIMEOUT.as_secs())]
@@ -150,6 +155,12 @@ impl WebhookError {
             WebhookError::SigningSecretPending => "signing_secret_pending",
             WebhookError::Misconfigured(_) => "agent_misconfigured",
             WebhookError::TooLarge { .. } => "body_too_large",
+            WebhookError::OverBudget(e) => match e.part {
+                BudgetPart::Title => "title_too_large",
+                BudgetPart::Payload => "payload_too_large",
+                BudgetPart::Env => "env_too_large",
+                BudgetPart::Session => "session_too_large",
+            },
             WebhookError::BodyRead(_) => "body_unreadable",
             WebhookError::BodyTimeout => "body_timeout",
             WebhookError::BadBody(_) => "bad_body",
@@ -179,7 +190,9 @@ impl WebhookError {
             | WebhookError::MissingSignature { .. }
             | WebhookError::Signature(_) => StatusCode::UNAUTHORIZED,
             WebhookError::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            WebhookError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            WebhookError::TooLarge { .. } | WebhookError::OverBudget(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             WebhookError::Idempotency(IdempotencyError::Conflict) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -698,6 +711,10 @@ async fn accept(
     }
 
     let parsed = body::parse_webhook_body(&raw).map_err(WebhookError::BadBody)?;
+    let input = &target.agent.input;
+    input
+        .check_env(&parsed.env)
+        .map_err(WebhookError::BadBody)?;
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
             .and_then(body::parse_prefer_wait)
@@ -784,12 +801,18 @@ async fn accept(
     }
 
     let verified_scheme = verified.as_ref().map(|(s, _)| *s);
-    let title = parsed
-        .title
-        .clone()
-        .or_else(|| verified_scheme.and_then(|s| title::provider_title(s, headers, &raw)))
-        .unwrap_or_else(|| title::default_title(&key.name));
-    let payload = body::bounded_payload(&raw);
+    let title = match parsed.title.clone() {
+        Some(title) => title,
+        None => input.fit_title(
+            verified_scheme
+                .and_then(|s| title::provider_title(s, headers, &raw))
+                .unwrap_or_else(|| title::default_title(&key.name)),
+        ),
+    };
+    let payload = body::payload_text(&raw);
+    input
+        .check_parts(parsed.title.as_deref(), &payload, &parsed.env)
+        .map_err(WebhookError::OverBudget)?;
     let trigger = SessionTrigger {
         source: verified
             .as_ref()
@@ -798,8 +821,8 @@ async fn accept(
         delivery_id: verified.as_ref().and_then(|(_, v)| v.dedup_key.clone()),
         idempotency_key: key_choice.as_ref().map(|k| k.value.clone()),
         payload_digest: Some(digest.clone()),
-        payload: Some(payload.text),
-        payload_truncated: payload.truncated,
+        payload: Some(payload),
+        payload_truncated: false,
     };
     let spec = SessionSpec {
         agent: key.name.clone(),
@@ -816,6 +839,11 @@ async fn accept(
     let mut name = keyed_name
         .clone()
         .unwrap_or_else(|| idempotency::random_session_name(&key.name));
+    // The whole object as it will be sent; names drawn again on a collision are as long.
+    input
+        .budgets
+        .check_session(&build_session(key, &target, &name, spec.clone()))
+        .map_err(WebhookError::OverBudget)?;
     let mut reservation = reserve(state, key, &name, max)?;
     let rate = match take_rate(state, key) {
         Ok(rate) => Some(rate),

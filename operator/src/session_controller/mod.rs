@@ -18,6 +18,7 @@ use std::{
 };
 
 use futures::{Future, StreamExt};
+use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionStatus, names};
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
@@ -361,6 +362,58 @@ pub async fn update_status(
             {
                 tokio::time::sleep(jitter(attempt)).await;
             }
+            Err(kube::Error::Api(refusal))
+                if is_too_large_refusal(refusal.code, &refusal.message) =>
+            {
+                tracing::warn!(session = %name, code = refusal.code, "the cluster refused a Session status as too large; ending the Session");
+                finish_oversize(sessions, name, uid, session).await?;
+                return Ok(false);
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(false)
+}
+
+/// Ends Session `name` in `Error` with the smallest write there is after the cluster
+/// refused a status write as too large (phase, message, completion time; if even that
+/// is refused, the kept events and answer go too), so that it never stays Running with
+/// its Agent's concurrency slot held. True when it ended the Session.
+pub async fn finish_oversize(
+    sessions: &Api<Session>,
+    name: &str,
+    uid: &str,
+    mut session: Session,
+) -> Result<bool> {
+    let mut shed = false;
+    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
+        let status = session.status.clone().unwrap_or_default();
+        let at = Time(Timestamp::now());
+        let version = session.resource_version().unwrap_or_default();
+        let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
+            return Ok(false);
+        };
+        match sessions
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::warn!(session = %name, shed, "ended a Session whose status the cluster would not store");
+                return Ok(true);
+            }
+            Err(kube::Error::Api(refusal))
+                if !shed && is_too_large_refusal(refusal.code, &refusal.message) =>
+            {
+                shed = true;
+            }
+            Err(kube::Error::Api(refusal)) if refusal.code == 409 => {
+                tokio::time::sleep(jitter(attempt)).await;
+                match sessions.get_opt(name).await? {
+                    Some(fresh) if fresh.uid().as_deref() == Some(uid) => session = fresh,
+                    _ => return Ok(false),
+                }
+            }
+            Err(kube::Error::Api(refusal)) if refusal.code == 404 => return Ok(false),
             Err(error) => return Err(error.into()),
         }
     }

@@ -6,6 +6,7 @@ mod dev;
 mod helm;
 mod operator;
 mod runner;
+mod security_input;
 mod security_logs;
 mod security_readapi;
 mod security_replay;

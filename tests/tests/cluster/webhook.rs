@@ -52,7 +52,7 @@ async fn a_webhook_creates_a_session_with_its_contents_and_default_title() {
     let sessions: Api<Session> = Api::namespaced(client, ns.name());
     let door = Door::start(cluster, &ns).await;
 
-    apply_agent(&agents, "my-agent", json!({})).await;
+    apply_agent(&agents, "my-agent", json!({"allowedEnv": ["TICKET"]})).await;
     let path = webhook_path(&agents, ns.name(), "my-agent").await;
     door.wait_until_known(&path).await;
 
