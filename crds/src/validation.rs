@@ -7,8 +7,8 @@ use std::fmt;
 use ipnet::IpNet;
 
 use crate::agent::{
-    AgentSpec, EnvVar, MAX_ALLOW_CIDRS, MAX_CONCURRENT_RANGE, MAX_ENV, MAX_SYSTEM_BYTES,
-    SecretKeyRef, SignatureScheme, TIMEOUT_SECONDS_RANGE, TTL_SECONDS_RANGE,
+    AgentSpec, EnvVar, MAX_ALLOW_CIDRS, MAX_CONCURRENT_RANGE, MAX_ENV, MAX_STORED_SESSIONS_RANGE,
+    MAX_SYSTEM_BYTES, SecretKeyRef, SignatureScheme, TIMEOUT_SECONDS_RANGE, TTL_SECONDS_RANGE,
 };
 
 /// The prefix of environment variable names that hookrun sets itself.
@@ -240,6 +240,12 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
             "spec.session.maxConcurrent",
             session.max_concurrent,
             MAX_CONCURRENT_RANGE,
+        );
+        check_range(
+            &mut errors,
+            "spec.session.maxStoredSessions",
+            session.max_stored_sessions,
+            MAX_STORED_SESSIONS_RANGE,
         );
     }
 
