@@ -17,6 +17,7 @@ pub enum ReadyReason {
     NoWebhookTrigger,
     SecretRefMissing,
     InvalidSpec,
+    PolicyViolation,
 }
 
 impl ReadyReason {
@@ -27,6 +28,7 @@ impl ReadyReason {
             ReadyReason::NoWebhookTrigger => "NoWebhookTrigger",
             ReadyReason::SecretRefMissing => "SecretRefMissing",
             ReadyReason::InvalidSpec => "InvalidSpec",
+            ReadyReason::PolicyViolation => "PolicyViolation",
         }
     }
 
@@ -54,6 +56,13 @@ pub enum Outcome {
     SecretRefMissing { message: String },
     /// The spec fails validation; the message names the fields.
     InvalidSpec { message: String },
+    /// The spec asks for pods outside the operator's pod policy; the message names the
+    /// fields and what the policy allows. The webhook URL (if any) is still published:
+    /// its Sessions end in Error with the same message, and no pod is created.
+    PolicyViolation {
+        message: String,
+        status_url: Option<String>,
+    },
 }
 
 impl Outcome {
@@ -63,6 +72,7 @@ impl Outcome {
             Outcome::NoWebhookTrigger => ReadyReason::NoWebhookTrigger,
             Outcome::SecretRefMissing { .. } => ReadyReason::SecretRefMissing,
             Outcome::InvalidSpec { .. } => ReadyReason::InvalidSpec,
+            Outcome::PolicyViolation { .. } => ReadyReason::PolicyViolation,
         }
     }
 
@@ -81,6 +91,7 @@ impl Outcome {
             }
             Outcome::SecretRefMissing { message } => message.clone(),
             Outcome::InvalidSpec { message } => format!("the spec is invalid: {message}"),
+            Outcome::PolicyViolation { message, .. } => message.clone(),
         }
     }
 }
@@ -125,6 +136,7 @@ pub fn desired_status(
     let webhook_url = match outcome {
         Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
         Outcome::NoWebhookTrigger => None,
+        Outcome::PolicyViolation { status_url, .. } => status_url.clone(),
         Outcome::SecretRefMissing { .. } | Outcome::InvalidSpec { .. } => {
             existing.and_then(|s| s.webhook_url.clone())
         }
