@@ -6,6 +6,7 @@ mod dev;
 mod helm;
 mod operator;
 mod runner;
+mod security_policy;
 mod sessions;
 mod wait;
 mod webhook;
