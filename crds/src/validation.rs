@@ -351,15 +351,22 @@ session:
     #[test]
     fn ranges_are_checked() {
         let spec = spec_from_yaml(
-            "session: {timeoutSeconds: 0, ttlSecondsAfterFinished: -1, maxConcurrent: 0}",
+            "session: {timeoutSeconds: 0, ttlSecondsAfterFinished: -1, maxConcurrent: 0, \
+             maxStoredSessions: 100001}",
         );
         assert_eq!(
             fields(validate_agent_spec(&spec)),
             [
                 "spec.session.timeoutSeconds",
                 "spec.session.ttlSecondsAfterFinished",
-                "spec.session.maxConcurrent"
+                "spec.session.maxConcurrent",
+                "spec.session.maxStoredSessions"
             ]
+        );
+        assert_eq!(spec.max_stored_sessions(), 100_000);
+        assert_eq!(
+            AgentSpec::default().max_stored_sessions(),
+            crate::agent::DEFAULT_MAX_STORED_SESSIONS
         );
     }
 
