@@ -53,6 +53,8 @@ pub struct AgentEntry {
     pub max_concurrent: Option<u32>,
     /// What a webhook may put in a Session's `env`, and its storage budgets.
     pub input: crate::webhook_input::InputPolicy,
+    /// `spec.session.maxStoredSessions` (or its default).
+    pub max_stored: u32,
 }
 
 /// A token digest that stops being accepted at `expires_at`.
@@ -121,6 +123,7 @@ pub fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
             .and_then(|s| s.max_concurrent)
             .map(|m| u32::try_from(m.max(0)).unwrap_or(u32::MAX)),
         input: crate::webhook_input::InputPolicy::of(&agent.spec),
+        max_stored: agent.spec.max_stored_sessions(),
     })
 }
 
@@ -245,6 +248,8 @@ pub enum Reservation {
     Shared,
     /// The Agent runs its most Sessions.
     Full { max: u32 },
+    /// The Agent stores its most Sessions, finished ones included.
+    StoreFull { max: u32 },
 }
 
 fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry)> {
@@ -299,6 +304,8 @@ pub struct Index {
     sessions: HashMap<AgentKey, SessionEntry>,
     /// Non-finished Sessions per Agent.
     active: HashMap<AgentKey, u32>,
+    /// Stored Sessions per Agent, finished and reserved ones included.
+    stored: HashMap<AgentKey, u32>,
     /// Watch streams that have not finished their first list yet.
     unsynced: usize,
     /// Where Session changes go on to held requests.
@@ -345,6 +352,11 @@ impl Index {
         self.active.get(key).copied().unwrap_or(0)
     }
 
+    /// How many of the Agent's Sessions are stored (or reserved), finished ones included.
+    pub fn stored_sessions(&self, key: &AgentKey) -> u32 {
+        self.stored.get(key).copied().unwrap_or(0)
+    }
+
     /// The payload digest stored on a Session, when the index knows the Session from
     /// the cluster: `Some(None)` for a Session without one.
     pub fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
@@ -354,8 +366,9 @@ impl Index {
             .map(|s| s.payload_digest.clone())
     }
 
-    /// Holds a slot of the Agent's `max_concurrent` for a Session about to be created
-    /// under `name`, so a burst cannot outrun the watch. The watch event of the created
+    /// Holds a slot of the Agent's `max_concurrent` (and of its stored Sessions, capped
+    /// by the Agent's `maxStoredSessions`) for a Session about to be created under
+    /// `name`, so a burst cannot outrun the watch. The watch event of the created
     /// Session replaces the reservation.
     pub fn reserve(
         &mut self,
@@ -367,12 +380,22 @@ impl Index {
         if self.sessions.contains_key(&key) {
             return Reservation::Shared;
         }
+        let max_stored = self
+            .agents
+            .get(agent)
+            .map_or(hookrun_crds::agent::DEFAULT_MAX_STORED_SESSIONS, |a| {
+                a.max_stored
+            });
+        if self.stored_sessions(agent) >= max_stored {
+            return Reservation::StoreFull { max: max_stored };
+        }
         if let Some(max) = max_concurrent
             && self.active_sessions(agent) >= max
         {
             return Reservation::Full { max };
         }
         *self.active.entry(agent.clone()).or_default() += 1;
+        *self.stored.entry(agent.clone()).or_default() += 1;
         self.sessions.insert(
             key,
             SessionEntry {
@@ -529,6 +552,7 @@ impl Index {
         if entry.active {
             *self.active.entry(entry.agent.clone()).or_default() += 1;
         }
+        *self.stored.entry(entry.agent.clone()).or_default() += 1;
         self.sessions.insert(key, entry);
     }
 
@@ -542,15 +566,13 @@ impl Index {
     }
 
     fn remove_session_key(&mut self, key: &AgentKey) {
-        if let Some(old) = self.sessions.remove(key)
-            && old.active
-            && let Some(count) = self.active.get_mut(&old.agent)
-        {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                self.active.remove(&old.agent);
-            }
+        let Some(old) = self.sessions.remove(key) else {
+            return;
+        };
+        if old.active {
+            decrement(&mut self.active, &old.agent);
         }
+        decrement(&mut self.stored, &old.agent);
     }
 
     pub fn reset_sessions(&mut self, scope: &Scope, sessions: &[Session]) {
@@ -565,6 +587,16 @@ impl Index {
         }
         for session in sessions {
             self.apply_session(session);
+        }
+    }
+}
+
+/// Takes one from an Agent's count, dropping the entry at zero.
+fn decrement(counts: &mut HashMap<AgentKey, u32>, agent: &AgentKey) {
+    if let Some(count) = counts.get_mut(agent) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            counts.remove(agent);
         }
     }
 }
@@ -1076,6 +1108,52 @@ mod tests {
         index.reset_sessions(&Scope::All, &[session("ns", "s4", "a", None)]);
         assert_eq!(index.active_sessions(&key), 1);
         assert_eq!(index.session_digest("ns", "s3"), None);
+    }
+
+    #[test]
+    fn stored_sessions_are_counted_finished_ones_included_and_capped() {
+        let mut index = Index::new(1);
+        let key = AgentKey::new("ns", "a");
+        index.apply_agent(&agent(
+            "ns",
+            "a",
+            json!({"triggers": [{"webhook": {}}], "session": {"maxStoredSessions": 3}}),
+        ));
+        index.apply_session(&session("ns", "s1", "a", Some(SessionPhase::Complete)));
+        index.apply_session(&session("ns", "s2", "a", Some(SessionPhase::Error)));
+        index.apply_session(&session("ns", "other", "b", None));
+        assert_eq!(index.stored_sessions(&key), 2);
+        assert_eq!(index.active_sessions(&key), 0);
+        // Updates do not count twice.
+        index.apply_session(&session("ns", "s2", "a", Some(SessionPhase::Error)));
+        assert_eq!(index.stored_sessions(&key), 2);
+
+        assert_eq!(index.reserve(&key, "s3", None), Reservation::Reserved);
+        // Finished Sessions fill the store although none runs.
+        assert_eq!(
+            index.reserve(&key, "s4", None),
+            Reservation::StoreFull { max: 3 }
+        );
+        index.release("ns", "s3");
+        assert_eq!(index.stored_sessions(&key), 2);
+        index.apply_session(&session("ns", "s3", "a", None));
+        assert_eq!(
+            index.reserve(&key, "s4", Some(100)),
+            Reservation::StoreFull { max: 3 }
+        );
+        // Deleting one (the TTL or the operator) frees room.
+        index.delete_session(&session("ns", "s1", "a", None));
+        assert_eq!(index.stored_sessions(&key), 2);
+        assert_eq!(index.reserve(&key, "s4", None), Reservation::Reserved);
+        // Another Agent is counted apart; without an entry it gets the default.
+        assert_eq!(index.stored_sessions(&AgentKey::new("ns", "b")), 1);
+        index.reset_sessions(&Scope::All, &[]);
+        assert_eq!(index.stored_sessions(&key), 0);
+        assert_eq!(
+            agent_entry(&agent("ns", "c", json!({"triggers": [{"webhook": {}}]})))
+                .map(|e| e.max_stored),
+            Some(hookrun_crds::agent::DEFAULT_MAX_STORED_SESSIONS)
+        );
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub const TIMEOUT_SECONDS_RANGE: (i64, i64) = (1, 7 * 24 * 3600);
 pub const TTL_SECONDS_RANGE: (i64, i64) = (0, 30 * 24 * 3600);
 /// Bounds of `spec.session.maxConcurrent`.
 pub const MAX_CONCURRENT_RANGE: (i64, i64) = (1, 10_000);
+/// Bounds of `spec.session.maxStoredSessions`.
+pub const MAX_STORED_SESSIONS_RANGE: (i64, i64) = (1, 100_000);
+/// How many Sessions of one Agent are stored, finished ones included, when
+/// `spec.session.maxStoredSessions` is not set.
+pub const DEFAULT_MAX_STORED_SESSIONS: u32 = 1000;
 /// How many `allowCIDRs` entries one trigger may carry.
 pub const MAX_ALLOW_CIDRS: usize = 256;
 /// How many env entries `spec.session.env` may carry.
@@ -279,6 +284,13 @@ pub struct SessionTemplate {
     #[schemars(range(min = 1, max = 10000))]
     pub max_concurrent: Option<i64>,
 
+    /// How many Sessions of this agent may be stored at once, finished ones included
+    /// (1 to 100000; default 1000). A webhook beyond it is answered 429; when it is
+    /// lowered, the operator deletes the oldest finished Sessions down to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_stored_sessions: Option<i64>,
+
     /// The ServiceAccount session pods run as; the namespace's `default` when absent.
     /// Its token is never mounted: pods get a short-lived token for hookrun only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,6 +409,18 @@ impl AgentSpec {
     /// The agent's webhook trigger, if it has one (the first one wins).
     pub fn webhook(&self) -> Option<&WebhookTrigger> {
         self.triggers.iter().find_map(|t| t.webhook.as_ref())
+    }
+
+    /// `spec.session.maxStoredSessions`, or its default; a value outside its range is
+    /// clamped into it (validation refuses such specs).
+    pub fn max_stored_sessions(&self) -> u32 {
+        let (min, max) = MAX_STORED_SESSIONS_RANGE;
+        self.session
+            .as_ref()
+            .and_then(|s| s.max_stored_sessions)
+            .map_or(DEFAULT_MAX_STORED_SESSIONS, |n| {
+                u32::try_from(n.clamp(min, max)).unwrap_or(DEFAULT_MAX_STORED_SESSIONS)
+            })
     }
 }
 

@@ -14,6 +14,14 @@ pub const SESSION_LABEL: &str = "hookrun.dev/session";
 /// Label selector for the Secrets the operator manages.
 pub const MANAGED_SECRET_SELECTOR: &str = "app.kubernetes.io/managed-by=hookrun";
 
+/// The label by which a Secret opts in to being read into Agents' session env
+/// (`valueFrom.secretKeyRef`); its value must be [`AGENT_ENV_OPT_IN`].
+pub const AGENT_ENV_LABEL: &str = "hookrun.dev/agent-env";
+/// The value of [`AGENT_ENV_LABEL`] that opts a Secret in.
+pub const AGENT_ENV_OPT_IN: &str = "true";
+/// Label selector for the Secrets that opted in to Agent env.
+pub const AGENT_ENV_SELECTOR: &str = "hookrun.dev/agent-env=true";
+
 /// Set to a new value on an Agent to rotate its token with a grace period.
 pub const ROTATE_TOKEN_ANNOTATION: &str = "hookrun.dev/rotate-token";
 /// How long the previous token stays valid after a graceful rotation (`10m`, `1h`, `90s`).

@@ -8,8 +8,8 @@ use ipnet::IpNet;
 
 use crate::agent::{
     AgentSpec, EnvVar, MAX_ALLOW_CIDRS, MAX_ALLOWED_ENV, MAX_CONCURRENT_RANGE, MAX_ENV,
-    MAX_SYSTEM_BYTES, SecretKeyRef, SignatureScheme, TIMEOUT_SECONDS_RANGE, TTL_SECONDS_RANGE,
-    WebhookLimits,
+    MAX_STORED_SESSIONS_RANGE, MAX_SYSTEM_BYTES, SecretKeyRef, SignatureScheme,
+    TIMEOUT_SECONDS_RANGE, TTL_SECONDS_RANGE, WebhookLimits,
 };
 use crate::budget::{BudgetPart, MIN_LIMIT_BYTES};
 
@@ -315,6 +315,12 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
             session.max_concurrent,
             MAX_CONCURRENT_RANGE,
         );
+        check_range(
+            &mut errors,
+            "spec.session.maxStoredSessions",
+            session.max_stored_sessions,
+            MAX_STORED_SESSIONS_RANGE,
+        );
     }
 
     errors.into_result()
@@ -419,15 +425,22 @@ session:
     #[test]
     fn ranges_are_checked() {
         let spec = spec_from_yaml(
-            "session: {timeoutSeconds: 0, ttlSecondsAfterFinished: -1, maxConcurrent: 0}",
+            "session: {timeoutSeconds: 0, ttlSecondsAfterFinished: -1, maxConcurrent: 0, \
+             maxStoredSessions: 100001}",
         );
         assert_eq!(
             fields(validate_agent_spec(&spec)),
             [
                 "spec.session.timeoutSeconds",
                 "spec.session.ttlSecondsAfterFinished",
-                "spec.session.maxConcurrent"
+                "spec.session.maxConcurrent",
+                "spec.session.maxStoredSessions"
             ]
+        );
+        assert_eq!(spec.max_stored_sessions(), 100_000);
+        assert_eq!(
+            AgentSpec::default().max_stored_sessions(),
+            crate::agent::DEFAULT_MAX_STORED_SESSIONS
         );
     }
 

@@ -4,7 +4,7 @@ use std::{fmt, net::SocketAddr, str::FromStr};
 
 use clap::{Parser, ValueEnum};
 
-use crate::duration::HumanDuration;
+use crate::{duration::HumanDuration, pod_policy::PodPolicy};
 
 /// hookrun's operator: gives every Agent with a webhook trigger a token Secret and a
 /// webhook URL in its status, and runs every Session in a pod.
@@ -78,6 +78,57 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "HOOKRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Pod policy: ServiceAccounts, besides each namespace's `default`, that an Agent's
+    /// session pods may run as (spec.session.serviceAccountName), comma-separated; `*`
+    /// allows any.
+    #[arg(long, env = "HOOKRUN_ALLOWED_SERVICE_ACCOUNTS", value_delimiter = ',')]
+    pub allowed_service_accounts: Vec<String>,
+
+    /// Pod policy: let Agents ask for privileged containers, privilege escalation, added
+    /// capabilities beyond NET_BIND_SERVICE, unconfined seccomp or AppArmor, other SELinux
+    /// types, an unmasked /proc or Windows host processes.
+    #[arg(long, env = "HOOKRUN_ALLOW_PRIVILEGED", default_value_t = false)]
+    pub allow_privileged: bool,
+
+    /// Pod policy: let Agents run session containers as root (runAsUser: 0,
+    /// runAsNonRoot: false).
+    #[arg(long, env = "HOOKRUN_ALLOW_ROOT", default_value_t = false)]
+    pub allow_root: bool,
+
+    /// Pod policy: prefixes that spec.session.image must start with, comma-separated
+    /// (e.g. ghcr.io/my-org/); empty allows any image. The default harness image is
+    /// always allowed.
+    #[arg(long, env = "HOOKRUN_ALLOWED_IMAGE_PREFIXES", value_delimiter = ',')]
+    pub allowed_image_prefixes: Vec<String>,
+
+    /// Pod policy: control-plane taint keys session pods may tolerate
+    /// (node-role.kubernetes.io/control-plane, node-role.kubernetes.io/master),
+    /// comma-separated; `*` allows every toleration, the key-less one included. Other
+    /// keys are always allowed.
+    #[arg(long, env = "HOOKRUN_ALLOWED_TOLERATION_KEYS", value_delimiter = ',')]
+    pub allowed_toleration_keys: Vec<String>,
+}
+
+impl Args {
+    /// The pod policy the flags describe (blank list entries are ignored).
+    pub fn pod_policy(&self) -> PodPolicy {
+        let list = |values: &[String]| {
+            values
+                .iter()
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        PodPolicy {
+            allowed_service_accounts: list(&self.allowed_service_accounts),
+            allow_privileged: self.allow_privileged,
+            allow_root: self.allow_root,
+            allowed_image_prefixes: list(&self.allowed_image_prefixes),
+            allowed_toleration_keys: list(&self.allowed_toleration_keys),
+        }
+    }
 }
 
 /// How logs are written.
@@ -187,6 +238,10 @@ mod tests {
             )
         );
         assert_eq!(args.pending_timeout.0, std::time::Duration::from_secs(300));
+        // The pod policy is locked down unless a flag opens it.
+        if std::env::vars().all(|(k, _)| !k.starts_with("HOOKRUN_ALLOW")) {
+            assert_eq!(args.pod_policy(), PodPolicy::default());
+        }
         assert!(Args::try_parse_from(["hookrun-operator", "--public-url", "nope"]).is_err());
         // The runner URL is required (unless HOOKRUN_RUNNER_URL is set).
         if std::env::var_os("HOOKRUN_RUNNER_URL").is_none() {
@@ -195,6 +250,36 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    #[test]
+    fn pod_policy_flags_parse() {
+        let args = Args::try_parse_from([
+            "hookrun-operator",
+            "--public-url",
+            "https://h.example.com",
+            "--runner-url",
+            "http://r.example.com",
+            "--allowed-service-accounts",
+            "builder, deployer,",
+            "--allow-privileged",
+            "--allow-root",
+            "--allowed-image-prefixes",
+            "ghcr.io/org/",
+            "--allowed-toleration-keys",
+            "*",
+        ])
+        .expect("parses");
+        assert_eq!(
+            args.pod_policy(),
+            PodPolicy {
+                allowed_service_accounts: vec!["builder".into(), "deployer".into()],
+                allow_privileged: true,
+                allow_root: true,
+                allowed_image_prefixes: vec!["ghcr.io/org/".into()],
+                allowed_toleration_keys: vec!["*".into()],
+            }
+        );
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod duration;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod pod_policy;
+pub mod policy_guard;
 pub mod session_controller;
 
 use std::{
@@ -35,6 +37,7 @@ use crate::{
     cli::{Args, LogFormat},
     leader::{LeaderElector, Leadership},
     metrics::Metrics,
+    policy_guard::{EnvSecrets, PolicyGuard},
     session_controller::pod::PodSettings,
 };
 
@@ -198,17 +201,6 @@ pub async fn run(args: Args) -> Result<()> {
         instance: Some(leader::default_identity()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        args.public_url.clone(),
-        args.redact_url_in_status,
-        metrics.clone(),
-        recorder.clone(),
-    ));
-    let pod_settings = PodSettings {
-        default_image: args.default_harness_image.clone(),
-        runner_url: args.runner_url.to_string(),
-    };
     // `HOOKRUN_NAMESPACES=""` means all namespaces, like leaving the flag out.
     let listed: BTreeSet<&str> = args
         .namespaces
@@ -221,16 +213,44 @@ pub async fn run(args: Args) -> Result<()> {
     } else {
         listed.into_iter().map(Some).collect()
     };
+    let (env_secret_stores, env_secret_changes): (Vec<_>, Vec<_>) = scopes
+        .iter()
+        .map(|scope| policy_guard::watch(client.clone(), *scope))
+        .unzip();
+    let policy = args.pod_policy();
+    tracing::info!(?policy, "pod policy");
+    let guard = Arc::new(PolicyGuard {
+        policy,
+        env_secrets: EnvSecrets::new(env_secret_stores),
+    });
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        args.public_url.clone(),
+        args.redact_url_in_status,
+        metrics.clone(),
+        recorder.clone(),
+        guard.clone(),
+    ));
+    let pod_settings = PodSettings {
+        default_image: args.default_harness_image.clone(),
+        runner_url: args.runner_url.to_string(),
+    };
     let mut stores = Vec::new();
     let mut session_stores = Vec::new();
     let mut runners = Vec::new();
-    for scope in scopes {
-        let (store, runner) = agent_controller::run(ctx.clone(), scope, stopped(stop_rx.clone()));
+    for (scope, env_secret_changes) in scopes.into_iter().zip(env_secret_changes) {
+        let (store, runner) = agent_controller::run(
+            ctx.clone(),
+            scope,
+            env_secret_changes,
+            stopped(stop_rx.clone()),
+        );
         let (sessions, session_runner) = session_controller::run(
             client.clone(),
             scope,
             store.clone(),
             pod_settings.clone(),
+            guard.clone(),
             args.pending_timeout.0,
             metrics.clone(),
             recorder.clone(),

@@ -5,10 +5,10 @@
 //! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 401
 //! missing signature → 413 body → 401 bad signature → 400 body (env names outside the
 //! Agent's `allowedEnv` included) → 422 idempotency conflict → 413 a part over its
-//! storage budget → 429 concurrency or rate (replays included) → 400 when the cluster
-//! refuses the Session itself, 503 when it cannot store it. The signature is checked
-//! after the body is read (it signs the body), so an oversized body with a wrong
-//! signature is 413.
+//! storage budget → 429 stored Sessions, concurrency or rate (replays included) → 400
+//! when the cluster refuses the Session itself, 503 when it cannot store it. The
+//! signature is checked after the body is read (it signs the body), so an oversized body
+//! with a wrong signature is 413.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +49,9 @@ pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-repl
 const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
 /// Seconds a caller is told to wait when the Agent runs its most Sessions.
 const BUSY_RETRY_SECONDS: u64 = 10;
+/// Seconds a caller is told to wait when the Agent stores its most Sessions: room comes
+/// back only as finished Sessions reach their TTL, which takes minutes or more.
+const STORE_FULL_RETRY_SECONDS: u64 = 60;
 /// How long a client may take to send the body once the headers are in.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Random names drawn before giving up on a run of collisions.
@@ -130,6 +133,13 @@ pub enum WebhookError {
          finishes"
     )]
     TooManySessions { max: u32 },
+    #[error(
+        "the Agent stores {max} Sessions, finished ones included \
+         (spec.session.maxStoredSessions); retry when finished ones are deleted after \
+         spec.session.ttlSecondsAfterFinished, or raise spec.session.maxStoredSessions or \
+         shorten spec.session.ttlSecondsAfterFinished"
+    )]
+    TooManyStoredSessions { max: u32 },
     #[error("the cluster cannot store the Session right now; retry later")]
     Unavailable,
     #[error(
@@ -167,6 +177,7 @@ impl WebhookError {
             WebhookError::Idempotency(e) => e.code(),
             WebhookError::RateLimited { .. } => "rate_limited",
             WebhookError::TooManySessions { .. } => "too_many_sessions",
+            WebhookError::TooManyStoredSessions { .. } => "too_many_stored_sessions",
             WebhookError::Unavailable => "unavailable",
             WebhookError::Rejected { .. } => "session_rejected",
             WebhookError::MethodNotAllowed => "method_not_allowed",
@@ -197,9 +208,9 @@ impl WebhookError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             WebhookError::Idempotency(_) => StatusCode::BAD_REQUEST,
-            WebhookError::RateLimited { .. } | WebhookError::TooManySessions { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            WebhookError::RateLimited { .. }
+            | WebhookError::TooManySessions { .. }
+            | WebhookError::TooManyStoredSessions { .. } => StatusCode::TOO_MANY_REQUESTS,
             WebhookError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -263,6 +274,12 @@ impl IntoResponse for WebhookError {
             }
             WebhookError::TooManySessions { .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_SECONDS));
+            }
+            WebhookError::TooManyStoredSessions { .. } => {
+                headers.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(STORE_FULL_RETRY_SECONDS),
+                );
             }
             WebhookError::NotReady
             | WebhookError::SigningSecretPending
@@ -926,7 +943,8 @@ async fn accept(
     }
 }
 
-/// Holds a `maxConcurrent` slot for the Session `name` (429 when there is none).
+/// Holds a `maxConcurrent` slot and a stored-Session slot for the Session `name` (429
+/// when either is spent).
 fn reserve(
     state: &AppState,
     key: &AgentKey,
@@ -940,6 +958,7 @@ fn reserve(
         .reserve(key, name, max);
     match reservation {
         Reservation::Full { max } => Err(WebhookError::TooManySessions { max }),
+        Reservation::StoreFull { max } => Err(WebhookError::TooManyStoredSessions { max }),
         other => Ok(other),
     }
 }

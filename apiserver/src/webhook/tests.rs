@@ -1444,3 +1444,54 @@ async fn an_unsigned_github_event_header_never_reaches_the_title() {
         assert_eq!(stored.spec.title, title);
     }
 }
+
+#[tokio::test]
+async fn an_agent_that_stores_its_most_sessions_is_429_before_any_create() {
+    let mut index = index();
+    index.apply_agent(&agent(
+        NS,
+        "keeper",
+        json!({"triggers": [{"webhook": {}}], "session": {"maxStoredSessions": 2}}),
+    ));
+    index.apply_secret(&secret(NS, "keeper", &[("token", TOKEN)]));
+    // Two finished Sessions: nothing runs, yet the store is full.
+    index.apply_session(&session(
+        NS,
+        "keeper-wh-00000001",
+        "keeper",
+        Some(hookrun_crds::session::SessionPhase::Complete),
+    ));
+    index.apply_session(&session(
+        NS,
+        "keeper-wh-00000002",
+        "keeper",
+        Some(hookrun_crds::session::SessionPhase::Error),
+    ));
+    let f = fixture_with(index, 1024 * 1024, 100);
+    let answer = f.post(&url("keeper", TOKEN), &[], r#"{"title":"x"}"#).await;
+    assert_error(
+        &answer,
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_stored_sessions",
+    );
+    assert_eq!(answer.headers[header::RETRY_AFTER], "60");
+    let message = answer.json["message"].as_str().unwrap_or_default();
+    for part in [
+        "stores 2 Sessions",
+        "spec.session.maxStoredSessions",
+        "spec.session.ttlSecondsAfterFinished",
+    ] {
+        assert!(message.contains(part), "{message}");
+    }
+    assert!(f.store.sessions().is_empty());
+
+    // Once one is deleted there is room again.
+    f.state
+        .index
+        .write()
+        .expect("lock")
+        .delete_session(&session(NS, "keeper-wh-00000001", "keeper", None));
+    let answer = f.post(&url("keeper", TOKEN), &[], r#"{"title":"x"}"#).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+    assert_eq!(f.store.sessions().len(), 1);
+}

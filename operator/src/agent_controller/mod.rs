@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use futures::{Future, StreamExt};
+use futures::{Future, Stream, StreamExt};
 use hookrun_crds::{
     Agent, AgentStatus,
     names::{self, ROTATE_TOKEN_ANNOTATION, ROTATION_GRACE_ANNOTATION},
@@ -44,6 +44,8 @@ use crate::{
     duration::HumanDuration,
     error::{Error, Result},
     metrics::Metrics,
+    pod_policy,
+    policy_guard::{self, PolicyGuard, SecretMeta},
 };
 
 /// The controller's name in metrics and Events.
@@ -66,6 +68,8 @@ pub struct Context {
     pub redact_url_in_status: bool,
     pub metrics: Metrics,
     pub recorder: Recorder,
+    /// The pod policy Agents are checked against.
+    pub guard: Arc<PolicyGuard>,
     /// Consecutive failures per Agent, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<Agent>, u32>>,
     /// The last status this process wrote per Agent, with the resourceVersion it replaced:
@@ -80,6 +84,7 @@ impl Context {
         redact_url_in_status: bool,
         metrics: Metrics,
         recorder: Recorder,
+        guard: Arc<PolicyGuard>,
     ) -> Self {
         Self {
             client,
@@ -87,6 +92,7 @@ impl Context {
             redact_url_in_status,
             metrics,
             recorder,
+            guard,
             failures: Mutex::default(),
             written_status: Mutex::default(),
         }
@@ -95,9 +101,12 @@ impl Context {
 
 /// The Agent controller for one namespace (`None`: all namespaces). Returns the Agent
 /// cache (to wait for its sync) and the future that runs the controller until `shutdown`.
+/// `env_secret_changes` (from [`policy_guard::watch`] of the same scope) brings back the
+/// Agents that read a Secret whose opt-in changed.
 pub fn run(
     ctx: Arc<Context>,
     namespace: Option<&str>,
+    env_secret_changes: impl Stream<Item = Result<SecretMeta, watcher::Error>> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> (Store<Agent>, impl Future<Output = ()> + Send) {
     type Meta = PartialObjectMeta<Secret>;
@@ -117,6 +126,7 @@ pub fn run(
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
     let store = controller.store();
     let agent_index = store.clone();
+    let env_index = store.clone();
     // Referenced Secrets are watched by metadata only (no data of the cluster's other
     // Secrets crosses the wire); a change maps back to the Agents that name them, and to
     // the Agent whose webhook Secret name it has (a user's Secret there blocks it until
@@ -145,6 +155,17 @@ pub fn run(
                     .collect::<Vec<_>>()
             },
         )
+        .watches_stream(env_secret_changes, move |secret: SecretMeta| {
+            let (ns, name) = (secret.namespace(), secret.name_any());
+            env_index
+                .state()
+                .into_iter()
+                .filter(|agent| {
+                    agent.namespace() == ns && policy_guard::reads_env_secret(agent, &name)
+                })
+                .map(|agent| ObjectRef::from_obj(&*agent))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown);
     let runner = controller
         .run(reconcile, error_policy, ctx)
@@ -270,6 +291,20 @@ async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
         }
     };
 
+    let violations = ctx.guard.violations(agent).await;
+    let outcome = match outcome {
+        Outcome::WebhookReady { status_url, .. } if !violations.is_empty() => {
+            Outcome::PolicyViolation {
+                message: pod_policy::describe(&violations),
+                status_url: Some(status_url),
+            }
+        }
+        Outcome::NoWebhookTrigger if !violations.is_empty() => Outcome::PolicyViolation {
+            message: pod_policy::describe(&violations),
+            status_url: None,
+        },
+        other => other,
+    };
     write_status(agent, ctx, &outcome).await?;
     Ok(action)
 }

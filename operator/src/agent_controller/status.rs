@@ -18,6 +18,7 @@ pub enum ReadyReason {
     SecretRefMissing,
     InvalidSpec,
     SecretNameTaken,
+    PolicyViolation,
 }
 
 impl ReadyReason {
@@ -29,6 +30,7 @@ impl ReadyReason {
             ReadyReason::SecretRefMissing => "SecretRefMissing",
             ReadyReason::InvalidSpec => "InvalidSpec",
             ReadyReason::SecretNameTaken => "SecretNameTaken",
+            ReadyReason::PolicyViolation => "PolicyViolation",
         }
     }
 
@@ -58,6 +60,13 @@ pub enum Outcome {
     InvalidSpec { message: String },
     /// A Secret the operator did not create has the managed Secret's name.
     SecretNameTaken { secret_name: String },
+    /// The spec asks for pods outside the operator's pod policy; the message names the
+    /// fields and what the policy allows. The webhook URL (if any) is still published:
+    /// its Sessions end in Error with the same message, and no pod is created.
+    PolicyViolation {
+        message: String,
+        status_url: Option<String>,
+    },
 }
 
 impl Outcome {
@@ -68,6 +77,7 @@ impl Outcome {
             Outcome::SecretRefMissing { .. } => ReadyReason::SecretRefMissing,
             Outcome::InvalidSpec { .. } => ReadyReason::InvalidSpec,
             Outcome::SecretNameTaken { .. } => ReadyReason::SecretNameTaken,
+            Outcome::PolicyViolation { .. } => ReadyReason::PolicyViolation,
         }
     }
 
@@ -93,6 +103,7 @@ impl Outcome {
                 hookrun_crds::names::MANAGED_BY_LABEL,
                 hookrun_crds::names::MANAGED_BY
             ),
+            Outcome::PolicyViolation { message, .. } => message.clone(),
         }
     }
 }
@@ -138,6 +149,7 @@ pub fn desired_status(
         Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
         // The name is somebody else's: no Secret of ours carries a URL.
         Outcome::NoWebhookTrigger | Outcome::SecretNameTaken { .. } => None,
+        Outcome::PolicyViolation { status_url, .. } => status_url.clone(),
         Outcome::SecretRefMissing { .. } | Outcome::InvalidSpec { .. } => {
             existing.and_then(|s| s.webhook_url.clone())
         }

@@ -10,6 +10,7 @@
 
 pub mod phase;
 pub mod pod;
+pub mod retention;
 
 use std::{
     collections::HashMap,
@@ -42,6 +43,8 @@ use crate::{
     agent_controller::{FIELD_MANAGER, backoff},
     error::{Error, Result},
     metrics::Metrics,
+    pod_policy,
+    policy_guard::PolicyGuard,
 };
 
 /// The controller's name in metrics and Events.
@@ -62,10 +65,14 @@ pub struct Context {
     pub pending_timeout: Duration,
     pub metrics: Metrics,
     pub recorder: Recorder,
+    /// The pod policy a Session's Agent must be within for its pod to be created.
+    pub guard: Arc<PolicyGuard>,
     /// The Agent controller's cache of this scope.
     agents: Store<Agent>,
     /// Session pods, from the controller's own watch.
     pods: Store<Pod>,
+    /// The controller's own (slimmed) cache of Sessions.
+    sessions: Store<Session>,
     /// Consecutive failures per Session, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<Session>, u32>>,
 }
@@ -79,6 +86,7 @@ pub fn run(
     namespace: Option<&str>,
     agents: Store<Agent>,
     settings: PodSettings,
+    guard: Arc<PolicyGuard>,
     pending_timeout: Duration,
     metrics: Metrics,
     recorder: Recorder,
@@ -103,17 +111,38 @@ pub fn run(
     )
     .default_backoff()
     .touched_objects();
+    let (session_store, session_writer) = reflector::store();
+    let agents_api: Api<Agent> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let ctx = Arc::new(Context {
         client,
         settings,
         pending_timeout,
         metrics,
         recorder,
+        guard,
         agents,
         pods: pod_store,
+        sessions: session_store.clone(),
         failures: Mutex::default(),
     });
-    let (session_store, session_writer) = reflector::store();
+    // An Agent whose maxStoredSessions drops below what it stores brings its oldest
+    // finished Sessions to a reconcile, which deletes them.
+    let stored = session_store.clone();
+    let agent_changes = move |agent: Agent| {
+        let sessions = sessions_of(
+            &stored,
+            &agent.namespace().unwrap_or_default(),
+            &agent.name_any(),
+        );
+        let sessions: Vec<&Session> = sessions.iter().map(|s| &**s).collect();
+        retention::over_cap(&sessions, agent.spec.max_stored_sessions())
+            .into_iter()
+            .map(ObjectRef::from_obj)
+            .collect::<Vec<_>>()
+    };
     let session_events = reflector::reflector(
         session_writer,
         watcher(sessions, watcher::Config::default().any_semantic())
@@ -124,6 +153,11 @@ pub fn run(
     let controller = Controller::for_stream(session_events, session_store)
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
         .owns_stream(pod_events)
+        .watches(
+            agents_api,
+            watcher::Config::default().any_semantic(),
+            agent_changes,
+        )
         .graceful_shutdown_on(shutdown);
     let store = controller.store();
     let runner = controller
@@ -168,6 +202,34 @@ async fn find_agent(ctx: &Context, namespace: &str, name: &str) -> Result<Option
     }
     let api: Api<Agent> = Api::namespaced(ctx.client.clone(), namespace);
     Ok(api.get_opt(name).await?.map(Arc::new))
+}
+
+/// The cached Sessions of one Agent.
+fn sessions_of(store: &Store<Session>, namespace: &str, agent: &str) -> Vec<Arc<Session>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|s| s.spec.agent == agent && s.namespace().as_deref() == Some(namespace))
+        .collect()
+}
+
+/// Deletes the oldest finished Sessions of `agent` beyond its `maxStoredSessions`.
+async fn delete_over_cap(ctx: &Context, sessions: &Api<Session>, agent: &Agent) -> Result<()> {
+    let namespace = agent.namespace().unwrap_or_default();
+    let cached = sessions_of(&ctx.sessions, &namespace, &agent.name_any());
+    let cached: Vec<&Session> = cached.iter().map(|s| &**s).collect();
+    let cap = agent.spec.max_stored_sessions();
+    for session in retention::over_cap(&cached, cap) {
+        let Some(uid) = session.uid() else {
+            continue;
+        };
+        let why = format!(
+            "deleted a finished session: its agent stores more than {cap} sessions \
+             (spec.session.maxStoredSessions)"
+        );
+        delete_session(ctx, sessions, session, &uid, &why).await?;
+    }
+    Ok(())
 }
 
 fn ttl_of(agent: Option<&Agent>) -> Duration {
@@ -215,6 +277,11 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
         )
     };
     let sessions: Api<Session> = Api::namespaced(ctx.client.clone(), &namespace);
+    if let Some(agent) = &agent
+        && session.status.as_ref().is_some_and(|s| s.is_finished())
+    {
+        delete_over_cap(ctx, &sessions, agent).await?;
+    }
 
     match observe(session.status.as_ref(), pod.as_ref()) {
         Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
@@ -225,7 +292,14 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             ))
         }
         Decision::DeleteSession => {
-            delete_session(ctx, &sessions, session, &uid).await?;
+            delete_session(
+                ctx,
+                &sessions,
+                session,
+                &uid,
+                "deleted a finished session after its TTL",
+            )
+            .await?;
             Ok(Action::await_change())
         }
         Decision::Write(transition) => {
@@ -249,6 +323,12 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
                 write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
                 return Ok(Action::await_change());
             };
+            let violations = ctx.guard.violations(&agent).await;
+            if !violations.is_empty() {
+                let transition = phase::policy_violation(pod_policy::describe(&violations));
+                write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                return Ok(Action::await_change());
+            }
             let created = match create_pod(ctx, &pods, &live, &agent).await {
                 Err(Error::Kube(kube::Error::Api(refusal))) => {
                     let age = session_age(&live);
@@ -494,12 +574,14 @@ async fn delete_pod(ctx: &Context, pod: &Pod) -> Result<()> {
     }
 }
 
-/// Deletes a Session whose TTL ran out; garbage collection removes its pod.
+/// Deletes a finished Session (its TTL ran out, or its Agent stores too many);
+/// garbage collection removes its pod. `why` is the log line.
 async fn delete_session(
     ctx: &Context,
     sessions: &Api<Session>,
     session: &Session,
     uid: &str,
+    why: &str,
 ) -> Result<()> {
     let name = session.name_any();
     let params = DeleteParams::background().preconditions(Preconditions {
@@ -509,7 +591,7 @@ async fn delete_session(
     match sessions.delete(&name, &params).await {
         Ok(_) => {
             ctx.metrics.wrote(CONTROLLER, "session_delete");
-            tracing::info!(session = %name, namespace = %session.namespace().unwrap_or_default(), "deleted a finished session after its TTL");
+            tracing::info!(session = %name, namespace = %session.namespace().unwrap_or_default(), "{why}");
             Ok(())
         }
         Err(kube::Error::Api(status)) if status.code == 404 || status.code == 409 => Ok(()),

@@ -62,6 +62,7 @@ pub enum FailReason {
     PodDeleted,
     PodNotOwned,
     PodCreateRefused,
+    PolicyViolation,
 }
 
 impl FailReason {
@@ -77,6 +78,7 @@ impl FailReason {
             FailReason::PodDeleted => "PodDeleted",
             FailReason::PodNotOwned => "PodNotOwned",
             FailReason::PodCreateRefused => "PodCreateRefused",
+            FailReason::PolicyViolation => "PolicyViolation",
         }
     }
 }
@@ -118,6 +120,12 @@ pub fn agent_not_found(agent: &str) -> Transition {
         format!("agent {agent} not found"),
         false,
     )
+}
+
+/// The failure of a Session whose Agent is outside the operator's pod policy: no pod is
+/// created; `message` names the fields and what the policy allows.
+pub fn policy_violation(message: String) -> Transition {
+    Transition::fail(FailReason::PolicyViolation, message, false)
 }
 
 /// What to make of the API refusing to create the pod with `code` and `message`, for a

@@ -61,6 +61,7 @@ pub fn build_pod(
     // Foreground deletion of a Session then waits for its pod.
     owner.block_owner_deletion = Some(true);
     let template = agent.spec.session.clone().unwrap_or_default();
+    let (pod_security, container_security) = security_contexts(&template);
     let (token_dir, token_file) = token_dir_and_file();
 
     let labels = BTreeMap::from([
@@ -86,12 +87,7 @@ pub fn build_pod(
         ),
         env: Some(environment(session, &namespace, &template, settings)),
         resources: template.resources.clone(),
-        security_context: Some(
-            template
-                .security_context
-                .clone()
-                .unwrap_or_else(default_container_security),
-        ),
+        security_context: Some(container_security),
         volume_mounts: Some(vec![VolumeMount {
             name: TOKEN_VOLUME.to_owned(),
             mount_path: token_dir.to_owned(),
@@ -134,12 +130,7 @@ pub fn build_pod(
                 .then(|| template.node_selector.clone()),
             tolerations: non_empty(template.tolerations.clone()),
             image_pull_secrets: non_empty(template.image_pull_secrets.clone()),
-            security_context: Some(
-                template
-                    .pod_security_context
-                    .clone()
-                    .unwrap_or_else(default_pod_security),
-            ),
+            security_context: Some(pod_security),
             containers: vec![container],
             volumes: Some(vec![token_volume]),
             ..Default::default()
@@ -225,6 +216,68 @@ fn agent_env_var(var: &AgentEnvVar) -> EnvVar {
         },
         value_from,
     }
+}
+
+/// `over` laid onto `base`: every field `over` sets wins, objects are merged field by
+/// field, the rest of `base` stays.
+fn overlay<T: serde::Serialize + serde::de::DeserializeOwned>(base: T, over: &T) -> T {
+    fn merge(base: &mut serde_json::Value, over: serde_json::Value) {
+        match (base, over) {
+            (serde_json::Value::Object(base), serde_json::Value::Object(over)) => {
+                for (key, value) in over {
+                    match base.get_mut(&key) {
+                        Some(slot) => merge(slot, value),
+                        None => {
+                            base.insert(key, value);
+                        }
+                    }
+                }
+            }
+            (slot, value) => *slot = value,
+        }
+    }
+    let (Ok(mut merged), Ok(over_value)) =
+        (serde_json::to_value(&base), serde_json::to_value(over))
+    else {
+        return base;
+    };
+    merge(&mut merged, over_value);
+    serde_json::from_value(merged).unwrap_or(base)
+}
+
+/// The pod and container security contexts: hookrun's defaults with the Agent's fields
+/// laid over them, so that an Agent that sets one field keeps the others locked down.
+/// The operator's pod policy decides which overrides an Agent may make. Two defaults
+/// give way to what the Agent explicitly asks for, as the API and the kubelet require: a
+/// privileged container may escalate, and a pod that asks for user 0 is not forced
+/// non-root where the Agent does not say.
+pub fn security_contexts(template: &SessionTemplate) -> (PodSecurityContext, SecurityContext) {
+    let pod_asks = template.pod_security_context.as_ref();
+    let container_asks = template.security_context.as_ref();
+    let mut pod = match pod_asks {
+        Some(asks) => overlay(default_pod_security(), asks),
+        None => default_pod_security(),
+    };
+    let mut container = match container_asks {
+        Some(asks) => overlay(default_container_security(), asks),
+        None => default_container_security(),
+    };
+    if container_asks.is_some_and(|c| c.privileged == Some(true))
+        && container_asks.is_some_and(|c| c.allow_privilege_escalation.is_none())
+    {
+        container.allow_privilege_escalation = None;
+    }
+    let asks_root = pod_asks.is_some_and(|p| p.run_as_user == Some(0))
+        || container_asks.is_some_and(|c| c.run_as_user == Some(0));
+    if asks_root {
+        if pod_asks.is_none_or(|p| p.run_as_non_root.is_none()) {
+            pod.run_as_non_root = None;
+        }
+        if container_asks.is_none_or(|c| c.run_as_non_root.is_none()) {
+            container.run_as_non_root = None;
+        }
+    }
+    (pod, container)
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {

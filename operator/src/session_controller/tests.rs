@@ -293,7 +293,7 @@ fn the_token_is_projected_for_hookrun_and_the_default_one_is_not_mounted() {
 }
 
 #[test]
-fn security_defaults_hold_unless_the_agent_replaces_them() {
+fn security_defaults_hold_where_the_agent_does_not_override_them() {
     let pod = pod::build_pod(&session(&[]), &agent(None), &settings()).expect("builds");
     let spec = pod.spec.expect("spec");
     let pod_security = spec.security_context.expect("pod security");
@@ -317,6 +317,40 @@ fn security_defaults_hold_unless_the_agent_replaces_them() {
         Some("RuntimeDefault")
     );
 
+    // One field set keeps every other default.
+    let template = SessionTemplate {
+        pod_security_context: Some(PodSecurityContext {
+            fs_group: Some(2000),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+                add: Some(vec!["NET_BIND_SERVICE".to_owned()]),
+                drop: None,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = pod::build_pod(&session(&[]), &agent(Some(template)), &settings()).expect("builds");
+    let spec = pod.spec.expect("spec");
+    let pod_security = spec.security_context.expect("pod security");
+    assert_eq!(pod_security.fs_group, Some(2000));
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    let container = spec.containers[0]
+        .security_context
+        .clone()
+        .expect("container security");
+    assert_eq!(container.read_only_root_filesystem, Some(true));
+    assert_eq!(container.run_as_non_root, Some(true));
+    assert_eq!(container.allow_privilege_escalation, Some(false));
+    let capabilities = container.capabilities.expect("capabilities");
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
+    assert_eq!(capabilities.add, Some(vec!["NET_BIND_SERVICE".to_owned()]));
+
+    // What the policy may allow: a privileged container may escalate, and user 0 is not
+    // forced non-root.
     let template = SessionTemplate {
         pod_security_context: Some(PodSecurityContext {
             run_as_user: Some(0),
@@ -324,25 +358,26 @@ fn security_defaults_hold_unless_the_agent_replaces_them() {
         }),
         security_context: Some(SecurityContext {
             privileged: Some(true),
+            run_as_user: Some(0),
             ..Default::default()
         }),
         ..Default::default()
     };
     let pod = pod::build_pod(&session(&[]), &agent(Some(template)), &settings()).expect("builds");
     let spec = pod.spec.expect("spec");
+    let pod_security = spec.security_context.expect("pod security");
+    assert_eq!(pod_security.run_as_user, Some(0));
+    assert_eq!(pod_security.run_as_non_root, None);
+    let container = spec.containers[0]
+        .security_context
+        .clone()
+        .expect("container security");
+    assert_eq!(container.privileged, Some(true));
+    assert_eq!(container.allow_privilege_escalation, None);
+    assert_eq!(container.run_as_non_root, None);
     assert_eq!(
-        spec.security_context,
-        Some(PodSecurityContext {
-            run_as_user: Some(0),
-            ..Default::default()
-        })
-    );
-    assert_eq!(
-        spec.containers[0].security_context,
-        Some(SecurityContext {
-            privileged: Some(true),
-            ..Default::default()
-        })
+        container.seccomp_profile.map(|p| p.type_).as_deref(),
+        Some("RuntimeDefault")
     );
 }
 

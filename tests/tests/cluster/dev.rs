@@ -239,7 +239,10 @@ async fn model_agent_through_the_pod_runner(dev: &Dev) {
         r#"
 apiVersion: v1
 kind: Secret
-metadata: {{name: fake-openai, namespace: default}}
+metadata:
+  name: fake-openai
+  namespace: default
+  labels: {{hookrun.dev/agent-env: "true"}}
 stringData: {{api-key: sk-test-dev}}
 ---
 apiVersion: hookrun.dev/v1alpha1

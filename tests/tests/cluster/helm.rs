@@ -421,6 +421,11 @@ async fn the_binaries_know_every_flag_the_chart_passes() {
         "watchNamespaces={a}".into(),
         "redactUrlInStatus=true".into(),
         "operator.pendingTimeout=2m".into(),
+        "operator.podPolicy.allowedServiceAccounts={builder,deployer}".into(),
+        "operator.podPolicy.allowPrivileged=true".into(),
+        "operator.podPolicy.allowRoot=true".into(),
+        "operator.podPolicy.allowedImagePrefixes={ghcr.io/org/}".into(),
+        "operator.podPolicy.allowedTolerationKeys={node-role.kubernetes.io/control-plane}".into(),
     ];
     let objects = documents(&template(cluster, "hookrun-system", &sets));
     for deployment in of_kind(&objects, "Deployment") {
@@ -432,6 +437,20 @@ async fn the_binaries_know_every_flag_the_chart_passes() {
                 .expect("the binary runs"),
             &format!("{binary} --help"),
         );
+        if binary == "hookrun-operator" {
+            for flag in [
+                "--allowed-service-accounts=builder,deployer",
+                "--allow-privileged",
+                "--allow-root",
+                "--allowed-image-prefixes=ghcr.io/org/",
+                "--allowed-toleration-keys=node-role.kubernetes.io/control-plane",
+            ] {
+                assert!(
+                    args.iter().any(|a| a == flag),
+                    "the chart passes no {flag}: {args:?}"
+                );
+            }
+        }
         for arg in &args {
             let flag = arg.split('=').next().unwrap_or_default();
             assert!(

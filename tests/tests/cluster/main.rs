@@ -8,6 +8,7 @@ mod operator;
 mod runner;
 mod security_input;
 mod security_logs;
+mod security_policy;
 mod security_readapi;
 mod security_replay;
 mod security_secrets;

@@ -54,6 +54,10 @@ impl Setup {
                 ns.name(),
                 "--pending-timeout",
                 "2s",
+                // Past the pod policy, so that the cluster's own refusal of a missing
+                // ServiceAccount can be tested.
+                "--allowed-service-accounts",
+                "*",
             ],
         );
         Setup {
@@ -193,6 +197,24 @@ fn env_value(pod: &Pod, name: &str) -> Option<String> {
 async fn a_session_gets_one_pod_with_the_agreed_spec() {
     let cluster = cluster().await;
     let setup = Setup::new(cluster).await;
+    // Env from a Secret needs a Secret that opted in (the pod policy).
+    for args in [
+        &[
+            "create",
+            "secret",
+            "generic",
+            "keys",
+            "--from-literal=anthropic=k",
+        ][..],
+        &["label", "secret", "keys", "hookrun.dev/agent-env=true"][..],
+    ] {
+        let out = setup.ns.kubectl(args, None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     setup
         .agent(
             "builder",

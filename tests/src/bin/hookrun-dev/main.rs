@@ -15,7 +15,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use hookrun_crds::Agent;
+use hookrun_crds::{Agent, names};
 use hookrun_tests::control_plane::{self, workspace_root};
 use hookrun_tests::door;
 use k8s_openapi::api::core::v1::Secret;
@@ -450,17 +450,26 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
         .iter()
         .filter_map(|v| v.value_from.as_ref()?.secret_key_ref.as_ref())
     {
-        if secrets
-            .get_opt(&reference.name)
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            println!(
-                "    sessions need Secret {:?}: kubectl create secret generic {} --from-literal={}=…",
-                reference.name, reference.name, reference.key
-            );
+        let label = format!("{}={}", names::AGENT_ENV_LABEL, names::AGENT_ENV_OPT_IN);
+        match secrets.get_opt(&reference.name).await.ok().flatten() {
+            None => println!(
+                "    sessions need Secret {:?}: kubectl create secret generic {} --from-literal={}=… \
+                 && kubectl label secret {} {label}",
+                reference.name, reference.name, reference.key, reference.name
+            ),
+            Some(secret)
+                if secret
+                    .labels()
+                    .get(names::AGENT_ENV_LABEL)
+                    .map(String::as_str)
+                    != Some(names::AGENT_ENV_OPT_IN) =>
+            {
+                println!(
+                    "    Secret {:?} must opt in to Agent env: kubectl label secret {} {label}",
+                    reference.name, reference.name
+                )
+            }
+            Some(_) => {}
         }
     }
 }
