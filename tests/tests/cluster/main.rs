@@ -6,6 +6,7 @@ mod dev;
 mod helm;
 mod operator;
 mod runner;
+mod security_leaks;
 mod sessions;
 mod wait;
 mod webhook;
