@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
@@ -53,6 +53,17 @@ fn namespace(query: &Result<Query<ReadQuery>, QueryRejection>) -> Result<String,
             "the query parameter namespace is required: add ?namespace=<the Session's namespace>",
         )),
     }
+}
+
+/// The Session's name from the path: a path that does not decode (bad percent-encoding,
+/// not UTF-8) is a 400 in our error format, not the router's plain-text rejection.
+fn session_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(name)| name).map_err(|_| {
+        ApiError::bad_request(
+            "the session name in the path is not valid: use /agents/<session name>, \
+             percent-encoded UTF-8",
+        )
+    })
 }
 
 /// Checks the caller's token and RBAC, then reads the Session (404 when unknown).
@@ -121,11 +132,12 @@ pub fn events(status: &SessionStatus, event_type: Option<&str>) -> serde_json::V
 
 async fn session_summary(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let result = async {
+        let name = session_name(name)?;
         let namespace = namespace(&query)?;
         let session = authorized_session(&state, &headers, &namespace, &name).await?;
         Ok::<_, ApiError>(Json(summary(&session)))
@@ -136,11 +148,12 @@ async fn session_summary(
 
 async fn session_events(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let result = async {
+        let name = session_name(name)?;
         let namespace = namespace(&query)?;
         let session = authorized_session(&state, &headers, &namespace, &name).await?;
         let event_type = query
@@ -279,11 +292,12 @@ async fn open_stream(
 
 async fn session_stream(
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     query: Result<Query<ReadQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let result = async {
+        let name = session_name(name)?;
         let namespace = namespace(&query)?;
         let last_id = last_event_id(&headers);
         open_stream(&state, &namespace, &name, last_id, &headers).await
