@@ -402,6 +402,9 @@ session:
         assert!(message.len() < 300, "{} bytes", message.len());
         assert!(message.contains("(100001 bytes)"), "{message}");
         assert_eq!(quoted_head("A-B"), "\"A-B\"");
-        assert_eq!(quoted_head(&"é".repeat(70)), format!("{:?}… (140 bytes)", "é".repeat(64)));
+        assert_eq!(
+            quoted_head(&"é".repeat(70)),
+            format!("{:?}… (140 bytes)", "é".repeat(64))
+        );
     }
 }

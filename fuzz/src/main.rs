@@ -39,8 +39,14 @@ fn main() -> ExitCode {
         names = targets::ALL.iter().collect();
     }
     let budget = Duration::from_secs_f64(seconds);
-    println!("fuzzing {} targets for {seconds} s of CPU each (seed {seed})", names.len());
-    println!("{:<30} {:>12} {:>9} {:>7} {:>8}  result", "target", "iterations", "cpu s", "corpus", "classes");
+    println!(
+        "fuzzing {} targets for {seconds} s of CPU each (seed {seed})",
+        names.len()
+    );
+    println!(
+        "{:<30} {:>12} {:>9} {:>7} {:>8}  result",
+        "target", "iterations", "cpu s", "corpus", "classes"
+    );
     let mut failed = false;
     for target in names {
         let report = engine::fuzz(
@@ -74,7 +80,11 @@ fn main() -> ExitCode {
             report.classes
         );
     }
-    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn usage(problem: &str) -> ExitCode {
@@ -82,5 +92,9 @@ fn usage(problem: &str) -> ExitCode {
         eprintln!("hookrun-fuzz: {problem}");
     }
     eprintln!("usage: hookrun-fuzz [--seconds N] [--seed S] [--list] [TARGET...]");
-    if problem.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(2) }
+    if problem.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    }
 }

@@ -45,12 +45,26 @@ pub const ALL: &[Target] = &[
         name: "webhook_body",
         run: webhook_body,
         seeds: webhook_body_seeds,
-        dictionary: &["\"title\"", "\"env\"", "\"name\"", "\"value\"", "\"wait\"", "\"idempotency_key\"", "HOOKRUN_X", "LD_PRELOAD"],
+        dictionary: &[
+            "\"title\"",
+            "\"env\"",
+            "\"name\"",
+            "\"value\"",
+            "\"wait\"",
+            "\"idempotency_key\"",
+            "HOOKRUN_X",
+            "LD_PRELOAD",
+        ],
     },
     Target {
         name: "prefer_wait",
         run: prefer_wait,
-        seeds: || vec![b"wait=30".to_vec(), b"respond-async, wait=\"10\"; x=y".to_vec()],
+        seeds: || {
+            vec![
+                b"wait=30".to_vec(),
+                b"respond-async, wait=\"10\"; x=y".to_vec(),
+            ]
+        },
         dictionary: &["wait", "=", ";", ",", "\""],
     },
     Target {
@@ -63,25 +77,51 @@ pub const ALL: &[Target] = &[
         name: "signature_linear",
         run: |data| signature(SignatureScheme::Linear, data),
         seeds: || signed_seeds(SignatureScheme::Linear),
-        dictionary: &["Linear-Signature", "Linear-Delivery", "webhookTimestamp", ": "],
+        dictionary: &[
+            "Linear-Signature",
+            "Linear-Delivery",
+            "webhookTimestamp",
+            ": ",
+        ],
     },
     Target {
         name: "signature_github",
         run: |data| signature(SignatureScheme::Github, data),
         seeds: || signed_seeds(SignatureScheme::Github),
-        dictionary: &["X-Hub-Signature-256", "sha256=", "X-GitHub-Delivery", "X-GitHub-Event", ": "],
+        dictionary: &[
+            "X-Hub-Signature-256",
+            "sha256=",
+            "X-GitHub-Delivery",
+            "X-GitHub-Event",
+            ": ",
+        ],
     },
     Target {
         name: "signature_slack",
         run: |data| signature(SignatureScheme::Slack, data),
         seeds: || signed_seeds(SignatureScheme::Slack),
-        dictionary: &["X-Slack-Signature", "v0=", "X-Slack-Request-Timestamp", "url_verification", "\"challenge\"", ": "],
+        dictionary: &[
+            "X-Slack-Signature",
+            "v0=",
+            "X-Slack-Request-Timestamp",
+            "url_verification",
+            "\"challenge\"",
+            ": ",
+        ],
     },
     Target {
         name: "signature_standard_webhooks",
         run: |data| signature(SignatureScheme::StandardWebhooks, data),
         seeds: || signed_seeds(SignatureScheme::StandardWebhooks),
-        dictionary: &["webhook-id", "webhook-timestamp", "webhook-signature", "v1,", "v1a,", " ", ": "],
+        dictionary: &[
+            "webhook-id",
+            "webhook-timestamp",
+            "webhook-signature",
+            "v1,",
+            "v1a,",
+            " ",
+            ": ",
+        ],
     },
     Target {
         name: "signature_hmac",
@@ -99,13 +139,37 @@ pub const ALL: &[Target] = &[
                 b"\x00\n203.0.113.7:4711,garbage".to_vec(),
             ]
         },
-        dictionary: &[",", ":", "[", "]", "::ffff:", "10.", "2001:db8::", "unknown", "\"", " "],
+        dictionary: &[
+            ",",
+            ":",
+            "[",
+            "]",
+            "::ffff:",
+            "10.",
+            "2001:db8::",
+            "unknown",
+            "\"",
+            " ",
+        ],
     },
     Target {
         name: "provider_title",
         run: provider_title,
         seeds: provider_title_seeds,
-        dictionary: &["\"type\"", "\"action\"", "\"data\"", "\"title\"", "\"body\"", "\"event\"", "\"text\"", "\"repository\"", "\"full_name\"", "\"issue\"", "\"pull_request\"", "X-GitHub-Event: "],
+        dictionary: &[
+            "\"type\"",
+            "\"action\"",
+            "\"data\"",
+            "\"title\"",
+            "\"body\"",
+            "\"event\"",
+            "\"text\"",
+            "\"repository\"",
+            "\"full_name\"",
+            "\"issue\"",
+            "\"pull_request\"",
+            "X-GitHub-Event: ",
+        ],
     },
     Target {
         name: "runner_event",
@@ -122,7 +186,13 @@ pub const ALL: &[Target] = &[
                 br#"{"status":"error","message":"boom"}"#.to_vec(),
             ]
         },
-        dictionary: &["\"status\"", "\"complete\"", "\"error\"", "\"response\"", "\"message\""],
+        dictionary: &[
+            "\"status\"",
+            "\"complete\"",
+            "\"error\"",
+            "\"response\"",
+            "\"message\"",
+        ],
     },
     Target {
         name: "read_request",
@@ -134,7 +204,19 @@ pub const ALL: &[Target] = &[
                 b"\x01echo-wh-0a1b2c3d/stream?namespace=default".to_vec(),
             ]
         },
-        dictionary: &["?", "&", "namespace=", "event_type=", "%2F", "%3F", "%00", "/events", "/stream", "..", "%"],
+        dictionary: &[
+            "?",
+            "&",
+            "namespace=",
+            "event_type=",
+            "%2F",
+            "%3F",
+            "%00",
+            "/events",
+            "/stream",
+            "..",
+            "%",
+        ],
     },
     Target {
         name: "model_answer",
@@ -146,7 +228,15 @@ pub const ALL: &[Target] = &[
                 br#"{"error":{"type":"invalid_request_error","message":"bad","code":"insufficient_quota"}}"#.to_vec(),
             ]
         },
-        dictionary: &["\"content\"", "\"choices\"", "\"message\"", "\"text\"", "\"error\"", "\"refusal\"", "\"code\""],
+        dictionary: &[
+            "\"content\"",
+            "\"choices\"",
+            "\"message\"",
+            "\"text\"",
+            "\"error\"",
+            "\"refusal\"",
+            "\"code\"",
+        ],
     },
 ];
 
@@ -263,7 +353,9 @@ pub fn split_request(data: &[u8]) -> (HeaderMap, &[u8]) {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        let value = line[colon + 1..].strip_prefix(b" ").unwrap_or(&line[colon + 1..]);
+        let value = line[colon + 1..]
+            .strip_prefix(b" ")
+            .unwrap_or(&line[colon + 1..]);
         if let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(&line[..colon]),
             HeaderValue::from_bytes(value),
@@ -321,14 +413,22 @@ fn sign(scheme: SignatureScheme, headers: &mut HeaderMap, body: &[u8]) {
     match scheme {
         SignatureScheme::Linear => set(headers, "linear-signature", hex_mac(body)),
         SignatureScheme::Github => {
-            set(headers, "x-hub-signature-256", format!("sha256={}", hex_mac(body)));
+            set(
+                headers,
+                "x-hub-signature-256",
+                format!("sha256={}", hex_mac(body)),
+            );
         }
         SignatureScheme::Hmac => set(headers, "x-signature", format!("sha256={}", hex_mac(body))),
         SignatureScheme::Slack => {
             let mut message = format!("v0:{ts}:").into_bytes();
             message.extend_from_slice(body);
             set(headers, "x-slack-request-timestamp", ts.clone());
-            set(headers, "x-slack-signature", format!("v0={}", hex_mac(&message)));
+            set(
+                headers,
+                "x-slack-signature",
+                format!("v0={}", hex_mac(&message)),
+            );
         }
         SignatureScheme::StandardWebhooks => {
             let id = headers
@@ -381,7 +481,14 @@ pub fn signature(scheme: SignatureScheme, data: &[u8]) -> String {
         assert!(challenge.len() <= body.len());
     }
     sign(scheme, &mut headers, body);
-    match verifier.verify(&SignedRequest { headers: &headers, body, now }, &secret) {
+    match verifier.verify(
+        &SignedRequest {
+            headers: &headers,
+            body,
+            now,
+        },
+        &secret,
+    ) {
         Ok(verified) => {
             if let Some(key) = &verified.dedup_key {
                 assert!(key.len() <= 1024, "a dedup key of {} bytes", key.len());
@@ -427,7 +534,11 @@ fn entry_ips(entry: &str) -> Vec<IpAddr> {
     if let Ok(addr) = entry.parse::<SocketAddr>() {
         ips.push(addr.ip());
     }
-    if let Ok(ip) = entry.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+    if let Ok(ip) = entry
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
         ips.push(ip);
     }
     if let Some((host, _)) = entry.rsplit_once(':')
@@ -499,7 +610,11 @@ pub fn provider_title(data: &[u8]) -> String {
     assert!(cut.len() <= MAX_TITLE_BYTES);
     match title::provider_title(scheme, &headers, body) {
         Some(title) => {
-            assert!(title.len() <= MAX_TITLE_BYTES, "a title of {} bytes", title.len());
+            assert!(
+                title.len() <= MAX_TITLE_BYTES,
+                "a title of {} bytes",
+                title.len()
+            );
             format!("{scheme:?}:some")
         }
         None => format!("{scheme:?}:none"),
@@ -623,7 +738,10 @@ pub fn model_answer(data: &[u8]) -> String {
     ] {
         match answer {
             Ok(text) => {
-                assert!(!text.trim().is_empty(), "{name}: an empty answer was accepted");
+                assert!(
+                    !text.trim().is_empty(),
+                    "{name}: an empty answer was accepted"
+                );
                 class.push_str(&format!("{name}:ok "));
             }
             Err(reason) => {
@@ -662,9 +780,18 @@ fn signed_seeds(scheme: SignatureScheme) -> Vec<Vec<u8>> {
         _ => r#"{"title":"nightly"}"#.to_owned(),
     };
     let mut headers = HeaderMap::new();
-    headers.insert("webhook-id", HeaderValue::from_static("msg_p5jXN8AQM9LWM0D4loKWxJek"));
-    headers.insert("x-github-delivery", HeaderValue::from_static("72d3162e-cc78-11e3-81ab-4c9367dc0958"));
-    headers.insert("linear-delivery", HeaderValue::from_static("234d1a4e-b617-4388-90fe-adc3633d6b72"));
+    headers.insert(
+        "webhook-id",
+        HeaderValue::from_static("msg_p5jXN8AQM9LWM0D4loKWxJek"),
+    );
+    headers.insert(
+        "x-github-delivery",
+        HeaderValue::from_static("72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+    );
+    headers.insert(
+        "linear-delivery",
+        HeaderValue::from_static("234d1a4e-b617-4388-90fe-adc3633d6b72"),
+    );
     sign(scheme, &mut headers, body.as_bytes());
     let mut head = String::new();
     for (name, value) in &headers {

@@ -25,8 +25,13 @@ fn every_target_survives_a_short_run() {
             .iter()
             .map(|target| {
                 scope.spawn(move || {
-                    let report =
-                        engine::fuzz(target, budget, seed, Some(&hookrun_fuzz::corpus_dir()), None);
+                    let report = engine::fuzz(
+                        target,
+                        budget,
+                        seed,
+                        Some(&hookrun_fuzz::corpus_dir()),
+                        None,
+                    );
                     assert!(report.iterations > 0, "{} ran nothing", target.name);
                     report.crash.map(|crash| {
                         format!(

@@ -156,7 +156,11 @@ fn userinfo(url: &str) -> Option<&str> {
 
 /// Characters that end a URL embedded in text.
 fn ends_url(c: char) -> bool {
-    c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '\\' | ')' | ']' | '}' | ',')
+    c.is_whitespace()
+        || matches!(
+            c,
+            '"' | '\'' | '<' | '>' | '`' | '\\' | ')' | ']' | '}' | ','
+        )
 }
 
 /// Replaces the userinfo of every `scheme://userinfo@host` in `text`.
@@ -293,7 +297,9 @@ static SECRETS: RwLock<Redactor> = RwLock::new(Redactor { forms: Vec::new() });
 
 /// Adds secrets to the process-wide set that [`scrub`] removes.
 pub fn remember(add: impl FnOnce(&mut Redactor)) {
-    let mut secrets = SECRETS.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut secrets = SECRETS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     add(&mut secrets);
 }
 
@@ -334,10 +340,7 @@ mod tests {
             assert!(!scrubbed.contains(&form), "{form} in {scrubbed}");
             assert!(scrubbed.contains(REDACTED), "{scrubbed}");
         }
-        assert_eq!(
-            redactor.scrub("nothing secret here"),
-            "nothing secret here"
-        );
+        assert_eq!(redactor.scrub("nothing secret here"), "nothing secret here");
     }
 
     #[test]

@@ -44,7 +44,13 @@ pub async fn serve(router: Router) -> String {
 }
 
 /// Appends a request to `seen`.
-pub fn record(seen: &Mutex<Vec<Seen>>, method: Method, uri: &Uri, headers: HeaderMap, body: &Bytes) {
+pub fn record(
+    seen: &Mutex<Vec<Seen>>,
+    method: Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: &Bytes,
+) {
     seen.lock().expect("lock").push(Seen {
         method,
         path: uri.path().to_string(),

@@ -140,12 +140,19 @@ impl Received {
 async fn operator_admin(operator: &Process) -> String {
     eventually(Duration::from_secs(20), || async {
         let text = operator.log_text();
-        let line = text.lines().find(|l| l.contains("admin server listening"))?;
+        let line = text
+            .lines()
+            .find(|l| l.contains("admin server listening"))?;
         let rest = line.split("address=").nth(1)?;
         Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
     })
     .await
-    .unwrap_or_else(|| panic!("the operator logged no admin address: {}", operator.log.display()))
+    .unwrap_or_else(|| {
+        panic!(
+            "the operator logged no admin address: {}",
+            operator.log.display()
+        )
+    })
 }
 
 fn kubectl_json(ns: &TestNamespace, args: &[&str]) -> Value {
@@ -270,7 +277,10 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         ("lin", json!({"linearSignatureSecret": linear_secret})),
         ("gh", json!({"githubSecretRef": key_ref("github")})),
         ("slk", json!({"slackSigningSecretRef": key_ref("slack")})),
-        ("swh", json!({"standardWebhooksSecretRef": key_ref("standard")})),
+        (
+            "swh",
+            json!({"standardWebhooksSecretRef": key_ref("standard")}),
+        ),
         ("hm", json!({"hmacSecretRef": key_ref("hmac")})),
     ];
     for (name, webhook) in &signed {
@@ -330,7 +340,16 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
     .await;
 
     let mut paths = std::collections::BTreeMap::new();
-    for name in ["lin", "gh", "slk", "swh", "hm", "model-echo", "model-badurl", "prints-key"] {
+    for name in [
+        "lin",
+        "gh",
+        "slk",
+        "swh",
+        "hm",
+        "model-echo",
+        "model-badurl",
+        "prints-key",
+    ] {
         let path = webhook_path(&agents, ns.name(), name).await;
         assert!(
             is_known(&apiserver.public, &path).await,
@@ -364,16 +383,28 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
             "webhookTimestamp": ms
         })
         .to_string();
-        let signature = hex::encode(hmac_sha256(pick(&linear_secret).as_bytes(), linear_body.as_bytes()));
+        let signature = hex::encode(hmac_sha256(
+            pick(&linear_secret).as_bytes(),
+            linear_body.as_bytes(),
+        ));
         let status = got
-            .call(&public, "POST", &paths["lin"], &[("Linear-Signature", &signature)], &linear_body)
+            .call(
+                &public,
+                "POST",
+                &paths["lin"],
+                &[("Linear-Signature", &signature)],
+                &linear_body,
+            )
             .await;
         assert_eq!(status, expected, "linear good={good}");
 
         let gh_body = body("github");
         let signature = format!(
             "sha256={}",
-            hex::encode(hmac_sha256(pick(&github_secret).as_bytes(), gh_body.as_bytes()))
+            hex::encode(hmac_sha256(
+                pick(&github_secret).as_bytes(),
+                gh_body.as_bytes()
+            ))
         );
         let delivery = random("d-", 16);
         let status = got
@@ -405,7 +436,10 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
                 &public,
                 "POST",
                 &paths["slk"],
-                &[("X-Slack-Signature", &signature), ("X-Slack-Request-Timestamp", &ts)],
+                &[
+                    ("X-Slack-Signature", &signature),
+                    ("X-Slack-Request-Timestamp", &ts),
+                ],
                 &slack_body,
             )
             .await;
@@ -420,14 +454,21 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         };
         let signature = format!(
             "v1,{}",
-            STANDARD.encode(hmac_sha256(key.as_bytes(), format!("{id}.{ts}.{swh_body}").as_bytes()))
+            STANDARD.encode(hmac_sha256(
+                key.as_bytes(),
+                format!("{id}.{ts}.{swh_body}").as_bytes()
+            ))
         );
         let status = got
             .call(
                 &public,
                 "POST",
                 &paths["swh"],
-                &[("webhook-id", &id), ("webhook-timestamp", &ts), ("webhook-signature", &signature)],
+                &[
+                    ("webhook-id", &id),
+                    ("webhook-timestamp", &ts),
+                    ("webhook-signature", &signature),
+                ],
                 &swh_body,
             )
             .await;
@@ -436,10 +477,19 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         let hm_body = body("hmac");
         let signature = format!(
             "sha256={}",
-            hex::encode(hmac_sha256(pick(&hmac_secret).as_bytes(), hm_body.as_bytes()))
+            hex::encode(hmac_sha256(
+                pick(&hmac_secret).as_bytes(),
+                hm_body.as_bytes()
+            ))
         );
         let status = got
-            .call(&public, "POST", &paths["hm"], &[("X-Signature", &signature)], &hm_body)
+            .call(
+                &public,
+                "POST",
+                &paths["hm"],
+                &[("X-Signature", &signature)],
+                &hm_body,
+            )
             .await;
         assert_eq!(status, expected, "hmac good={good}");
     }
@@ -529,7 +579,10 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         ("operator log".into(), operator.log_text()),
     ];
     let mut harness_logs = 0;
-    for entry in std::fs::read_dir(&work_dir).expect("the pod runner's directory").flatten() {
+    for entry in std::fs::read_dir(&work_dir)
+        .expect("the pod runner's directory")
+        .flatten()
+    {
         if entry.path().extension().is_some_and(|e| e == "log") {
             let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
             harness_logs += usize::from(!text.is_empty());
@@ -565,13 +618,19 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         ("Slack signing secret".into(), slack_secret),
         ("Standard Webhooks secret".into(), standard_secret),
         ("Standard Webhooks key".into(), standard_key.clone()),
-        ("Standard Webhooks key, base64".into(), STANDARD.encode(&standard_key)),
+        (
+            "Standard Webhooks key, base64".into(),
+            STANDARD.encode(&standard_key),
+        ),
         ("generic HMAC secret".into(), hmac_secret),
         ("OpenAI key".into(), openai_key),
         ("Anthropic key".into(), anthropic_key),
         ("base URL password".into(), userinfo_password.clone()),
         ("base URL password 2".into(), userinfo_password2),
-        ("base URL user:password".into(), format!("mdl-user:{userinfo_password}")),
+        (
+            "base URL user:password".into(),
+            format!("mdl-user:{userinfo_password}"),
+        ),
         ("wrong webhook token".into(), wrong_token),
         ("read API bearer token".into(), reader),
         ("junk bearer token".into(), junk_bearer),
