@@ -113,6 +113,20 @@ pub fn plan(context: &SessionContext) -> Result<Plan, PlanError> {
     first.parse().map(Plan::Model)
 }
 
+/// The longest piece of a model server's answer an error message quotes.
+pub const MAX_QUOTED_BYTES: usize = 300;
+
+/// `text` cut to [`MAX_QUOTED_BYTES`]: a decoding error can quote the server's answer
+/// (serde quotes a string of the wrong type whole), and a message must not grow with it.
+pub fn quote_cut(text: &str) -> String {
+    let (head, cut) = hookrun_crds::session::truncate_utf8(text, MAX_QUOTED_BYTES);
+    if cut {
+        format!("{head}…")
+    } else {
+        head.to_string()
+    }
+}
+
 /// An API key: never printed, marked sensitive in headers.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -400,6 +414,16 @@ mod tests {
             let error = plan(&context(&[id], None)).expect_err(id);
             assert!(error.to_string().contains(id), "{error}");
         }
+    }
+
+    #[test]
+    fn decoding_errors_of_answers_are_cut() {
+        let body = serde_json::json!({"content": "x".repeat(10_000)}).to_string();
+        let error = anthropic::answer(body.as_bytes()).expect_err("not a message");
+        assert!(error.len() < 400, "{} bytes", error.len());
+        let body = serde_json::json!({"choices": "x".repeat(10_000)}).to_string();
+        let error = openai::answer(body.as_bytes()).expect_err("not a completion");
+        assert!(error.len() < 400, "{} bytes", error.len());
     }
 
     #[test]

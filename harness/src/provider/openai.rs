@@ -58,8 +58,12 @@ struct ChoiceMessage {
 /// `choices[0].message.content` of a 200 answer (a string, or a list of text parts as
 /// some compatible servers send). A refusal or an empty answer is an error saying so.
 pub fn answer(body: &[u8]) -> Result<String, String> {
-    let completion: Completion = serde_json::from_slice(body)
-        .map_err(|error| format!("the answer is not a chat completion: {error}"))?;
+    let completion: Completion = serde_json::from_slice(body).map_err(|error| {
+        format!(
+            "the answer is not a chat completion: {}",
+            super::quote_cut(&error.to_string())
+        )
+    })?;
     let choice = completion
         .choices
         .into_iter()
