@@ -75,7 +75,7 @@ pub fn answer(body: &[u8]) -> Result<String, String> {
     if text.trim().is_empty() {
         return Err(format!(
             "the model answered with no text (stop_reason: {})",
-            message.stop_reason.as_deref().unwrap_or("none")
+            super::quote_cut(message.stop_reason.as_deref().unwrap_or("none"))
         ));
     }
     Ok(text)

@@ -80,11 +80,11 @@ pub fn answer(body: &[u8]) -> Result<String, String> {
     };
     if text.trim().is_empty() {
         if let Some(refusal) = message.refusal.filter(|r| !r.is_empty()) {
-            return Err(format!("the model refused: {refusal}"));
+            return Err(format!("the model refused: {}", super::quote_cut(&refusal)));
         }
         return Err(format!(
             "the model answered with no text (finish_reason: {})",
-            choice.finish_reason.as_deref().unwrap_or("none")
+            super::quote_cut(choice.finish_reason.as_deref().unwrap_or("none"))
         ));
     }
     Ok(text)
