@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := $(CARGO) run -q -p hookrun-tests --bin hookrun-cluster --
 
-.PHONY: all test unit-test tools cluster-up cluster-down crds fmt lint dev bench clean-tools images
+.PHONY: all test unit-test tools cluster-up cluster-down crds fmt lint dev bench clean-tools images fuzz
 
 all: test
 
@@ -52,3 +52,9 @@ bench: tools
 	$(CARGO) bench -p hookrun-tests --bench operator
 	$(CARGO) bench -p hookrun-apiserver --bench webhook
 	$(CARGO) bench -p hookrun-apiserver --bench wait
+
+## fuzz: every fuzz target for FUZZ_SECONDS seconds of CPU each (stable Rust; a crash is
+## saved under fuzz/regressions/<target>/ and replayed by make test from then on)
+FUZZ_SECONDS ?= 60
+fuzz:
+	$(CARGO) run -q -p hookrun-fuzz -- --seconds $(FUZZ_SECONDS)

@@ -70,11 +70,23 @@ pub fn is_env_name(name: &str) -> bool {
         && name.len() <= 256
 }
 
+/// `text` quoted for an error message, cut to its first 64 characters: messages go into
+/// HTTP answers and logs and must not grow with what a caller sent.
+pub fn quoted_head(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    match text.char_indices().nth(MAX_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 /// Checks an environment variable name, including the reserved prefix.
 pub fn check_env_name(name: &str) -> Result<(), String> {
     if !is_env_name(name) {
         return Err(format!(
-            "{name:?} is not a valid variable name: use letters, digits and _, not starting with a digit"
+            "{} is not a valid variable name: use at most 256 letters, digits and _, not \
+             starting with a digit",
+            quoted_head(name)
         ));
     }
     if name.starts_with(RESERVED_ENV_PREFIX) {
@@ -534,5 +546,18 @@ session:
         assert!(!is_env_name("9X"));
         assert!(!is_env_name("A-B"));
         assert!(!is_env_name("A.B"));
+    }
+
+    #[test]
+    fn a_rejected_name_is_quoted_cut() {
+        let long = format!("{}-", "A".repeat(100_000));
+        let message = check_env_name(&long).expect_err("invalid");
+        assert!(message.len() < 300, "{} bytes", message.len());
+        assert!(message.contains("(100001 bytes)"), "{message}");
+        assert_eq!(quoted_head("A-B"), "\"A-B\"");
+        assert_eq!(
+            quoted_head(&"é".repeat(70)),
+            format!("{:?}… (140 bytes)", "é".repeat(64))
+        );
     }
 }

@@ -295,22 +295,53 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Copies the program's stderr to ours (the pod log) and keeps its last bytes.
+/// Copies the program's stderr to ours (the pod log) line by line, secrets scrubbed,
+/// and keeps its last bytes. A line longer than [`STDERR_LINE_MAX`] is cut, so a
+/// secret can only get through when a program writes it across such a cut.
 async fn forward_stderr(mut stderr: impl AsyncRead + Unpin) -> String {
     let mut tail: Vec<u8> = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 4096];
     let mut ours = tokio::io::stderr();
-    while let Ok(n) = stderr.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-        let _ = ours.write_all(&buf[..n]).await;
-        tail.extend_from_slice(&buf[..n]);
-        if tail.len() > STDERR_TAIL_BYTES {
-            tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+    loop {
+        let n = match stderr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(line) = next_stderr_line(&mut pending, false) {
+            let _ = ours.write_all(line.as_bytes()).await;
+            keep_tail(&mut tail, line.as_bytes());
         }
     }
+    if let Some(line) = next_stderr_line(&mut pending, true) {
+        let _ = ours.write_all(line.as_bytes()).await;
+        keep_tail(&mut tail, line.as_bytes());
+    }
     String::from_utf8_lossy(&tail).into_owned()
+}
+
+/// The longest stderr line forwarded whole.
+pub const STDERR_LINE_MAX: usize = 16 * 1024;
+
+/// The next complete line of `pending` (or what is left at the end), scrubbed, its
+/// newline kept.
+fn next_stderr_line(pending: &mut Vec<u8>, end: bool) -> Option<String> {
+    let cut = match pending.iter().position(|&b| b == b'\n') {
+        Some(newline) => newline + 1,
+        None if pending.len() >= STDERR_LINE_MAX => STDERR_LINE_MAX,
+        None if end && !pending.is_empty() => pending.len(),
+        None => return None,
+    };
+    let line: Vec<u8> = pending.drain(..cut).collect();
+    Some(crate::redact::scrub(&String::from_utf8_lossy(&line)))
+}
+
+fn keep_tail(tail: &mut Vec<u8>, bytes: &[u8]) {
+    tail.extend_from_slice(bytes);
+    if tail.len() > STDERR_TAIL_BYTES {
+        tail.drain(..tail.len() - STDERR_TAIL_BYTES);
+    }
 }
 
 #[cfg(test)]
@@ -344,6 +375,17 @@ mod tests {
         batch.push("");
         batch.push("  ");
         assert_eq!(batch.take(), None, "blank lines alone are not an event");
+    }
+
+    #[tokio::test]
+    async fn stderr_is_forwarded_scrubbed_line_by_line() {
+        crate::redact::remember(|secrets| secrets.add("stderr-secret-42"));
+        let input: &[u8] = b"curl: using key stderr-secret-42\nhttp://u:pw@host/ failed\nlast";
+        let tail = forward_stderr(input).await;
+        assert_eq!(
+            tail,
+            "curl: using key [redacted]\nhttp://[redacted]@host/ failed\nlast"
+        );
     }
 
     #[test]

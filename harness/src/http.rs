@@ -18,7 +18,8 @@ const MAX_RESPONSE_BODY: usize = 16 * 1024 * 1024;
 /// or a body that could not be read. Always worth a retry except for a bad URL.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// The URL does not parse; retrying will not help.
+    /// The URL does not parse; retrying will not help. The URL is kept without its
+    /// credentials.
     #[error("invalid URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as configured.
@@ -87,12 +88,12 @@ impl HttpClient {
         let uri: Uri =
             url.parse()
                 .map_err(|error: http::uri::InvalidUri| TransportError::InvalidUrl {
-                    url: url.to_string(),
+                    url: crate::redact::scrub(url),
                     reason: error.to_string(),
                 })?;
         if uri.scheme().is_none() || uri.authority().is_none() {
             return Err(TransportError::InvalidUrl {
-                url: url.to_string(),
+                url: crate::redact::scrub(url),
                 reason: "expected an absolute http:// or https:// URL".to_string(),
             });
         }
@@ -111,7 +112,7 @@ impl HttpClient {
             builder
                 .body(Full::new(body))
                 .map_err(|error| TransportError::InvalidUrl {
-                    url: url.to_string(),
+                    url: crate::redact::scrub(url),
                     reason: error.to_string(),
                 })?;
         let exchange = async {

@@ -8,6 +8,7 @@
 pub mod exec;
 pub mod http;
 pub mod provider;
+pub mod redact;
 pub mod retry;
 pub mod runner;
 
@@ -136,6 +137,7 @@ enum Failure {
 
 /// Runs the session the pod was started for, start to end.
 pub async fn run(args: Args) -> Outcome {
+    remember_secrets(&args);
     let http = HttpClient::new();
     let runner = RunnerClient::new(
         http.clone(),
@@ -146,7 +148,7 @@ pub async fn run(args: Args) -> Outcome {
     let context = match runner.session().await {
         Ok(context) => context,
         Err(error) => {
-            tracing::error!(%error, "cannot read the session from the runner API");
+            tracing::error!(error = %redact::scrub(&error.to_string()), "cannot read the session from the runner API");
             // When the API answered but its answer was unusable, the session can still
             // be told; without a token or an answer it cannot.
             let reachable = match &error {
@@ -181,6 +183,7 @@ pub async fn run(args: Args) -> Outcome {
     match result {
         Ok(response) => finish(&runner, Completion::complete(&response), Outcome::Completed).await,
         Err(Failure::Agent(message)) => {
+            let message = redact::scrub(&message);
             tracing::error!(%message, "the agent failed");
             finish(&runner, Completion::error(&message), Outcome::Failed).await
         }
@@ -189,6 +192,28 @@ pub async fn run(args: Args) -> Outcome {
             Outcome::Interrupted
         }
     }
+}
+
+/// Tells [`redact`] every secret this run knows of: the model keys, the credentials in
+/// the configured URLs, and secret-looking variables of the environment (what an exec
+/// program inherits and might print).
+fn remember_secrets(args: &Args) {
+    redact::remember(|secrets| {
+        for key in [&args.anthropic_api_key, &args.openai_api_key]
+            .into_iter()
+            .flatten()
+        {
+            secrets.add(key.expose());
+        }
+        for url in [
+            &args.anthropic_base_url,
+            &args.openai_base_url,
+            &args.runner_url,
+        ] {
+            secrets.add_url(url);
+        }
+        secrets.add_env(std::env::vars());
+    });
 }
 
 async fn finish(runner: &RunnerClient, completion: Completion, outcome: Outcome) -> Outcome {
@@ -202,7 +227,7 @@ async fn finish(runner: &RunnerClient, completion: Completion, outcome: Outcome)
             Outcome::Interrupted
         }
         Err(error) => {
-            tracing::error!(%error, "cannot complete the session");
+            tracing::error!(error = %redact::scrub(&error.to_string()), "cannot complete the session");
             Outcome::Unreported
         }
     }
@@ -223,7 +248,10 @@ async fn run_model(
         Ok(_) => {}
         Err(RunnerError::Finished) => return Err(Failure::Interrupted),
         // The completion below still carries the answer.
-        Err(error) => tracing::warn!(%error, "cannot post the answer as an event"),
+        Err(error) => tracing::warn!(
+            error = %redact::scrub(&error.to_string()),
+            "cannot post the answer as an event"
+        ),
     }
     Ok(text)
 }
@@ -243,7 +271,10 @@ async fn run_exec(
                     Ok(_) => {}
                     // Dropping the receiver stops the command.
                     Err(RunnerError::Finished) => return false,
-                    Err(error) => tracing::warn!(%error, "cannot post an event; going on"),
+                    Err(error) => tracing::warn!(
+                        error = %redact::scrub(&error.to_string()),
+                        "cannot post an event; going on"
+                    ),
                 }
             }
             true

@@ -11,6 +11,7 @@ use http::{HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{HttpClient, HttpResponse, TransportError};
+use crate::redact;
 use crate::retry::{self, RetryPolicy};
 
 /// How long one runner call may take.
@@ -79,17 +80,19 @@ pub enum Completion {
 }
 
 impl Completion {
-    /// A successful ending, cut to the size a Session keeps.
+    /// A successful ending, secrets scrubbed, cut to the size a Session keeps.
     pub fn complete(response: &str) -> Self {
+        let response = redact::scrub(response);
         Self::Complete {
-            response: truncate_utf8(response, MAX_RESPONSE_BYTES).0.to_string(),
+            response: truncate_utf8(&response, MAX_RESPONSE_BYTES).0.to_string(),
         }
     }
 
-    /// A failed ending, cut to the size a Session keeps.
+    /// A failed ending, secrets scrubbed, cut to the size a Session keeps.
     pub fn error(message: &str) -> Self {
+        let message = redact::scrub(message);
         Self::Error {
-            message: truncate_utf8(message, MAX_MESSAGE_BYTES).0.to_string(),
+            message: truncate_utf8(&message, MAX_MESSAGE_BYTES).0.to_string(),
         }
     }
 }
@@ -184,6 +187,7 @@ impl RunnerClient {
                 }
             })?;
         value.set_sensitive(true);
+        redact::remember(|secrets| secrets.add(token.trim()));
         Ok(value)
     }
 
@@ -226,7 +230,12 @@ impl RunnerClient {
             else {
                 return Err(failure);
             };
-            tracing::warn!(%failure, attempt, ?delay, "runner call failed; retrying");
+            tracing::warn!(
+                failure = %redact::scrub(&failure.to_string()),
+                attempt,
+                ?delay,
+                "runner call failed; retrying"
+            );
             tokio::time::sleep(delay).await;
         }
     }
@@ -237,8 +246,10 @@ impl RunnerClient {
         decode(&response)
     }
 
-    /// `POST /runner/v1/events` with an `agent.message`; answers the event id.
+    /// `POST /runner/v1/events` with an `agent.message`, secrets scrubbed; answers the
+    /// event id.
     pub async fn post_message(&self, content: &str) -> Result<u64, RunnerError> {
+        let content = redact::scrub(content);
         let body = serde_json::json!({"type": "agent.message", "content": content});
         let response = self
             .call(Method::POST, "/runner/v1/events", Some(&body))

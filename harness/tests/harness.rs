@@ -1,7 +1,6 @@
 //! The harness end to end, in-process, against a fake runner API and a fake model server
 //! that speak the real formats (fixtures follow the providers' documentation).
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,40 +11,14 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use hookrun_harness::provider::ApiKey;
 use hookrun_harness::{Args, Outcome};
+use hookrun_tests::fake_model::{
+    FakeModel, Seen, anthropic_message, openai_completion, record, serve,
+};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "pod-bound-token-1";
 const ANTHROPIC_KEY: &str = "sk-ant-test-0123456789";
 const OPENAI_KEY: &str = "sk-proj-test-0123456789";
-
-/// One request a fake server saw.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    body: Value,
-}
-
-async fn serve(router: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a port");
-    let addr = listener.local_addr().expect("an address");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
-    });
-    format!("http://{addr}")
-}
-
-fn record(seen: &Mutex<Vec<Seen>>, method: Method, uri: &Uri, headers: HeaderMap, body: &Bytes) {
-    seen.lock().expect("lock").push(Seen {
-        method,
-        path: uri.path().to_string(),
-        headers,
-        body: serde_json::from_slice(body).unwrap_or(Value::Null),
-    });
-}
 
 /// The runner API as the apiserver serves it.
 #[derive(Default)]
@@ -155,54 +128,6 @@ impl RunnerState {
     }
 }
 
-/// A model server that answers from a script, one response per request.
-struct FakeModel {
-    url: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-type Scripted = (u16, Vec<(&'static str, &'static str)>, Value);
-
-impl FakeModel {
-    async fn start(script: Vec<Scripted>) -> Self {
-        let script = Arc::new(Mutex::new(VecDeque::from(script)));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let recorded = seen.clone();
-        let router = Router::new().fallback(
-            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                let script = script.clone();
-                let seen = recorded.clone();
-                async move {
-                    record(&seen, method, &uri, headers, &body);
-                    let next = script.lock().expect("lock").pop_front();
-                    let Some((status, headers, body)) = next else {
-                        return (StatusCode::IM_A_TEAPOT, "script exhausted").into_response();
-                    };
-                    let mut response = (
-                        StatusCode::from_u16(status).expect("a status"),
-                        axum::Json(body),
-                    )
-                        .into_response();
-                    for (name, value) in headers {
-                        response
-                            .headers_mut()
-                            .insert(name, value.parse().expect("a header value"));
-                    }
-                    response
-                }
-            },
-        );
-        Self {
-            url: serve(router).await,
-            seen,
-        }
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().expect("lock").clone()
-    }
-}
-
 fn token_file(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("hookrun-harness-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("a temp dir");
@@ -242,37 +167,8 @@ fn context(title: &str, models: &[&str], exec: Value) -> Value {
     })
 }
 
-fn anthropic_message(text: &str) -> Value {
-    json!({
-        "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4-6",
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "end_turn",
-        "stop_sequence": null,
-        "usage": {"input_tokens": 12, "output_tokens": 6}
-    })
-}
-
-fn openai_completion(text: &str) -> Value {
-    json!({
-        "id": "chatcmpl-B9MBs8CjcvOU2jLn4n570S5qMJKcT",
-        "object": "chat.completion",
-        "created": 1741569952,
-        "model": "gpt-4o-mini",
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": null, "annotations": []},
-            "logprobs": null,
-            "finish_reason": "stop"
-        }],
-        "usage": {"prompt_tokens": 19, "completion_tokens": 10, "total_tokens": 29}
-    })
-}
-
 fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a str> {
-    seen.headers.get(name).and_then(|v| v.to_str().ok())
+    seen.header(name)
 }
 
 #[tokio::test]

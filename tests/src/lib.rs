@@ -1,11 +1,15 @@
 //! Test support for hookrun: the local control plane ([`control_plane`]), one shared
-//! cluster per test binary ([`cluster`]), and a namespace per test ([`TestNamespace`]).
+//! cluster per test binary ([`cluster`]), a namespace per test ([`TestNamespace`]), the
+//! stand-in for the kubelet that runs session pods as local harness processes
+//! ([`pod_runner`]) and a scripted model API ([`fake_model`]).
 //!
 //! Cluster tests never read the shell's `KUBECONFIG`: they start their own control plane
 //! through the `hookrun-cluster` binary, which stops it when the test process exits.
 
 pub mod control_plane;
 pub mod door;
+pub mod fake_model;
+pub mod pod_runner;
 
 use std::{
     path::{Path, PathBuf},

@@ -60,8 +60,12 @@ struct ContentBlock {
 /// The text of a 200 answer: its `text` content blocks joined; other blocks (thinking,
 /// tool use) are skipped. An answer with no text is an error that says why.
 pub fn answer(body: &[u8]) -> Result<String, String> {
-    let message: Message = serde_json::from_slice(body)
-        .map_err(|error| format!("the answer is not a Messages API message: {error}"))?;
+    let message: Message = serde_json::from_slice(body).map_err(|error| {
+        format!(
+            "the answer is not a Messages API message: {}",
+            super::quote_cut(&error.to_string())
+        )
+    })?;
     let text: String = message
         .content
         .iter()
@@ -71,7 +75,7 @@ pub fn answer(body: &[u8]) -> Result<String, String> {
     if text.trim().is_empty() {
         return Err(format!(
             "the model answered with no text (stop_reason: {})",
-            message.stop_reason.as_deref().unwrap_or("none")
+            super::quote_cut(message.stop_reason.as_deref().unwrap_or("none"))
         ));
     }
     Ok(text)

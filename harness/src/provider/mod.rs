@@ -12,6 +12,7 @@ use hookrun_crds::agent::ExecSpec;
 use http::{HeaderValue, Method};
 
 use crate::http::HttpClient;
+use crate::redact;
 use crate::retry::{self, RetryPolicy};
 use crate::runner::SessionContext;
 
@@ -112,6 +113,20 @@ pub fn plan(context: &SessionContext) -> Result<Plan, PlanError> {
     first.parse().map(Plan::Model)
 }
 
+/// The longest piece of a model server's answer an error message quotes.
+pub const MAX_QUOTED_BYTES: usize = 300;
+
+/// `text` cut to [`MAX_QUOTED_BYTES`]: a decoding error can quote the server's answer
+/// (serde quotes a string of the wrong type whole), and a message must not grow with it.
+pub fn quote_cut(text: &str) -> String {
+    let (head, cut) = hookrun_crds::session::truncate_utf8(text, MAX_QUOTED_BYTES);
+    if cut {
+        format!("{head}…")
+    } else {
+        head.to_string()
+    }
+}
+
 /// An API key: never printed, marked sensitive in headers.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -140,13 +155,9 @@ impl ApiKey {
         Self::sensitive(&format!("Bearer {}", self.0))
     }
 
-    /// `text` with every occurrence of the key replaced, for provider messages that
-    /// might quote it.
-    pub fn scrub(&self, text: &str) -> String {
-        if self.0.len() < 4 {
-            return text.to_string();
-        }
-        text.replace(&self.0, "[redacted]")
+    /// The key itself, for [`crate::redact`] to recognise it.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
     }
 }
 
@@ -202,7 +213,7 @@ pub enum ModelError {
         provider: &'static str,
         /// The status code.
         status: u16,
-        /// The provider's error message, key scrubbed.
+        /// The provider's error message, secrets scrubbed.
         message: String,
     },
     /// 429/5xx/no answer until the retry budget ran out.
@@ -258,21 +269,25 @@ pub async fn call_model(
             config.openai_api_key.as_ref(),
         ),
     };
-    let scrub = |text: String| key.map_or(text.clone(), |key| key.scrub(&text));
+    if let Some(key) = key {
+        redact::remember(|secrets| secrets.add(key.expose()));
+    }
+    let scrub = |text: String| redact::scrub(&text);
     let error_message = |body: &[u8]| {
         let message = match target.provider {
             Provider::Anthropic => anthropic::error_message(body),
             Provider::OpenAi => openai::error_message(body),
         };
-        scrub(message.unwrap_or_else(|| {
-            let raw = String::from_utf8_lossy(body);
+        message.map(scrub).unwrap_or_else(|| {
+            // Scrubbed before it is cut, so that no prefix of a secret survives the cut.
+            let raw = scrub(String::from_utf8_lossy(body).into_owned());
             let (head, _) = hookrun_crds::session::truncate_utf8(raw.trim(), 300);
             if head.is_empty() {
                 "(empty body)".to_string()
             } else {
                 head.to_string()
             }
-        }))
+        })
     };
 
     let started = Instant::now();
@@ -314,13 +329,13 @@ pub async fn call_model(
                     message: error_message(&response.body),
                 });
             }
-            Err(error) if error.is_transient() => (error.to_string(), None),
+            Err(error) if error.is_transient() => (scrub(error.to_string()), None),
             Err(error) => {
                 return Err(ModelError::GaveUp {
                     provider,
                     attempts: attempt,
                     elapsed: started.elapsed(),
-                    last: error.to_string(),
+                    last: scrub(error.to_string()),
                 });
             }
         };
@@ -402,14 +417,21 @@ mod tests {
     }
 
     #[test]
+    fn decoding_errors_of_answers_are_cut() {
+        let body = serde_json::json!({"content": "x".repeat(10_000)}).to_string();
+        let error = anthropic::answer(body.as_bytes()).expect_err("not a message");
+        assert!(error.len() < 400, "{} bytes", error.len());
+        let body = serde_json::json!({"choices": "x".repeat(10_000)}).to_string();
+        let error = openai::answer(body.as_bytes()).expect_err("not a completion");
+        assert!(error.len() < 400, "{} bytes", error.len());
+    }
+
+    #[test]
     fn keys_never_print() {
         let key = ApiKey::new(" sk-ant-secret-123 \n");
         assert_eq!(format!("{key:?}"), "ApiKey([redacted])");
         assert!(key.header_value().is_sensitive());
-        assert_eq!(
-            key.scrub("Incorrect API key provided: sk-ant-secret-123."),
-            "Incorrect API key provided: [redacted]."
-        );
+        assert_eq!(key.expose(), "sk-ant-secret-123");
         assert_eq!(
             key.bearer_header_value().to_str().expect("ascii"),
             "Bearer sk-ant-secret-123"

@@ -58,8 +58,12 @@ struct ChoiceMessage {
 /// `choices[0].message.content` of a 200 answer (a string, or a list of text parts as
 /// some compatible servers send). A refusal or an empty answer is an error saying so.
 pub fn answer(body: &[u8]) -> Result<String, String> {
-    let completion: Completion = serde_json::from_slice(body)
-        .map_err(|error| format!("the answer is not a chat completion: {error}"))?;
+    let completion: Completion = serde_json::from_slice(body).map_err(|error| {
+        format!(
+            "the answer is not a chat completion: {}",
+            super::quote_cut(&error.to_string())
+        )
+    })?;
     let choice = completion
         .choices
         .into_iter()
@@ -76,11 +80,11 @@ pub fn answer(body: &[u8]) -> Result<String, String> {
     };
     if text.trim().is_empty() {
         if let Some(refusal) = message.refusal.filter(|r| !r.is_empty()) {
-            return Err(format!("the model refused: {refusal}"));
+            return Err(format!("the model refused: {}", super::quote_cut(&refusal)));
         }
         return Err(format!(
             "the model answered with no text (finish_reason: {})",
-            choice.finish_reason.as_deref().unwrap_or("none")
+            super::quote_cut(choice.finish_reason.as_deref().unwrap_or("none"))
         ));
     }
     Ok(text)

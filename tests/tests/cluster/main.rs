@@ -7,6 +7,7 @@ mod helm;
 mod operator;
 mod runner;
 mod security_input;
+mod security_leaks;
 mod security_logs;
 mod security_policy;
 mod security_readapi;

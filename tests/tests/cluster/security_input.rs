@@ -329,10 +329,10 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
     let event = |content: String| {
         let body = json!({"type": "agent.message", "content": content}).to_string();
         let auth = format!("Bearer {token}");
-        let public = apiserver.public.clone();
+        let runner = apiserver.runner.clone();
         async move {
             request(
-                &public,
+                &runner,
                 "POST",
                 "/runner/v1/events",
                 &[("Authorization", &auth)],

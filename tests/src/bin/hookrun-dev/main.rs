@@ -7,7 +7,6 @@
 //! started, by pid.
 
 mod children;
-mod pod_runner;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -23,7 +22,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::process::Command;
 
 use children::Started;
-use pod_runner::PodRunner;
+use hookrun_tests::pod_runner::PodRunner;
 
 #[derive(Parser)]
 #[command(

@@ -1,4 +1,5 @@
-//! The dev-only stand-in for the kubelet: it watches session pods, runs the harness image
+//! The stand-in for the kubelet of `make dev` and of cluster tests that need sessions to
+//! run for real: it watches session pods, runs the harness image
 //! as the local `hookrun-harness` binary with the pod's environment and a pod-bound token
 //! from TokenRequest, and reports the pod's status (Running, then Succeeded or Failed
 //! with the exit code) through `pods/status`. Any other image is refused with a message.
@@ -37,6 +38,8 @@ pub struct PodRunner {
     /// Per-session working directories and logs go under here.
     pub work_dir: PathBuf,
     running: Arc<Mutex<HashMap<String, watch::Sender<bool>>>>,
+    /// Only pods of this namespace, when set (tests share one cluster).
+    namespace: Option<String>,
 }
 
 /// A pod's environment could not be resolved.
@@ -228,12 +231,22 @@ impl PodRunner {
             harness_binary,
             work_dir,
             running: Arc::default(),
+            namespace: None,
         }
     }
 
-    /// Watches session pods in every namespace until the stream ends.
+    /// The same runner, running only the pods of `namespace`.
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.to_owned());
+        self
+    }
+
+    /// Watches session pods (of every namespace, or of its own) until the stream ends.
     pub async fn run(self) {
-        let pods: Api<Pod> = Api::all(self.client.clone());
+        let pods: Api<Pod> = match &self.namespace {
+            Some(namespace) => Api::namespaced(self.client.clone(), namespace),
+            None => Api::all(self.client.clone()),
+        };
         let config = watcher::Config::default().labels(names::SESSION_LABEL);
         let mut seen: HashSet<String> = HashSet::new();
         let mut events = watcher(pods, config).boxed();
