@@ -208,9 +208,11 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
     .await;
     let model_port = model.url.rsplit(':').next().expect("a port").to_owned();
 
+    // Labelled: the pod policy lets only opted-in Secrets into session env.
     let keys = Secret {
         metadata: kube::api::ObjectMeta {
             name: Some(KEYS_SECRET.into()),
+            labels: Some([("hookrun.dev/agent-env".to_owned(), "true".to_owned())].into()),
             ..Default::default()
         },
         string_data: Some(
@@ -234,7 +236,7 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         .expect("the keys Secret is created");
 
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), "leaks").await;
-    let runner_url = format!("http://{}", apiserver.public);
+    let runner_url = format!("http://{}", apiserver.runner);
     let operator = Process::start(
         cluster,
         "hookrun-operator",
