@@ -1,10 +1,13 @@
-//! The real `hookrun-operator` and `hookrun-apiserver` as child processes watching one
-//! test namespace, and a minimal HTTP/1.1 client for the apiserver's door.
+//! The one launcher of the workspace binaries: the real `hookrun-operator`
+//! ([`Operator`]) and `hookrun-apiserver` ([`ApiServer`], both together as [`Door`]) as
+//! child processes watching one test namespace, their addresses read from their logs
+//! (every listener binds `127.0.0.1:0`), their metrics, signals and exit; and the one
+//! HTTP/1.1 client of the tests ([`request`], [`get`], [`metrics`]).
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use hookrun_crds::{Agent, names};
@@ -52,6 +55,8 @@ impl Process {
             // The operator's sessions flag; an address no pod reaches in these tests.
             .env("HOOKRUN_RUNNER_URL", "http://127.0.0.1:9/")
             .env("NO_COLOR", "1")
+            // Only the flags a test passes decide the public URL.
+            .env_remove("HOOKRUN_PUBLIC_URL")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
@@ -63,6 +68,57 @@ impl Process {
     /// Everything it logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (`TERM`, `KILL`, `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits up to `budget` for the process to exit and returns its exit status.
+    pub async fn wait_exit(&mut self, budget: Duration) -> Option<ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if started.elapsed() > budget {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `budget` for the exit status.
+    pub async fn terminate(&mut self, budget: Duration) -> Option<ExitStatus> {
+        self.signal("TERM");
+        self.wait_exit(budget).await
+    }
+
+    /// Waits up to [`BUDGET`] until a log line holding `message` carries the field
+    /// `name`, and returns its value.
+    pub async fn logged(&self, message: &str, name: &str) -> String {
+        eventually(BUDGET, || async {
+            let text = self.log_text();
+            let line = text.lines().find(|l| l.contains(message))?;
+            logged_field(line, name)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no {name} logged with {message:?}: {}",
+                self.log.display()
+            )
+        })
     }
 }
 
@@ -134,12 +190,103 @@ impl ApiServer {
 /// The value of the first ` name=value` field in a log text.
 pub fn logged_field(text: &str, name: &str) -> Option<String> {
     let rest = text.split(&format!(" {name}=")).nth(1)?;
-    Some(rest.split_whitespace().next()?.to_owned())
+    Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
+}
+
+/// The public URL the operator writes into statuses unless a test passes its own.
+pub const PUBLIC_URL: &str = "https://hooks.example.test/";
+
+/// The real operator, watching one namespace, with its admin address.
+pub struct Operator {
+    pub process: Process,
+    /// `host:port` of the admin listener (`/metrics`, `/readyz`).
+    pub admin: String,
+}
+
+impl Operator {
+    /// Starts `hookrun-operator` on `namespace` with the cluster's kubeconfig and
+    /// `extra` flags, and waits for its admin address. `--public-url` is
+    /// [`PUBLIC_URL`] unless `extra` has one; the runner URL is an address no pod
+    /// reaches unless `extra` has `--runner-url`.
+    pub async fn start(cluster: &Cluster, namespace: &str, extra: &[&str]) -> Self {
+        Self::start_with(&cluster.kubeconfig_path(), namespace, namespace, extra).await
+    }
+
+    /// Like [`Operator::start`] with `kubeconfig`; `tag` goes into the log file's name.
+    pub async fn start_with(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        tag: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut args = vec!["--admin-listen", "127.0.0.1:0", "--namespaces", namespace];
+        if !extra.contains(&"--public-url") {
+            args.extend_from_slice(&["--public-url", PUBLIC_URL]);
+        }
+        args.extend_from_slice(extra);
+        let process = Process::start_with(kubeconfig, "hookrun-operator", tag, &args);
+        let admin = process.logged("admin server listening", "address").await;
+        Operator { process, admin }
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// A series' value from `/metrics` (0 while the series does not exist).
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric(&metrics(&self.admin).await, series)
+    }
+
+    /// API writes of `controller` (`agent`, `session`) counted so far.
+    pub async fn writes(&self, controller: &str) -> f64 {
+        let text = metrics(&self.admin).await;
+        let prefix = format!("hookrun_operator_api_writes_total{{controller=\"{controller}\",");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Reconciles of `controller` finished so far.
+    pub async fn reconciled(&self, controller: &str) -> f64 {
+        self.metric(&format!(
+            "hookrun_operator_reconcile_duration_seconds_count{{controller=\"{controller}\"}}"
+        ))
+        .await
+    }
+
+    /// Waits until more than `finished` reconciles of `controller` have finished and
+    /// none is running, and returns the finished count.
+    pub async fn settled_after(&self, controller: &str, finished: f64) -> f64 {
+        let started = format!("hookrun_operator_reconciles_total{{controller=\"{controller}\"}}");
+        let done = format!(
+            "hookrun_operator_reconcile_duration_seconds_count{{controller=\"{controller}\"}}"
+        );
+        eventually(BUDGET, || async {
+            let text = metrics(&self.admin).await;
+            let (started, done) = (metric(&text, &started), metric(&text, &done));
+            (done > finished && started == done).then_some(done)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the {controller} controller did not settle after {finished} reconciles: {}",
+                self.process.log.display()
+            )
+        })
+    }
 }
 
 /// The operator and the apiserver, both watching only `ns`.
 pub struct Door {
-    _operator: Process,
+    pub operator: Operator,
     pub apiserver: Process,
     /// `host:port` of the public listener.
     pub public: String,
@@ -172,22 +319,10 @@ impl Door {
         kubeconfig: &std::path::Path,
         extra: &[&str],
     ) -> Self {
-        let operator = Process::start(
-            cluster,
-            "hookrun-operator",
-            ns.name(),
-            &[
-                "--public-url",
-                "https://hooks.example.test/",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--namespaces",
-                ns.name(),
-            ],
-        );
+        let operator = Operator::start(cluster, ns.name(), &[]).await;
         let apiserver = ApiServer::start_with_args(kubeconfig, ns.name(), ns.name(), extra).await;
         Door {
-            _operator: operator,
+            operator,
             apiserver: apiserver.process,
             public: apiserver.public,
             runner: apiserver.runner,
@@ -225,7 +360,10 @@ pub async fn is_known(address: &str, path: &str) -> bool {
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
+    /// The body as JSON (`Null` when it is not JSON).
     pub json: Value,
+    /// The body as text (an SSE stream, the metrics).
+    pub text: String,
 }
 
 impl Answer {
@@ -238,7 +376,33 @@ impl Answer {
     }
 }
 
-/// A minimal HTTP/1.1 request with `Connection: close`.
+/// A GET with no headers.
+pub async fn get(address: &str, path: &str) -> Answer {
+    request(address, "GET", path, &[], "").await
+}
+
+/// The text of `GET /metrics` on an admin listener.
+pub async fn metrics(admin: &str) -> String {
+    let answer = get(admin, "/metrics").await;
+    assert_eq!(answer.status, 200, "GET /metrics on {admin}");
+    answer.text
+}
+
+/// The value of `series` (its name and labels exactly as exposed) in a metrics text, 0
+/// while the series does not exist.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(series))
+        .filter(|rest| rest.starts_with(' '))
+        .filter_map(|rest| rest.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// How long [`request`] waits for a whole answer.
+const ANSWER_BUDGET: Duration = Duration::from_secs(90);
+
+/// A minimal HTTP/1.1 request with `Connection: close`, read until the server closes
+/// (within 90 s, long enough for a held wait-mode request).
 pub async fn request(
     address: &str,
     method: &str,
@@ -264,9 +428,9 @@ pub async fn request(
         .expect("request sent");
     stream.write_all(body.as_bytes()).await.expect("body sent");
     let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
+    tokio::time::timeout(ANSWER_BUDGET, stream.read_to_end(&mut response))
         .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no whole answer within {ANSWER_BUDGET:?}"))
         .expect("response read");
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
@@ -284,6 +448,7 @@ pub async fn request(
         status,
         headers,
         json: serde_json::from_str(body).unwrap_or(Value::Null),
+        text: body.to_owned(),
     }
 }
 

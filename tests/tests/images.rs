@@ -1,4 +1,4 @@
-//! The images `make images` builds (issue 7): each tarball is unpacked the way a runtime
+//! The images `make images` builds: each tarball is unpacked the way a runtime
 //! reads it (manifest.json → config → layers), its binary is statically linked, and it
 //! runs `--version` outside any container, with an empty environment. The test runs
 //! `images/build.sh` first (cargo and crane make that cheap when nothing changed), so it

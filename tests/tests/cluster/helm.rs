@@ -1,4 +1,4 @@
-//! Cluster tests of the Helm chart (issue 7): `helm lint`, `helm template` with several
+//! Cluster tests of the Helm chart: `helm lint`, `helm template` with several
 //! value sets accepted by the real kube-apiserver (`--dry-run=server`), and a real
 //! `helm install` → RBAC checks → the real operator and apiserver running with tokens of
 //! the chart's ServiceAccounts through webhook → Session → Pod → runner API (TokenReview)

@@ -1,19 +1,17 @@
-//! Cluster tests of the operator's Agent controller (issue 3). Each test runs the real
+//! Cluster tests of the operator's Agent controller. Each test runs the real
 //! `hookrun-operator` binary against the test control plane, watching only the test's
 //! own namespace.
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use hookrun_crds::{
     Agent,
     names::{self, secret_keys},
 };
 use hookrun_tests::{
-    Cluster, TestNamespace, apply_agent, cluster, control_plane::workspace_root, eventually,
+    TestNamespace, apply_agent, cluster,
+    door::{Operator, get},
+    eventually,
 };
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
@@ -22,183 +20,15 @@ use kube::{
 };
 use serde_json::json;
 
-const PUBLIC_URL: &str = "https://hooks.example.test/";
 const BUDGET: Duration = Duration::from_secs(10);
 
-/// The operator binary, built first when it is not there yet.
-fn operator_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf();
-    let path = profile_dir.join("hookrun-operator");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "hookrun-operator"])
-            .current_dir(workspace_root())
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build -p hookrun-operator failed");
-    }
-    path
-}
-
-/// A running `hookrun-operator`, killed when dropped. Logs (JSON lines) go to a file
-/// under `target/test-clusters/`.
-struct Operator {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Operator {
-    fn start(cluster: &Cluster, ns: &TestNamespace, extra: &[&str]) -> Self {
-        Self::start_with_url(cluster, ns, PUBLIC_URL, extra)
-    }
-
-    /// Like [`Operator::start`] with its own public URL, so that the URLs an operator
-    /// writes into Agent statuses say which operator wrote them.
-    fn start_with_url(
-        cluster: &Cluster,
-        ns: &TestNamespace,
-        public_url: &str,
-        extra: &[&str],
-    ) -> Self {
-        let dir = workspace_root().join("target/test-clusters");
-        std::fs::create_dir_all(&dir).expect("the log directory");
-        let log = dir.join(format!("operator-{}-{}.log", ns.name(), rand_suffix()));
-        let file = std::fs::File::create(&log).expect("the operator log");
-        let child = Command::new(operator_binary())
-            .args([
-                "--public-url",
-                public_url,
-                "--runner-url",
-                "http://runner.hookrun.test",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--namespaces",
-                ns.name(),
-                "--log-format",
-                "json",
-            ])
-            .args(extra)
-            .env("KUBECONFIG", cluster.kubeconfig_path())
-            .env("RUST_LOG", "info")
-            .env_remove("HOOKRUN_PUBLIC_URL")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .expect("hookrun-operator starts");
-        Operator { child, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The admin server's address, from the operator's log.
-    async fn admin_address(&self) -> String {
-        eventually(BUDGET, || async {
-            self.log_text().lines().find_map(|line| {
-                let value: serde_json::Value = serde_json::from_str(line).ok()?;
-                let fields = value.get("fields")?;
-                (fields.get("message")?.as_str()? == "admin server listening")
-                    .then(|| fields.get("address")?.as_str().map(str::to_owned))
-                    .flatten()
-            })
-        })
-        .await
-        .unwrap_or_else(|| panic!("no admin address in {}", self.log.display()))
-    }
-
-    /// A metric's value from `/metrics` (0 when the series does not exist yet).
-    async fn metric(&self, series: &str) -> f64 {
-        let address = self.admin_address().await;
-        let body = http_get(&address, "/metrics").await;
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
-            .unwrap_or(0.0)
-    }
-
-    /// Total API writes counted by the operator.
-    async fn writes(&self) -> f64 {
-        let mut total = 0.0;
-        for kind in ["secret_apply", "secret_delete", "status_patch", "event"] {
-            total += self
-                .metric(&format!(
-                    "hookrun_operator_api_writes_total{{controller=\"agent\",kind=\"{kind}\"}}"
-                ))
-                .await;
-        }
-        total
-    }
-
-    /// Sends SIGTERM and waits up to `budget` for the exit status.
-    fn terminate(mut self, budget: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let started = std::time::Instant::now();
-        while started.elapsed() < budget {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn rand_suffix() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default()
-    )
-}
-
-/// A minimal HTTP/1.1 GET, enough for the admin server.
-async fn http_get(address: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("the admin server accepts");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("request sent");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response read");
-    response
+/// A readiness probe of the admin listener answers 200.
+async fn is_ready(operator: &Operator) -> bool {
+    eventually(BUDGET, || async {
+        (get(&operator.admin, "/readyz").await.status == 200).then_some(())
+    })
+    .await
+    .is_some()
 }
 
 fn webhook_agent() -> serde_json::Value {
@@ -252,7 +82,7 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let operator = Operator::start(cluster, &ns, &[]);
+    let operator = Operator::start(cluster, ns.name(), &[]).await;
 
     let started = std::time::Instant::now();
     apply_agent(&agents, "my-agent", webhook_agent()).await;
@@ -314,8 +144,8 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
 
     // Nothing to do: a reconcile writes nothing. Touching the Agent's metadata triggers
     // a reconcile without changing what it should produce.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let writes_before = operator.writes().await;
+    let settled = operator.settled_after("agent", 0.0).await;
+    let writes_before = operator.writes("agent").await;
     let secret_rv = secrets
         .get(&names::webhook_secret_name("my-agent"))
         .await
@@ -334,13 +164,13 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
         .await
         .expect("agent")
         .resource_version();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    operator.settled_after("agent", settled).await;
     let reconciles = operator
         .metric("hookrun_operator_reconciles_total{controller=\"agent\"}")
         .await;
     assert!(reconciles >= 2.0, "reconciles: {reconciles}");
     assert_eq!(
-        operator.writes().await,
+        operator.writes("agent").await,
         writes_before,
         "a no-op reconcile wrote"
     );
@@ -362,21 +192,13 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
     );
 
     // A restart keeps the token and writes nothing.
-    operator.stop();
-    let operator = Operator::start(cluster, &ns, &[]);
-    let address = operator.admin_address().await;
-    let synced = eventually(BUDGET, || async {
-        http_get(&address, "/readyz")
-            .await
-            .starts_with("HTTP/1.1 200")
-            .then_some(())
-    })
-    .await;
+    drop(operator);
+    let operator = Operator::start(cluster, ns.name(), &[]).await;
     assert!(
-        synced.is_some(),
+        is_ready(&operator).await,
         "the restarted operator never became ready"
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    operator.settled_after("agent", 0.0).await;
     assert_eq!(wait_for_token(&agents, "my-agent", None).await, token);
     assert_eq!(
         agents
@@ -386,7 +208,7 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
             .resource_version(),
         agent_rv
     );
-    assert_eq!(operator.writes().await, 0.0, "the restarted operator wrote");
+    assert_eq!(operator.writes("agent").await, 0.0, "the restarted operator wrote");
 }
 
 #[tokio::test]
@@ -396,7 +218,7 @@ async fn deleting_the_secret_gives_a_new_token_and_removing_the_trigger_clears_e
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let _operator = Operator::start(cluster, &ns, &[]);
+    let _operator = Operator::start(cluster, ns.name(), &[]).await;
     let secret_name = names::webhook_secret_name("rotating");
 
     apply_agent(&agents, "rotating", webhook_agent()).await;
@@ -460,7 +282,7 @@ async fn a_missing_secret_ref_waits_for_the_secret_and_follows_its_changes() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let _operator = Operator::start(cluster, &ns, &[]);
+    let _operator = Operator::start(cluster, ns.name(), &[]).await;
 
     apply_agent(
         &agents,
@@ -529,7 +351,7 @@ async fn graceful_rotation_keeps_the_previous_token_for_the_grace_period() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let _operator = Operator::start(cluster, &ns, &[]);
+    let operator = Operator::start(cluster, ns.name(), &[]).await;
     let managed = names::webhook_secret_name("graceful");
 
     apply_agent(&agents, "graceful", webhook_agent()).await;
@@ -564,8 +386,18 @@ async fn graceful_rotation_keeps_the_previous_token_for_the_grace_period() {
         Some(new.as_str())
     );
     assert!(data(&dropped, secret_keys::PREVIOUS_TOKEN_EXPIRES_AT).is_none());
-    // The same annotation does not rotate again.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The same annotation does not rotate again: a reconcile after the drop keeps the
+    // token.
+    let settled = operator.settled_after("agent", 0.0).await;
+    agents
+        .patch(
+            "graceful",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("label patch");
+    operator.settled_after("agent", settled).await;
     assert_eq!(wait_for_token(&agents, "graceful", None).await, new);
 }
 
@@ -576,7 +408,7 @@ async fn an_invalid_spec_says_which_field_and_redaction_hides_the_token() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let _operator = Operator::start(cluster, &ns, &["--redact-url-in-status"]);
+    let _operator = Operator::start(cluster, ns.name(), &["--redact-url-in-status"]).await;
 
     apply_agent(
         &agents,
@@ -624,8 +456,8 @@ async fn with_leader_election_only_one_operator_writes() {
         "--leader-election-lease-duration",
         "3s",
     ];
-    let a = Operator::start(cluster, &ns, &election);
-    let b = Operator::start(cluster, &ns, &election);
+    let a = Operator::start(cluster, ns.name(), &election).await;
+    let b = Operator::start(cluster, ns.name(), &election).await;
 
     apply_agent(&agents, "elected", webhook_agent()).await;
     let token = wait_for_token(&agents, "elected", None).await;
@@ -648,18 +480,13 @@ async fn with_leader_election_only_one_operator_writes() {
         );
         (b, a)
     };
-    assert!(leader.writes().await >= 2.0);
-    assert_eq!(standby.writes().await, 0.0, "the standby wrote");
-    let standby_address = standby.admin_address().await;
-    assert!(
-        http_get(&standby_address, "/readyz")
-            .await
-            .starts_with("HTTP/1.1 200")
-    );
+    assert!(leader.writes("agent").await >= 2.0);
+    assert_eq!(standby.writes("agent").await, 0.0, "the standby wrote");
+    assert_eq!(get(&standby.admin, "/readyz").await.status, 200);
 
     // The leader dies without stepping down: the standby takes over after the lease
     // expires, and then it writes.
-    leader.stop();
+    drop(leader);
     let secrets: Api<Secret> = Api::namespaced(cluster.client().await, ns.name());
     secrets
         .delete(
@@ -676,10 +503,11 @@ async fn with_leader_election_only_one_operator_writes() {
     })
     .await;
     assert!(next.is_some(), "the standby did not take over");
-    assert!(standby.writes().await >= 2.0);
+    assert!(standby.writes("agent").await >= 2.0);
 
     // SIGTERM: the new leader stops cleanly and steps down.
-    let status = standby.terminate(Duration::from_secs(10));
+    let mut standby = standby;
+    let status = standby.process.terminate(Duration::from_secs(10)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0), "exit on SIGTERM");
     let lease = leases.get("hookrun-operator").await.expect("the lease");
     assert_eq!(
@@ -687,15 +515,6 @@ async fn with_leader_election_only_one_operator_writes() {
         None,
         "the lease was not released"
     );
-}
-
-/// Sends `signal` (`STOP`, `CONT`) to a process.
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{signal}"), &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
@@ -726,7 +545,7 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
         "--leader-election-lease-duration",
         "3s",
     ];
-    let old = Operator::start_with_url(cluster, &ns, OLD, &election);
+    let old = Operator::start(cluster, ns.name(), &[&["--public-url", OLD][..], &election].concat()).await;
     let old_pid = format!("-{}", old.pid());
     eventually(BUDGET, || async {
         lease_holder(&leases)
@@ -735,7 +554,7 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
     })
     .await
     .expect("the first operator leads");
-    let new = Operator::start_with_url(cluster, &ns, NEW, &election);
+    let new = Operator::start(cluster, ns.name(), &[&["--public-url", NEW][..], &election].concat()).await;
     let new_pid = format!("-{}", new.pid());
     let urls = |agents: &Api<Agent>| {
         let agents = agents.clone();
@@ -774,7 +593,7 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
     })
     .await
     .expect("the first leader starts on the burst");
-    signal(old.pid(), "STOP");
+    old.process.signal("STOP");
     let frozen_at = std::time::Instant::now();
     burst.await.expect("the burst is applied");
 
@@ -825,19 +644,13 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
     })
     .await
     .expect("the watch sees the Agents");
-    signal(old.pid(), "CONT");
+    old.process.signal("CONT");
     let mut old = old;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    let exited = loop {
-        if let Some(status) = old.child.try_wait().expect("the old leader's status") {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the old leader did not exit once it found the lease gone"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let exited = old
+        .process
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the old leader exits once it finds the lease gone");
     assert!(!exited.success(), "losing the lease is an error exit");
     // A write after its exit: once the watch shows it, it has shown every earlier write.
     agents

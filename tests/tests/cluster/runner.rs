@@ -1,4 +1,4 @@
-//! Cluster tests of the runner API and the read API (issue 5) on the real
+//! Cluster tests of the runner API and the read API on the real
 //! `hookrun-apiserver`. The tests play the operator (they create the Session, its Pod,
 //! and write `status.podName`/`podUid`) and the harness (they mint pod-bound tokens with
 //! `kubectl create token --bound-object-kind Pod` and call the runner API with them).

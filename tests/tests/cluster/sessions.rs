@@ -1,4 +1,4 @@
-//! Cluster tests of the operator's Session controller (issue 5): the real
+//! Cluster tests of the operator's Session controller: the real
 //! `hookrun-operator` turns Sessions into pods and follows them. No kubelet runs, so the
 //! tests play it by writing pod status through the `pods/status` subresource, and play
 //! the runner API by appending `agent.message` events to the Session status.
@@ -10,7 +10,7 @@ use hookrun_crds::{
     names::{self, env},
     session::{SessionEnvVar, SessionPhase, event_types},
 };
-use hookrun_tests::{Cluster, TestNamespace, apply_agent, cluster, door::Process, eventually};
+use hookrun_tests::{Cluster, TestNamespace, apply_agent, cluster, door::Operator, eventually};
 use k8s_openapi::{
     api::{core::v1::Pod, events::v1::Event},
     apimachinery::pkg::apis::meta::v1::Time,
@@ -32,26 +32,19 @@ struct Setup {
     sessions: Api<Session>,
     pods: Api<Pod>,
     events: Api<Event>,
-    _operator: Process,
+    operator: Operator,
 }
 
 impl Setup {
     async fn new(cluster: &Cluster) -> Self {
         let ns = TestNamespace::new(cluster).await;
         let client = cluster.client().await;
-        let operator = Process::start(
+        let operator = Operator::start(
             cluster,
-            "hookrun-operator",
             ns.name(),
             &[
-                "--public-url",
-                "https://hooks.example.test/",
                 "--runner-url",
                 RUNNER_URL,
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--namespaces",
-                ns.name(),
                 "--pending-timeout",
                 "2s",
                 // Past the pod policy, so that the cluster's own refusal of a missing
@@ -59,15 +52,31 @@ impl Setup {
                 "--allowed-service-accounts",
                 "*",
             ],
-        );
+        )
+        .await;
         Setup {
             agents: Api::namespaced(client.clone(), ns.name()),
             sessions: Api::namespaced(client.clone(), ns.name()),
             pods: Api::namespaced(client.clone(), ns.name()),
             events: Api::namespaced(client, ns.name()),
             ns,
-            _operator: operator,
+            operator,
         }
+    }
+
+    /// Touches the Session's labels and waits until the operator has reconciled since,
+    /// so that what it would do on a reconcile is done.
+    async fn reconciled(&self, name: &str) {
+        let before = self.operator.settled_after("session", 0.0).await;
+        self.sessions
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+            )
+            .await
+            .expect("label patch");
+        self.operator.settled_after("session", before).await;
     }
 
     async fn agent(&self, name: &str, session: Value) {
@@ -387,7 +396,7 @@ async fn a_running_then_succeeded_pod_completes_with_the_last_agent_message() {
     assert_eq!(status.events[3].content, "Complete");
 
     // Nothing more happens: the closing event stays single.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    setup.reconciled("helper-wh-00000001").await;
     let later = setup
         .sessions
         .get("helper-wh-00000001")
@@ -515,7 +524,7 @@ async fn a_deleted_pod_is_an_error_and_is_not_recreated() {
         failed.status.and_then(|s| s.message).as_deref(),
         Some("the pod was deleted before the session finished")
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    setup.reconciled("fragile-wh-00000001").await;
     assert!(
         setup
             .pods

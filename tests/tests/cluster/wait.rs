@@ -1,4 +1,4 @@
-//! Cluster tests of wait mode (issue 5): the real apiserver holds a webhook until the
+//! Cluster tests of wait mode: the real apiserver holds a webhook until the
 //! Session it stored finishes. No harness runs here, so the test plays it by writing the
 //! Session's status the way the runner API does (a merge patch of the status
 //! subresource carrying `metadata.resourceVersion`, retried on 409).
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hookrun_crds::session::event_types;
 use hookrun_crds::{Session, SessionPhase};
-use hookrun_tests::door::{BUDGET, Door, request, webhook_path};
+use hookrun_tests::door::{BUDGET, Door, metric, metrics, request, webhook_path};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
@@ -79,8 +79,13 @@ async fn a_waiting_webhook_gets_the_harness_reply() {
     })
     .await
     .expect("the webhook stored a Session");
-    // Give the request time to be held: it must not have answered yet.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The apiserver counts the request as held: it must not have answered yet.
+    let held_count = eventually(BUDGET, || async {
+        let text = metrics(&door.admin).await;
+        (metric(&text, "hookrun_apiserver_waiting_requests") >= 1.0).then_some(())
+    })
+    .await;
+    assert!(held_count.is_some(), "the request was never counted as held");
     assert!(!held.is_finished(), "answered before the Session finished");
 
     let finished = Instant::now();

@@ -1,4 +1,4 @@
-//! Cluster tests of the webhook door (issue 4): the real `hookrun-operator` mints the
+//! Cluster tests of the webhook door: the real `hookrun-operator` mints the
 //! token and the managed Secret, the real `hookrun-apiserver` watches them and stores
 //! Sessions. Each test runs both binaries on its own namespace.
 
