@@ -6,7 +6,7 @@
 
 use hookrun_crds::session::OVERSIZE_MESSAGE;
 use hookrun_crds::{Agent, Session, SessionPhase, SessionSpec, session::SessionEnvVar};
-use hookrun_tests::door::{Answer, ApiServer, BUDGET, Door, Process, request, webhook_path};
+use hookrun_tests::door::{Answer, ApiServer, BUDGET, Door, Operator, request, webhook_path};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -391,19 +391,7 @@ async fn an_operator_write_refused_as_too_large_ends_the_session() {
     let padding = fill_to_the_limit(&sessions, name, base, 0).await;
     assert!(padding > 1024, "the status has events to shed: {padding}");
 
-    let operator = Process::start(
-        cluster,
-        "hookrun-operator",
-        ns.name(),
-        &[
-            "--public-url",
-            "https://hooks.example.test/",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--namespaces",
-            ns.name(),
-        ],
-    );
+    let operator = Operator::start(cluster, ns.name(), &[]).await;
     let ended = eventually(BUDGET, || async {
         let status = sessions.get(name).await.ok()?.status?;
         status.is_finished().then_some(status)

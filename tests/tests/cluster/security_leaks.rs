@@ -18,7 +18,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
 use hookrun_crds::{Agent, Session};
 use hookrun_tests::control_plane::workspace_root;
-use hookrun_tests::door::{ApiServer, Process, is_known, webhook_path};
+use hookrun_tests::door::{self, ApiServer, Operator, is_known, webhook_path};
 use hookrun_tests::fake_model::FakeModel;
 use hookrun_tests::pod_runner::PodRunner;
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually, workspace_binary};
@@ -28,7 +28,6 @@ use kube::api::{ListParams, PostParams};
 use rand::{Rng, distr::Alphanumeric};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The image the operator gives session pods and the pod runner runs as the harness.
 const HARNESS_IMAGE: &str = "hookrun-harness:leaks";
@@ -82,40 +81,6 @@ fn forms(secret: &str) -> Vec<String> {
     forms
 }
 
-/// A raw HTTP/1.1 exchange: the status and the whole answer (head and body) as text.
-async fn exchange(
-    address: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("the server accepts");
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await.expect("sent");
-    stream.write_all(body.as_bytes()).await.expect("sent");
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
-    assert!(read.is_ok(), "{method} {path}: no answer within 30 s");
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, text)
-}
-
 /// Everything the suite received over HTTP (the answers, not the requests: those carry
 /// the secrets on purpose), kept for the grep.
 #[derive(Default)]
@@ -130,29 +95,15 @@ impl Received {
         headers: &[(&str, &str)],
         body: &str,
     ) -> u16 {
-        let (status, text) = exchange(address, method, path, headers, body).await;
-        self.0.push(text);
-        status
+        let answer = door::request(address, method, path, headers, body).await;
+        let head: Vec<String> = answer
+            .headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}"))
+            .collect();
+        self.0.push(format!("{}\n\n{}", head.join("\n"), answer.text));
+        answer.status
     }
-}
-
-/// The address the operator's admin server logged.
-async fn operator_admin(operator: &Process) -> String {
-    eventually(Duration::from_secs(20), || async {
-        let text = operator.log_text();
-        let line = text
-            .lines()
-            .find(|l| l.contains("admin server listening"))?;
-        let rest = line.split("address=").nth(1)?;
-        Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
-    })
-    .await
-    .unwrap_or_else(|| {
-        panic!(
-            "the operator logged no admin address: {}",
-            operator.log.display()
-        )
-    })
 }
 
 fn kubectl_json(ns: &TestNamespace, args: &[&str]) -> Value {
@@ -237,23 +188,18 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
 
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), "leaks").await;
     let runner_url = format!("http://{}", apiserver.runner);
-    let operator = Process::start(
-        cluster,
-        "hookrun-operator",
+    let operator = Operator::start_with(
+        &cluster.kubeconfig_path(),
+        ns.name(),
         &format!("leaks-{}", ns.name()),
         &[
-            "--public-url",
-            "https://hooks.example.test/",
             "--runner-url",
             &runner_url,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--namespaces",
-            ns.name(),
             "--default-harness-image",
             HARNESS_IMAGE,
         ],
-    );
+    )
+    .await;
     let work_dir: PathBuf = workspace_root()
         .join("target/test-clusters")
         .join(format!("leaks-{}", ns.name()));
@@ -592,10 +538,11 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         }
     }
     assert_eq!(harness_logs, EXPECTED_SESSIONS, "every harness run logged");
-    let (_, metrics) = exchange(&apiserver.admin, "GET", "/metrics", &[], "").await;
-    produced.push(("apiserver /metrics".into(), metrics));
-    let (_, metrics) = exchange(&operator_admin(&operator).await, "GET", "/metrics", &[], "").await;
-    produced.push(("operator /metrics".into(), metrics));
+    produced.push((
+        "apiserver /metrics".into(),
+        door::metrics(&apiserver.admin).await,
+    ));
+    produced.push(("operator /metrics".into(), door::metrics(&operator.admin).await));
     produced.push((
         "Events".into(),
         kubectl_json(&ns, &["get", "events", "-o", "json"]).to_string(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hookrun_crds::{Agent, Session, SessionSpec, session::SessionPhase};
 use hookrun_tests::{
     Cluster, TestNamespace, apply_agent, cluster,
-    door::{self, ApiServer, Process},
+    door::{self, ApiServer, Operator},
     eventually,
 };
 use k8s_openapi::{
@@ -23,19 +23,10 @@ use serde_json::{Value, json};
 const BUDGET: Duration = Duration::from_secs(30);
 
 /// The operator alone, watching `ns`, with extra flags.
-fn operator(cluster: &Cluster, ns: &TestNamespace, flags: &[&str]) -> Process {
-    let mut args = vec![
-        "--public-url",
-        "https://hooks.example.test/",
-        "--runner-url",
-        "http://runner.hookrun.test:8080",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--namespaces",
-        ns.name(),
-    ];
+async fn operator(cluster: &Cluster, ns: &TestNamespace, flags: &[&str]) -> Operator {
+    let mut args = vec!["--runner-url", "http://runner.hookrun.test:8080"];
     args.extend_from_slice(flags);
-    Process::start(cluster, "hookrun-operator", ns.name(), &args)
+    Operator::start(cluster, ns.name(), &args).await
 }
 
 fn ready(agent: &Agent) -> Option<&Condition> {
@@ -48,7 +39,7 @@ fn ready(agent: &Agent) -> Option<&Condition> {
 }
 
 /// Waits until the Agent's `Ready` condition has `reason`, and returns it.
-async fn ready_reason(agents: &Api<Agent>, name: &str, reason: &str, log: &Process) -> Condition {
+async fn ready_reason(agents: &Api<Agent>, name: &str, reason: &str, log: &Operator) -> Condition {
     let found = eventually(BUDGET, || async {
         let agent = agents.get(name).await.ok()?;
         ready(&agent).filter(|c| c.reason == reason).cloned()
@@ -201,7 +192,7 @@ async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
     let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
-    let operator = operator(cluster, &ns, &[]);
+    let operator = operator(cluster, &ns, &[]).await;
     apply_policy_agents(&agents).await;
 
     for (name, _, field, _) in outside_the_policy() {
@@ -291,7 +282,7 @@ async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
     let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
-    let operator = operator(cluster, &ns, &OPEN_FLAGS);
+    let operator = operator(cluster, &ns, &OPEN_FLAGS).await;
     apply_policy_agents(&agents).await;
 
     for (name, _, field, allowed) in outside_the_policy() {
@@ -334,7 +325,7 @@ async fn an_agent_at_its_stored_sessions_cap_is_429_before_any_create() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
-    let _operator = operator(cluster, &ns, &[]);
+    let _operator = operator(cluster, &ns, &[]).await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
     apply_agent(
         &agents,
@@ -436,7 +427,7 @@ async fn lowering_the_cap_deletes_the_oldest_finished_sessions_first() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
-    let operator = operator(cluster, &ns, &[]);
+    let operator = operator(cluster, &ns, &[]).await;
     let agent = |cap: u32| json!({"spec": {"session": {"maxStoredSessions": cap}}});
     apply_agent(&agents, "hoarder", agent(10)).await;
     ready_reason(&agents, "hoarder", "NoWebhookTrigger", &operator).await;

@@ -6,7 +6,7 @@
 
 use hmac::{Hmac, Mac};
 use hookrun_crds::{Agent, names};
-use hookrun_tests::door::{ApiServer, BUDGET, Process, is_known, request, webhook_path};
+use hookrun_tests::door::{ApiServer, BUDGET, Operator, is_known, request, webhook_path};
 use hookrun_tests::{Cluster, TestNamespace, cluster, eventually};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -17,20 +17,8 @@ use sha2::Sha256;
 /// A well-formed token of the attacker's choice.
 const FORGED_TOKEN: &str = "forgedforgedforgedforgedforgedforgedforged1";
 
-fn start_operator(cluster: &Cluster, ns: &TestNamespace) -> Process {
-    Process::start(
-        cluster,
-        "hookrun-operator",
-        ns.name(),
-        &[
-            "--public-url",
-            "https://hooks.example.test/",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--namespaces",
-            ns.name(),
-        ],
-    )
+async fn start_operator(cluster: &Cluster, ns: &TestNamespace) -> Operator {
+    Operator::start(cluster, ns.name(), &[]).await
 }
 
 async fn start_apiserver(cluster: &Cluster, ns: &TestNamespace, tag: &str) -> ApiServer {
@@ -150,7 +138,7 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
     let ns = TestNamespace::new(cluster).await;
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let _operator = start_operator(cluster, &ns);
+    let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "first").await;
 
     apply_webhook_agent(&agents, "victim", json!({})).await;
@@ -236,7 +224,7 @@ async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let events: Api<Event> = Api::namespaced(client, ns.name());
-    let _operator = start_operator(cluster, &ns);
+    let _operator = start_operator(cluster, &ns).await;
 
     let users_secret = |name: &str| -> Secret {
         serde_json::from_value(json!({
@@ -394,7 +382,7 @@ async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let _operator = start_operator(cluster, &ns);
+    let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "gh").await;
     let address = apiserver.public.clone();
 
