@@ -15,7 +15,6 @@
 
 use std::{
     collections::HashSet,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -28,8 +27,8 @@ use hookrun_crds::{
     Agent, AgentSpec, Session, SessionSpec,
     agent::{Trigger, WebhookTrigger},
 };
-use hookrun_tests::door::{self, ApiServer};
-use hookrun_tests::{TestNamespace, cluster, workspace_binary};
+use hookrun_tests::door::{self, ApiServer, Operator};
+use hookrun_tests::{TestNamespace, cluster};
 use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use kube::{
     Api, Client,
@@ -57,33 +56,19 @@ fn agent(name: &str) -> Agent {
     )
 }
 
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
-    let child = Command::new(workspace_binary("hookrun-operator"))
-        .args([
+async fn start_operator(kubeconfig: &std::path::Path, namespace: &str) -> Operator {
+    Operator::start_with(
+        kubeconfig,
+        namespace,
+        "bench",
+        &[
             "--public-url",
             "https://hooks.bench.example",
             "--runner-url",
             "http://runner.bench.example",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--namespaces", namespace])
-        .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("hookrun-operator starts (cargo build --release -p hookrun-operator)");
-    Operator(child)
+        ],
+    )
+    .await
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -354,7 +339,7 @@ async fn main() {
     let client = cluster.client().await;
     if sessions_n > 0 {
         let ns = TestNamespace::new(cluster).await;
-        let _operator = start_operator(&cluster.kubeconfig_path(), ns.name());
+        let _operator = start_operator(&cluster.kubeconfig_path(), ns.name()).await;
         session_to_pod(&client, ns.name(), sessions_n).await;
         webhook_to_pod(&client, &cluster.kubeconfig_path(), ns.name(), sessions_n).await;
     }
@@ -362,7 +347,7 @@ async fn main() {
         return;
     }
     let ns = TestNamespace::new(cluster).await;
-    let operator = start_operator(&cluster.kubeconfig_path(), ns.name());
+    let operator = start_operator(&cluster.kubeconfig_path(), ns.name()).await;
 
     // 1. Sequential latency, after one Agent that waits out the operator's start.
     sequential_latency(&client, ns.name(), 1).await;
@@ -378,7 +363,7 @@ async fn main() {
     // 2. A burst in a namespace of its own, with writes counted from watch events.
     let burst_ns = TestNamespace::new(cluster).await;
     drop(operator);
-    let operator = start_operator(&cluster.kubeconfig_path(), burst_ns.name());
+    let operator = start_operator(&cluster.kubeconfig_path(), burst_ns.name()).await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), burst_ns.name());
     let secrets: Api<Secret> = Api::namespaced(client.clone(), burst_ns.name());
     let events: Api<Event> = Api::namespaced(client.clone(), burst_ns.name());
@@ -428,8 +413,8 @@ async fn main() {
     }
     let burst = started.elapsed();
     creator.await.expect("creator task");
-    // Let in-flight writes land in the counters before reading them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every reconcile has finished before the counters are read.
+    operator.settled_after("agent", 0.0).await;
     let (a, s, e) = (
         agent_writes.load(Ordering::Relaxed),
         secret_writes.load(Ordering::Relaxed),
@@ -444,7 +429,7 @@ async fn main() {
         "API writes per Agent: {:.2} (Secret writes {s}, Agent status/metadata writes {a}); Kubernetes Events recorded: {e}",
         (a + s) as f64 / agents_n as f64
     );
-    if let Some(rss) = rss_kib(operator.0.id()) {
+    if let Some(rss) = rss_kib(operator.pid()) {
         println!(
             "operator RSS with {agents_n} Agents: {:.1} MiB",
             rss as f64 / 1024.0
@@ -462,7 +447,7 @@ async fn main() {
         quiet.as_secs(),
         after - before
     );
-    if let Some(rss) = rss_kib(operator.0.id()) {
+    if let Some(rss) = rss_kib(operator.pid()) {
         println!(
             "operator RSS after the quiet window: {:.1} MiB",
             rss as f64 / 1024.0

@@ -113,12 +113,7 @@ impl Process {
             logged_field(line, name)
         })
         .await
-        .unwrap_or_else(|| {
-            panic!(
-                "no {name} logged with {message:?}: {}",
-                self.log.display()
-            )
-        })
+        .unwrap_or_else(|| panic!("no {name} logged with {message:?}: {}", self.log.display()))
     }
 }
 

@@ -208,7 +208,11 @@ async fn apply_gives_a_url_and_a_secret_and_a_restart_keeps_them() {
             .resource_version(),
         agent_rv
     );
-    assert_eq!(operator.writes("agent").await, 0.0, "the restarted operator wrote");
+    assert_eq!(
+        operator.writes("agent").await,
+        0.0,
+        "the restarted operator wrote"
+    );
 }
 
 #[tokio::test]
@@ -545,7 +549,12 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
         "--leader-election-lease-duration",
         "3s",
     ];
-    let old = Operator::start(cluster, ns.name(), &[&["--public-url", OLD][..], &election].concat()).await;
+    let old = Operator::start(
+        cluster,
+        ns.name(),
+        &[&["--public-url", OLD][..], &election].concat(),
+    )
+    .await;
     let old_pid = format!("-{}", old.pid());
     eventually(BUDGET, || async {
         lease_holder(&leases)
@@ -554,7 +563,12 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
     })
     .await
     .expect("the first operator leads");
-    let new = Operator::start(cluster, ns.name(), &[&["--public-url", NEW][..], &election].concat()).await;
+    let new = Operator::start(
+        cluster,
+        ns.name(),
+        &[&["--public-url", NEW][..], &election].concat(),
+    )
+    .await;
     let new_pid = format!("-{}", new.pid());
     let urls = |agents: &Api<Agent>| {
         let agents = agents.clone();

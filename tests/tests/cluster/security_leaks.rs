@@ -101,7 +101,8 @@ impl Received {
             .iter()
             .map(|(name, value)| format!("{name}: {value}"))
             .collect();
-        self.0.push(format!("{}\n\n{}", head.join("\n"), answer.text));
+        self.0
+            .push(format!("{}\n\n{}", head.join("\n"), answer.text));
         answer.status
     }
 }
@@ -542,7 +543,10 @@ async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
         "apiserver /metrics".into(),
         door::metrics(&apiserver.admin).await,
     ));
-    produced.push(("operator /metrics".into(), door::metrics(&operator.admin).await));
+    produced.push((
+        "operator /metrics".into(),
+        door::metrics(&operator.admin).await,
+    ));
     produced.push((
         "Events".into(),
         kubectl_json(&ns, &["get", "events", "-o", "json"]).to_string(),

@@ -85,7 +85,10 @@ async fn a_waiting_webhook_gets_the_harness_reply() {
         (metric(&text, "hookrun_apiserver_waiting_requests") >= 1.0).then_some(())
     })
     .await;
-    assert!(held_count.is_some(), "the request was never counted as held");
+    assert!(
+        held_count.is_some(),
+        "the request was never counted as held"
+    );
     assert!(!held.is_finished(), "answered before the Session finished");
 
     let finished = Instant::now();
