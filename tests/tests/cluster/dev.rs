@@ -24,24 +24,6 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// The whole text of a GET (an SSE stream, read until the server closes it).
-async fn raw_get(address: &str, path: &str, bearer: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("the apiserver accepts");
-    let head = format!(
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: {bearer}\r\n\
-         Accept: text/event-stream\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(head.as_bytes())
-        .await
-        .expect("request sent");
-    let mut text = Vec::new();
-    stream.read_to_end(&mut text).await.expect("stream read");
-    String::from_utf8_lossy(&text).into_owned()
-}
-
 /// `name pid` lines of a pid file.
 fn pids_in(path: &Path) -> Vec<(String, u32)> {
     std::fs::read_to_string(path)
@@ -418,14 +400,20 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
     // The stream of a finished session replays its events and closes.
     let stream = tokio::time::timeout(
         Duration::from_secs(30),
-        raw_get(
+        door::request(
             &dev.public,
+            "GET",
             &format!("/agents/{session}/stream?namespace=default"),
-            &bearer,
+            &[
+                ("Authorization", bearer.as_str()),
+                ("Accept", "text/event-stream"),
+            ],
+            "",
         ),
     )
     .await
-    .expect("the stream of a finished session ends");
+    .expect("the stream of a finished session ends")
+    .text;
     assert!(stream.contains("event: agent.message"), "{stream}");
     assert!(stream.contains("session.status_closed"), "{stream}");
     let refused = door::request(&dev.public, "GET", &summary, &[], "").await;

@@ -11,37 +11,22 @@ use hookrun_tests::door::{self, ApiServer, BUDGET, Door, request};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use kube::Api;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The per-address review burst of the apiserver's defaults (`--review-limit-burst`).
 const REVIEW_BURST: f64 = 20.0;
 /// Its refill rate (`--review-limit-per-second`).
 const REVIEWS_PER_SECOND: f64 = 1.0;
 
-/// The text of `GET /metrics` on the admin listener.
-async fn metrics_text(admin: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(admin)
-        .await
-        .expect("the admin listener accepts");
-    let head = format!("GET /metrics HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-    stream.write_all(head.as_bytes()).await.expect("sent");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("read");
-    String::from_utf8_lossy(&response).into_owned()
-}
-
 /// The reviews of `kind` the apiserver sent so far (0 before the first).
 fn reviews(metrics: &str, kind: &str) -> f64 {
-    let prefix = format!("hookrun_apiserver_auth_reviews_total{{kind=\"{kind}\"}}");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
+    door::metric(
+        metrics,
+        &format!("hookrun_apiserver_auth_reviews_total{{kind=\"{kind}\"}}"),
+    )
 }
 
 async fn review_counts(admin: &str) -> (f64, f64) {
-    let text = metrics_text(admin).await;
+    let text = door::metrics(admin).await;
     (
         reviews(&text, "token_review"),
         reviews(&text, "subject_access_review"),
