@@ -164,7 +164,18 @@ impl ApiServer {
             "100",
         ];
         args.extend_from_slice(extra);
-        let process = Process::start_with(kubeconfig, "hookrun-apiserver", tag, &args);
+        Self::attach(Process::start_with(
+            kubeconfig,
+            "hookrun-apiserver",
+            tag,
+            &args,
+        ))
+        .await
+    }
+
+    /// Takes over a started `hookrun-apiserver` (with flags of the caller's choice) and
+    /// waits for the addresses it logs.
+    pub async fn attach(process: Process) -> Self {
         let addresses = eventually(BUDGET, || async {
             let text = process.log_text();
             let field = |name: &str| logged_field(&text, name);
@@ -219,7 +230,18 @@ impl Operator {
             args.extend_from_slice(&["--public-url", PUBLIC_URL]);
         }
         args.extend_from_slice(extra);
-        let process = Process::start_with(kubeconfig, "hookrun-operator", tag, &args);
+        Self::attach(Process::start_with(
+            kubeconfig,
+            "hookrun-operator",
+            tag,
+            &args,
+        ))
+        .await
+    }
+
+    /// Takes over a started `hookrun-operator` (with flags of the caller's choice) and
+    /// waits for the admin address it logs.
+    pub async fn attach(process: Process) -> Self {
         let admin = process.logged("admin server listening", "address").await;
         Operator { process, admin }
     }

@@ -9,14 +9,14 @@
 use std::{
     path::PathBuf,
     process::{Command, Output},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use hookrun_crds::{Agent, Session, names};
 use hookrun_tests::{
     Cluster, TestNamespace, apply_agent, cluster,
     control_plane::{default_tools_bin, workspace_root},
-    door::{BUDGET, Process, request, webhook_path},
+    door::{ApiServer, BUDGET, Operator, Process, request, webhook_path},
     eventually,
 };
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -755,18 +755,20 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     let operator_args: Vec<&str> = operator_args.iter().map(String::as_str).collect();
     let apiserver_args: Vec<&str> = apiserver_args.iter().map(String::as_str).collect();
     let ready_clock = Instant::now();
-    let operator_process = Process::start_with(
+    let operator = Operator::attach(Process::start_with(
         &operator_kubeconfig,
         "hookrun-operator",
         rel,
         &operator_args,
-    );
-    let apiserver_process = Process::start_with(
+    ))
+    .await;
+    let apiserver = ApiServer::attach(Process::start_with(
         &apiserver_kubeconfig,
         "hookrun-apiserver",
         rel,
         &apiserver_args,
-    );
+    ))
+    .await;
 
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), team_name);
@@ -790,19 +792,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     let before = secret_state(&secrets.get(&secret_name).await.expect("the token Secret"));
 
     // Webhook → Session → Pod, with the apiserver's index fed under its own RBAC.
-    let field = |name: &str| {
-        let text = apiserver_process.log_text();
-        let rest = text.split(&format!("{name}=")).nth(1)?;
-        Some(rest.split_whitespace().next()?.to_owned())
-    };
-    let public_addr = eventually(BUDGET, || async { field("public") })
-        .await
-        .unwrap_or_else(|| {
-            panic!(
-                "the apiserver logged no address: {}",
-                apiserver_process.log_text()
-            )
-        });
+    let public_addr = apiserver.public.clone();
     let known = eventually(BUDGET, || async {
         (request(&public_addr, "GET", &path, &[], "").await.status == 200).then_some(())
     })
@@ -810,7 +800,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     assert!(
         known.is_some(),
         "the apiserver never knew the token: {}",
-        apiserver_process.log_text()
+        apiserver.process.log_text()
     );
     let webhook_clock = Instant::now();
     let answer = request(
@@ -826,7 +816,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         200,
         "{:?}\n{}",
         answer.json,
-        apiserver_process.log_text()
+        apiserver.process.log_text()
     );
     let session_name = answer.json["session"]
         .as_str()
@@ -841,7 +831,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     .unwrap_or_else(|| {
         panic!(
             "no pod for {session_name}; operator log: {}",
-            operator_process.log_text()
+            operator.log_text()
         )
     });
     let to_pod = webhook_clock.elapsed();
@@ -914,9 +904,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     );
     let bearer = format!("Bearer {}", pod_token.trim());
     let auth = [("Authorization", bearer.as_str())];
-    let runner_addr = eventually(BUDGET, || async { field("runner") })
-        .await
-        .expect("the apiserver logs its runner address");
+    let runner_addr = apiserver.runner.clone();
     let hidden = request(&public_addr, "GET", "/runner/v1/session", &auth, "").await;
     assert_eq!(
         hidden.status, 404,
@@ -942,7 +930,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         .status
         .and_then(|s| s.response);
     assert_eq!(response.as_deref(), Some("hello from the chart"));
-    for process in [&operator_process, &apiserver_process] {
+    for process in [&operator.process, &apiserver.process] {
         let log = process.log_text();
         assert!(
             !log.to_lowercase().contains("forbidden"),
@@ -983,7 +971,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         "kubectl get",
     );
     assert_eq!(replicas, "3");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    operator.settled_after("agent", 0.0).await;
     let after = secret_state(&secrets.get(&secret_name).await.expect("the token Secret"));
     assert_eq!(
         before, after,
@@ -991,8 +979,8 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     );
 
     // Uninstall: the chart's objects go; CRDs, Agents and their Secrets stay.
-    drop(operator_process);
-    drop(apiserver_process);
+    drop(operator);
+    drop(apiserver);
     success(
         helm(cluster, &["uninstall", RELEASE, "-n", rel]),
         "helm uninstall",
