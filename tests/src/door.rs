@@ -193,10 +193,14 @@ impl ApiServer {
     }
 }
 
-/// The value of the first ` name=value` field in a log text.
+/// The value of the first field `name` in a log text: ` name=value` in the text format,
+/// `"name":"value"` in the JSON format.
 pub fn logged_field(text: &str, name: &str) -> Option<String> {
-    let rest = text.split(&format!(" {name}=")).nth(1)?;
-    Some(rest.split_whitespace().next()?.trim_matches('"').to_owned())
+    if let Some(rest) = text.split(&format!(" {name}=")).nth(1) {
+        return Some(rest.split_whitespace().next()?.trim_matches('"').to_owned());
+    }
+    let rest = text.split(&format!("\"{name}\":\"")).nth(1)?;
+    Some(rest.split('"').next()?.to_owned())
 }
 
 /// The public URL the operator writes into statuses unless a test passes its own.

@@ -1,5 +1,6 @@
 //! Test support for hookrun: the local control plane ([`control_plane`]), one shared
 //! cluster per test binary ([`cluster`]), a namespace per test ([`TestNamespace`]), the
+//! one launcher of the operator and the apiserver and the one HTTP client ([`door`]), the
 //! stand-in for the kubelet that runs session pods as local harness processes
 //! ([`pod_runner`]) and a scripted model API ([`fake_model`]).
 //!
