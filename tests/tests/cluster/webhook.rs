@@ -6,12 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use hookrun_crds::{Agent, Session, names};
-use hookrun_tests::door::{BUDGET, Door, request, webhook_path, webhook_path_other_than};
+use hookrun_tests::door::{BUDGET, Door, metrics, request, webhook_path, webhook_path_other_than};
 use hookrun_tests::{TestNamespace, cluster, control_plane::workspace_root, eventually};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LINEAR_SECRET: &str = "linear-test-secret";
 
@@ -440,15 +439,7 @@ async fn max_concurrent_counts_the_watched_sessions_and_metrics_are_on_the_admin
 
     let public_metrics = request(&door.public, "GET", "/metrics", &[], "").await;
     assert_eq!(public_metrics.status, 404);
-    let mut stream = tokio::net::TcpStream::connect(&door.admin)
-        .await
-        .expect("the admin port accepts");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request sent");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("metrics");
+    let text = metrics(&door.admin).await;
     assert!(text.contains("outcome=\"too_many_sessions\""), "{text}");
     assert!(!text.contains(&path), "metrics hold no paths: {text}");
     let token = path.rsplit('/').next().expect("a token");
