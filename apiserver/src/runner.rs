@@ -35,16 +35,29 @@ pub fn router(state: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(metrics, api::api_access_log))
 }
 
+/// Whether a pod is a Session's own pod, as far as the Session's status says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PodClaim {
+    Owns,
+    NotYours,
+    /// The status names no pod yet: the pod can start before the operator records it.
+    NotRecordedYet,
+}
+
 /// Whether `pod` is the Session's own pod: its uid when the operator wrote one, else its
 /// name.
-pub fn session_owns_pod(status: Option<&SessionStatus>, pod: &PodIdentity) -> bool {
-    let Some(status) = status else {
-        return false;
+pub fn session_owns_pod(status: Option<&SessionStatus>, pod: &PodIdentity) -> PodClaim {
+    let claim = |owns: bool| {
+        if owns {
+            PodClaim::Owns
+        } else {
+            PodClaim::NotYours
+        }
     };
-    match (&status.pod_uid, &status.pod_name) {
-        (Some(uid), _) => *uid == pod.pod_uid,
-        (None, Some(name)) => *name == pod.pod_name,
-        (None, None) => false,
+    match status.map(|s| (&s.pod_uid, &s.pod_name)) {
+        Some((Some(uid), _)) => claim(*uid == pod.pod_uid),
+        Some((None, Some(name))) => claim(*name == pod.pod_name),
+        Some((None, None)) | None => PodClaim::NotRecordedYet,
     }
 }
 
@@ -76,8 +89,20 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
         .await
         .map_err(|error| ApiError::cluster("read the Session", &error))?
         .ok_or_else(not_yours)?;
-    if !session_owns_pod(session.status.as_ref(), &pod) {
-        return Err(not_yours());
+    match session_owns_pod(session.status.as_ref(), &pod) {
+        PodClaim::Owns => {}
+        PodClaim::NotYours => return Err(not_yours()),
+        // Retryable: the operator writes the pod into the status right after creating it.
+        PodClaim::NotRecordedYet => {
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "pod_not_recorded",
+                    "the Session does not name its pod yet; retry in a second",
+                )
+            });
+        }
     }
     Ok(Caller {
         sessions,
@@ -400,17 +425,33 @@ mod tests {
             pod_name: Some("s-1".into()),
             ..SessionStatus::default()
         };
-        assert!(!session_owns_pod(None, &pod("s-1", "u")));
-        assert!(session_owns_pod(Some(&status), &pod("s-1", "u")));
-        assert!(!session_owns_pod(Some(&status), &pod("s-2", "u")));
+        assert_eq!(
+            session_owns_pod(Some(&status), &pod("s-1", "u")),
+            PodClaim::Owns
+        );
+        assert_eq!(
+            session_owns_pod(Some(&status), &pod("s-2", "u")),
+            PodClaim::NotYours
+        );
         status.pod_uid = Some("u-1".into());
-        assert!(session_owns_pod(Some(&status), &pod("s-1", "u-1")));
+        assert_eq!(
+            session_owns_pod(Some(&status), &pod("s-1", "u-1")),
+            PodClaim::Owns
+        );
         // A pod of the same name made again has another uid.
-        assert!(!session_owns_pod(Some(&status), &pod("s-1", "u-2")));
-        assert!(!session_owns_pod(
-            Some(&SessionStatus::default()),
-            &pod("s-1", "u")
-        ));
+        assert_eq!(
+            session_owns_pod(Some(&status), &pod("s-1", "u-2")),
+            PodClaim::NotYours
+        );
+        // Before the operator records the pod, the caller is told to retry, not refused.
+        assert_eq!(
+            session_owns_pod(None, &pod("s-1", "u")),
+            PodClaim::NotRecordedYet
+        );
+        assert_eq!(
+            session_owns_pod(Some(&SessionStatus::default()), &pod("s-1", "u")),
+            PodClaim::NotRecordedYet
+        );
     }
 
     #[test]
