@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod budget;
 pub mod crd;
+pub mod duration;
 pub mod names;
 pub mod session;
 pub mod token;
