@@ -108,6 +108,8 @@ pub enum Error {
     },
     #[error("the server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("cannot build a Kubernetes client (no in-cluster config or kubeconfig?): {0}")]
+    Client(#[source] kube::Error),
     #[error("the rate limit flags are invalid: {0}")]
     RateLimit(#[from] rate_limit::RateLimitError),
 }
@@ -258,28 +260,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Connects to the cluster (retrying while it cannot: the server stays up and unready
-/// meanwhile), then feeds the index and lets the store create Sessions.
-async fn connect(
-    store: KubeSessionStore,
-    cluster: api::ClusterClient,
-    namespaces: Vec<String>,
-    index: SharedIndex,
-) {
-    let client = loop {
-        match kube::Client::try_default().await {
-            Ok(client) => break client,
-            Err(error) => {
-                tracing::error!(%error, "cannot build a Kubernetes client; retrying in 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
-    store.connect(client.clone());
-    cluster.connect(client.clone());
-    index::run_watches(client, namespaces, index).await;
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
@@ -301,16 +281,18 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let mut index = Index::new(index::stream_count(&args.namespaces));
     index.set_hub(hub.clone());
     let index: SharedIndex = Arc::new(RwLock::new(index));
-    let store = KubeSessionStore::new();
-    let cluster = api::ClusterClient::new();
-    tokio::spawn(connect(
-        store.clone(),
-        cluster.clone(),
+    // Building the client reads the kubeconfig or the in-cluster config and contacts
+    // nothing: the watches retry while the cluster is unreachable, and the server stays
+    // unready meanwhile.
+    let client = kube::Client::try_default().await.map_err(Error::Client)?;
+    tokio::spawn(index::run_watches(
+        client.clone(),
         args.namespaces.clone(),
         index.clone(),
     ));
+    let store = KubeSessionStore::new(client.clone());
     let metrics = Arc::new(Metrics::default());
-    let api_state = api::ApiState::new(cluster, hub.clone(), metrics.clone())
+    let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
         .with_review_limit(args.trusted_proxies.clone(), review_limit);
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {

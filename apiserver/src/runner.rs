@@ -62,7 +62,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
              Authorization: Bearer <token>",
         )
     })?;
-    let client = state.cluster.client()?;
+    let client = state.client.clone();
     let pod = state.auth.runner(&client, token).await?;
     let sessions: Api<Session> = Api::namespaced(client.clone(), &pod.namespace);
     let not_yours = || {
@@ -366,7 +366,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_cluster_the_apis_answer_503_and_are_counted_by_route() {
         let state = ApiState::new(
-            crate::api::ClusterClient::new(),
+            crate::api::unreachable_client(),
             crate::hub::SessionHub::new(),
             std::sync::Arc::new(crate::metrics::Metrics::default()),
         );
