@@ -245,7 +245,7 @@ fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> Ap
             "the Session has already finished: it takes no more events or outcomes",
         ),
         StatusError::NotFound => ApiError::session_not_found(namespace, name),
-        StatusError::Contended => ApiError::new(
+        StatusError::Conflict | StatusError::Contended => ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the Session changed too often to write it; retry in a few seconds",

@@ -12,6 +12,7 @@ pub mod budget;
 pub mod crd;
 pub mod duration;
 pub mod names;
+pub mod retry;
 pub mod session;
 pub mod token;
 pub mod validation;
