@@ -1,8 +1,8 @@
 //! What the runner API ([`crate::runner`]) and the read API ([`crate::read`]) share: the
-//! lazily connected cluster client, their state, their JSON error, request bodies read
+//! cluster client, their state, their JSON error, request bodies read
 //! within a bound, and the access log and metrics of their routes.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -11,8 +11,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hookrun_crds::Session;
-use kube::{Api, Client};
+use kube::Client;
 use serde_json::json;
 
 use crate::auth::Authenticator;
@@ -29,37 +28,11 @@ const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
 /// How long a caller may take to send a body once the headers are in.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The Kubernetes client, set once the cluster answers (see `connect` in `lib.rs`);
-/// until then the APIs answer 503.
-#[derive(Clone, Default)]
-pub struct ClusterClient(Arc<OnceLock<Client>>);
-
-impl ClusterClient {
-    /// A handle whose client arrives later through [`ClusterClient::connect`].
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Uses `client` from now on (the first client set stays).
-    pub fn connect(&self, client: Client) {
-        let _ = self.0.set(client);
-    }
-
-    /// The client, or 503 while there is none.
-    pub fn client(&self) -> Result<Client, ApiError> {
-        self.0.get().cloned().ok_or_else(ApiError::not_connected)
-    }
-
-    /// The Sessions of `namespace`.
-    pub fn sessions(&self, namespace: &str) -> Result<Api<Session>, ApiError> {
-        Ok(Api::namespaced(self.client()?, namespace))
-    }
-}
-
 /// What the runner and read routers share.
 #[derive(Clone)]
 pub struct ApiState {
-    pub cluster: ClusterClient,
+    /// The one Kubernetes client, built at start.
+    pub client: Client,
     pub auth: Arc<Authenticator>,
     pub hub: Arc<SessionHub>,
     pub metrics: Arc<Metrics>,
@@ -69,11 +42,11 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// A state with fresh caches over `cluster`, `hub` and `metrics`, no trusted proxy
+    /// A state with fresh caches over `client`, `hub` and `metrics`, no trusted proxy
     /// and the default review limit.
-    pub fn new(cluster: ClusterClient, hub: Arc<SessionHub>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, hub: Arc<SessionHub>, metrics: Arc<Metrics>) -> Self {
         Self {
-            cluster,
+            client,
             auth: Arc::new(Authenticator::new(
                 metrics.clone(),
                 crate::auth::default_review_limit(),
@@ -96,6 +69,14 @@ impl ApiState {
         self.trusted_proxies = Arc::new(trusted_proxies);
         self
     }
+}
+
+/// A client whose cluster refuses every connection, for handler tests: every call that
+/// reaches it fails like a cluster that is down.
+#[cfg(test)]
+pub(crate) fn unreachable_client() -> Client {
+    let url = "http://127.0.0.1:1".parse().expect("a URL");
+    Client::try_from(kube::Config::new(url)).expect("a client")
 }
 
 /// An answer other than success: `{"error": code, "message": message}` with `status`.
@@ -149,15 +130,6 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "session_not_found",
             format!("there is no Session {name} in namespace {namespace}"),
-        )
-    }
-
-    /// 503 while no client is connected.
-    pub fn not_connected() -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the apiserver is not connected to the cluster yet; retry in a few seconds",
         )
     }
 
@@ -267,7 +239,12 @@ mod tests {
 
     #[tokio::test]
     async fn errors_are_json_and_503_says_when_to_retry() {
-        let response = ApiError::not_connected().into_response();
+        let response = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the cluster could not answer right now; retry in a few seconds",
+        )
+        .into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(
             response.headers().get(header::RETRY_AFTER),

@@ -27,7 +27,6 @@ pub mod webhook;
 pub mod webhook_input;
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Router, routing::get};
+use hookrun_crds::duration::FlagDuration;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -46,32 +46,6 @@ use crate::metrics::Metrics;
 use crate::rate_limit::{RateLimit, RateLimiter};
 use crate::store::KubeSessionStore;
 use crate::webhook::AppState;
-
-/// A duration flag: `30s`, `500ms`, `2m`, or bare seconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlagDuration(pub Duration);
-
-impl FromStr for FlagDuration {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let bad = || format!("{s:?} is not a duration: use e.g. 10s, 500ms or 2m");
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (number, unit) = s.split_at(split);
-        let number: u64 = number.parse().map_err(|_| bad())?;
-        let duration = match unit {
-            "" | "s" => Duration::from_secs(number),
-            "ms" => Duration::from_millis(number),
-            "m" => Duration::from_secs(number.saturating_mul(60)),
-            _ => return Err(bad()),
-        };
-        if duration.is_zero() {
-            return Err(format!("{s:?} is zero: use a positive duration"));
-        }
-        Ok(Self(duration))
-    }
-}
 
 /// Command-line flags; each can also come from the environment.
 #[derive(clap::Parser, Debug, Clone)]
@@ -102,8 +76,14 @@ pub struct Args {
     /// Webhooks an Agent may receive at once.
     #[arg(long, env = "HOOKRUN_RATE_LIMIT_BURST", default_value_t = 50)]
     pub rate_limit_burst: u32,
-    /// How long a client may take to send a request's headers (`10s`, `500ms`).
-    #[arg(long, env = "HOOKRUN_HEADER_READ_TIMEOUT", default_value = "10s")]
+    /// How long a client may take to send a request's headers (`10s`, `500ms`, `1m`; a
+    /// bare number is seconds; zero is refused).
+    #[arg(
+        long,
+        env = "HOOKRUN_HEADER_READ_TIMEOUT",
+        default_value = "10s",
+        value_parser = FlagDuration::parse_positive
+    )]
     pub header_read_timeout: FlagDuration,
     /// TokenReviews and SubjectAccessReviews per second that read API callers from one
     /// address may cause once the burst is spent, unless they are allowed.
@@ -128,6 +108,8 @@ pub enum Error {
     },
     #[error("the server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("cannot build a Kubernetes client (no in-cluster config or kubeconfig?): {0}")]
+    Client(#[source] kube::Error),
     #[error("the rate limit flags are invalid: {0}")]
     RateLimit(#[from] rate_limit::RateLimitError),
 }
@@ -278,28 +260,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Connects to the cluster (retrying while it cannot: the server stays up and unready
-/// meanwhile), then feeds the index and lets the store create Sessions.
-async fn connect(
-    store: KubeSessionStore,
-    cluster: api::ClusterClient,
-    namespaces: Vec<String>,
-    index: SharedIndex,
-) {
-    let client = loop {
-        match kube::Client::try_default().await {
-            Ok(client) => break client,
-            Err(error) => {
-                tracing::error!(%error, "cannot build a Kubernetes client; retrying in 5 s");
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        }
-    };
-    store.connect(client.clone());
-    cluster.connect(client.clone());
-    index::run_watches(client, namespaces, index).await;
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
@@ -321,16 +281,18 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let mut index = Index::new(index::stream_count(&args.namespaces));
     index.set_hub(hub.clone());
     let index: SharedIndex = Arc::new(RwLock::new(index));
-    let store = KubeSessionStore::new();
-    let cluster = api::ClusterClient::new();
-    tokio::spawn(connect(
-        store.clone(),
-        cluster.clone(),
+    // Building the client reads the kubeconfig or the in-cluster config and contacts
+    // nothing: the watches retry while the cluster is unreachable, and the server stays
+    // unready meanwhile.
+    let client = kube::Client::try_default().await.map_err(Error::Client)?;
+    tokio::spawn(index::run_watches(
+        client.clone(),
         args.namespaces.clone(),
         index.clone(),
     ));
+    let store = KubeSessionStore::new(client.clone());
     let metrics = Arc::new(Metrics::default());
-    let api_state = api::ApiState::new(cluster, hub.clone(), metrics.clone())
+    let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
         .with_review_limit(args.trusted_proxies.clone(), review_limit);
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
@@ -448,15 +410,20 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        let d = |s: &str| s.parse::<FlagDuration>().map(|d| d.0);
-        assert_eq!(d("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(d("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(d("2m"), Ok(Duration::from_secs(120)));
-        assert!(d("0s").is_err());
-        assert!(d("ten").is_err());
-        assert!(d("5h").is_err());
+    fn header_read_timeout_takes_the_shared_duration_grammar() {
+        use clap::Parser;
+        let timeout = |s: &str| {
+            Args::try_parse_from(["hookrun-apiserver", "--header-read-timeout", s])
+                .map(|a| a.header_read_timeout.0)
+        };
+        assert_eq!(timeout("10s").ok(), Some(Duration::from_secs(10)));
+        assert_eq!(timeout("7").ok(), Some(Duration::from_secs(7)));
+        assert_eq!(timeout("500ms").ok(), Some(Duration::from_millis(500)));
+        assert_eq!(timeout("2m").ok(), Some(Duration::from_secs(120)));
+        assert_eq!(timeout("1h").ok(), Some(Duration::from_secs(3600)));
+        assert!(timeout("0s").is_err());
+        assert!(timeout("0").is_err());
+        assert!(timeout("ten").is_err());
     }
 
     #[test]

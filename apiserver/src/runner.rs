@@ -75,7 +75,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
              Authorization: Bearer <token>",
         )
     })?;
-    let client = state.cluster.client()?;
+    let client = state.client.clone();
     let pod = state.auth.runner(&client, token).await?;
     let sessions: Api<Session> = Api::namespaced(client.clone(), &pod.namespace);
     let not_yours = || {
@@ -270,7 +270,7 @@ fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> Ap
             "the Session has already finished: it takes no more events or outcomes",
         ),
         StatusError::NotFound => ApiError::session_not_found(namespace, name),
-        StatusError::Contended => ApiError::new(
+        StatusError::Conflict | StatusError::Contended => ApiError::new(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "the Session changed too often to write it; retry in a few seconds",
@@ -391,7 +391,7 @@ mod tests {
     #[tokio::test]
     async fn without_a_cluster_the_apis_answer_503_and_are_counted_by_route() {
         let state = ApiState::new(
-            crate::api::ClusterClient::new(),
+            crate::api::unreachable_client(),
             crate::hub::SessionHub::new(),
             std::sync::Arc::new(crate::metrics::Metrics::default()),
         );

@@ -13,19 +13,26 @@
 //! cause a 409, and those are retried with a small random backoff.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{SessionStatus, is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Session, SessionPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
-use rand::Rng;
 use serde_json::{Value, json};
 
 /// How long a change keeps retrying after conflicts before giving up.
 pub const CONFLICT_BUDGET: Duration = Duration::from_secs(15);
+
+/// Conflicts are retried for [`CONFLICT_BUDGET`], however many attempts that takes.
+const WRITE_RETRY: ConflictRetry = ConflictRetry {
+    max_attempts: u32::MAX,
+    budget: CONFLICT_BUDGET,
+};
 
 /// Why a status change did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +43,10 @@ pub enum StatusError<E> {
     /// Other writers kept winning for [`CONFLICT_BUDGET`].
     #[error("the Session kept changing under this write")]
     Contended,
+    /// Another writer won this attempt (a 409); retried until [`CONFLICT_BUDGET`] is
+    /// spent, then reported as [`StatusError::Contended`].
+    #[error("another writer changed the Session first")]
+    Conflict,
     /// The cluster did not answer.
     #[error("the cluster call failed: {0}")]
     Kube(#[source] kube::Error),
@@ -46,6 +57,16 @@ pub enum StatusError<E> {
     /// ended in `Error` with a minimal write (false: it had already finished).
     #[error("the cluster refused the status as too large")]
     TooLarge { ended: bool },
+}
+
+impl<E> StatusError<E> {
+    /// A conflict left after the retries is contention; other errors stay as they are.
+    fn contended(self) -> Self {
+        match self {
+            StatusError::Conflict => StatusError::Contended,
+            other => other,
+        }
+    }
 }
 
 type Key = (String, String);
@@ -72,12 +93,6 @@ pub fn status_patch(
     Ok(json!({"metadata": {"resourceVersion": resource_version}, "status": status}))
 }
 
-/// A random pause before retry `attempt` (from 1): up to 5 ms, growing to 100 ms.
-fn backoff(attempt: u32) -> Duration {
-    let ceiling = (5u64 << attempt.min(5)).min(100);
-    Duration::from_millis(rand::rng().random_range(1..=ceiling))
-}
-
 impl StatusWriter {
     /// Changes the status of Session `name` with `edit` and writes it, retrying on
     /// conflicts. `edit` sees the current Session and a copy of its status; when it
@@ -87,71 +102,75 @@ impl StatusWriter {
         &self,
         api: &Api<Session>,
         name: &str,
-        mut current: Option<Session>,
+        current: Option<Session>,
         mut edit: impl FnMut(&Session, &mut SessionStatus) -> Result<T, E>,
     ) -> Result<T, StatusError<E>> {
         // The collection URL names the namespace: one lock per Session.
         let key = (api.resource_url().to_owned(), name.to_owned());
         let turn = self.turn(&key);
         let guard = turn.lock().await;
-        let result = async {
-            let started = tokio::time::Instant::now();
-            let mut attempt = 0;
-            loop {
-                let session = match current.take() {
-                    Some(session) => session,
-                    None => api
-                        .get_opt(name)
+        let current = Mutex::new(current);
+        let edit = Mutex::new(&mut edit);
+        let result = WRITE_RETRY
+            .run(
+                |error: &StatusError<E>| matches!(error, StatusError::Conflict),
+                tokio::time::sleep,
+                |_| async {
+                    let first = current.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    let session = match first {
+                        Some(session) => session,
+                        None => api
+                            .get_opt(name)
+                            .await
+                            .map_err(StatusError::Kube)?
+                            .ok_or(StatusError::NotFound)?,
+                    };
+                    let old = session.status.clone().unwrap_or_default();
+                    let mut new = old.clone();
+                    let value = (edit.lock().unwrap_or_else(PoisonError::into_inner))(
+                        &session, &mut new,
+                    )
+                    .map_err(StatusError::Refused)?;
+                    if new == old {
+                        return Ok(value);
+                    }
+                    let version = session
+                        .metadata
+                        .resource_version
+                        .clone()
+                        .unwrap_or_default();
+                    let patch = status_patch(&old, &new, &version)
+                        .map_err(|e| StatusError::Kube(kube::Error::SerdeError(e)))?;
+                    match api
+                        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
-                        .map_err(StatusError::Kube)?
-                        .ok_or(StatusError::NotFound)?,
-                };
-                let old = session.status.clone().unwrap_or_default();
-                let mut new = old.clone();
-                let value = edit(&session, &mut new).map_err(StatusError::Refused)?;
-                if new == old {
-                    return Ok(value);
-                }
-                let version = session
-                    .metadata
-                    .resource_version
-                    .clone()
-                    .unwrap_or_default();
-                let patch = status_patch(&old, &new, &version)
-                    .map_err(|e| StatusError::Kube(kube::Error::SerdeError(e)))?;
-                match api
-                    .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => return Ok(value),
-                    Err(kube::Error::Api(status)) if status.code == 409 => {
-                        attempt += 1;
-                        if started.elapsed() > CONFLICT_BUDGET {
-                            return Err(StatusError::Contended);
-                        }
-                        tokio::time::sleep(backoff(attempt)).await;
-                    }
-                    Err(kube::Error::Api(status)) if status.code == 404 => {
-                        return Err(StatusError::NotFound);
-                    }
-                    Err(kube::Error::Api(status))
-                        if is_too_large_refusal(status.code, &status.message) =>
                     {
-                        tracing::warn!(
-                            session = name,
-                            code = status.code,
-                            "the cluster refused a Session status as too large; ending the Session"
-                        );
-                        return match finish_oversize(api, name, session).await {
-                            Ok(ended) => Err(StatusError::TooLarge { ended }),
-                            Err(error) => Err(error),
-                        };
+                        Ok(_) => Ok(value),
+                        Err(kube::Error::Api(status)) if status.code == 409 => {
+                            Err(StatusError::Conflict)
+                        }
+                        Err(kube::Error::Api(status)) if status.code == 404 => {
+                            Err(StatusError::NotFound)
+                        }
+                        Err(kube::Error::Api(status))
+                            if is_too_large_refusal(status.code, &status.message) =>
+                        {
+                            tracing::warn!(
+                                session = name,
+                                code = status.code,
+                                "the cluster refused a Session status as too large; ending the Session"
+                            );
+                            match finish_oversize(api, name, session).await {
+                                Ok(ended) => Err(StatusError::TooLarge { ended }),
+                                Err(error) => Err(error),
+                            }
+                        }
+                        Err(error) => Err(StatusError::Kube(error)),
                     }
-                    Err(error) => return Err(StatusError::Kube(error)),
-                }
-            }
-        }
-        .await;
+                },
+            )
+            .await
+            .map_err(StatusError::contended);
         drop(guard);
         self.release(&key, turn);
         result
@@ -191,61 +210,73 @@ impl StatusWriter {
 pub async fn finish_oversize<E>(
     api: &Api<Session>,
     name: &str,
-    mut session: Session,
+    session: Session,
 ) -> Result<bool, StatusError<E>> {
-    let started = tokio::time::Instant::now();
-    let mut shed = false;
-    let mut attempt = 0;
-    loop {
-        let status = session.status.clone().unwrap_or_default();
-        let version = session
-            .metadata
-            .resource_version
-            .clone()
-            .unwrap_or_default();
-        let at = Time(k8s_openapi::jiff::Timestamp::now());
-        let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
-            return Ok(false);
-        };
-        let retry = match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(stored) => {
-                let phase = stored.status.map(|s| s.phase()).unwrap_or_default();
-                tracing::warn!(
-                    session = name,
-                    shed,
-                    phase = phase.as_str(),
-                    "ended a Session whose status the cluster would not store"
-                );
-                return Ok(phase == SessionPhase::Error);
-            }
-            Err(kube::Error::Api(refusal))
-                if !shed && is_too_large_refusal(refusal.code, &refusal.message) =>
-            {
-                shed = true;
-                false
-            }
-            Err(kube::Error::Api(refusal)) if refusal.code == 409 => true,
-            Err(kube::Error::Api(refusal)) if refusal.code == 404 => {
-                return Err(StatusError::NotFound);
-            }
-            Err(error) => return Err(StatusError::Kube(error)),
-        };
-        if retry {
-            attempt += 1;
-            if started.elapsed() > CONFLICT_BUDGET {
-                return Err(StatusError::Contended);
-            }
-            tokio::time::sleep(backoff(attempt)).await;
-            session = api
-                .get_opt(name)
-                .await
-                .map_err(StatusError::Kube)?
-                .ok_or(StatusError::NotFound)?;
-        }
-    }
+    let current = Mutex::new(Some(session));
+    // Once the minimal write was refused as too large, the retries shed the kept events
+    // and answer too.
+    let shed_all = AtomicBool::new(false);
+    WRITE_RETRY
+        .run(
+            |error: &StatusError<E>| matches!(error, StatusError::Conflict),
+            tokio::time::sleep,
+            |_| async {
+                let first = current
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                let session = match first {
+                    Some(session) => session,
+                    None => api
+                        .get_opt(name)
+                        .await
+                        .map_err(StatusError::Kube)?
+                        .ok_or(StatusError::NotFound)?,
+                };
+                let status = session.status.clone().unwrap_or_default();
+                let version = session
+                    .metadata
+                    .resource_version
+                    .clone()
+                    .unwrap_or_default();
+                loop {
+                    let shed = shed_all.load(Ordering::Relaxed);
+                    let at = Time(k8s_openapi::jiff::Timestamp::now());
+                    let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
+                        return Ok(false);
+                    };
+                    match api
+                        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                    {
+                        Ok(stored) => {
+                            let phase = stored.status.map(|s| s.phase()).unwrap_or_default();
+                            tracing::warn!(
+                                session = name,
+                                shed,
+                                phase = phase.as_str(),
+                                "ended a Session whose status the cluster would not store"
+                            );
+                            return Ok(phase == SessionPhase::Error);
+                        }
+                        Err(kube::Error::Api(refusal))
+                            if !shed && is_too_large_refusal(refusal.code, &refusal.message) =>
+                        {
+                            shed_all.store(true, Ordering::Relaxed);
+                        }
+                        Err(kube::Error::Api(refusal)) if refusal.code == 409 => {
+                            return Err(StatusError::Conflict);
+                        }
+                        Err(kube::Error::Api(refusal)) if refusal.code == 404 => {
+                            return Err(StatusError::NotFound);
+                        }
+                        Err(error) => return Err(StatusError::Kube(error)),
+                    }
+                }
+            },
+        )
+        .await
+        .map_err(StatusError::contended)
 }
 
 #[cfg(test)]
@@ -277,14 +308,6 @@ mod tests {
         new.phase = Some(SessionPhase::Running);
         let patch = status_patch(&old, &new, "43").expect("serializable");
         assert_eq!(patch["status"]["phase"], "Running");
-    }
-
-    #[test]
-    fn backoff_stays_small() {
-        for attempt in 1..20 {
-            let pause = backoff(attempt);
-            assert!(pause >= Duration::from_millis(1) && pause <= Duration::from_millis(100));
-        }
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 //! only read after a keyed create collided.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Mutex;
 
 use futures::future::BoxFuture;
 use hookrun_crds::Session;
@@ -43,29 +43,16 @@ pub trait SessionStore: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>>;
 }
 
-/// Sessions in the cluster. The client arrives once the cluster is reachable; until
-/// then every call is [`StoreError::Unavailable`].
-#[derive(Clone, Default)]
+/// Sessions in the cluster.
+#[derive(Clone)]
 pub struct KubeSessionStore {
-    client: Arc<OnceLock<Client>>,
+    client: Client,
 }
 
 impl KubeSessionStore {
-    /// A store whose client is set later with [`KubeSessionStore::connect`].
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Uses `client` from now on.
-    pub fn connect(&self, client: Client) {
-        let _ = self.client.set(client);
-    }
-
-    fn client(&self) -> Result<Client, StoreError> {
-        self.client
-            .get()
-            .cloned()
-            .ok_or_else(|| StoreError::Unavailable("not connected to the cluster yet".into()))
+    /// A store that writes through `client`.
+    pub fn new(client: Client) -> Self {
+        Self { client }
     }
 }
 
@@ -105,7 +92,7 @@ impl SessionStore for KubeSessionStore {
     fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {
             let namespace = session.namespace().unwrap_or_default();
-            Api::<Session>::namespaced(self.client()?, &namespace)
+            Api::<Session>::namespaced(self.client.clone(), &namespace)
                 .create(&PostParams::default(), session)
                 .await
                 .map_err(store_error)
@@ -118,7 +105,7 @@ impl SessionStore for KubeSessionStore {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
         Box::pin(async move {
-            Api::<Session>::namespaced(self.client()?, namespace)
+            Api::<Session>::namespaced(self.client.clone(), namespace)
                 .get_opt(name)
                 .await
                 .map_err(store_error)

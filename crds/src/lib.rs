@@ -10,7 +10,9 @@
 pub mod agent;
 pub mod budget;
 pub mod crd;
+pub mod duration;
 pub mod names;
+pub mod retry;
 pub mod session;
 pub mod token;
 pub mod validation;

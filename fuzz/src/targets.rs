@@ -685,8 +685,14 @@ fn read_router() -> &'static (tokio::runtime::Runtime, axum::Router) {
             .enable_all()
             .build()
             .expect("a runtime");
+        // A cluster that refuses every connection: building the client needs the runtime.
+        let client = {
+            let _entered = runtime.enter();
+            let url = "http://127.0.0.1:1".parse().expect("a URL");
+            kube::Client::try_from(kube::Config::new(url)).expect("a client")
+        };
         let state = hookrun_apiserver::api::ApiState::new(
-            hookrun_apiserver::api::ClusterClient::new(),
+            client,
             hookrun_apiserver::hub::SessionHub::new(),
             std::sync::Arc::new(hookrun_apiserver::metrics::Metrics::default()),
         );

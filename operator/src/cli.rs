@@ -3,8 +3,9 @@
 use std::{fmt, net::SocketAddr, str::FromStr};
 
 use clap::{Parser, ValueEnum};
+use hookrun_crds::duration::FlagDuration;
 
-use crate::{duration::HumanDuration, pod_policy::PodPolicy};
+use crate::pod_policy::PodPolicy;
 
 /// hookrun's operator: gives every Agent with a webhook trigger a token Secret and a
 /// webhook URL in its status, and runs every Session in a pod.
@@ -32,9 +33,9 @@ pub struct Args {
 
     /// How long a session pod may stay Pending because it cannot be scheduled, its image
     /// cannot be pulled or its container cannot be created, before the Session fails
-    /// (e.g. 5m, 90s).
+    /// (e.g. 5m, 90s, 1h; a bare number is seconds).
     #[arg(long, env = "HOOKRUN_PENDING_TIMEOUT", default_value = "5m")]
-    pub pending_timeout: HumanDuration,
+    pub pending_timeout: FlagDuration,
 
     /// Address of the admin server (/healthz, /readyz, /metrics). Port 0 picks a free one;
     /// the bound address is logged.
@@ -58,13 +59,14 @@ pub struct Args {
     )]
     pub leader_election_id: String,
 
-    /// How long a Lease stays valid without renewal (e.g. 15s).
+    /// How long a Lease stays valid without renewal (e.g. 15s, 1m; a bare number is
+    /// seconds).
     #[arg(
         long,
         env = "HOOKRUN_LEADER_ELECTION_LEASE_DURATION",
         default_value = "15s"
     )]
-    pub leader_election_lease_duration: HumanDuration,
+    pub leader_election_lease_duration: FlagDuration,
 
     /// Namespaces to watch, comma-separated (default: all namespaces).
     #[arg(long, env = "HOOKRUN_NAMESPACES", value_delimiter = ',')]
@@ -280,6 +282,37 @@ mod tests {
                 allowed_toleration_keys: vec!["*".into()],
             }
         );
+    }
+
+    #[test]
+    fn duration_flags_take_the_shared_grammar() {
+        let parse = |flag: &str, value: &str| {
+            Args::try_parse_from([
+                "hookrun-operator",
+                "--public-url",
+                "https://h.example.com",
+                "--runner-url",
+                "http://r.example.com",
+                flag,
+                value,
+            ])
+        };
+        let pending = |v: &str| parse("--pending-timeout", v).map(|a| a.pending_timeout.0);
+        assert_eq!(pending("7").ok(), Some(std::time::Duration::from_secs(7)));
+        assert_eq!(
+            pending("1h").ok(),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        assert_eq!(
+            pending("500ms").ok(),
+            Some(std::time::Duration::from_millis(500))
+        );
+        assert!(pending("ten").is_err());
+        let lease = |v: &str| {
+            parse("--leader-election-lease-duration", v).map(|a| a.leader_election_lease_duration.0)
+        };
+        assert_eq!(lease("30").ok(), Some(std::time::Duration::from_secs(30)));
+        assert_eq!(lease("1m").ok(), Some(std::time::Duration::from_secs(60)));
     }
 
     #[test]

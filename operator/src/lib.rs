@@ -4,7 +4,6 @@
 pub mod admin;
 pub mod agent_controller;
 pub mod cli;
-pub mod duration;
 pub mod error;
 pub mod leader;
 pub mod metrics;

@@ -17,6 +17,7 @@ use std::{
 use futures::{Future, Stream, StreamExt};
 use hookrun_crds::{
     Agent, AgentStatus,
+    duration::FlagDuration,
     names::{self, ROTATE_TOKEN_ANNOTATION, ROTATION_GRACE_ANNOTATION},
     token::WebhookToken,
     validation::validate_agent_spec,
@@ -41,7 +42,6 @@ use self::{
 };
 use crate::{
     cli::PublicUrl,
-    duration::HumanDuration,
     error::{Error, Result},
     metrics::Metrics,
     pod_policy,
@@ -190,7 +190,7 @@ fn rotation_grace(agent: &Agent) -> Result<Duration, String> {
     match agent.annotations().get(ROTATION_GRACE_ANNOTATION) {
         None => Ok(DEFAULT_ROTATION_GRACE),
         Some(value) => value
-            .parse::<HumanDuration>()
+            .parse::<FlagDuration>()
             .map(|d| d.0)
             .map_err(|error| format!("metadata.annotations[{ROTATION_GRACE_ANNOTATION}]: {error}")),
     }

@@ -19,6 +19,7 @@ use std::{
 };
 
 use futures::{Future, StreamExt};
+use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionStatus, names};
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
@@ -53,8 +54,11 @@ pub const CONTROLLER: &str = "session";
 pub const DEFAULT_TTL: Duration = Duration::from_secs(86_400);
 /// Reconciles in flight at once (as for Agents: each may hold an API connection).
 const MAX_CONCURRENT_RECONCILES: u16 = 16;
-/// Attempts of one status write that meets conflicting writers.
-const STATUS_WRITE_ATTEMPTS: u32 = 8;
+/// How one status write retries when it meets conflicting writers: 8 attempts.
+const STATUS_WRITE: ConflictRetry = ConflictRetry {
+    max_attempts: 8,
+    budget: Duration::MAX,
+};
 /// How often a Session that needs nothing is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(3600);
 
@@ -413,46 +417,47 @@ pub async fn update_status(
     uid: &str,
     transition: &Transition,
 ) -> Result<bool> {
-    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
-        let Some(session) = sessions.get_opt(name).await? else {
-            return Ok(false);
-        };
-        if session.uid().as_deref() != Some(uid) {
-            return Ok(false);
-        }
-        let mut status = session.status.clone().unwrap_or_default();
-        let now = Time(
-            Timestamp::from_second(Timestamp::now().as_second())
-                .unwrap_or_else(|_| Timestamp::now()),
-        );
-        if !phase::apply(transition, &mut status, now) {
-            return Ok(false);
-        }
-        let patch = json!({
-            "metadata": {"resourceVersion": session.resource_version()},
-            "status": status,
-        });
-        match sessions
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(true),
-            Err(kube::Error::Api(status))
-                if status.code == 409 && attempt < STATUS_WRITE_ATTEMPTS =>
-            {
-                tokio::time::sleep(jitter(attempt)).await;
-            }
-            Err(kube::Error::Api(refusal))
-                if is_too_large_refusal(refusal.code, &refusal.message) =>
-            {
-                tracing::warn!(session = %name, code = refusal.code, "the cluster refused a Session status as too large; ending the Session");
-                finish_oversize(sessions, name, uid, session).await?;
+    STATUS_WRITE
+        .run(is_conflict, tokio::time::sleep, |_| async {
+            let Some(session) = sessions.get_opt(name).await? else {
+                return Ok(false);
+            };
+            if session.uid().as_deref() != Some(uid) {
                 return Ok(false);
             }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    Ok(false)
+            let mut status = session.status.clone().unwrap_or_default();
+            let now = Time(
+                Timestamp::from_second(Timestamp::now().as_second())
+                    .unwrap_or_else(|_| Timestamp::now()),
+            );
+            if !phase::apply(transition, &mut status, now) {
+                return Ok(false);
+            }
+            let patch = json!({
+                "metadata": {"resourceVersion": session.resource_version()},
+                "status": status,
+            });
+            match sessions
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(refusal))
+                    if is_too_large_refusal(refusal.code, &refusal.message) =>
+                {
+                    tracing::warn!(session = %name, code = refusal.code, "the cluster refused a Session status as too large; ending the Session");
+                    finish_oversize(sessions, name, uid, session).await?;
+                    Ok(false)
+                }
+                Err(error) => Err(error.into()),
+            }
+        })
+        .await
+}
+
+/// Whether `error` is a 409: another writer changed the object since it was read.
+fn is_conflict(error: &Error) -> bool {
+    matches!(error, Error::Kube(kube::Error::Api(status)) if status.code == 409)
 }
 
 /// Ends Session `name` in `Error` with the smallest write there is after the cluster
@@ -463,50 +468,57 @@ pub async fn finish_oversize(
     sessions: &Api<Session>,
     name: &str,
     uid: &str,
-    mut session: Session,
+    session: Session,
 ) -> Result<bool> {
-    let mut shed = false;
-    for attempt in 1..=STATUS_WRITE_ATTEMPTS {
-        let status = session.status.clone().unwrap_or_default();
-        let at = Time(Timestamp::now());
-        let version = session.resource_version().unwrap_or_default();
-        let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
-            return Ok(false);
-        };
-        match sessions
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::warn!(session = %name, shed, "ended a Session whose status the cluster would not store");
-                return Ok(true);
-            }
-            Err(kube::Error::Api(refusal))
-                if !shed && is_too_large_refusal(refusal.code, &refusal.message) =>
-            {
-                shed = true;
-            }
-            Err(kube::Error::Api(refusal)) if refusal.code == 409 => {
-                tokio::time::sleep(jitter(attempt)).await;
-                match sessions.get_opt(name).await? {
-                    Some(fresh) if fresh.uid().as_deref() == Some(uid) => session = fresh,
+    let current = std::sync::Mutex::new(Some(session));
+    // Once the minimal write was refused as too large, the retries shed the kept events
+    // and answer too.
+    let shed_all = std::sync::atomic::AtomicBool::new(false);
+    let ended = STATUS_WRITE
+        .run(is_conflict, tokio::time::sleep, |_| async {
+            let first = current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            let session = match first {
+                Some(session) => session,
+                None => match sessions.get_opt(name).await? {
+                    Some(fresh) if fresh.uid().as_deref() == Some(uid) => fresh,
                     _ => return Ok(false),
+                },
+            };
+            let status = session.status.clone().unwrap_or_default();
+            let version = session.resource_version().unwrap_or_default();
+            loop {
+                let shed = shed_all.load(std::sync::atomic::Ordering::Relaxed);
+                let at = Time(Timestamp::now());
+                let Some(patch) = oversize_finish_patch(&status, &version, &at, shed) else {
+                    return Ok(false);
+                };
+                match sessions
+                    .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::warn!(session = %name, shed, "ended a Session whose status the cluster would not store");
+                        return Ok(true);
+                    }
+                    Err(kube::Error::Api(refusal))
+                        if !shed && is_too_large_refusal(refusal.code, &refusal.message) =>
+                    {
+                        shed_all.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(kube::Error::Api(refusal)) if refusal.code == 404 => return Ok(false),
+                    Err(error) => return Err(Error::from(error)),
                 }
             }
-            Err(kube::Error::Api(refusal)) if refusal.code == 404 => return Ok(false),
-            Err(error) => return Err(error.into()),
-        }
+        })
+        .await;
+    match ended {
+        // Other writers kept winning: whoever they are, the Session moved on.
+        Err(error) if is_conflict(&error) => Ok(false),
+        other => other,
     }
-    Ok(false)
-}
-
-/// A few milliseconds, growing with the attempt, varied so that writers part ways.
-fn jitter(attempt: u32) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    Duration::from_millis(u64::from(attempt * 5 + nanos % 10))
 }
 
 /// Writes `transition`; Events and metrics follow only a write that changed something,

@@ -7,7 +7,10 @@
 
 use std::time::Duration;
 
-use hookrun_crds::session::{SessionPhase, SessionStatus};
+use hookrun_crds::{
+    duration::FlagDuration,
+    session::{SessionPhase, SessionStatus},
+};
 use k8s_openapi::{
     api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStateWaiting, Pod},
     apimachinery::pkg::apis::meta::v1::Time,
@@ -15,7 +18,6 @@ use k8s_openapi::{
 };
 
 use super::pod::CONTAINER;
-use crate::duration::HumanDuration;
 
 /// The next step for a Session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,7 +151,7 @@ pub fn pod_create_refused(
             FailReason::PodCreateRefused,
             format!(
                 "the pod could not be created within {}: {message}",
-                HumanDuration(pending_timeout)
+                FlagDuration(pending_timeout)
             ),
             false,
         )),
@@ -367,7 +369,7 @@ fn pending_decision(pod: &Pod, now: Timestamp, timeout: Duration) -> Decision {
             true,
         ));
     }
-    let after = HumanDuration(timeout);
+    let after = FlagDuration(timeout);
     let stuck = match waiting_reason {
         Some(r @ ("ErrImagePull" | "ImagePullBackOff")) => Some((
             FailReason::ImagePullFailed,
