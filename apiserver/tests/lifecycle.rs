@@ -1,4 +1,6 @@
-//! The binary starts, answers on its admin port, and exits 0 on SIGTERM.
+//! The binary starts, answers on its admin port, and exits 0 on SIGTERM, with a
+//! kubeconfig whose cluster is unreachable (it builds its client at start; the watches
+//! retry in the background and `/readyz` stays unready).
 
 use std::{
     net::TcpListener,
@@ -17,8 +19,26 @@ fn free_port() -> u16 {
 fn starts_serves_healthz_and_stops_on_sigterm() {
     let admin = format!("127.0.0.1:{}", free_port());
     let listen = format!("127.0.0.1:{}", free_port());
+    let runner = format!("127.0.0.1:{}", free_port());
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "hookrun-lifecycle-{}.kubeconfig",
+        std::process::id()
+    ));
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: none\n  cluster: {server: \"https://127.0.0.1:1\"}\nusers:\n- name: none\n  user: {token: unused}\ncontexts:\n- name: none\n  context: {cluster: none, user: none}\ncurrent-context: none\n",
+    )
+    .expect("a kubeconfig");
     let mut child = Command::new(env!("CARGO_BIN_EXE_hookrun-apiserver"))
-        .args(["--admin-listen", &admin, "--listen", &listen])
+        .args([
+            "--admin-listen",
+            &admin,
+            "--listen",
+            &listen,
+            "--runner-listen",
+            &runner,
+        ])
+        .env("KUBECONFIG", &kubeconfig)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -48,5 +68,6 @@ fn starts_serves_healthz_and_stops_on_sigterm() {
         .status()
         .expect("kill runs");
     let status = child.wait().expect("the binary exits");
+    let _ = std::fs::remove_file(&kubeconfig);
     assert!(status.success(), "exit status after SIGTERM: {status}");
 }
