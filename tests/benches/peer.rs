@@ -153,7 +153,9 @@ async fn start_peer(cluster: &Cluster, ns: &TestNamespace) -> Peer {
         binary.display()
     );
     let kubeconfig = cluster.kubeconfig_path();
-    let crd_dir = tools.join("notification-controller-crd");
+    // kubectl reads a symlink to a folder as a file: resolve the cache link first.
+    let crd_dir = std::fs::canonicalize(tools.join("notification-controller-crd"))
+        .expect("the peer's CRD folder (make peer-tools)");
     must(
         kubectl(
             &kubeconfig,
