@@ -159,7 +159,12 @@ async fn start_peer(cluster: &Cluster, ns: &TestNamespace) -> Peer {
     must(
         kubectl(
             &kubeconfig,
-            &["apply", "--server-side", "-f", &crd_dir.display().to_string()],
+            &[
+                "apply",
+                "--server-side",
+                "-f",
+                &crd_dir.display().to_string(),
+            ],
             None,
         ),
         "the notification-controller CRDs apply",
@@ -330,7 +335,12 @@ async fn start_hookrun(cluster: &Cluster, ns: &TestNamespace) -> (Process, Strin
         door::logged_field(&apiserver.log_text(), "public")
     })
     .await
-    .unwrap_or_else(|| panic!("the apiserver logged no address: {}", apiserver.log.display()));
+    .unwrap_or_else(|| {
+        panic!(
+            "the apiserver logged no address: {}",
+            apiserver.log.display()
+        )
+    });
     assert!(
         door::is_known(&public, &path).await,
         "the apiserver never accepted the token; log: {}",
