@@ -3,13 +3,18 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := $(CARGO) run -q -p hookrun-tests --bin hookrun-cluster --
 
-.PHONY: all test unit-test tools cluster-up cluster-down crds fmt lint dev bench clean-tools images fuzz
+.PHONY: all test unit-test tools peer-tools cluster-up cluster-down crds fmt lint dev bench clean-tools images fuzz
 
 all: test
 
 ## tools: build etcd, kube-apiserver, kube-controller-manager, kubectl, helm and crane from Go modules
 tools:
 	@tools/build.sh
+
+## peer-tools: build the peer `make bench` measures beside hookrun (Flux's
+## notification-controller) from Go modules; cached, never part of `make tools` or CI
+peer-tools:
+	@tools/peer.sh
 
 ## test: every test, unit and cluster, after making sure the tools exist
 test: tools
@@ -45,13 +50,15 @@ lint:
 dev:
 	@CARGO="$(CARGO)" tools/dev.sh
 
-## bench: the operator on the local control plane, the webhook door under wrk, held wait-mode requests
-bench: tools
+## bench: the operator on the local control plane, the webhook door under wrk, held wait-mode
+## requests, and the door beside the peer and a bare server (target/bench/report.md)
+bench: tools peer-tools
 	@command -v wrk >/dev/null || { echo "make bench needs wrk: apt-get install wrk"; exit 1; }
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p hookrun-tests --bench operator
 	$(CARGO) bench -p hookrun-apiserver --bench webhook
 	$(CARGO) bench -p hookrun-apiserver --bench wait
+	$(CARGO) bench -p hookrun-tests --bench peer
 
 ## fuzz: every fuzz target for FUZZ_SECONDS seconds of CPU each (stable Rust; a crash is
 ## saved under fuzz/regressions/<target>/ and replayed by make test from then on)

@@ -8,94 +8,14 @@
 //!
 //! `HOOKRUN_BENCH_SECONDS` (10) and `HOOKRUN_BENCH_CONNECTIONS` (32) size each run.
 
+#[path = "support/loadgen.rs"]
+mod loadgen;
 mod support;
 
-use std::process::Command;
-
-use axum::{Router, routing::get};
 use tokio::net::TcpListener;
 
+use loadgen::{Run, env_number, hello_world, post_script, wrk};
 use support::BenchDoor;
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Run {
-    rps: f64,
-    p99_ms: f64,
-    statuses_ok: bool,
-}
-
-/// Runs wrk against `url` and reads its requests/s and 99th percentile.
-fn wrk(url: &str, script: Option<&str>, seconds: u64, connections: u64) -> Run {
-    let mut command = Command::new("wrk");
-    command.args([
-        "-t2",
-        &format!("-c{connections}"),
-        &format!("-d{seconds}s"),
-        "--latency",
-    ]);
-    let script_path =
-        std::env::temp_dir().join(format!("hookrun-bench-{}.lua", std::process::id()));
-    if let Some(script) = script {
-        std::fs::write(&script_path, script).expect("the wrk script is written");
-        command.arg("-s").arg(&script_path);
-    }
-    let out = command
-        .arg(url)
-        .output()
-        .expect("wrk runs (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    let p99_ms = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .map(|v| parse_latency(v.trim()))
-        .unwrap_or(f64::NAN);
-    // wrk counts answers other than 2xx/3xx; where we expect 401, the script says so.
-    let statuses_ok = !text.contains("Non-2xx or 3xx responses")
-        || script.is_some_and(|s| s.contains("-- expect non-2xx"));
-    Run {
-        rps,
-        p99_ms,
-        statuses_ok,
-    }
-}
-
-fn parse_latency(value: &str) -> f64 {
-    let split = value
-        .find(|c: char| c.is_ascii_alphabetic())
-        .unwrap_or(value.len());
-    let (number, unit) = value.split_at(split);
-    let number: f64 = number.parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => number / 1000.0,
-        "ms" => number,
-        "s" => number * 1000.0,
-        _ => f64::NAN,
-    }
-}
-
-fn post_script(body: &str, headers: &[(&str, &str)], expect_error: bool) -> String {
-    let mut script = format!(
-        "wrk.method = \"POST\"\nwrk.body = {body:?}\nwrk.headers[\"Content-Type\"] = \"application/json\"\n"
-    );
-    for (name, value) in headers {
-        script.push_str(&format!("wrk.headers[{name:?}] = {value:?}\n"));
-    }
-    if expect_error {
-        script.push_str("-- expect non-2xx\n");
-    }
-    script
-}
 
 fn report(name: &str, run: &Run, bare: &Run, goal: f64) {
     let ratio = run.rps / bare.rps;
@@ -121,8 +41,7 @@ async fn main() {
 
     let bare = TcpListener::bind("127.0.0.1:0").await.expect("a port");
     let bare_addr = bare.local_addr().expect("an address");
-    let hello = Router::new().route("/", get(|| async { "Hello, World!" }));
-    tokio::spawn(async move { axum::serve(bare, hello).await });
+    tokio::spawn(async move { axum::serve(bare, hello_world()).await });
 
     let door_url =
         |agent: &str, token: &str| format!("http://{door_addr}{}", door.path(agent, token));
