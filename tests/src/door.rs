@@ -65,17 +65,12 @@ impl Process {
         Process { child, log }
     }
 
-    /// Its process id (for reading its memory from `/proc`).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Everything it logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The process id.
+    /// The process id (for signals, and for reading its memory from `/proc`).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
