@@ -1,5 +1,5 @@
-//! The hookrun apiserver: authenticates webhooks from a watched index and opens Sessions
-//! (issue 4), holds wait-mode requests and serves the read and runner APIs (issue 5).
+//! The hookrun apiserver: authenticates webhooks from a watched index and opens Sessions,
+//! holds wait-mode requests and serves the read and runner APIs.
 //! It serves the webhook door and the read API on the public port, the runner API on
 //! the runner port (reached only by session pods), and `/healthz`, `/readyz` and
 //! `/metrics` on the admin port.

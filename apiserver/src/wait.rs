@@ -1,4 +1,4 @@
-//! Wait mode (issue 5): an accepted webhook whose caller asked to wait (`"wait": true`, a
+//! Wait mode: an accepted webhook whose caller asked to wait (`"wait": true`, a
 //! number of seconds, or `Prefer: wait=<n>`) is held until its Session is `Complete` or
 //! `Error`, then answered with the agent's response; when the budget runs out the answer
 //! is 202 with a `pollUrl`, and the Session runs on.
