@@ -1,32 +1,28 @@
 //! What the runner API ([`crate::runner`]) and the read API ([`crate::read`]) share: the
-//! cluster client, their state, their JSON error, request bodies read
-//! within a bound, and the access log and metrics of their routes.
+//! cluster client, their state, request bodies read within a bound, and the access log
+//! and metrics of their routes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use kube::Client;
-use serde_json::json;
 
 use crate::auth::Authenticator;
 use crate::client_ip::TrustedProxies;
 use crate::hub::SessionHub;
 use crate::metrics::Metrics;
-use crate::rate_limit::{RateLimit, RetryAfter};
+use crate::error::HttpError;
+use crate::http_limits::BODY_READ_TIMEOUT;
+use crate::rate_limit::RateLimit;
 use crate::session_status::StatusWriter;
 
 /// The largest body the runner API reads.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Seconds a caller is told to wait while the cluster is not reachable.
-const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
-/// How long a caller may take to send a body once the headers are in.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the runner and read routers share.
 #[derive(Clone)]
@@ -79,84 +75,6 @@ pub(crate) fn unreachable_client() -> Client {
     Client::try_from(kube::Config::new(url)).expect("a client")
 }
 
-/// An answer other than success: `{"error": code, "message": message}` with `status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    /// Seconds for `Retry-After` (always sent with 503).
-    pub retry_after: Option<u64>,
-}
-
-impl ApiError {
-    /// An error answer.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            retry_after: (status == StatusCode::SERVICE_UNAVAILABLE)
-                .then_some(UNAVAILABLE_RETRY_SECONDS),
-        }
-    }
-
-    /// 429 with `Retry-After`.
-    pub fn too_many_requests(retry: RetryAfter, message: impl Into<String>) -> Self {
-        Self {
-            retry_after: Some(retry.seconds()),
-            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
-        }
-    }
-
-    /// 400 naming what was wrong.
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    /// 401.
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-
-    /// 403.
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
-    }
-
-    /// 404 for a Session that does not exist.
-    pub fn session_not_found(namespace: &str, name: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "session_not_found",
-            format!("there is no Session {name} in namespace {namespace}"),
-        )
-    }
-
-    /// 503 for a cluster call that failed; the cause goes to the log, not the caller.
-    pub fn cluster(what: &str, error: &kube::Error) -> Self {
-        tracing::warn!(%error, what, "a cluster call failed");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            format!("the cluster could not {what} right now; retry in a few seconds"),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Json(json!({"error": self.code, "message": self.message}));
-        let mut response = (self.status, body).into_response();
-        if let Some(seconds) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        response
-    }
-}
-
 /// The credential in `Authorization: Bearer <token>`, if one is there.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -166,7 +84,7 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Reads a body of at most [`MAX_BODY_BYTES`] (413 beyond) within 30 s (408 after).
-pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+pub async fn read_body(body: Body) -> Result<axum::body::Bytes, HttpError> {
     match tokio::time::timeout(
         BODY_READ_TIMEOUT,
         axum::body::to_bytes(body, MAX_BODY_BYTES),
@@ -174,16 +92,10 @@ pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
     .await
     {
         Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("the body is larger than {MAX_BODY_BYTES} bytes (or unreadable): send less"),
-        )),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            "the body did not arrive within 30 s: send the whole request at once",
-        )),
+        Ok(Err(_)) => Err(HttpError::TooLarge {
+            limit: MAX_BODY_BYTES,
+        }),
+        Err(_) => Err(HttpError::BodyTimeout),
     }
 }
 
@@ -215,6 +127,8 @@ pub async fn api_access_log(
 
 #[cfg(test)]
 mod tests {
+    use axum::http::{HeaderValue, StatusCode};
+
     use super::*;
 
     #[test]
@@ -238,35 +152,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn errors_are_json_and_503_says_when_to_retry() {
-        let response = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the cluster could not answer right now; retry in a few seconds",
-        )
-        .into_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            response.headers().get(header::RETRY_AFTER),
-            Some(&HeaderValue::from(5u64))
-        );
-        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-            .await
-            .expect("a body");
-        let value: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
-        assert_eq!(value["error"], "unavailable");
-        assert!(
-            value["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("retry"))
-        );
-    }
-
-    #[tokio::test]
     async fn bodies_are_bounded() {
         let big = vec![b'x'; MAX_BODY_BYTES + 1];
         let error = read_body(Body::from(big)).await.expect_err("too large");
-        assert_eq!(error.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(error.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let ok = read_body(Body::from("{}")).await.expect("small");
         assert_eq!(&ok[..], b"{}");
     }

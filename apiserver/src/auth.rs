@@ -22,7 +22,6 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 
-use crate::api::ApiError;
 use crate::auth_limit::ReviewLimiter;
 use crate::metrics::Metrics;
 use crate::rate_limit::{RateLimit, RetryAfter};
@@ -196,23 +195,33 @@ pub struct PodIdentity {
 }
 
 /// Why a caller is turned away.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     /// No valid token for this API (401).
+    #[error("no valid token for this API")]
     Unauthenticated,
     /// A valid token that may not do this (403), and why.
+    #[error("{0}")]
     Forbidden(&'static str),
 }
 
-impl Denied {
-    fn into_error(self) -> ApiError {
-        match self {
-            Denied::Unauthenticated => ApiError::unauthorized(
-                "send a valid Kubernetes token as Authorization: Bearer <token>",
-            ),
-            Denied::Forbidden(why) => ApiError::forbidden(why),
-        }
-    }
+/// Why authentication did not let a request through; it becomes an HTTP answer through
+/// `From<AuthError> for HttpError`.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The cluster's answer (or the cached one) turns the caller away.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+    /// The caller's address spent its review attempts; no review was sent.
+    #[error("the address spent its review attempts")]
+    Throttled(RetryAfter),
+    /// A review could not be asked of the cluster.
+    #[error("the cluster could not {what}: {source}")]
+    Review {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 const NOT_POD_BOUND: &str = "the token is not bound to a pod: use the projected token at \
@@ -285,7 +294,7 @@ async fn token_review(
     metrics: &Metrics,
     token: &str,
     audiences: Option<Vec<String>>,
-) -> Result<TokenReviewStatus, ApiError> {
+) -> Result<TokenReviewStatus, AuthError> {
     let review = TokenReview {
         spec: TokenReviewSpec {
             audiences,
@@ -297,7 +306,10 @@ async fn token_review(
     let reviewed = Api::<TokenReview>::all(client.clone())
         .create(&PostParams::default(), &review)
         .await
-        .map_err(|error| ApiError::cluster("review the token", &error))?;
+        .map_err(|source| AuthError::Review {
+            what: "review the token",
+            source,
+        })?;
     Ok(reviewed.status.unwrap_or_default())
 }
 
@@ -315,7 +327,7 @@ const READ_FORBIDDEN: &str = "this identity may not get that Session (sessions.h
 impl Authenticator {
     /// The session pod that `token` speaks for: 401 when the token is not valid for the
     /// `hookrun` audience, 403 when it is not bound to a pod.
-    pub async fn runner(&self, client: &Client, token: &str) -> Result<PodIdentity, ApiError> {
+    pub async fn runner(&self, client: &Client, token: &str) -> Result<PodIdentity, AuthError> {
         let key = TokenDigest::of(token);
         let cached = lock(&self.runners).get(&key, Instant::now());
         let decision = match cached {
@@ -338,7 +350,7 @@ impl Authenticator {
                 decision
             }
         };
-        decision.map_err(Denied::into_error)
+        decision.map_err(AuthError::Denied)
     }
 
     /// Whether `token` may read Session `name` in `namespace`: 401 for an invalid token,
@@ -352,7 +364,7 @@ impl Authenticator {
         namespace: &str,
         name: &str,
         client_ip: IpAddr,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), AuthError> {
         let digest = TokenDigest::of(token);
         let access_key = (digest, namespace.to_owned(), name.to_owned());
         let now = Instant::now();
@@ -361,14 +373,14 @@ impl Authenticator {
         }
         let known = lock(&self.users).get(&digest, now);
         let user = match known {
-            Some(None) => return Err(Denied::Unauthenticated.into_error()),
+            Some(None) => return Err(Denied::Unauthenticated.into()),
             Some(Some(user)) => Some(user),
             None => None,
         };
         // A review is needed: it costs this address an attempt, given back if allowed.
         if let Err(retry) = lock(&self.limiter).try_acquire(client_ip, now) {
             self.metrics.auth_throttled.inc();
-            return Err(throttled(retry));
+            return Err(AuthError::Throttled(retry));
         }
         let user = match user {
             Some(user) => user,
@@ -379,7 +391,7 @@ impl Authenticator {
                 lock(&self.users).insert(digest, user.clone(), bytes, Instant::now());
                 match user {
                     Some(user) => user,
-                    None => return Err(Denied::Unauthenticated.into_error()),
+                    None => return Err(Denied::Unauthenticated.into()),
                 }
             }
         };
@@ -398,7 +410,7 @@ impl Authenticator {
         user: UserInfo,
         namespace: &str,
         name: &str,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, AuthError> {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: user.username,
@@ -421,26 +433,20 @@ impl Authenticator {
         let reviewed = Api::<SubjectAccessReview>::all(client.clone())
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|error| ApiError::cluster("review the access", &error))?;
+            .map_err(|source| AuthError::Review {
+                what: "review the access",
+                source,
+            })?;
         Ok(reviewed.status.is_some_and(|s| s.allowed))
     }
 }
 
-fn access_decision(allowed: bool) -> Result<(), ApiError> {
+fn access_decision(allowed: bool) -> Result<(), AuthError> {
     if allowed {
         Ok(())
     } else {
-        Err(Denied::Forbidden(READ_FORBIDDEN).into_error())
+        Err(Denied::Forbidden(READ_FORBIDDEN).into())
     }
-}
-
-/// 429 for an address that spent its review attempts.
-pub fn throttled(retry: RetryAfter) -> ApiError {
-    ApiError::too_many_requests(
-        retry,
-        "too many requests from this address were denied: wait for Retry-After, then send \
-         a valid token allowed to get the Session",
-    )
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -534,7 +540,7 @@ mod tests {
         assert_eq!(unbound, Err(Denied::Forbidden(NOT_POD_BOUND)));
         let user = runner_decision(&reviewed(true, &["hookrun"], "alice", pod), "hookrun");
         assert_eq!(
-            user.map_err(|d| d.into_error().status),
+            user.map_err(|d| crate::error::HttpError::from(AuthError::from(d)).status()),
             Err(axum::http::StatusCode::FORBIDDEN)
         );
     }

@@ -23,6 +23,10 @@ pub const MAX_TARGET_BYTES: usize = 2 * 1024;
 /// The largest read buffer, and write buffer, of one connection (hyper's default is about
 /// 400 KiB). Bodies stream through it in pieces.
 pub const MAX_CONNECTION_BUFFER_BYTES: usize = 48 * 1024;
+/// How long a client may take to send the body once the headers are in: the header read
+/// timeout ends there, and a body that trickles must not hold a connection and a task
+/// forever.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP/1 server settings of every listener: the limits above and a header read
 /// timeout that holds (hyper needs a timer for it).

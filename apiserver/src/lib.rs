@@ -10,6 +10,7 @@ pub mod auth_limit;
 pub mod body;
 pub mod client_ip;
 pub mod dns_name;
+pub mod error;
 pub mod http_limits;
 pub mod hub;
 pub mod idempotency;

@@ -19,7 +19,8 @@ use hookrun_crds::session::{SessionEvent, SessionStatus, event_types};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::api::{self, ApiError, ApiState, bearer_token};
+use crate::api::{self, ApiState, bearer_token};
+use crate::error::HttpError;
 use crate::client_ip;
 use crate::dns_name::{is_dns_label, is_dns_subdomain};
 use crate::hub::{Seen, Subscription};
@@ -47,21 +48,21 @@ pub struct ReadQuery {
 
 /// The namespace a read is about: 400 naming the parameter when it is missing or not a
 /// namespace name (the value is not echoed).
-fn namespace(query: &Result<Query<ReadQuery>, QueryRejection>) -> Result<String, ApiError> {
+fn namespace(query: &Result<Query<ReadQuery>, QueryRejection>) -> Result<String, HttpError> {
     let query = query.as_ref().map_err(|_| {
-        ApiError::bad_request(
+        HttpError::bad_request(
             "the query string is not valid: send ?namespace=<the Session's namespace> and, \
              for events, &event_type=<type>",
         )
     })?;
     match query.namespace.as_deref().map(str::trim) {
         Some(ns) if is_dns_label(ns) => Ok(ns.to_owned()),
-        Some(ns) if !ns.is_empty() => Err(ApiError::bad_request(
+        Some(ns) if !ns.is_empty() => Err(HttpError::bad_request(
             "the query parameter namespace is not a namespace name: use a DNS-1123 label, \
              1 to 63 lowercase letters, digits and '-', starting and ending with a letter or \
              digit",
         )),
-        _ => Err(ApiError::bad_request(
+        _ => Err(HttpError::bad_request(
             "the query parameter namespace is required: add ?namespace=<the Session's namespace>",
         )),
     }
@@ -69,13 +70,13 @@ fn namespace(query: &Result<Query<ReadQuery>, QueryRejection>) -> Result<String,
 
 /// The Session name of the path: 400 when it is not an object name (the value is not
 /// echoed).
-fn session_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+fn session_name(path: Result<Path<String>, PathRejection>) -> Result<String, HttpError> {
     const NOT_A_NAME: &str = "the session in the path /agents/{session} is not a Session \
                               name: use a DNS-1123 subdomain, at most 253 lowercase letters, \
                               digits, '-' and '.'";
     match path {
         Ok(Path(name)) if is_dns_subdomain(&name) => Ok(name),
-        _ => Err(ApiError::bad_request(NOT_A_NAME)),
+        _ => Err(HttpError::bad_request(NOT_A_NAME)),
     }
 }
 
@@ -84,7 +85,7 @@ fn session_name(path: Result<Path<String>, PathRejection>) -> Result<String, Api
 fn target(
     path: Result<Path<String>, PathRejection>,
     query: &Result<Query<ReadQuery>, QueryRejection>,
-) -> Result<(String, String), ApiError> {
+) -> Result<(String, String), HttpError> {
     let name = session_name(path)?;
     let namespace = namespace(query)?;
     Ok((namespace, name))
@@ -109,9 +110,9 @@ async fn authorized_session(
     extensions: &Extensions,
     namespace: &str,
     name: &str,
-) -> Result<Session, ApiError> {
+) -> Result<Session, HttpError> {
     let token = bearer_token(headers).ok_or_else(|| {
-        ApiError::unauthorized(
+        HttpError::Unauthorized(
             "send a Kubernetes token allowed to get sessions.hookrun.dev as Authorization: \
              Bearer <token>",
         )
@@ -125,12 +126,12 @@ async fn authorized_session(
     read_session(state, namespace, name).await
 }
 
-async fn read_session(state: &ApiState, namespace: &str, name: &str) -> Result<Session, ApiError> {
+async fn read_session(state: &ApiState, namespace: &str, name: &str) -> Result<Session, HttpError> {
     Api::<Session>::namespaced(state.client.clone(), namespace)
         .get_opt(name)
         .await
-        .map_err(|error| ApiError::cluster("read the Session", &error))?
-        .ok_or_else(|| ApiError::session_not_found(namespace, name))
+        .map_err(|error| HttpError::cluster("read the Session", &error))?
+        .ok_or_else(|| HttpError::session_not_found(namespace, name))
 }
 
 /// The answer of `GET /agents/{session}`.
@@ -179,7 +180,7 @@ async fn session_summary(
     let result = async {
         let (namespace, name) = target(path, &query)?;
         let session = authorized_session(&state, &headers, &extensions, &namespace, &name).await?;
-        Ok::<_, ApiError>(Json(summary(&session)))
+        Ok::<_, HttpError>(Json(summary(&session)))
     }
     .await;
     result.into_response()
@@ -200,7 +201,7 @@ async fn session_events(
             .and_then(|q| q.0.event_type)
             .filter(|t| !t.is_empty());
         let status = session.status.unwrap_or_default();
-        Ok::<_, ApiError>(Json(events(&status, event_type.as_deref())))
+        Ok::<_, HttpError>(Json(events(&status, event_type.as_deref())))
     }
     .await;
     result.into_response()
@@ -316,7 +317,7 @@ async fn open_stream(
     last_id: u64,
     headers: &HeaderMap,
     extensions: &Extensions,
-) -> Result<Stream, ApiError> {
+) -> Result<Stream, HttpError> {
     let subscription = state.hub.subscribe(namespace, name);
     let session = authorized_session(state, headers, extensions, namespace, name).await?;
     let mut stream = Stream {
@@ -454,8 +455,8 @@ mod tests {
     fn a_missing_namespace_names_the_parameter() {
         let missing: Result<Query<ReadQuery>, QueryRejection> = Ok(Query(ReadQuery::default()));
         let error = namespace(&missing).expect_err("required");
-        assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
-        assert!(error.message.contains("namespace"));
+        assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(error.to_string().contains("namespace"));
         let given = Ok(Query(ReadQuery {
             namespace: Some("team".into()),
             event_type: None,
@@ -472,20 +473,20 @@ mod tests {
                 event_type: None,
             }));
             let error = namespace(&query).expect_err(bad);
-            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
-            assert!(error.message.contains("namespace"), "{}", error.message);
+            assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
+            assert!(error.to_string().contains("namespace"), "{}", error.to_string());
             assert!(
-                error.message.contains("DNS-1123 label"),
+                error.to_string().contains("DNS-1123 label"),
                 "{}",
-                error.message
+                error.to_string()
             );
-            assert!(!error.message.contains(bad), "{}", error.message);
+            assert!(!error.to_string().contains(bad), "{}", error.to_string());
         }
         for bad in ["s/status", "s?watch=true", "UPPER", ".."] {
             let error = session_name(Ok(Path(bad.to_owned()))).expect_err(bad);
-            assert_eq!(error.status, axum::http::StatusCode::BAD_REQUEST);
-            assert!(error.message.contains("DNS-1123 subdomain"));
-            assert!(!error.message.contains(bad), "{}", error.message);
+            assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
+            assert!(error.to_string().contains("DNS-1123 subdomain"));
+            assert!(!error.to_string().contains(bad), "{}", error.to_string());
         }
         assert_eq!(
             session_name(Ok(Path("agent-wh-0123abcd".to_owned()))),

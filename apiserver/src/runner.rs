@@ -17,7 +17,8 @@ use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::{Map, Value, json};
 
-use crate::api::{self, ApiError, ApiState, bearer_token};
+use crate::api::{self, ApiState, bearer_token};
+use crate::error::HttpError;
 use crate::auth::PodIdentity;
 use crate::session_status::StatusError;
 
@@ -68,9 +69,9 @@ struct Caller {
     client: kube::Client,
 }
 
-async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, HttpError> {
     let token = bearer_token(headers).ok_or_else(|| {
-        ApiError::unauthorized(
+        HttpError::Unauthorized(
             "send the pod's projected token (the file at HOOKRUN_TOKEN_FILE) as \
              Authorization: Bearer <token>",
         )
@@ -79,7 +80,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
     let pod = state.auth.runner(&client, token).await?;
     let sessions: Api<Session> = Api::namespaced(client.clone(), &pod.namespace);
     let not_yours = || {
-        ApiError::forbidden(
+        HttpError::Forbidden(
             "the token's pod is not the pod of a Session: only a session's own pod may call \
              the runner API",
         )
@@ -87,21 +88,14 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, ApiErro
     let session = sessions
         .get_opt(&pod.pod_name)
         .await
-        .map_err(|error| ApiError::cluster("read the Session", &error))?
+        .map_err(|error| HttpError::cluster("read the Session", &error))?
         .ok_or_else(not_yours)?;
     match session_owns_pod(session.status.as_ref(), &pod) {
         PodClaim::Owns => {}
         PodClaim::NotYours => return Err(not_yours()),
         // Retryable: the operator writes the pod into the status right after creating it.
         PodClaim::NotRecordedYet => {
-            return Err(ApiError {
-                retry_after: Some(1),
-                ..ApiError::new(
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "pod_not_recorded",
-                    "the Session does not name its pod yet; retry in a second",
-                )
-            });
+            return Err(HttpError::PodNotRecorded);
         }
     }
     Ok(Caller {
@@ -165,11 +159,11 @@ async fn session_context(State(state): State<ApiState>, headers: HeaderMap) -> R
         let agent = Api::<Agent>::namespaced(caller.client, &namespace)
             .list(&ListParams::default().fields(&selector))
             .await
-            .map_err(|error| ApiError::cluster("read the Agent", &error))?
+            .map_err(|error| HttpError::cluster("read the Agent", &error))?
             .items
             .into_iter()
             .next();
-        Ok::<_, ApiError>(Json(context(&caller.session, agent.as_ref())))
+        Ok::<_, HttpError>(Json(context(&caller.session, agent.as_ref())))
     }
     .await;
     result.into_response()
@@ -195,22 +189,22 @@ pub fn validate_event_type(type_: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn json_object(raw: &[u8]) -> Result<Map<String, Value>, ApiError> {
+fn json_object(raw: &[u8]) -> Result<Map<String, Value>, HttpError> {
     match serde_json::from_slice(raw) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
-        Err(error) => Err(ApiError::bad_request(format!(
+        Ok(_) => Err(HttpError::bad_request("the body must be a JSON object")),
+        Err(error) => Err(HttpError::bad_request(format!(
             "the body is not JSON ({error}): send a JSON object"
         ))),
     }
 }
 
 /// An optional string field (absent and `null` are both `None`).
-fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<String>, HttpError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(_) => Err(ApiError::bad_request(format!("{field} must be a string"))),
+        Some(_) => Err(HttpError::bad_request(format!("{field} must be a string"))),
     }
 }
 
@@ -222,11 +216,11 @@ pub struct NewEvent {
 }
 
 /// Parses and checks an event body; errors name the field.
-pub fn parse_event(raw: &[u8]) -> Result<NewEvent, ApiError> {
+pub fn parse_event(raw: &[u8]) -> Result<NewEvent, HttpError> {
     let body = json_object(raw)?;
     let type_ = optional_string(&body, "type")?
-        .ok_or_else(|| ApiError::bad_request("type is required, e.g. \"agent.message\""))?;
-    validate_event_type(&type_).map_err(ApiError::bad_request)?;
+        .ok_or_else(|| HttpError::bad_request("type is required, e.g. \"agent.message\""))?;
+    validate_event_type(&type_).map_err(HttpError::bad_request)?;
     let content = optional_string(&body, "content")?.unwrap_or_default();
     Ok(NewEvent { type_, content })
 }
@@ -240,13 +234,13 @@ pub struct Completion {
 }
 
 /// Parses a completion body; errors name the field.
-pub fn parse_completion(raw: &[u8]) -> Result<Completion, ApiError> {
+pub fn parse_completion(raw: &[u8]) -> Result<Completion, HttpError> {
     let body = json_object(raw)?;
     let phase = match optional_string(&body, "status")?.as_deref() {
         Some("complete") => SessionPhase::Complete,
         Some("error") => SessionPhase::Error,
         _ => {
-            return Err(ApiError::bad_request(
+            return Err(HttpError::bad_request(
                 "status is required and must be \"complete\" or \"error\"",
             ));
         }
@@ -262,31 +256,13 @@ pub fn parse_completion(raw: &[u8]) -> Result<Completion, ApiError> {
 #[derive(Debug)]
 struct Finished;
 
-fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> ApiError {
+fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> HttpError {
     match error {
-        StatusError::Refused(Finished) => ApiError::new(
-            axum::http::StatusCode::CONFLICT,
-            "session_finished",
-            "the Session has already finished: it takes no more events or outcomes",
-        ),
-        StatusError::NotFound => ApiError::session_not_found(namespace, name),
-        StatusError::Conflict | StatusError::Contended => ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "the Session changed too often to write it; retry in a few seconds",
-        ),
-        StatusError::Kube(error) => ApiError::cluster("write the Session's status", &error),
-        StatusError::TooLarge { ended } => ApiError::new(
-            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
-            "status_too_large",
-            if ended {
-                "the cluster refused to store the Session's status as too large: the write was \
-                 not stored and the Session was ended in phase Error"
-            } else {
-                "the cluster refused to store the Session's status as too large: the write was \
-                 not stored (the Session had already finished)"
-            },
-        ),
+        StatusError::Refused(Finished) => HttpError::SessionFinished,
+        StatusError::NotFound => HttpError::session_not_found(namespace, name),
+        StatusError::Conflict | StatusError::Contended => HttpError::StatusContended,
+        StatusError::Kube(error) => HttpError::cluster("write the Session's status", &error),
+        StatusError::TooLarge { ended } => HttpError::StatusTooLarge { ended },
     }
 }
 
@@ -300,7 +276,7 @@ async fn update_status<T>(
     state: &ApiState,
     caller: Caller,
     edit: impl FnMut(&Session, &mut SessionStatus) -> Result<T, Finished>,
-) -> Result<T, ApiError> {
+) -> Result<T, HttpError> {
     let (namespace, name) = (
         caller.session.namespace().unwrap_or_default(),
         caller.session.name_any(),
@@ -323,7 +299,7 @@ async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: B
             Ok(status.push_event(&event.type_, &event.content, now()))
         })
         .await?;
-        Ok::<_, ApiError>(Json(json!({"id": id})))
+        Ok::<_, HttpError>(Json(json!({"id": id})))
     }
     .await;
     result.into_response()
@@ -355,7 +331,7 @@ async fn complete(State(state): State<ApiState>, headers: HeaderMap, body: Body)
             }
         })
         .await?;
-        Ok::<_, ApiError>(Json(json!({"phase": phase})))
+        Ok::<_, HttpError>(Json(json!({"phase": phase})))
     }
     .await;
     result.into_response()
@@ -485,14 +461,14 @@ mod tests {
             parse_event(br#"{"type":"note"}"#).map(|e| e.content),
             Ok(String::new())
         );
-        let message = |raw: &[u8]| parse_event(raw).expect_err("bad").message;
+        let message = |raw: &[u8]| parse_event(raw).expect_err("bad").to_string();
         assert!(message(br#"{"content":"x"}"#).starts_with("type"));
         assert!(message(br#"{"type":"a","content":3}"#).starts_with("content"));
         assert!(message(br#"{"type":"session.x"}"#).contains("reserved"));
         assert!(message(b"[1]").contains("object"));
         assert!(message(b"{").contains("not JSON"));
         assert_eq!(
-            parse_event(b"{").expect_err("bad").status,
+            parse_event(b"{").expect_err("bad").status(),
             StatusCode::BAD_REQUEST
         );
     }
@@ -512,9 +488,9 @@ mod tests {
             Ok(SessionPhase::Error)
         );
         let bad = parse_completion(br#"{"status":"done"}"#).expect_err("bad");
-        assert!(bad.message.starts_with("status"));
+        assert!(bad.to_string().starts_with("status"));
         let bad = parse_completion(br#"{"status":"complete","response":1}"#).expect_err("bad");
-        assert!(bad.message.starts_with("response"));
+        assert!(bad.to_string().starts_with("response"));
     }
 
     #[test]

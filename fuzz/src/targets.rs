@@ -641,8 +641,8 @@ pub fn runner_event(data: &[u8]) -> String {
             "ok".into()
         }
         Err(error) => {
-            assert_eq!(error.status, http::StatusCode::BAD_REQUEST);
-            assert_bounded(&error.message, "runner event");
+            assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
+            assert_bounded(&error.to_string(), "runner event");
             "err".into()
         }
     }
@@ -670,8 +670,8 @@ pub fn runner_completion(data: &[u8]) -> String {
             format!("ok:{status}")
         }
         Err(error) => {
-            assert_eq!(error.status, http::StatusCode::BAD_REQUEST);
-            assert_bounded(&error.message, "runner completion");
+            assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
+            assert_bounded(&error.to_string(), "runner completion");
             "err".into()
         }
     }

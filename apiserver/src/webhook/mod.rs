@@ -10,20 +10,18 @@
 //! signature is checked after the body is read (it signs the body), so an oversized body
 //! with a wrong signature is 413.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use hookrun_crds::agent::SignatureScheme;
-use hookrun_crds::budget::{BudgetPart, OverBudget};
 use hookrun_crds::names;
 use hookrun_crds::session::SessionTrigger;
 use hookrun_crds::{Session, SessionSpec};
@@ -32,28 +30,21 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::body::{self, BodyError, WaitMode};
-use crate::client_ip::{self, TrustedProxies, XffError};
+use crate::client_ip::{self, TrustedProxies};
+use crate::error::{HttpError, JSON};
+use crate::http_limits::BODY_READ_TIMEOUT;
 use crate::hub::SessionHub;
-use crate::idempotency::{self, IdempotencyError};
+use crate::idempotency;
 use crate::index::{AgentKey, Reservation, SecretEntry, SharedIndex, WebhookTarget};
 use crate::metrics::Metrics;
-use crate::rate_limit::{RateLimiter, RetryAfter, rate_limit_headers};
-use crate::signature::{self, SignatureError, SignedRequest, Verified};
+use crate::rate_limit::{RateLimiter, rate_limit_headers};
+use crate::signature::{self, SignedRequest, Verified};
 use crate::store::{SessionStore, StoreError};
 use crate::title;
 use crate::wait;
 
 /// `Idempotent-Replayed: true` on an answer that repeats an earlier one.
 pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
-/// Seconds a caller is told to wait when the cluster cannot store a Session.
-const UNAVAILABLE_RETRY_SECONDS: u64 = 5;
-/// Seconds a caller is told to wait when the Agent runs its most Sessions.
-const BUSY_RETRY_SECONDS: u64 = 10;
-/// Seconds a caller is told to wait when the Agent stores its most Sessions: room comes
-/// back only as finished Sessions reach their TTL, which takes minutes or more.
-const STORE_FULL_RETRY_SECONDS: u64 = 60;
-/// How long a client may take to send the body once the headers are in.
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Random names drawn before giving up on a run of collisions.
 const RANDOM_NAME_ATTEMPTS: usize = 3;
 
@@ -78,223 +69,6 @@ pub fn signature_header(scheme: SignatureScheme) -> &'static str {
         SignatureScheme::Slack => "x-slack-signature",
         SignatureScheme::StandardWebhooks => "webhook-signature",
         SignatureScheme::Hmac => "x-signature",
-    }
-}
-
-/// Why a webhook was refused; each variant is one answer.
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    #[error("the webhook index is still loading; retry in a few seconds")]
-    NotReady,
-    #[error(
-        "no Agent with a webhook trigger at this URL: check the namespace and Agent name, and \
-         that the Agent has a webhook trigger"
-    )]
-    NotFound,
-    #[error(transparent)]
-    BadForwardedFor(XffError),
-    #[error("the client address is not in the Agent's allowCIDRs")]
-    Forbidden,
-    #[error(
-        "the token is missing or not valid for this Agent: use the URL from the Agent's \
-         webhook Secret, or send it as Authorization: Bearer <token>"
-    )]
-    BadToken,
-    #[error("a signature is required: send one of the headers {expected}")]
-    MissingSignature { expected: String },
-    #[error(transparent)]
-    Signature(SignatureError),
-    /// 503, not 401: the sender's signature is not at fault, the receiver lacks the key
-    /// (not loaded yet, or the Secret it comes from was deleted), and senders retry a
-    /// 5xx once it is back instead of giving up. Either way nothing is accepted.
-    #[error(
-        "the Agent's signing secret for this signature is missing: it is not loaded yet, or \
-         the Secret it is read from was deleted (see the Agent's Ready condition); retry later"
-    )]
-    SigningSecretPending,
-    #[error("the Agent's webhook is misconfigured: {0}")]
-    Misconfigured(SignatureError),
-    #[error("the body is larger than {limit} bytes: send at most {limit} bytes")]
-    TooLarge { limit: usize },
-    #[error(transparent)]
-    OverBudget(OverBudget),
-    #[error("the body could not be read: {0}")]
-    BodyRead(String),
-    #[error("the body did not arrive within {} s: send the whole request at once", BODY_READ_TIMEOUT.as_secs())]
-    BodyTimeout,
-    #[error(transparent)]
-    BadBody(BodyError),
-    #[error(transparent)]
-    Idempotency(IdempotencyError),
-    #[error("the Agent's webhook rate limit of {limit} requests is spent; retry later")]
-    RateLimited { retry: RetryAfter, limit: u32 },
-    #[error(
-        "the Agent already runs {max} Sessions (spec.session.maxConcurrent); retry when one \
-         finishes"
-    )]
-    TooManySessions { max: u32 },
-    #[error(
-        "the Agent stores {max} Sessions, finished ones included \
-         (spec.session.maxStoredSessions); retry when finished ones are deleted after \
-         spec.session.ttlSecondsAfterFinished, or raise spec.session.maxStoredSessions or \
-         shorten spec.session.ttlSecondsAfterFinished"
-    )]
-    TooManyStoredSessions { max: u32 },
-    #[error("the cluster cannot store the Session right now; retry later")]
-    Unavailable,
-    #[error(
-        "the cluster refused the Session ({reason}): {message}; sending the same request \
-         again will be refused again"
-    )]
-    Rejected { reason: String, message: String },
-    #[error("this URL answers GET (the verification ping) and POST (a webhook) only")]
-    MethodNotAllowed,
-}
-
-impl WebhookError {
-    /// A short code for error bodies and metric labels.
-    pub fn code(&self) -> &'static str {
-        match self {
-            WebhookError::NotReady => "not_ready",
-            WebhookError::NotFound => "not_found",
-            WebhookError::BadForwardedFor(_) => "bad_forwarded_for",
-            WebhookError::Forbidden => "address_not_allowed",
-            WebhookError::BadToken => "bad_token",
-            WebhookError::MissingSignature { .. } => "missing_signature",
-            WebhookError::Signature(e) => e.code(),
-            WebhookError::SigningSecretPending => "signing_secret_pending",
-            WebhookError::Misconfigured(_) => "agent_misconfigured",
-            WebhookError::TooLarge { .. } => "body_too_large",
-            WebhookError::OverBudget(e) => match e.part {
-                BudgetPart::Title => "title_too_large",
-                BudgetPart::Payload => "payload_too_large",
-                BudgetPart::Env => "env_too_large",
-                BudgetPart::Session => "session_too_large",
-            },
-            WebhookError::BodyRead(_) => "body_unreadable",
-            WebhookError::BodyTimeout => "body_timeout",
-            WebhookError::BadBody(_) => "bad_body",
-            WebhookError::Idempotency(e) => e.code(),
-            WebhookError::RateLimited { .. } => "rate_limited",
-            WebhookError::TooManySessions { .. } => "too_many_sessions",
-            WebhookError::TooManyStoredSessions { .. } => "too_many_stored_sessions",
-            WebhookError::Unavailable => "unavailable",
-            WebhookError::Rejected { .. } => "session_rejected",
-            WebhookError::MethodNotAllowed => "method_not_allowed",
-        }
-    }
-
-    /// The HTTP status of the answer.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            WebhookError::NotReady
-            | WebhookError::SigningSecretPending
-            | WebhookError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            WebhookError::NotFound => StatusCode::NOT_FOUND,
-            WebhookError::BadForwardedFor(_)
-            | WebhookError::BodyRead(_)
-            | WebhookError::BadBody(_)
-            | WebhookError::Rejected { .. } => StatusCode::BAD_REQUEST,
-            WebhookError::Forbidden => StatusCode::FORBIDDEN,
-            WebhookError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            WebhookError::BadToken
-            | WebhookError::MissingSignature { .. }
-            | WebhookError::Signature(_) => StatusCode::UNAUTHORIZED,
-            WebhookError::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            WebhookError::TooLarge { .. } | WebhookError::OverBudget(_) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
-            WebhookError::Idempotency(IdempotencyError::Conflict) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            WebhookError::Idempotency(_) => StatusCode::BAD_REQUEST,
-            WebhookError::RateLimited { .. }
-            | WebhookError::TooManySessions { .. }
-            | WebhookError::TooManyStoredSessions { .. } => StatusCode::TOO_MANY_REQUESTS,
-            WebhookError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-        }
-    }
-}
-
-/// `{"error", "message"}` as JSON bytes.
-fn error_body(code: &str, message: &str) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct ErrorBody<'a> {
-        error: &'a str,
-        message: &'a str,
-    }
-    serde_json::to_vec(&ErrorBody {
-        error: code,
-        message,
-    })
-    .map(Bytes::from)
-    .unwrap_or_default()
-}
-
-/// The bodies of the errors whose message never changes, serialised once: the cheap
-/// refusals (bad token, unknown Agent) are the ones a flood is made of.
-static CONSTANT_BODIES: LazyLock<HashMap<&'static str, Bytes>> = LazyLock::new(|| {
-    [
-        WebhookError::NotReady,
-        WebhookError::NotFound,
-        WebhookError::Forbidden,
-        WebhookError::BadToken,
-        WebhookError::SigningSecretPending,
-        WebhookError::BodyTimeout,
-        WebhookError::Unavailable,
-        WebhookError::MethodNotAllowed,
-    ]
-    .into_iter()
-    .map(|e| (e.code(), error_body(e.code(), &e.to_string())))
-    .collect()
-});
-
-/// What every JSON answer of the door is.
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-/// The methods the door's routes answer (`GET` answers `HEAD` too).
-const ALLOWED_METHODS: HeaderValue = HeaderValue::from_static("GET, HEAD, POST");
-
-impl IntoResponse for WebhookError {
-    fn into_response(self) -> Response {
-        let code = self.code();
-        let body = match CONSTANT_BODIES.get(code) {
-            Some(body) => body.clone(),
-            None => error_body(code, &self.to_string()),
-        };
-        let mut response = (self.status(), [(header::CONTENT_TYPE, JSON)], body).into_response();
-        let headers = response.headers_mut();
-        match &self {
-            WebhookError::RateLimited { retry, limit } => {
-                let (name, value) = retry.header();
-                headers.insert(name, value);
-                for (name, value) in rate_limit_headers(*limit, 0) {
-                    headers.insert(name, value);
-                }
-            }
-            WebhookError::TooManySessions { .. } => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_SECONDS));
-            }
-            WebhookError::TooManyStoredSessions { .. } => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(STORE_FULL_RETRY_SECONDS),
-                );
-            }
-            WebhookError::NotReady
-            | WebhookError::SigningSecretPending
-            | WebhookError::Unavailable => {
-                headers.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(UNAVAILABLE_RETRY_SECONDS),
-                );
-            }
-            WebhookError::MethodNotAllowed => {
-                headers.insert(header::ALLOW, ALLOWED_METHODS);
-            }
-            _ => {}
-        }
-        response
     }
 }
 
@@ -376,14 +150,14 @@ fn record(
     response
 }
 
-fn refused(error: WebhookError) -> Answered {
+fn refused(error: HttpError) -> Answered {
     let code = error.code();
     (error.into_response(), code)
 }
 
 async fn not_found(State(state): State<AppState>, method: Method) -> Response {
     let started = Instant::now();
-    let answered = refused(WebhookError::NotFound);
+    let answered = refused(HttpError::NotFound);
     record(&state, UNMATCHED_ROUTE, &method, started, None, answered)
 }
 
@@ -393,7 +167,7 @@ async fn method_not_allowed(
     method: Method,
 ) -> Response {
     let started = Instant::now();
-    let answered = refused(WebhookError::MethodNotAllowed);
+    let answered = refused(HttpError::MethodNotAllowed);
     let route = route_label(matched.as_ref());
     record(&state, route, &method, started, None, answered)
 }
@@ -413,12 +187,12 @@ struct Knock {
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Knock {
-    type Rejection = WebhookError;
+    type Rejection = HttpError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, WebhookError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
         let Path(path) = Path::<DoorPath>::from_request_parts(parts, state)
             .await
-            .map_err(|_| WebhookError::NotFound)?;
+            .map_err(|_| HttpError::NotFound)?;
         let token = path
             .token
             .or_else(|| crate::api::bearer_token(&parts.headers).map(str::to_owned));
@@ -435,7 +209,7 @@ async fn ping_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     matched: Option<MatchedPath>,
     method: Method,
-    knock: Result<Knock, WebhookError>,
+    knock: Result<Knock, HttpError>,
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
@@ -462,7 +236,7 @@ async fn post_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     matched: Option<MatchedPath>,
     method: Method,
-    knock: Result<Knock, WebhookError>,
+    knock: Result<Knock, HttpError>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -537,33 +311,33 @@ fn authenticate(
     token: Option<&str>,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<WebhookTarget, WebhookError> {
+) -> Result<WebhookTarget, HttpError> {
     let target = {
         let index = state
             .index
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !index.is_synced() {
-            return Err(WebhookError::NotReady);
+            return Err(HttpError::NotReady);
         }
-        index.target(key).ok_or(WebhookError::NotFound)?
+        index.target(key).ok_or(HttpError::NotFound)?
     };
     if state.trusted_proxies.is_empty() && headers.contains_key("x-forwarded-for") {
         tracing::debug!("X-Forwarded-For ignored: no --trusted-proxies are configured");
     }
     if target.agent.deny_all {
-        return Err(WebhookError::Forbidden);
+        return Err(HttpError::AddressNotAllowed);
     }
     if !target.agent.allow_cidrs.is_empty() {
         let forwarded = client_ip::forwarded_for_values(headers);
         let client = client_ip::resolve_client_ip(peer.ip(), &forwarded, &state.trusted_proxies)
-            .map_err(WebhookError::BadForwardedFor)?;
+            .map_err(HttpError::BadForwardedFor)?;
         if !client_ip::is_allowed(client, &target.agent.allow_cidrs) {
-            return Err(WebhookError::Forbidden);
+            return Err(HttpError::AddressNotAllowed);
         }
     }
     if !token_matches(&target.secret, token, SystemTime::now()) {
-        return Err(WebhookError::BadToken);
+        return Err(HttpError::BadToken);
     }
     Ok(target)
 }
@@ -593,33 +367,33 @@ fn ping(
     token: Option<&str>,
     peer: SocketAddr,
     headers: &HeaderMap,
-) -> Result<(), WebhookError> {
+) -> Result<(), HttpError> {
     authenticate(state, key, token, peer, headers).map(drop)
 }
 
 /// Reads the body, refusing more than `limit` bytes without reading further.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, WebhookError> {
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, HttpError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(WebhookError::TooLarge { limit });
+        return Err(HttpError::TooLarge { limit });
     }
     // The header read timeout ends once the headers are in; a body that trickles must
     // not hold a connection and a task forever.
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
         .await
-        .map_err(|_| WebhookError::BodyTimeout)?;
+        .map_err(|_| HttpError::BodyTimeout)?;
     match read {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(error) => {
             let too_large = std::error::Error::source(&error)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
             if too_large {
-                Err(WebhookError::TooLarge { limit })
+                Err(HttpError::TooLarge { limit })
             } else {
-                Err(WebhookError::BodyRead(error.to_string()))
+                Err(HttpError::BodyRead(error.to_string()))
             }
         }
     }
@@ -630,7 +404,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<
 fn signature_candidates(
     target: &WebhookTarget,
     headers: &HeaderMap,
-) -> Result<Vec<SignatureScheme>, WebhookError> {
+) -> Result<Vec<SignatureScheme>, HttpError> {
     let schemes = &target.agent.schemes;
     if schemes.is_empty() {
         return Ok(vec![]);
@@ -646,7 +420,7 @@ fn signature_candidates(
             .map(|s| signature_header(*s))
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(WebhookError::MissingSignature { expected });
+        return Err(HttpError::MissingSignature { expected });
     }
     Ok(present)
 }
@@ -657,7 +431,7 @@ fn verify_signature(
     candidates: &[SignatureScheme],
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<Option<(SignatureScheme, Verified)>, WebhookError> {
+) -> Result<Option<(SignatureScheme, Verified)>, HttpError> {
     let request = SignedRequest {
         headers,
         body,
@@ -666,16 +440,16 @@ fn verify_signature(
     let mut first_error = None;
     for scheme in candidates {
         let Some(secret) = target.secret.signing.get(scheme) else {
-            first_error.get_or_insert(WebhookError::SigningSecretPending);
+            first_error.get_or_insert(HttpError::SigningSecretPending);
             continue;
         };
         match signature::verifier(*scheme).verify(&request, secret) {
             Ok(verified) => return Ok(Some((*scheme, verified))),
             Err(error) if !error.is_caller_error() => {
-                first_error.get_or_insert(WebhookError::Misconfigured(error));
+                first_error.get_or_insert(HttpError::Misconfigured(error));
             }
             Err(error) => {
-                first_error.get_or_insert(WebhookError::Signature(error));
+                first_error.get_or_insert(HttpError::Signature(error));
             }
         }
     }
@@ -694,11 +468,11 @@ fn slack_challenge(body: &[u8]) -> Option<String> {
     Some(value.get("challenge")?.as_str()?.to_owned())
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, WebhookError> {
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, HttpError> {
     match headers.get(name) {
         None => Ok(None),
         Some(v) => v.to_str().map(Some).map_err(|_| {
-            WebhookError::BadBody(BodyError {
+            HttpError::BadBody(BodyError {
                 field: name.to_owned(),
                 message: "must be visible ASCII".to_owned(),
             })
@@ -714,7 +488,7 @@ async fn accept(
     peer: SocketAddr,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Accepted, WebhookError> {
+) -> Result<Accepted, HttpError> {
     let target = authenticate(state, key, token, peer, headers)?;
     let candidates = signature_candidates(&target, headers)?;
     let raw = read_body(headers, body, state.max_body_bytes).await?;
@@ -727,11 +501,11 @@ async fn accept(
         return Ok(Accepted::Now((response, "challenge")));
     }
 
-    let parsed = body::parse_webhook_body(&raw).map_err(WebhookError::BadBody)?;
+    let parsed = body::parse_webhook_body(&raw).map_err(HttpError::BadBody)?;
     let input = &target.agent.input;
     input
         .check_env(&parsed.env)
-        .map_err(WebhookError::BadBody)?;
+        .map_err(HttpError::BadBody)?;
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
             .and_then(body::parse_prefer_wait)
@@ -743,7 +517,7 @@ async fn accept(
         WaitMode::FireAndForget => None,
     };
     if budget.is_some() && parsed.title.is_none() {
-        return Err(WebhookError::BadBody(BodyError {
+        return Err(HttpError::BadBody(BodyError {
             field: "title".to_owned(),
             message: "wait requires title: send a title with wait, or leave wait out (or \
                       false) to be answered as soon as the Session is stored"
@@ -779,7 +553,7 @@ async fn accept(
         delivery,
         signed_key,
     )
-    .map_err(WebhookError::Idempotency)?;
+    .map_err(HttpError::Idempotency)?;
 
     if let Some(chosen) = &key_choice {
         let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
@@ -790,7 +564,7 @@ async fn accept(
             .session_digest(&key.namespace, &name);
         if let Some(stored) = known {
             idempotency::replay_or_conflict(chosen.source, stored.as_deref(), &digest)
-                .map_err(WebhookError::Idempotency)?;
+                .map_err(HttpError::Idempotency)?;
             // A replay is a request like any other: it costs the Agent's rate limit, so
             // a captured request cannot be answered (or held) without bound.
             let rate = Some(take_rate(state, key)?);
@@ -829,7 +603,7 @@ async fn accept(
     let payload = body::payload_text(&raw);
     input
         .check_parts(parsed.title.as_deref(), &payload, &parsed.env)
-        .map_err(WebhookError::OverBudget)?;
+        .map_err(HttpError::OverBudget)?;
     let trigger = SessionTrigger {
         source: verified
             .as_ref()
@@ -860,7 +634,7 @@ async fn accept(
     input
         .budgets
         .check_session(&build_session(key, &target, &name, spec.clone()))
-        .map_err(WebhookError::OverBudget)?;
+        .map_err(HttpError::OverBudget)?;
     let mut reservation = reserve(state, key, &name, max)?;
     let rate = match take_rate(state, key) {
         Ok(rate) => Some(rate),
@@ -903,7 +677,7 @@ async fn accept(
                     .await
                     .map_err(|error| store_failure(key, &error))?;
                 // Deleted between the create and the read: the caller retries.
-                let existing = existing.ok_or(WebhookError::Unavailable)?;
+                let existing = existing.ok_or(HttpError::Unavailable)?;
                 let stored = existing
                     .spec
                     .trigger
@@ -913,7 +687,7 @@ async fn accept(
                     .as_ref()
                     .map_or(idempotency::KeySource::Header, |k| k.source);
                 idempotency::replay_or_conflict(source, stored, &digest)
-                    .map_err(WebhookError::Idempotency)?;
+                    .map_err(HttpError::Idempotency)?;
                 // The replay keeps the rate token it took: replays are charged too.
                 return Ok(match (subscription, budget) {
                     (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
@@ -950,15 +724,15 @@ fn reserve(
     key: &AgentKey,
     name: &str,
     max: Option<u32>,
-) -> Result<Reservation, WebhookError> {
+) -> Result<Reservation, HttpError> {
     let reservation = state
         .index
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .reserve(key, name, max);
     match reservation {
-        Reservation::Full { max } => Err(WebhookError::TooManySessions { max }),
-        Reservation::StoreFull { max } => Err(WebhookError::TooManyStoredSessions { max }),
+        Reservation::Full { max } => Err(HttpError::TooManySessions { max }),
+        Reservation::StoreFull { max } => Err(HttpError::TooManyStoredSessions { max }),
         other => Ok(other),
     }
 }
@@ -974,7 +748,7 @@ fn release(state: &AppState, key: &AgentKey, name: &str, reservation: Reservatio
 }
 
 /// Takes a token from the Agent's bucket: `(limit, remaining)` for the headers.
-fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), WebhookError> {
+fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), HttpError> {
     let mut limiter = state
         .rate_limiter
         .lock()
@@ -982,25 +756,25 @@ fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), WebhookErro
     let limit = limiter.limit().capacity();
     let remaining = limiter
         .try_acquire(key.clone(), Instant::now())
-        .map_err(|retry| WebhookError::RateLimited { retry, limit })?;
+        .map_err(|retry| HttpError::RateLimited { retry, limit })?;
     Ok((limit, remaining.0))
 }
 
 /// The answer to a failed Session create or read: 400 with the reason when the cluster
 /// refused the object itself (retrying cannot help), else 503. The log names the reason
 /// only: a Kubernetes message can quote the Session's title or env.
-fn store_failure(key: &AgentKey, error: &StoreError) -> WebhookError {
+fn store_failure(key: &AgentKey, error: &StoreError) -> HttpError {
     match error {
         StoreError::Rejected { reason, message } => {
             tracing::warn!(agent = %key.name, namespace = %key.namespace, %reason, "the cluster refused a webhook Session");
-            WebhookError::Rejected {
+            HttpError::Rejected {
                 reason: reason.clone(),
                 message: message.clone(),
             }
         }
         error => {
             tracing::warn!(agent = %key.name, namespace = %key.namespace, %error, "cannot store a webhook Session");
-            WebhookError::Unavailable
+            HttpError::Unavailable
         }
     }
 }
