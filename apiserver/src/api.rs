@@ -1,23 +1,15 @@
 //! What the runner API ([`crate::runner`]) and the read API ([`crate::read`]) share: the
-//! cluster client, their state, request bodies read within a bound, and the access log
-//! and metrics of their routes.
+//! cluster client, their state, and the bearer token of a request.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
-use axum::response::Response;
 use kube::Client;
 
 use crate::auth::Authenticator;
 use crate::client_ip::TrustedProxies;
 use crate::hub::SessionHub;
 use crate::metrics::Metrics;
-use crate::error::HttpError;
-use crate::http_limits::BODY_READ_TIMEOUT;
 use crate::rate_limit::RateLimit;
 use crate::session_status::StatusWriter;
 
@@ -83,51 +75,9 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// Reads a body of at most [`MAX_BODY_BYTES`] (413 beyond) within 30 s (408 after).
-pub async fn read_body(body: Body) -> Result<axum::body::Bytes, HttpError> {
-    match tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        axum::body::to_bytes(body, MAX_BODY_BYTES),
-    )
-    .await
-    {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(_)) => Err(HttpError::TooLarge {
-            limit: MAX_BODY_BYTES,
-        }),
-        Err(_) => Err(HttpError::BodyTimeout),
-    }
-}
-
-/// Logs and counts each runner and read request by route template and status code:
-/// never the path's values or the token.
-pub async fn api_access_log(
-    State(metrics): State<Arc<Metrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().clone();
-    let response = next.run(request).await;
-    let status = response.status();
-    let outcome = if status.is_success() {
-        "ok"
-    } else {
-        status.canonical_reason().unwrap_or("error")
-    };
-    let elapsed = started.elapsed().as_secs_f64();
-    metrics.observe(&route, method.as_str(), outcome, status.as_u16(), elapsed);
-    tracing::info!(%route, %method, status = status.as_u16(), latency_ms = elapsed * 1000.0, "api request");
-    response
-}
-
 #[cfg(test)]
 mod tests {
-    use axum::http::{HeaderValue, StatusCode};
+    use axum::http::HeaderValue;
 
     use super::*;
 
@@ -149,14 +99,5 @@ mod tests {
         assert_eq!(bearer_token(&headers), None);
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
         assert_eq!(bearer_token(&headers), None);
-    }
-
-    #[tokio::test]
-    async fn bodies_are_bounded() {
-        let big = vec![b'x'; MAX_BODY_BYTES + 1];
-        let error = read_body(Body::from(big)).await.expect_err("too large");
-        assert_eq!(error.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        let ok = read_body(Body::from("{}")).await.expect("small");
-        assert_eq!(&ok[..], b"{}");
     }
 }

@@ -223,9 +223,7 @@ impl HttpError {
             HttpError::TooLarge { .. }
             | HttpError::OverBudget(_)
             | HttpError::StatusTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            HttpError::Idempotency(IdempotencyError::Conflict) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            HttpError::Idempotency(IdempotencyError::Conflict) => StatusCode::UNPROCESSABLE_ENTITY,
             HttpError::Idempotency(_) => StatusCode::BAD_REQUEST,
             HttpError::RateLimited { .. }
             | HttpError::TooManySessions { .. }
@@ -385,7 +383,10 @@ mod tests {
         assert_eq!(value["error"], "unauthorized");
         assert_eq!(value["message"], UNAUTHENTICATED);
         let (status, _, value) = answer(AuthError::Denied(Denied::Forbidden("why")).into()).await;
-        assert_eq!((status, &value["error"]), (StatusCode::FORBIDDEN, &"forbidden".into()));
+        assert_eq!(
+            (status, &value["error"]),
+            (StatusCode::FORBIDDEN, &"forbidden".into())
+        );
         assert_eq!(value["message"], "why");
         let retry = RetryAfter(std::time::Duration::from_millis(2500));
         let (status, headers, value) = answer(AuthError::Throttled(retry).into()).await;

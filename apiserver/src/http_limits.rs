@@ -6,10 +6,12 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{HeaderValue, Response, StatusCode, Uri, header};
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderValue, Response, StatusCode, Uri, header};
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioTimer;
+
+use crate::error::HttpError;
 
 /// The most headers a request may carry (hyper's own ceiling, kept as its default so
 /// headers stay on the stack; like nginx's, a request needs far fewer). One more is 431.
@@ -68,6 +70,35 @@ pub fn refuse_long_target(uri: &Uri) -> Option<Response<Body>> {
     Some(response)
 }
 
+/// Reads a request body of at most `limit` bytes within [`BODY_READ_TIMEOUT`]: 413 when
+/// `Content-Length` or the bytes read pass the limit (without reading further), 408 when
+/// the body does not arrive in time, 400 when it cannot be read.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, HttpError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(HttpError::TooLarge { limit });
+    }
+    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| HttpError::BodyTimeout)?;
+    read.map_err(|error| {
+        let too_large = std::error::Error::source(&error)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if too_large {
+            HttpError::TooLarge { limit }
+        } else {
+            HttpError::BodyRead(error.to_string())
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
@@ -85,6 +116,19 @@ mod tests {
     use crate::rate_limit::{RateLimit, RateLimiter};
     use crate::store::MemorySessionStore;
     use crate::webhook::{self, AppState};
+
+    #[tokio::test]
+    async fn bodies_are_bounded_by_what_is_read_and_what_is_declared() {
+        let none = HeaderMap::new();
+        let read = read_body(&none, Body::from("{}"), 2).await;
+        assert_eq!(read.as_deref().ok(), Some(&b"{}"[..]));
+        let read = read_body(&none, Body::from("abc"), 2).await;
+        assert_eq!(read.err(), Some(HttpError::TooLarge { limit: 2 }));
+        let mut declared = HeaderMap::new();
+        declared.insert(header::CONTENT_LENGTH, HeaderValue::from(3u64));
+        let read = read_body(&declared, Body::empty(), 2).await;
+        assert_eq!(read.err(), Some(HttpError::TooLarge { limit: 2 }));
+    }
 
     const PING: &str = "/webhooks/team/plain/tok-plain";
     const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);

@@ -4,6 +4,7 @@
 //! the runner port (reached only by session pods), and `/healthz`, `/readyz` and
 //! `/metrics` on the admin port.
 
+pub mod access_log;
 pub mod api;
 pub mod auth;
 pub mod auth_limit;

@@ -2,9 +2,6 @@
 //! outcome, and a latency histogram by route template. Labels are low-cardinality: no
 //! raw paths, tokens or Agent names.
 
-use std::collections::HashSet;
-use std::sync::{PoisonError, RwLock};
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,9 +32,6 @@ pub struct ReviewLabels {
     pub kind: &'static str,
 }
 
-/// Distinct route templates and outcomes kept as label values; past this, `other`.
-const MAX_LABEL_VALUES: usize = 256;
-
 /// The label value of an HTTP method: the standard ones, else `other` (a client picks
 /// the method, so it must not grow the label set).
 pub fn method_label(method: &str) -> &'static str {
@@ -63,8 +57,6 @@ pub struct Metrics {
     /// Read requests refused with 429 before a review, their address having spent its
     /// review attempts.
     pub auth_throttled: Counter,
-    /// Route templates and outcomes seen, as `'static` label values.
-    interned: RwLock<HashSet<&'static str>>,
     registry: Registry,
 }
 
@@ -125,7 +117,6 @@ impl Default for Metrics {
             waiting,
             auth_reviews,
             auth_throttled,
-            interned: RwLock::default(),
             registry,
         }
     }
@@ -156,42 +147,25 @@ impl Metrics {
     }
 
     /// Counts one answered request. `route` is a route template and `outcome` a code from
-    /// a fixed set, never a raw path.
-    pub fn observe(&self, route: &str, method: &str, outcome: &str, status: u16, seconds: f64) {
-        let route = self.intern(route);
+    /// a fixed set, both known at compile time: never a raw path.
+    pub fn observe(
+        &self,
+        route: &'static str,
+        method: &str,
+        outcome: &'static str,
+        status: u16,
+        seconds: f64,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 route,
                 method: method_label(method),
-                outcome: self.intern(outcome),
+                outcome,
                 status,
             })
             .inc();
         self.latency
             .get_or_create(&RouteLabels { route })
             .observe(seconds);
-    }
-
-    /// `value` as a `'static` label value, kept once (the set of templates and outcomes is
-    /// small and fixed, so this stays bounded; past [`MAX_LABEL_VALUES`] it is `other`).
-    fn intern(&self, value: &str) -> &'static str {
-        let read = self.interned.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(kept) = read.get(value) {
-            return kept;
-        }
-        drop(read);
-        let mut write = self
-            .interned
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(kept) = write.get(value) {
-            return kept;
-        }
-        if write.len() >= MAX_LABEL_VALUES {
-            return "other";
-        }
-        let kept: &'static str = Box::leak(value.to_owned().into_boxed_str());
-        write.insert(kept);
-        kept
     }
 }

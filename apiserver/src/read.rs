@@ -19,24 +19,37 @@ use hookrun_crds::session::{SessionEvent, SessionStatus, event_types};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::api::{self, ApiState, bearer_token};
-use crate::error::HttpError;
+use crate::access_log::{AccessLog, api_access_log};
+use crate::api::{ApiState, bearer_token};
 use crate::client_ip;
 use crate::dns_name::{is_dns_label, is_dns_subdomain};
+use crate::error::HttpError;
 use crate::hub::{Seen, Subscription};
 
 /// How long a stream stays quiet before it sends a heartbeat comment.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
 
+/// The route templates, which are also the access log's and metrics' route labels.
+const SESSION_ROUTE: &str = "/agents/{session}";
+const EVENTS_ROUTE: &str = "/agents/{session}/events";
+const STREAM_ROUTE: &str = "/agents/{session}/stream";
+const ROUTES: [&str; 3] = [SESSION_ROUTE, EVENTS_ROUTE, STREAM_ROUTE];
+
 /// The read routes, with their access log and metrics.
 pub fn router(state: ApiState) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
-        .route("/agents/{session}", get(session_summary))
-        .route("/agents/{session}/events", get(session_events))
-        .route("/agents/{session}/stream", get(session_stream))
+        .route(SESSION_ROUTE, get(session_summary))
+        .route(EVENTS_ROUTE, get(session_events))
+        .route(STREAM_ROUTE, get(session_stream))
         .with_state(state)
-        .layer(middleware::from_fn_with_state(metrics, api::api_access_log))
+        .layer(middleware::from_fn_with_state(
+            AccessLog {
+                metrics,
+                routes: &ROUTES,
+            },
+            api_access_log,
+        ))
 }
 
 /// The query of every read route.
@@ -474,7 +487,11 @@ mod tests {
             }));
             let error = namespace(&query).expect_err(bad);
             assert_eq!(error.status(), axum::http::StatusCode::BAD_REQUEST);
-            assert!(error.to_string().contains("namespace"), "{}", error.to_string());
+            assert!(
+                error.to_string().contains("namespace"),
+                "{}",
+                error.to_string()
+            );
             assert!(
                 error.to_string().contains("DNS-1123 label"),
                 "{}",

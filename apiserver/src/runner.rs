@@ -17,23 +17,37 @@ use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use serde_json::{Map, Value, json};
 
-use crate::api::{self, ApiState, bearer_token};
-use crate::error::HttpError;
+use crate::access_log::{AccessLog, api_access_log};
+use crate::api::{ApiState, MAX_BODY_BYTES, bearer_token};
 use crate::auth::PodIdentity;
+use crate::error::HttpError;
+use crate::http_limits::read_body;
 use crate::session_status::StatusError;
 
 /// The longest event type.
 const MAX_EVENT_TYPE_LEN: usize = 64;
 
+/// The route templates, which are also the access log's and metrics' route labels.
+const SESSION_ROUTE: &str = "/runner/v1/session";
+const EVENTS_ROUTE: &str = "/runner/v1/events";
+const COMPLETE_ROUTE: &str = "/runner/v1/complete";
+const ROUTES: [&str; 3] = [SESSION_ROUTE, EVENTS_ROUTE, COMPLETE_ROUTE];
+
 /// The runner routes, with their access log and metrics.
 pub fn router(state: ApiState) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
-        .route("/runner/v1/session", get(session_context))
-        .route("/runner/v1/events", post(append_event))
-        .route("/runner/v1/complete", post(complete))
+        .route(SESSION_ROUTE, get(session_context))
+        .route(EVENTS_ROUTE, post(append_event))
+        .route(COMPLETE_ROUTE, post(complete))
         .with_state(state)
-        .layer(middleware::from_fn_with_state(metrics, api::api_access_log))
+        .layer(middleware::from_fn_with_state(
+            AccessLog {
+                metrics,
+                routes: &ROUTES,
+            },
+            api_access_log,
+        ))
 }
 
 /// Whether a pod is a Session's own pod, as far as the Session's status says.
@@ -291,7 +305,7 @@ async fn update_status<T>(
 async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let caller = caller(&state, &headers).await?;
-        let event = parse_event(&api::read_body(body).await?)?;
+        let event = parse_event(&read_body(&headers, body, MAX_BODY_BYTES).await?)?;
         let id = update_status(&state, caller, |_, status| {
             if status.is_finished() {
                 return Err(Finished);
@@ -308,7 +322,7 @@ async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: B
 async fn complete(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let caller = caller(&state, &headers).await?;
-        let completion = parse_completion(&api::read_body(body).await?)?;
+        let completion = parse_completion(&read_body(&headers, body, MAX_BODY_BYTES).await?)?;
         let phase = update_status(&state, caller, |_, status| {
             let response = match (&completion.response, completion.phase) {
                 (Some(response), _) => Some(response.clone()),

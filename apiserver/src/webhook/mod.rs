@@ -29,10 +29,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::access_log::{self, UNMATCHED_ROUTE};
 use crate::body::{self, BodyError, WaitMode};
 use crate::client_ip::{self, TrustedProxies};
 use crate::error::{HttpError, JSON};
-use crate::http_limits::BODY_READ_TIMEOUT;
+use crate::http_limits;
 use crate::hub::SessionHub;
 use crate::idempotency;
 use crate::index::{AgentKey, Reservation, SecretEntry, SharedIndex, WebhookTarget};
@@ -76,8 +77,6 @@ pub fn signature_header(scheme: SignatureScheme) -> &'static str {
 pub const TOKEN_ROUTE: &str = "/webhooks/{namespace}/{agent}/{token}";
 /// The route template with the token in `Authorization: Bearer`.
 pub const BEARER_ROUTE: &str = "/webhooks/{namespace}/{agent}";
-/// The route label of a request no route matched.
-const UNMATCHED_ROUTE: &str = "unmatched";
 
 /// The public router. Each handler writes its own access log line and metrics (by route
 /// template, never the path: it holds the token); no middleware wraps them, so a refusal
@@ -105,15 +104,8 @@ type Answered = (Response, &'static str);
 
 /// Which of the door's templates matched.
 fn route_label(matched: Option<&MatchedPath>) -> &'static str {
-    match matched.map(MatchedPath::as_str) {
-        Some(TOKEN_ROUTE) => TOKEN_ROUTE,
-        Some(BEARER_ROUTE) => BEARER_ROUTE,
-        _ => UNMATCHED_ROUTE,
-    }
+    access_log::route_label(matched, &[TOKEN_ROUTE, BEARER_ROUTE])
 }
-
-/// Outcomes of requests whose path names no Agent the index knows.
-const UNKNOWN_AGENT_OUTCOMES: [&str; 2] = ["not_found", "not_ready"];
 
 /// Access log and metrics of one answered request.
 fn record(
@@ -124,28 +116,15 @@ fn record(
     agent: Option<&AgentKey>,
     (response, outcome): Answered,
 ) -> Response {
-    let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    state.metrics.observe(
+    access_log::record_webhook(
+        &state.metrics,
         route,
-        method.as_str(),
-        outcome,
-        status,
-        elapsed.as_secs_f64(),
-    );
-    // Names only of an Agent the index knows: the segments of a path that named none are
-    // whatever the client wrote (a token in the wrong place, kilobytes of junk).
-    let agent = agent.filter(|_| !UNKNOWN_AGENT_OUTCOMES.contains(&outcome));
-    let (namespace, agent) = agent.map_or(("", ""), |k| (k.namespace.as_str(), k.name.as_str()));
-    tracing::info!(
-        route,
-        %method,
-        status,
-        outcome,
-        namespace,
+        method,
+        started,
         agent,
-        latency_ms = elapsed.as_secs_f64() * 1000.0,
-        "webhook request"
+        outcome,
+        status,
     );
     response
 }
@@ -371,34 +350,6 @@ fn ping(
     authenticate(state, key, token, peer, headers).map(drop)
 }
 
-/// Reads the body, refusing more than `limit` bytes without reading further.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, HttpError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(HttpError::TooLarge { limit });
-    }
-    // The header read timeout ends once the headers are in; a body that trickles must
-    // not hold a connection and a task forever.
-    let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| HttpError::BodyTimeout)?;
-    match read {
-        Ok(bytes) => Ok(bytes.to_vec()),
-        Err(error) => {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                Err(HttpError::TooLarge { limit })
-            } else {
-                Err(HttpError::BodyRead(error.to_string()))
-            }
-        }
-    }
-}
-
 /// The schemes whose signature header the request carries, or 401 when the Agent
 /// requires signatures and none is there.
 fn signature_candidates(
@@ -491,7 +442,7 @@ async fn accept(
 ) -> Result<Accepted, HttpError> {
     let target = authenticate(state, key, token, peer, headers)?;
     let candidates = signature_candidates(&target, headers)?;
-    let raw = read_body(headers, body, state.max_body_bytes).await?;
+    let raw = http_limits::read_body(headers, body, state.max_body_bytes).await?;
     let verified = verify_signature(&target, &candidates, headers, &raw)?;
 
     if let Some((SignatureScheme::Slack, _)) = verified
@@ -503,9 +454,7 @@ async fn accept(
 
     let parsed = body::parse_webhook_body(&raw).map_err(HttpError::BadBody)?;
     let input = &target.agent.input;
-    input
-        .check_env(&parsed.env)
-        .map_err(HttpError::BadBody)?;
+    input.check_env(&parsed.env).map_err(HttpError::BadBody)?;
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
             .and_then(body::parse_prefer_wait)
