@@ -72,6 +72,17 @@ pub fn verifier(scheme: SignatureScheme) -> &'static dyn Verifier {
     }
 }
 
+/// The header a scheme's signature rides in: its presence picks the scheme.
+pub fn signature_header(scheme: SignatureScheme) -> &'static str {
+    match scheme {
+        SignatureScheme::Linear => "linear-signature",
+        SignatureScheme::Github => "x-hub-signature-256",
+        SignatureScheme::Slack => "x-slack-signature",
+        SignatureScheme::StandardWebhooks => "webhook-signature",
+        SignatureScheme::Hmac => "x-signature",
+    }
+}
+
 /// Whether the scheme's signature covers a timestamp, so a captured request stops
 /// verifying once its replay window passes. GitHub and the generic HMAC sign the body
 /// alone, and their delivery id (if any) rides in an unsigned header: a request of theirs

@@ -15,10 +15,18 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use tower::ServiceExt;
 
+use axum::http::{HeaderMap, header};
+use hookrun_crds::session::SessionTrigger;
+
+use super::checks::token_matches;
 use super::*;
-use crate::index::Index;
+use crate::body;
+use crate::client_ip::TrustedProxies;
+use crate::idempotency;
 use crate::index::test_support::{agent, secret, session};
+use crate::index::{Index, SecretEntry};
 use crate::rate_limit::RateLimit;
+use crate::rate_limit::RateLimiter;
 use crate::store::MemorySessionStore;
 
 const NS: &str = "team";

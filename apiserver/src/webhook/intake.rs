@@ -1,0 +1,414 @@
+//! The intake of a POST that passed the checks: the body is parsed and fitted to the
+//! Agent's input policy, the idempotency key chosen (a replay is answered from the index
+//! or the stored Session), the Agent's limits reserved, and the one Session create made.
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use hookrun_crds::agent::SignatureScheme;
+use hookrun_crds::names;
+use hookrun_crds::session::SessionTrigger;
+use hookrun_crds::{Session, SessionSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde_json::json;
+
+use crate::body::{self, BodyError, WaitMode};
+use crate::error::HttpError;
+use crate::http_limits;
+use crate::idempotency;
+use crate::index::{AgentKey, Reservation, WebhookTarget};
+use crate::rate_limit::rate_limit_headers;
+use crate::signature;
+use crate::store::StoreError;
+use crate::title;
+use crate::wait;
+
+use super::AppState;
+use super::checks::{authenticate, signature_candidates, verify_signature};
+use super::hold::Hold;
+use super::routes::Answered;
+
+/// `Idempotent-Replayed: true` on an answer that repeats an earlier one.
+pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Random names drawn before giving up on a run of collisions.
+const RANDOM_NAME_ATTEMPTS: usize = 3;
+
+/// An accepted webhook: answered now, or held until its Session finishes.
+pub(super) enum Accepted {
+    Now(Answered),
+    Hold(Box<Hold>),
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, HttpError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(Some).map_err(|_| {
+            HttpError::BadBody(BodyError {
+                field: name.to_owned(),
+                message: "must be visible ASCII".to_owned(),
+            })
+        }),
+    }
+}
+
+/// A POST: every check, then the Session create.
+pub(super) async fn accept(
+    state: &AppState,
+    key: &AgentKey,
+    token: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Accepted, HttpError> {
+    let target = authenticate(state, key, token, peer, headers)?;
+    let candidates = signature_candidates(&target, headers)?;
+    let raw = http_limits::read_body(headers, body, state.max_body_bytes).await?;
+    let verified = verify_signature(&target, &candidates, headers, &raw)?;
+
+    if let Some((SignatureScheme::Slack, _)) = verified
+        && let Some(challenge) = signature::slack::url_verification_challenge(&raw)
+    {
+        let response = Json(json!({"challenge": challenge})).into_response();
+        return Ok(Accepted::Now((response, "challenge")));
+    }
+
+    let parsed = body::parse_webhook_body(&raw).map_err(HttpError::BadBody)?;
+    let input = &target.agent.input;
+    input.check_env(&parsed.env).map_err(HttpError::BadBody)?;
+    let wait = match parsed.wait {
+        WaitMode::FireAndForget => header_text(headers, "prefer")?
+            .and_then(body::parse_prefer_wait)
+            .unwrap_or_default(),
+        wait => wait,
+    };
+    let budget = match wait {
+        WaitMode::Wait(budget) => Some(budget),
+        WaitMode::FireAndForget => None,
+    };
+    if budget.is_some() && parsed.title.is_none() {
+        return Err(HttpError::BadBody(BodyError {
+            field: "title".to_owned(),
+            message: "wait requires title: send a title with wait, or leave wait out (or \
+                      false) to be answered as soon as the Session is stored"
+                .to_owned(),
+        }));
+    }
+    let delivery = verified
+        .as_ref()
+        .and_then(|(_, v)| v.dedup_key.as_deref().map(|id| (v.source, id)));
+    let digest = body::payload_digest(&raw);
+    // What the signature covers names the Session before anything a replayer can choose:
+    // a signature without a timestamp never expires, so the signed body itself is the key.
+    let signed_key = verified.as_ref().and_then(|(scheme, v)| {
+        if !signature::signs_timestamp(*scheme) {
+            Some(idempotency::SignedKey::Body {
+                source: v.source,
+                digest: &digest,
+            })
+        } else if signature::signs_delivery_id(*scheme) {
+            v.dedup_key
+                .as_deref()
+                .map(|id| idempotency::SignedKey::Delivery {
+                    source: v.source,
+                    id,
+                })
+        } else {
+            None
+        }
+    });
+    let key_choice = idempotency::choose_key(
+        header_text(headers, "idempotency-key")?,
+        parsed.idempotency_key.as_deref(),
+        delivery,
+        signed_key,
+    )
+    .map_err(HttpError::Idempotency)?;
+
+    if let Some(chosen) = &key_choice {
+        let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
+        let known = state
+            .index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .session_digest(&key.namespace, &name);
+        if let Some(stored) = known {
+            idempotency::replay_or_conflict(chosen.source, stored.as_deref(), &digest)
+                .map_err(HttpError::Idempotency)?;
+            // A replay is a request like any other: it costs the Agent's rate limit, so
+            // a captured request cannot be answered (or held) without bound.
+            let rate = Some(take_rate(state, key)?);
+            let Some(budget) = budget else {
+                return Ok(Accepted::Now(created(key, &name, true, rate)));
+            };
+            // Wait on the original Session: follow it first, then read where it is.
+            let subscription = state.hub.subscribe(&key.namespace, &name);
+            let current = state
+                .sessions
+                .get(&key.namespace, &name)
+                .await
+                .map_err(|error| store_failure(key, &error))?;
+            return Ok(Accepted::Hold(Box::new(Hold {
+                name,
+                replayed: true,
+                rate,
+                waiting: wait::begin(wait::HeldRequest {
+                    subscription,
+                    current,
+                    budget,
+                }),
+            })));
+        }
+    }
+
+    let verified_scheme = verified.as_ref().map(|(s, _)| *s);
+    let title = match parsed.title.clone() {
+        Some(title) => title,
+        None => input.fit_title(
+            verified_scheme
+                .and_then(|s| title::provider_title(s, headers, &raw))
+                .unwrap_or_else(|| title::default_title(&key.name)),
+        ),
+    };
+    let payload = body::payload_text(&raw);
+    input
+        .check_parts(parsed.title.as_deref(), &payload, &parsed.env)
+        .map_err(HttpError::OverBudget)?;
+    let trigger = SessionTrigger {
+        source: verified
+            .as_ref()
+            .map_or("webhook", |(_, v)| v.source)
+            .to_owned(),
+        delivery_id: verified.as_ref().and_then(|(_, v)| v.dedup_key.clone()),
+        idempotency_key: key_choice.as_ref().map(|k| k.value.clone()),
+        payload_digest: Some(digest.clone()),
+        payload: Some(payload),
+        payload_truncated: false,
+    };
+    let spec = SessionSpec {
+        agent: key.name.clone(),
+        title,
+        env: parsed.env.clone(),
+        trigger: Some(trigger),
+    };
+    tracing::debug!(agent = %key.name, ?wait, "storing a webhook Session");
+
+    let keyed_name = key_choice
+        .as_ref()
+        .map(|chosen| idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value));
+    let max = target.agent.max_concurrent;
+    let mut name = keyed_name
+        .clone()
+        .unwrap_or_else(|| idempotency::random_session_name(&key.name));
+    // The whole object as it will be sent; names drawn again on a collision are as long.
+    input
+        .budgets
+        .check_session(&build_session(key, &target, &name, spec.clone()))
+        .map_err(HttpError::OverBudget)?;
+    let mut reservation = reserve(state, key, &name, max)?;
+    let rate = match take_rate(state, key) {
+        Ok(rate) => Some(rate),
+        Err(error) => {
+            release(state, key, &name, reservation);
+            return Err(error);
+        }
+    };
+    let mut attempts = 1;
+    loop {
+        let session = build_session(key, &target, &name, spec.clone());
+        // A waiting caller follows the Session before it exists, so no change is missed.
+        let subscription = budget.map(|_| state.hub.subscribe(&key.namespace, &name));
+        match state.sessions.create(&session).await {
+            Ok(stored) => {
+                state
+                    .index
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .confirm(&key.namespace, &name, &digest);
+                return Ok(match (subscription, budget) {
+                    (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
+                        name,
+                        replayed: false,
+                        rate,
+                        waiting: wait::begin(wait::HeldRequest {
+                            subscription,
+                            current: Some(stored),
+                            budget,
+                        }),
+                    })),
+                    _ => Accepted::Now(created(key, &name, false, rate)),
+                });
+            }
+            Err(StoreError::AlreadyExists) if keyed_name.is_some() => {
+                release(state, key, &name, reservation);
+                let existing = state
+                    .sessions
+                    .get(&key.namespace, &name)
+                    .await
+                    .map_err(|error| store_failure(key, &error))?;
+                // Deleted between the create and the read: the caller retries.
+                let existing = existing.ok_or(HttpError::Unavailable)?;
+                let stored = existing
+                    .spec
+                    .trigger
+                    .as_ref()
+                    .and_then(|t| t.payload_digest.as_deref());
+                let source = key_choice
+                    .as_ref()
+                    .map_or(idempotency::KeySource::Header, |k| k.source);
+                idempotency::replay_or_conflict(source, stored, &digest)
+                    .map_err(HttpError::Idempotency)?;
+                // The replay keeps the rate token it took: replays are charged too.
+                return Ok(match (subscription, budget) {
+                    (Some(subscription), Some(budget)) => Accepted::Hold(Box::new(Hold {
+                        name,
+                        replayed: true,
+                        rate,
+                        waiting: wait::begin(wait::HeldRequest {
+                            subscription,
+                            current: Some(existing),
+                            budget,
+                        }),
+                    })),
+                    _ => Accepted::Now(created(key, &name, true, rate)),
+                });
+            }
+            Err(StoreError::AlreadyExists) if attempts < RANDOM_NAME_ATTEMPTS => {
+                release(state, key, &name, reservation);
+                attempts += 1;
+                name = idempotency::random_session_name(&key.name);
+                reservation = reserve(state, key, &name, max)?;
+            }
+            Err(error) => {
+                release(state, key, &name, reservation);
+                return Err(store_failure(key, &error));
+            }
+        }
+    }
+}
+
+/// Holds a `maxConcurrent` slot and a stored-Session slot for the Session `name` (429
+/// when either is spent).
+fn reserve(
+    state: &AppState,
+    key: &AgentKey,
+    name: &str,
+    max: Option<u32>,
+) -> Result<Reservation, HttpError> {
+    let reservation = state
+        .index
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .reserve(key, name, max);
+    match reservation {
+        Reservation::Full { max } => Err(HttpError::TooManySessions { max }),
+        Reservation::StoreFull { max } => Err(HttpError::TooManyStoredSessions { max }),
+        other => Ok(other),
+    }
+}
+
+fn release(state: &AppState, key: &AgentKey, name: &str, reservation: Reservation) {
+    if reservation == Reservation::Reserved {
+        state
+            .index
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .release(&key.namespace, name);
+    }
+}
+
+/// Takes a token from the Agent's bucket: `(limit, remaining)` for the headers.
+fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), HttpError> {
+    let mut limiter = state
+        .rate_limiter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let limit = limiter.limit().capacity();
+    let remaining = limiter
+        .try_acquire(key.clone(), Instant::now())
+        .map_err(|retry| HttpError::RateLimited { retry, limit })?;
+    Ok((limit, remaining.0))
+}
+
+/// The answer to a failed Session create or read: 400 with the reason when the cluster
+/// refused the object itself (retrying cannot help), else 503. The log names the reason
+/// only: a Kubernetes message can quote the Session's title or env.
+fn store_failure(key: &AgentKey, error: &StoreError) -> HttpError {
+    match error {
+        StoreError::Rejected { reason, message } => {
+            tracing::warn!(agent = %key.name, namespace = %key.namespace, %reason, "the cluster refused a webhook Session");
+            HttpError::Rejected {
+                reason: reason.clone(),
+                message: message.clone(),
+            }
+        }
+        error => {
+            tracing::warn!(agent = %key.name, namespace = %key.namespace, %error, "cannot store a webhook Session");
+            HttpError::Unavailable
+        }
+    }
+}
+
+/// The Session of an accepted webhook, owned by its Agent.
+pub fn build_session(
+    key: &AgentKey,
+    target: &WebhookTarget,
+    name: &str,
+    spec: SessionSpec,
+) -> Session {
+    Session {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(key.namespace.clone()),
+            labels: Some(
+                [
+                    (names::AGENT_LABEL.to_owned(), names::label_value(&key.name)),
+                    (
+                        names::MANAGED_BY_LABEL.to_owned(),
+                        names::MANAGED_BY.to_owned(),
+                    ),
+                ]
+                .into(),
+            ),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "hookrun.dev/v1alpha1".to_owned(),
+                kind: "Agent".to_owned(),
+                name: key.name.clone(),
+                uid: target.agent.uid.clone(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        },
+        spec,
+        status: None,
+    }
+}
+
+/// 200 `{"session", "agentDefinition"}`.
+fn created(key: &AgentKey, name: &str, replayed: bool, rate: Option<(u32, u32)>) -> Answered {
+    let response = Json(json!({"session": name, "agentDefinition": key.name})).into_response();
+    let outcome = if replayed { "replayed" } else { "created" };
+    decorate(response, outcome, replayed, rate)
+}
+
+/// Adds the replay and rate-limit headers and the outcome to an accepted answer.
+pub(super) fn decorate(
+    mut response: Response,
+    outcome: &'static str,
+    replayed: bool,
+    rate: Option<(u32, u32)>,
+) -> Answered {
+    let headers = response.headers_mut();
+    if replayed {
+        headers.insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+    }
+    if let Some((limit, remaining)) = rate {
+        for (name, value) in rate_limit_headers(limit, remaining) {
+            headers.insert(name, value);
+        }
+    }
+    (response, outcome)
+}

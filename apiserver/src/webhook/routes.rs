@@ -1,0 +1,194 @@
+//! The door's router and handlers: which route matched, which Agent is knocked on and
+//! with which token, the answer, and its access log line and metrics. The checks are in
+//! [`super::checks`], the intake of an accepted POST in [`super::intake`].
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::access_log::{self, UNMATCHED_ROUTE};
+use crate::error::{HttpError, JSON};
+use crate::index::AgentKey;
+
+use super::AppState;
+use super::checks::ping;
+use super::intake::{Accepted, accept};
+
+/// The route template with the token in the path.
+pub const TOKEN_ROUTE: &str = "/webhooks/{namespace}/{agent}/{token}";
+/// The route template with the token in `Authorization: Bearer`.
+pub const BEARER_ROUTE: &str = "/webhooks/{namespace}/{agent}";
+
+/// The public router. Each handler writes its own access log line and metrics (by route
+/// template, never the path: it holds the token); no middleware wraps them, so a refusal
+/// costs no boxed future and no per-request allocation for labels.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route(
+            TOKEN_ROUTE,
+            get(ping_handler)
+                .post(post_handler)
+                .fallback(method_not_allowed),
+        )
+        .route(
+            BEARER_ROUTE,
+            get(ping_handler)
+                .post(post_handler)
+                .fallback(method_not_allowed),
+        )
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// An answer and its outcome code, for the access log and metrics.
+pub(super) type Answered = (Response, &'static str);
+
+/// Which of the door's templates matched.
+fn route_label(matched: Option<&MatchedPath>) -> &'static str {
+    access_log::route_label(matched, &[TOKEN_ROUTE, BEARER_ROUTE])
+}
+
+/// Access log and metrics of one answered request.
+fn record(
+    state: &AppState,
+    route: &'static str,
+    method: &Method,
+    started: Instant,
+    agent: Option<&AgentKey>,
+    (response, outcome): Answered,
+) -> Response {
+    let status = response.status().as_u16();
+    access_log::record_webhook(
+        &state.metrics,
+        route,
+        method,
+        started,
+        agent,
+        outcome,
+        status,
+    );
+    response
+}
+
+fn refused(error: HttpError) -> Answered {
+    let code = error.code();
+    (error.into_response(), code)
+}
+
+async fn not_found(State(state): State<AppState>, method: Method) -> Response {
+    let started = Instant::now();
+    let answered = refused(HttpError::NotFound);
+    record(&state, UNMATCHED_ROUTE, &method, started, None, answered)
+}
+
+async fn method_not_allowed(
+    State(state): State<AppState>,
+    matched: Option<MatchedPath>,
+    method: Method,
+) -> Response {
+    let started = Instant::now();
+    let answered = refused(HttpError::MethodNotAllowed);
+    let route = route_label(matched.as_ref());
+    record(&state, route, &method, started, None, answered)
+}
+
+/// The two door routes' path: the token rides in it, or in `Authorization: Bearer`.
+#[derive(serde::Deserialize)]
+struct DoorPath {
+    namespace: String,
+    agent: String,
+    token: Option<String>,
+}
+
+/// Which Agent's door is knocked on, and the token presented.
+struct Knock {
+    key: AgentKey,
+    token: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Knock {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
+        let Path(path) = Path::<DoorPath>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| HttpError::NotFound)?;
+        let token = path
+            .token
+            .or_else(|| crate::api::bearer_token(&parts.headers).map(str::to_owned));
+        Ok(Knock {
+            key: AgentKey::new(path.namespace, path.agent),
+            token,
+        })
+    }
+}
+
+/// The token in `Authorization: Bearer <token>`.
+async fn ping_handler(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    matched: Option<MatchedPath>,
+    method: Method,
+    knock: Result<Knock, HttpError>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let route = route_label(matched.as_ref());
+    let knock = match knock {
+        Ok(knock) => knock,
+        Err(error) => return record(&state, route, &method, started, None, refused(error)),
+    };
+    let answered = match ping(&state, &knock.key, knock.token.as_deref(), peer, &headers) {
+        Ok(()) => (ping_ok(), "ping"),
+        Err(error) => refused(error),
+    };
+    record(&state, route, &method, started, Some(&knock.key), answered)
+}
+
+/// `{"ok": true}`.
+fn ping_ok() -> Response {
+    static BODY: Bytes = Bytes::from_static(br#"{"ok":true}"#);
+    ([(header::CONTENT_TYPE, JSON)], BODY.clone()).into_response()
+}
+
+async fn post_handler(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    matched: Option<MatchedPath>,
+    method: Method,
+    knock: Result<Knock, HttpError>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let route = route_label(matched.as_ref());
+    let knock = match knock {
+        Ok(knock) => knock,
+        Err(error) => return record(&state, route, &method, started, None, refused(error)),
+    };
+    // Boxed, so its state (the body, the Session it built) is freed once it is done and
+    // is not part of a held request's memory.
+    let result = Box::pin(accept(
+        &state,
+        &knock.key,
+        knock.token.as_deref(),
+        peer,
+        &headers,
+        body,
+    ))
+    .await;
+    // Nothing of the request is kept while a wait-mode request is held.
+    drop(headers);
+    let answered = match result {
+        Ok(Accepted::Now(answered)) => answered,
+        Ok(Accepted::Hold(hold)) => Box::pin(hold.answer(&state, &knock.key)).await,
+        Err(error) => refused(error),
+    };
+    record(&state, route, &method, started, Some(&knock.key), answered)
+}
