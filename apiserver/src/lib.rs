@@ -280,9 +280,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let admin_addr = admin.local_addr().map_err(Error::Serve)?;
 
     let hub = hub::SessionHub::new();
-    let mut index = Index::new(index::stream_count(&args.namespaces));
-    index.set_hub(hub.clone());
-    let index: SharedIndex = Arc::new(RwLock::new(index));
+    let index: SharedIndex = Arc::new(RwLock::new(Index::new(index::stream_count(
+        &args.namespaces,
+    ))));
     // Building the client reads the kubeconfig or the in-cluster config and contacts
     // nothing: the watches retry while the cluster is unreachable, and the server stays
     // unready meanwhile.
@@ -291,6 +291,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         client.clone(),
         args.namespaces.clone(),
         index.clone(),
+        hub.clone(),
     ));
     let store = KubeSessionStore::new(client.clone());
     let metrics = Arc::new(Metrics::default());

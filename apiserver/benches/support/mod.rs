@@ -45,7 +45,6 @@ impl BenchDoor {
         let token = WebhookToken::generate().expect("randomness");
         let hub = SessionHub::new();
         let mut index = Index::new(1);
-        index.set_hub(hub.clone());
         index.apply_agent(&agent(NS, "plain", json!({"triggers": [{"webhook": {}}]})));
         index.apply_agent(&agent(
             NS,

@@ -224,7 +224,7 @@ pub(super) async fn accept(
             Ok(stored) => {
                 state
                     .index
-                    .write()
+                    .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .confirm(&key.namespace, &name, &digest);
                 return Ok(match (subscription, budget) {
@@ -299,7 +299,7 @@ fn reserve(
 ) -> Result<Reservation, HttpError> {
     let reservation = state
         .index
-        .write()
+        .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .reserve(key, name, max);
     match reservation {
@@ -313,7 +313,7 @@ fn release(state: &AppState, key: &AgentKey, name: &str, reservation: Reservatio
     if reservation == Reservation::Reserved {
         state
             .index
-            .write()
+            .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .release(&key.namespace, name);
     }

@@ -141,10 +141,9 @@ fn index() -> Index {
     index
 }
 
-fn fixture_with(mut index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
+fn fixture_with(index: Index, max_body_bytes: usize, burst: u32) -> Fixture {
     let store = Arc::new(MemorySessionStore::default());
     let hub = crate::hub::SessionHub::new();
-    index.set_hub(hub.clone());
     let limit = RateLimit::new(burst, 1.0).expect("a valid limit");
     let state = AppState {
         index: Arc::new(RwLock::new(index)),
@@ -792,6 +791,7 @@ impl Fixture {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .apply_session(&stored);
+        self.state.hub.publish(&stored);
         stored.metadata.name.clone().unwrap_or_default()
     }
 }
@@ -862,6 +862,7 @@ async fn a_session_deleted_while_held_answers_error() {
         .write()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .delete_session(&stored);
+    f.state.hub.publish_deleted(&stored);
     let answer = waiting.await.expect("the request ends");
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(answer.json["phase"], "Error");

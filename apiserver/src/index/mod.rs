@@ -1,0 +1,357 @@
+//! The in-memory index the webhook door answers from: Agents, the operator's managed
+//! Secrets and the Sessions, fed by watches and shared as `Arc<RwLock<Index>>` (a std
+//! lock, never held across an `.await`).
+//!
+//! What the index keeps of each object is built by pure functions ([`entries`]); the
+//! watches move events into it ([`watch`]); names reserved for Session creates in flight
+//! have a lock of their own ([`reservations`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+
+use hookrun_crds::names;
+use hookrun_crds::{Agent, Session};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+mod entries;
+mod reservations;
+#[doc(hidden)]
+pub mod test_support;
+mod watch;
+
+pub use entries::{
+    AgentEntry, ExpiringDigest, SecretEntry, SecretOwner, SessionEntry, WebhookTarget, agent_entry,
+    is_active, secret_entry, secret_owner,
+};
+use entries::{SecretCandidate, secret_key, session_entry};
+pub use reservations::Reservation;
+use reservations::Reservations;
+pub use watch::{Scope, run_watches, stream_count};
+
+/// An Agent's namespace and name.
+/// An Agent's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl AgentKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// The index. Lookups share entries; the lock is never held across an `.await`.
+#[derive(Debug, Default)]
+pub struct Index {
+    agents: HashMap<AgentKey, Arc<AgentEntry>>,
+    /// Managed Secrets by (namespace, Secret name): at most one per name, whatever order
+    /// the watches deliver Agents and Secrets in.
+    candidates: HashMap<AgentKey, SecretCandidate>,
+    /// The Secret each Agent accepts: the candidate with the Agent's Secret name whose
+    /// controller owner reference carries the Agent's uid. Derived from `agents` and
+    /// `candidates` whenever either changes, so a lookup is one map read.
+    secrets: HashMap<AgentKey, Arc<SecretEntry>>,
+    /// What an Agent whose Secret is not loaded yet is checked against (accepts nothing).
+    no_secret: Arc<SecretEntry>,
+    /// Sessions by (namespace, session name).
+    sessions: HashMap<AgentKey, SessionEntry>,
+    /// Non-finished Sessions per Agent.
+    active: HashMap<AgentKey, u32>,
+    /// Stored Sessions per Agent, finished ones included (reserved ones are counted in
+    /// `reservations`).
+    stored: HashMap<AgentKey, u32>,
+    /// Watch streams that have not finished their first list yet.
+    unsynced: usize,
+    /// Names held for Session creates of this process, behind their own lock.
+    reservations: Mutex<Reservations>,
+}
+
+/// The index as the server shares it.
+pub type SharedIndex = Arc<RwLock<Index>>;
+
+impl Index {
+    /// An empty index that is ready once `streams` watch streams have listed once.
+    pub fn new(streams: usize) -> Self {
+        Self {
+            unsynced: streams,
+            ..Self::default()
+        }
+    }
+
+    /// Whether every watch stream has listed once.
+    pub fn is_synced(&self) -> bool {
+        self.unsynced == 0
+    }
+
+    /// Marks one watch stream as having listed once.
+    pub fn mark_synced(&mut self) {
+        self.unsynced = self.unsynced.saturating_sub(1);
+    }
+
+    /// What a webhook to `key` is checked against; `None` when there is no such Agent or
+    /// it has no webhook trigger.
+    pub fn target(&self, key: &AgentKey) -> Option<WebhookTarget> {
+        let agent = self.agents.get(key)?.clone();
+        let secret = self.secrets.get(key).unwrap_or(&self.no_secret).clone();
+        Some(WebhookTarget { agent, secret })
+    }
+
+    /// How many of the Agent's Sessions have not finished.
+    pub fn active_sessions(&self, key: &AgentKey) -> u32 {
+        self.active.get(key).copied().unwrap_or(0) + self.reservations().count(key)
+    }
+
+    /// How many of the Agent's Sessions are stored (or reserved), finished ones included.
+    pub fn stored_sessions(&self, key: &AgentKey) -> u32 {
+        self.stored.get(key).copied().unwrap_or(0) + self.reservations().count(key)
+    }
+
+    /// The reservations, locked (always after the index's own lock).
+    fn reservations(&self) -> MutexGuard<'_, Reservations> {
+        self.reservations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The reservations, through the exclusive borrow a watch event holds.
+    fn reservations_mut(&mut self) -> &mut Reservations {
+        self.reservations
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The payload digest stored on a Session, when the index knows the Session from
+    /// the cluster or created it: `Some(None)` for a Session without one.
+    pub fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
+        let key = AgentKey::new(namespace, name);
+        match self.sessions.get(&key) {
+            Some(session) => Some(session.payload_digest.clone()),
+            None => self.reservations().created_digest(&key),
+        }
+    }
+
+    /// Holds a slot of the Agent's `max_concurrent` (and of its stored Sessions, capped
+    /// by the Agent's `maxStoredSessions`) for a Session about to be created under
+    /// `name`, so a burst cannot outrun the watch. The watch event of the created
+    /// Session replaces the reservation.
+    pub fn reserve(
+        &self,
+        agent: &AgentKey,
+        name: &str,
+        max_concurrent: Option<u32>,
+    ) -> Reservation {
+        let key = AgentKey::new(agent.namespace.clone(), name);
+        let mut reservations = self.reservations();
+        if self.sessions.contains_key(&key) || reservations.contains(&key) {
+            return Reservation::Shared;
+        }
+        let max_stored = self
+            .agents
+            .get(agent)
+            .map_or(hookrun_crds::agent::DEFAULT_MAX_STORED_SESSIONS, |a| {
+                a.max_stored
+            });
+        let held = reservations.count(agent);
+        if self.stored.get(agent).copied().unwrap_or(0) + held >= max_stored {
+            return Reservation::StoreFull { max: max_stored };
+        }
+        if let Some(max) = max_concurrent
+            && self.active.get(agent).copied().unwrap_or(0) + held >= max
+        {
+            return Reservation::Full { max };
+        }
+        reservations.insert(key, agent);
+        Reservation::Reserved
+    }
+
+    /// Marks a reserved Session as created with `digest`, so a duplicate is answered
+    /// from the index before the watch reports it.
+    pub fn confirm(&self, namespace: &str, name: &str, digest: &str) {
+        self.reservations()
+            .confirm(&AgentKey::new(namespace, name), digest);
+    }
+
+    /// Gives back a reservation whose create failed, unless the watch has replaced it
+    /// with the real Session meanwhile.
+    pub fn release(&self, namespace: &str, name: &str) {
+        self.reservations().release(&AgentKey::new(namespace, name));
+    }
+
+    pub fn apply_agent(&mut self, agent: &Agent) {
+        let Some(namespace) = agent.namespace() else {
+            return;
+        };
+        let key = AgentKey::new(namespace, agent.name_any());
+        match agent_entry(agent) {
+            Some(entry) => {
+                self.agents.insert(key.clone(), Arc::new(entry));
+            }
+            None => {
+                self.agents.remove(&key);
+            }
+        }
+        self.match_secret(&key);
+    }
+
+    pub fn delete_agent(&mut self, agent: &Agent) {
+        if let Some(namespace) = agent.namespace() {
+            let key = AgentKey::new(namespace, agent.name_any());
+            self.agents.remove(&key);
+            self.match_secret(&key);
+        }
+    }
+
+    pub fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
+        self.agents.retain(|k, _| !scope.contains(&k.namespace));
+        for agent in agents {
+            if let (Some(namespace), Some(entry)) = (agent.namespace(), agent_entry(agent)) {
+                let key = AgentKey::new(namespace, agent.name_any());
+                self.agents.insert(key, Arc::new(entry));
+            }
+        }
+        self.match_secrets_in(scope);
+    }
+
+    pub fn apply_secret(&mut self, secret: &Secret) {
+        let Some(key) = secret_key(secret) else {
+            return;
+        };
+        let previous = match secret_owner(secret) {
+            Some(owner) => {
+                let agent = owner.agent.clone();
+                let entry = Arc::new(secret_entry(secret));
+                let previous = self
+                    .candidates
+                    .insert(key, SecretCandidate { owner, entry });
+                self.match_secret(&agent);
+                previous
+            }
+            // Renamed away from the operator's name, or its owner reference changed.
+            None => self.candidates.remove(&key),
+        };
+        if let Some(previous) = previous {
+            self.match_secret(&previous.owner.agent);
+        }
+    }
+
+    pub fn delete_secret(&mut self, secret: &Secret) {
+        if let Some(key) = secret_key(secret)
+            && let Some(previous) = self.candidates.remove(&key)
+        {
+            self.match_secret(&previous.owner.agent);
+        }
+    }
+
+    pub fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
+        self.candidates.retain(|k, _| !scope.contains(&k.namespace));
+        for secret in secrets {
+            if let (Some(key), Some(owner)) = (secret_key(secret), secret_owner(secret)) {
+                let entry = Arc::new(secret_entry(secret));
+                self.candidates
+                    .insert(key, SecretCandidate { owner, entry });
+            }
+        }
+        self.match_secrets_in(scope);
+    }
+
+    /// Sets the Secret the Agent `key` accepts: the candidate under the operator's name
+    /// for it, if its controller owner reference carries the Agent's uid; else none.
+    fn match_secret(&mut self, key: &AgentKey) {
+        let accepted = self.agents.get(key).and_then(|agent| {
+            let name = AgentKey::new(key.namespace.clone(), names::webhook_secret_name(&key.name));
+            self.candidates
+                .get(&name)
+                .filter(|c| {
+                    !agent.uid.is_empty() && c.owner.uid == agent.uid && c.owner.agent == *key
+                })
+                .map(|c| c.entry.clone())
+        });
+        match accepted {
+            Some(entry) => {
+                self.secrets.insert(key.clone(), entry);
+            }
+            None => {
+                self.secrets.remove(key);
+            }
+        }
+    }
+
+    /// [`Index::match_secret`] for every Agent of `scope`, after a relist.
+    fn match_secrets_in(&mut self, scope: &Scope) {
+        self.secrets.retain(|k, _| !scope.contains(&k.namespace));
+        let keys: Vec<AgentKey> = self
+            .agents
+            .keys()
+            .filter(|k| scope.contains(&k.namespace))
+            .cloned()
+            .collect();
+        for key in &keys {
+            self.match_secret(key);
+        }
+    }
+
+    /// Counts a Session the watch delivered; it replaces the reservation of its name.
+    pub fn apply_session(&mut self, session: &Session) {
+        let Some((key, entry)) = session_entry(session) else {
+            return;
+        };
+        self.remove_session_key(&key);
+        if entry.active {
+            *self.active.entry(entry.agent.clone()).or_default() += 1;
+        }
+        *self.stored.entry(entry.agent.clone()).or_default() += 1;
+        self.sessions.insert(key, entry);
+    }
+
+    pub fn delete_session(&mut self, session: &Session) {
+        if let Some(namespace) = session.namespace() {
+            self.remove_session_key(&AgentKey::new(namespace, session.name_any()));
+        }
+    }
+
+    fn remove_session_key(&mut self, key: &AgentKey) {
+        self.reservations_mut().remove(key);
+        let Some(old) = self.sessions.remove(key) else {
+            return;
+        };
+        if old.active {
+            decrement(&mut self.active, &old.agent);
+        }
+        decrement(&mut self.stored, &old.agent);
+    }
+
+    pub fn reset_sessions(&mut self, scope: &Scope, sessions: &[Session]) {
+        let stale: HashSet<AgentKey> = self
+            .sessions
+            .keys()
+            .filter(|k| scope.contains(&k.namespace))
+            .cloned()
+            .collect();
+        for key in &stale {
+            self.remove_session_key(key);
+        }
+        self.reservations_mut().clear(scope);
+        for session in sessions {
+            self.apply_session(session);
+        }
+    }
+}
+
+/// Takes one from an Agent's count, dropping the entry at zero.
+fn decrement(counts: &mut HashMap<AgentKey, u32>, agent: &AgentKey) {
+    if let Some(count) = counts.get_mut(agent) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            counts.remove(agent);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,116 @@
+//! Session names this process holds for a create in flight, or created and not yet seen
+//! by the watch: they count against their Agent's `maxConcurrent` and stored Sessions
+//! until the watch delivers the Session, so a burst cannot outrun the watch. They live
+//! behind their own lock inside the [`Index`](super::Index): a reservation takes the
+//! index's read lock only, so webhooks do not queue behind each other on its write lock.
+
+use std::collections::HashMap;
+
+use super::AgentKey;
+use super::watch::Scope;
+
+/// The answer to [`Index::reserve`](super::Index::reserve).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// A slot is held under the name; release it if the create fails.
+    Reserved,
+    /// Another request of this process holds the name already; nothing to release.
+    Shared,
+    /// The Agent runs its most Sessions.
+    Full { max: u32 },
+    /// The Agent stores its most Sessions, finished ones included.
+    StoreFull { max: u32 },
+}
+
+/// One held name.
+#[derive(Debug)]
+struct Held {
+    agent: AgentKey,
+    /// The payload digest once the create succeeded; `None` while it is in flight.
+    created: Option<String>,
+}
+
+/// The held names, by (namespace, Session name), and how many each Agent holds.
+#[derive(Debug, Default)]
+pub(super) struct Reservations {
+    held: HashMap<AgentKey, Held>,
+    per_agent: HashMap<AgentKey, u32>,
+}
+
+impl Reservations {
+    /// How many names `agent` holds.
+    pub(super) fn count(&self, agent: &AgentKey) -> u32 {
+        self.per_agent.get(agent).copied().unwrap_or(0)
+    }
+
+    /// Whether the Session `key` is held.
+    pub(super) fn contains(&self, key: &AgentKey) -> bool {
+        self.held.contains_key(key)
+    }
+
+    /// Holds `key` for `agent`.
+    pub(super) fn insert(&mut self, key: AgentKey, agent: &AgentKey) {
+        *self.per_agent.entry(agent.clone()).or_default() += 1;
+        let previous = self.held.insert(
+            key,
+            Held {
+                agent: agent.clone(),
+                created: None,
+            },
+        );
+        if let Some(previous) = previous {
+            self.forget(&previous.agent);
+        }
+    }
+
+    /// Marks the held `key` as created with `digest`.
+    pub(super) fn confirm(&mut self, key: &AgentKey, digest: &str) {
+        if let Some(held) = self.held.get_mut(key)
+            && held.created.is_none()
+        {
+            held.created = Some(digest.to_owned());
+        }
+    }
+
+    /// The digest of a held Session that was created: `Some(Some(digest))`.
+    pub(super) fn created_digest(&self, key: &AgentKey) -> Option<Option<String>> {
+        self.held.get(key).and_then(|h| h.created.clone()).map(Some)
+    }
+
+    /// Gives back `key` if its create is still in flight (a created one waits for the
+    /// watch).
+    pub(super) fn release(&mut self, key: &AgentKey) {
+        if self.held.get(key).is_some_and(|h| h.created.is_none()) {
+            self.remove(key);
+        }
+    }
+
+    /// Drops `key`, whatever its state: the watch delivered or deleted the Session.
+    pub(super) fn remove(&mut self, key: &AgentKey) {
+        if let Some(held) = self.held.remove(key) {
+            self.forget(&held.agent);
+        }
+    }
+
+    /// Drops every name in `scope`, as a relist of the Sessions does.
+    pub(super) fn clear(&mut self, scope: &Scope) {
+        let keys: Vec<AgentKey> = self
+            .held
+            .keys()
+            .filter(|k| scope.contains(&k.namespace))
+            .cloned()
+            .collect();
+        for key in &keys {
+            self.remove(key);
+        }
+    }
+
+    fn forget(&mut self, agent: &AgentKey) {
+        if let Some(count) = self.per_agent.get_mut(agent) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_agent.remove(agent);
+            }
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! The watches that feed the index: Agents, the operator's managed Secrets and Sessions,
+//! in every namespace or in the ones given. Each event is applied under the index's
+//! write lock; Session changes go on to the [`SessionHub`] after the lock is released.
+
+use std::sync::{Arc, PoisonError};
+
+use futures::{Stream, StreamExt};
+use hookrun_crds::names;
+use hookrun_crds::{Agent, Session};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher::Event};
+use kube::{Api, Client, Resource};
+
+use super::{Index, SharedIndex};
+use crate::hub::SessionHub;
+
+/// Which watch stream a reset came from: every namespace, or one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    Namespace(String),
+}
+
+impl Scope {
+    pub(super) fn contains(&self, namespace: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Namespace(ns) => ns == namespace,
+        }
+    }
+}
+
+/// The watch streams of one kind: how each event lands in the index, and what held
+/// requests learn of it.
+trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debug + 'static {
+    fn apply(index: &mut Index, object: &Self);
+    fn delete(index: &mut Index, object: &Self);
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]);
+    /// Tells `hub` that `object` changed (Sessions only).
+    fn publish(_hub: &SessionHub, _object: &Self) {}
+    /// Tells `hub` that `object` is gone (Sessions only).
+    fn publish_deleted(_hub: &SessionHub, _object: &Self) {}
+}
+
+impl Indexed for Agent {
+    fn apply(index: &mut Index, object: &Self) {
+        index.apply_agent(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        index.delete_agent(object);
+    }
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
+        index.reset_agents(scope, objects);
+    }
+}
+
+impl Indexed for Secret {
+    fn apply(index: &mut Index, object: &Self) {
+        index.apply_secret(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        index.delete_secret(object);
+    }
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
+        index.reset_secrets(scope, objects);
+    }
+}
+
+impl Indexed for Session {
+    fn apply(index: &mut Index, object: &Self) {
+        index.apply_session(object);
+    }
+    fn delete(index: &mut Index, object: &Self) {
+        index.delete_session(object);
+    }
+    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
+        index.reset_sessions(scope, objects);
+    }
+    fn publish(hub: &SessionHub, object: &Self) {
+        hub.publish(object);
+    }
+    fn publish_deleted(hub: &SessionHub, object: &Self) {
+        hub.publish_deleted(object);
+    }
+}
+
+/// What an event changed, to tell the hub once the index lock is released.
+enum Changed<K> {
+    Nothing,
+    Applied(K),
+    Listed(Vec<K>),
+    Deleted(K),
+}
+
+/// Feeds one watch stream into the index until it ends (it does not: watchers retry
+/// with backoff).
+async fn feed<K: Indexed>(
+    index: SharedIndex,
+    hub: Arc<SessionHub>,
+    scope: Scope,
+    events: impl Stream<Item = Result<Event<K>, watcher::Error>>,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut buffer: Vec<K> = Vec::new();
+    let mut synced_once = false;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, kind = %K::kind(&()), "watch failed; retrying");
+                continue;
+            }
+        };
+        let changed = match event {
+            Event::Init => {
+                buffer.clear();
+                Changed::Nothing
+            }
+            Event::InitApply(object) => {
+                buffer.push(object);
+                Changed::Nothing
+            }
+            // Never held across an await: each arm locks, changes and unlocks.
+            Event::InitDone => {
+                let listed = std::mem::take(&mut buffer);
+                let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
+                K::reset(&mut index, &scope, &listed);
+                if !synced_once {
+                    synced_once = true;
+                    index.mark_synced();
+                }
+                Changed::Listed(listed)
+            }
+            Event::Apply(object) => {
+                K::apply(
+                    &mut index.write().unwrap_or_else(PoisonError::into_inner),
+                    &object,
+                );
+                Changed::Applied(object)
+            }
+            Event::Delete(object) => {
+                K::delete(
+                    &mut index.write().unwrap_or_else(PoisonError::into_inner),
+                    &object,
+                );
+                Changed::Deleted(object)
+            }
+        };
+        // The index lock is released: held requests wake without waiting on it.
+        match changed {
+            Changed::Nothing => {}
+            Changed::Applied(object) => K::publish(&hub, &object),
+            Changed::Listed(objects) => {
+                for object in &objects {
+                    K::publish(&hub, object);
+                }
+            }
+            Changed::Deleted(object) => K::publish_deleted(&hub, &object),
+        }
+    }
+}
+
+/// How many watch streams [`run_watches`] runs for these namespaces.
+pub fn stream_count(namespaces: &[String]) -> usize {
+    3 * namespaces.len().max(1)
+}
+
+/// Watches Agents, managed Secrets and Sessions (in `namespaces`, or everywhere when
+/// empty) into `index`, and passes Session changes on to `hub`. Runs until the process ends.
+pub async fn run_watches(
+    client: Client,
+    namespaces: Vec<String>,
+    index: SharedIndex,
+    hub: Arc<SessionHub>,
+) {
+    let scopes: Vec<Scope> = if namespaces.is_empty() {
+        vec![Scope::All]
+    } else {
+        namespaces.into_iter().map(Scope::Namespace).collect()
+    };
+    let mut tasks = Vec::new();
+    for scope in scopes {
+        let api = |client: Client| match &scope {
+            Scope::All => (
+                Api::<Agent>::all(client.clone()),
+                Api::<Secret>::all(client.clone()),
+                Api::<Session>::all(client),
+            ),
+            Scope::Namespace(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+        };
+        let (agents, secrets, sessions) = api(client.clone());
+        let config = watcher::Config::default().any_semantic();
+        tasks.push(tokio::spawn(feed(
+            index.clone(),
+            hub.clone(),
+            scope.clone(),
+            watcher(agents, config.clone()).default_backoff(),
+        )));
+        tasks.push(tokio::spawn(feed(
+            index.clone(),
+            hub.clone(),
+            scope.clone(),
+            watcher(
+                secrets,
+                config.clone().labels(names::MANAGED_SECRET_SELECTOR),
+            )
+            .default_backoff(),
+        )));
+        tasks.push(tokio::spawn(feed(
+            index.clone(),
+            hub.clone(),
+            scope.clone(),
+            watcher(sessions, config).default_backoff(),
+        )));
+    }
+    futures::future::join_all(tasks).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::RwLock;
+
+    use hookrun_crds::session::SessionPhase;
+
+    use super::*;
+    use crate::hub::Seen;
+    use crate::index::AgentKey;
+    use crate::index::test_support::session;
+
+    #[tokio::test]
+    async fn session_events_reach_the_index_and_then_the_hub() {
+        let index: SharedIndex = Arc::new(RwLock::new(Index::new(1)));
+        let hub = SessionHub::new();
+        let listed = hub.subscribe("ns", "listed");
+        let gone = hub.subscribe("ns", "gone");
+        let running = |name| session("ns", name, "a", Some(SessionPhase::Running));
+        let events = futures::stream::iter([
+            Ok(Event::Init),
+            Ok(Event::InitApply(running("listed"))),
+            Ok(Event::InitApply(running("gone"))),
+            Ok(Event::InitDone),
+            Ok(Event::Delete(running("gone"))),
+        ]);
+        feed::<Session>(index.clone(), hub.clone(), Scope::All, events).await;
+        let index = index.read().unwrap_or_else(PoisonError::into_inner);
+        assert!(index.is_synced());
+        assert_eq!(index.active_sessions(&AgentKey::new("ns", "a")), 1);
+        assert!(
+            matches!(listed.latest(), Seen::Session(s) if s.metadata.name.as_deref() == Some("listed"))
+        );
+        assert!(matches!(gone.latest(), Seen::Deleted));
+    }
+}
