@@ -14,19 +14,19 @@ use crate::rate_limit::RateLimit;
 use crate::session_status::StatusWriter;
 
 /// The largest body the runner API reads.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// What the runner and read routers share.
 #[derive(Clone)]
 pub struct ApiState {
     /// The one Kubernetes client, built at start.
-    pub client: Client,
-    pub auth: Arc<Authenticator>,
-    pub hub: Arc<SessionHub>,
-    pub metrics: Arc<Metrics>,
-    pub status: Arc<StatusWriter>,
+    pub(crate) client: Client,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) hub: Arc<SessionHub>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) status: Arc<StatusWriter>,
     /// Whose `X-Forwarded-For` names the client whose review attempts are counted.
-    pub trusted_proxies: Arc<TrustedProxies>,
+    pub(crate) trusted_proxies: Arc<TrustedProxies>,
 }
 
 impl ApiState {
@@ -48,7 +48,7 @@ impl ApiState {
 
     /// The same state, with the client address read through `trusted_proxies` and
     /// denied read callers limited to `reviews` reviews per address.
-    pub fn with_review_limit(
+    pub(crate) fn with_review_limit(
         mut self,
         trusted_proxies: TrustedProxies,
         reviews: RateLimit,
@@ -68,7 +68,7 @@ pub(crate) fn unreachable_client() -> Client {
 }
 
 /// The credential in `Authorization: Bearer <token>`, if one is there.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();

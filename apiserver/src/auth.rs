@@ -27,26 +27,26 @@ use crate::metrics::Metrics;
 use crate::rate_limit::{RateLimit, RetryAfter};
 
 /// How long a review's answer is reused.
-pub const CACHE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(10);
 /// The most answers each cache keeps.
-pub const CACHE_CAPACITY: usize = 10_000;
+pub(crate) const CACHE_CAPACITY: usize = 10_000;
 /// The most bytes (estimated) each cache keeps.
-pub const CACHE_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// What one cache entry costs beyond its keys and values: map slots, the order index.
 const ENTRY_OVERHEAD: usize = 96;
 /// The TokenReview extra key holding the name of the pod a token is bound to.
-pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub(crate) const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 /// The TokenReview extra key holding that pod's uid.
-pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+pub(crate) const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
 /// The SHA-256 of a token: what caches are keyed by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TokenDigest([u8; 32]);
+pub(crate) struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
     /// The digest of `token`.
-    pub fn of(token: &str) -> Self {
+    pub(crate) fn of(token: &str) -> Self {
         Self(Sha256::digest(token.as_bytes()).into())
     }
 }
@@ -55,7 +55,7 @@ impl TokenDigest {
 /// capacity of entries nor more than its budget of bytes (each entry's size is given by
 /// the caller). Expired entries go first, then the oldest.
 #[derive(Debug)]
-pub struct TtlCache<K, V> {
+pub(crate) struct TtlCache<K, V> {
     ttl: Duration,
     capacity: usize,
     max_bytes: usize,
@@ -76,7 +76,7 @@ struct Entry<V> {
 
 impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// An empty cache of at most `capacity` entries and `max_bytes` bytes.
-    pub fn new(ttl: Duration, capacity: usize, max_bytes: usize) -> Self {
+    pub(crate) fn new(ttl: Duration, capacity: usize, max_bytes: usize) -> Self {
         Self {
             ttl,
             capacity: capacity.max(1),
@@ -89,14 +89,14 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 
     /// The value stored for `key` less than the TTL before `now`.
-    pub fn get(&self, key: &K, now: Instant) -> Option<V> {
+    pub(crate) fn get(&self, key: &K, now: Instant) -> Option<V> {
         let entry = self.entries.get(key)?;
         (now.saturating_duration_since(entry.stored) < self.ttl).then(|| entry.value.clone())
     }
 
     /// Stores `value`, of `bytes` bytes, for `key` at `now`; an entry larger than the
     /// whole budget is not stored.
-    pub fn insert(&mut self, key: K, value: V, bytes: usize, now: Instant) {
+    pub(crate) fn insert(&mut self, key: K, value: V, bytes: usize, now: Instant) {
         self.remove(&key);
         if bytes > self.max_bytes {
             return;
@@ -135,23 +135,20 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 
     /// How many entries are held (expired ones included until pushed out).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The bytes the held entries were stored with.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 }
 
 /// The bytes a cached identity holds, for the byte budgets.
-pub fn user_bytes(user: &UserInfo) -> usize {
+pub(crate) fn user_bytes(user: &UserInfo) -> usize {
     let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
     let list = |l: &[String]| l.iter().map(|s| s.len() + 24).sum::<usize>();
     len(&user.username)
@@ -164,7 +161,7 @@ pub fn user_bytes(user: &UserInfo) -> usize {
 }
 
 /// `(namespace, serviceaccount)` of a `system:serviceaccount:<ns>:<sa>` username.
-pub fn parse_service_account(username: &str) -> Option<(&str, &str)> {
+pub(crate) fn parse_service_account(username: &str) -> Option<(&str, &str)> {
     let rest = username.strip_prefix(SERVICE_ACCOUNT_PREFIX)?;
     let (namespace, account) = rest.split_once(':')?;
     (!namespace.is_empty() && !account.is_empty() && !account.contains(':'))
@@ -180,7 +177,7 @@ fn single_extra<'a>(extra: &'a BTreeMap<String, Vec<String>>, key: &str) -> Opti
 }
 
 /// `(pod name, pod uid)` of a pod-bound token, from its review's extra info.
-pub fn pod_from_extra(extra: &BTreeMap<String, Vec<String>>) -> Option<(String, String)> {
+pub(crate) fn pod_from_extra(extra: &BTreeMap<String, Vec<String>>) -> Option<(String, String)> {
     let name = single_extra(extra, POD_NAME_EXTRA)?;
     let uid = single_extra(extra, POD_UID_EXTRA)?;
     Some((name.to_owned(), uid.to_owned()))
@@ -188,15 +185,15 @@ pub fn pod_from_extra(extra: &BTreeMap<String, Vec<String>>) -> Option<(String, 
 
 /// A session pod's identity, from its token.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodIdentity {
-    pub namespace: String,
-    pub pod_name: String,
-    pub pod_uid: String,
+pub(crate) struct PodIdentity {
+    pub(crate) namespace: String,
+    pub(crate) pod_name: String,
+    pub(crate) pod_uid: String,
 }
 
 /// Why a caller is turned away.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Denied {
+pub(crate) enum Denied {
     /// No valid token for this API (401).
     #[error("no valid token for this API")]
     Unauthenticated,
@@ -208,7 +205,7 @@ pub enum Denied {
 /// Why authentication did not let a request through; it becomes an HTTP answer through
 /// `From<AuthError> for HttpError`.
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// The cluster's answer (or the cached one) turns the caller away.
     #[error(transparent)]
     Denied(#[from] Denied),
@@ -228,7 +225,10 @@ const NOT_POD_BOUND: &str = "the token is not bound to a pod: use the projected 
                              HOOKRUN_TOKEN_FILE of the session's own pod";
 
 /// What a session pod's TokenReview decided: the pure part, unit-tested.
-pub fn runner_decision(status: &TokenReviewStatus, audience: &str) -> Result<PodIdentity, Denied> {
+pub(crate) fn runner_decision(
+    status: &TokenReviewStatus,
+    audience: &str,
+) -> Result<PodIdentity, Denied> {
     let audience_ok = status
         .audiences
         .as_ref()
@@ -258,7 +258,7 @@ type AccessKey = (TokenDigest, String, String);
 
 /// The TokenReview and SubjectAccessReview caches, and the per-address review limit.
 #[derive(Debug)]
-pub struct Authenticator {
+pub(crate) struct Authenticator {
     runners: Mutex<TtlCache<TokenDigest, Result<PodIdentity, Denied>>>,
     users: Mutex<TtlCache<TokenDigest, ReviewedUser>>,
     access: Mutex<TtlCache<AccessKey, bool>>,
@@ -267,14 +267,14 @@ pub struct Authenticator {
 }
 
 /// The default per-address review limit: a burst of 20, then one per second.
-pub fn default_review_limit() -> RateLimit {
+pub(crate) fn default_review_limit() -> RateLimit {
     RateLimit::new(20, 1.0).unwrap_or_else(|_| unreachable!("a valid constant"))
 }
 
 impl Authenticator {
     /// Empty caches; reviews counted in `metrics`; denied read callers limited to
     /// `reviews` per address.
-    pub fn new(metrics: Arc<Metrics>, reviews: RateLimit) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>, reviews: RateLimit) -> Self {
         Self {
             runners: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
             users: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
@@ -314,7 +314,7 @@ async fn token_review(
 }
 
 /// The identity a reader's TokenReview vouches for, if any.
-pub fn reviewed_user(status: TokenReviewStatus) -> ReviewedUser {
+pub(crate) fn reviewed_user(status: TokenReviewStatus) -> ReviewedUser {
     match (status.authenticated, status.user) {
         (Some(true), Some(user)) => Some(user),
         _ => None,
@@ -327,7 +327,11 @@ const READ_FORBIDDEN: &str = "this identity may not get that Session (sessions.h
 impl Authenticator {
     /// The session pod that `token` speaks for: 401 when the token is not valid for the
     /// `hookrun` audience, 403 when it is not bound to a pod.
-    pub async fn runner(&self, client: &Client, token: &str) -> Result<PodIdentity, AuthError> {
+    pub(crate) async fn runner(
+        &self,
+        client: &Client,
+        token: &str,
+    ) -> Result<PodIdentity, AuthError> {
         let key = TokenDigest::of(token);
         let cached = lock(&self.runners).get(&key, Instant::now());
         let decision = match cached {
@@ -357,7 +361,7 @@ impl Authenticator {
     /// 403 when the cluster's RBAC does not allow `get` on it, 429 when `client_ip` has
     /// spent its review attempts (before any review is sent). `namespace` and `name`
     /// must be validated names.
-    pub async fn reader(
+    pub(crate) async fn reader(
         &self,
         client: &Client,
         token: &str,

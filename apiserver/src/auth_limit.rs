@@ -15,10 +15,10 @@ use std::time::Instant;
 use crate::rate_limit::{RateLimit, RetryAfter, TokenBucket};
 
 /// The most addresses with a bucket of their own.
-pub const DEFAULT_CAPACITY: usize = 10_000;
+pub(crate) const DEFAULT_CAPACITY: usize = 10_000;
 
 /// The key of a client address: IPv4 as is, IPv6 by its /64.
-pub fn client_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -33,7 +33,7 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
 
 /// Token buckets of review attempts by client address.
 #[derive(Debug)]
-pub struct ReviewLimiter {
+pub(crate) struct ReviewLimiter {
     limit: RateLimit,
     capacity: usize,
     buckets: HashMap<IpAddr, TokenBucket>,
@@ -42,7 +42,7 @@ pub struct ReviewLimiter {
 
 impl ReviewLimiter {
     /// Buckets of shape `limit`, for at most `capacity` addresses.
-    pub fn new(limit: RateLimit, capacity: usize, now: Instant) -> Self {
+    pub(crate) fn new(limit: RateLimit, capacity: usize, now: Instant) -> Self {
         Self {
             limit,
             capacity: capacity.max(1),
@@ -52,7 +52,7 @@ impl ReviewLimiter {
     }
 
     /// Takes one review attempt for `ip`, or says when the next one is possible.
-    pub fn try_acquire(&mut self, ip: IpAddr, now: Instant) -> Result<(), RetryAfter> {
+    pub(crate) fn try_acquire(&mut self, ip: IpAddr, now: Instant) -> Result<(), RetryAfter> {
         let key = client_key(ip);
         if !self.buckets.contains_key(&key) && self.buckets.len() >= self.capacity {
             self.prune(now);
@@ -69,7 +69,7 @@ impl ReviewLimiter {
     }
 
     /// Gives back the attempt of a request that was allowed.
-    pub fn give_back(&mut self, ip: IpAddr) {
+    pub(crate) fn give_back(&mut self, ip: IpAddr) {
         match self.buckets.get_mut(&client_key(ip)) {
             Some(bucket) => bucket.give_back(),
             None => self.overflow.give_back(),
@@ -77,19 +77,21 @@ impl ReviewLimiter {
     }
 
     /// Forgets the buckets that refilled: a new one would be the same.
-    pub fn prune(&mut self, now: Instant) {
+    pub(crate) fn prune(&mut self, now: Instant) {
         let capacity = self.limit.capacity();
         self.buckets
             .retain(|_, bucket| bucket.remaining(now) < capacity);
     }
 
     /// How many addresses have a bucket of their own.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.buckets.len()
     }
 
     /// Whether no address has a bucket of its own.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
 }

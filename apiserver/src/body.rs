@@ -17,7 +17,7 @@ pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
 /// The longest idempotency key, in characters.
 pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 256;
 /// How long `"wait": true` waits.
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 /// The longest wait a caller may ask for; longer asks are cut to it.
 pub const MAX_WAIT: Duration = Duration::from_secs(600);
 
@@ -33,7 +33,7 @@ pub enum WaitMode {
 
 impl WaitMode {
     /// `0` is fire-and-forget; anything longer than [`MAX_WAIT`] is cut to it.
-    pub fn from_seconds(seconds: u64) -> Self {
+    pub(crate) fn from_seconds(seconds: u64) -> Self {
         if seconds == 0 {
             WaitMode::FireAndForget
         } else {
@@ -262,13 +262,13 @@ pub fn parse_prefer_wait(value: &str) -> Option<WaitMode> {
 
 /// `sha256:<hex>` of the raw body: what tells a replay from a conflicting reuse of an
 /// idempotency key.
-pub fn payload_digest(body: &[u8]) -> String {
+pub(crate) fn payload_digest(body: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(body)))
 }
 
 /// The body as the text a Session keeps for the harness: bytes that are not UTF-8 are
 /// replaced with U+FFFD. Its size is checked against the Agent's payload budget.
-pub fn payload_text(body: &[u8]) -> String {
+pub(crate) fn payload_text(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }
 

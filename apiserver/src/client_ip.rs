@@ -20,7 +20,7 @@ pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
     /// Trusts the given networks.
-    pub fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
+    pub(crate) fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
         Self(nets.into_iter().map(normalize_net).collect())
     }
 
@@ -30,12 +30,13 @@ impl TrustedProxies {
     }
 
     /// Whether no proxy is trusted.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
+    #[cfg(test)]
     /// The trusted networks, normalized.
-    pub fn nets(&self) -> &[IpNet] {
+    pub(crate) fn nets(&self) -> &[IpNet] {
         &self.0
     }
 
@@ -54,9 +55,9 @@ impl TrustedProxies {
 )]
 pub struct TrustedProxiesError {
     /// The 1-based position of the entry in the list.
-    pub position: usize,
+    pub(crate) position: usize,
     /// The entry as given (cut when long).
-    pub entry: String,
+    pub(crate) entry: String,
 }
 
 impl FromStr for TrustedProxies {
@@ -103,7 +104,7 @@ impl fmt::Display for TrustedProxies {
 )]
 pub struct XffError {
     /// The entry as received (cut when long).
-    pub entry: String,
+    pub(crate) entry: String,
 }
 
 /// The address of the client that sent a request.
@@ -142,7 +143,7 @@ pub fn resolve_client_ip(
 /// The `X-Forwarded-For` values of a request, in the order received, for
 /// [`resolve_client_ip`]. A value that is not visible ASCII stays in the list as a
 /// placeholder that fails to parse, so it is an error only if the walk reaches it.
-pub fn forwarded_for_values(headers: &http::HeaderMap) -> Vec<&str> {
+pub(crate) fn forwarded_for_values(headers: &http::HeaderMap) -> Vec<&str> {
     headers
         .get_all("x-forwarded-for")
         .iter()
@@ -152,7 +153,7 @@ pub fn forwarded_for_values(headers: &http::HeaderMap) -> Vec<&str> {
 
 /// Whether `ip` may call an Agent whose `allowCIDRs` are `allowed`; an empty list allows
 /// every address. IPv4-mapped IPv6 addresses and networks match their IPv4 forms.
-pub fn is_allowed(ip: IpAddr, allowed: &[IpNet]) -> bool {
+pub(crate) fn is_allowed(ip: IpAddr, allowed: &[IpNet]) -> bool {
     if allowed.is_empty() {
         return true;
     }

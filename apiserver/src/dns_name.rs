@@ -4,20 +4,20 @@
 //! `%3F...`).
 
 /// The longest DNS-1123 label (a namespace).
-pub const MAX_LABEL_LEN: usize = 63;
+pub(crate) const MAX_LABEL_LEN: usize = 63;
 /// The longest DNS-1123 subdomain (an object name).
-pub const MAX_SUBDOMAIN_LEN: usize = 253;
+pub(crate) const MAX_SUBDOMAIN_LEN: usize = 253;
 
 /// Whether `s` is a DNS-1123 label: 1 to 63 of `a-z`, `0-9` and `-`, starting and ending
 /// with a letter or digit.
-pub fn is_dns_label(s: &str) -> bool {
+pub(crate) fn is_dns_label(s: &str) -> bool {
     s.len() <= MAX_LABEL_LEN && is_label_shaped(s)
 }
 
 /// Whether `s` is a DNS-1123 subdomain as Kubernetes checks object names: at most 253
 /// characters of label-shaped parts joined by dots (Kubernetes does not cap each part
 /// at 63).
-pub fn is_dns_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= MAX_SUBDOMAIN_LEN && s.split('.').all(is_label_shaped)
 }
 

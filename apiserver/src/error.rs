@@ -158,7 +158,7 @@ impl HttpError {
     }
 
     /// A short code for error bodies and metric labels.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             HttpError::NotReady => "not_ready",
             HttpError::NotFound => "not_found",

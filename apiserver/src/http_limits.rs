@@ -15,24 +15,25 @@ use crate::error::HttpError;
 
 /// The most headers a request may carry (hyper's own ceiling, kept as its default so
 /// headers stay on the stack; like nginx's, a request needs far fewer). One more is 431.
-pub const MAX_HEADERS: usize = 100;
+#[allow(dead_code)] // Documents hyper's default, which is not set: setting it moves headers to the heap.
+pub(crate) const MAX_HEADERS: usize = 100;
 /// The most bytes of request line and headers together (nginx allows 4 × 8 KiB). More is
 /// 431.
-pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// The longest request target (path and query). Webhook URLs are about 150 bytes. Longer
 /// is 414.
-pub const MAX_TARGET_BYTES: usize = 2 * 1024;
+pub(crate) const MAX_TARGET_BYTES: usize = 2 * 1024;
 /// The largest read buffer, and write buffer, of one connection (hyper's default is about
 /// 400 KiB). Bodies stream through it in pieces.
-pub const MAX_CONNECTION_BUFFER_BYTES: usize = 48 * 1024;
+pub(crate) const MAX_CONNECTION_BUFFER_BYTES: usize = 48 * 1024;
 /// How long a client may take to send the body once the headers are in: the header read
 /// timeout ends there, and a body that trickles must not hold a connection and a task
 /// forever.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP/1 server settings of every listener: the limits above and a header read
 /// timeout that holds (hyper needs a timer for it).
-pub fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
+pub(crate) fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -44,7 +45,7 @@ pub fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
 
 /// A 414 answer that closes the connection, when the request target of `uri` is longer
 /// than [`MAX_TARGET_BYTES`]; `None` for every other request.
-pub fn refuse_long_target(uri: &Uri) -> Option<Response<Body>> {
+pub(crate) fn refuse_long_target(uri: &Uri) -> Option<Response<Body>> {
     let length = uri.path_and_query().map_or(0, |p| p.as_str().len());
     if length <= MAX_TARGET_BYTES {
         return None;

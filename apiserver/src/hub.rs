@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 /// What the hub last saw of one Session.
 #[derive(Clone, Debug, Default)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// Nothing since the subscription began.
     #[default]
     Nothing,
@@ -35,7 +35,7 @@ pub struct SessionHub {
 
 /// One request's view of one Session; dropping it unsubscribes.
 #[derive(Debug)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     hub: Arc<SessionHub>,
     key: Key,
     receiver: Option<watch::Receiver<Seen>>,
@@ -53,7 +53,7 @@ impl SessionHub {
 
     /// Starts following the Session `namespace/name`. Subscribe *before* reading the
     /// Session's current state from the cluster, so no change falls in between.
-    pub fn subscribe(self: &Arc<Self>, namespace: &str, name: &str) -> Subscription {
+    pub(crate) fn subscribe(self: &Arc<Self>, namespace: &str, name: &str) -> Subscription {
         let key = (namespace.to_owned(), name.to_owned());
         let receiver = self
             .lock()
@@ -68,7 +68,7 @@ impl SessionHub {
     }
 
     /// Passes a changed Session to whoever follows it.
-    pub fn publish(&self, session: &Session) {
+    pub(crate) fn publish(&self, session: &Session) {
         let Some(namespace) = session.namespace() else {
             return;
         };
@@ -79,7 +79,7 @@ impl SessionHub {
     }
 
     /// Tells whoever follows `session` that it is gone.
-    pub fn publish_deleted(&self, session: &Session) {
+    pub(crate) fn publish_deleted(&self, session: &Session) {
         let Some(namespace) = session.namespace() else {
             return;
         };
@@ -96,8 +96,9 @@ impl SessionHub {
 }
 
 impl Subscription {
+    #[cfg(test)]
     /// The latest change seen since subscribing.
-    pub fn latest(&self) -> Seen {
+    pub(crate) fn latest(&self) -> Seen {
         self.receiver
             .as_ref()
             .map(|r| r.borrow().clone())
@@ -105,7 +106,7 @@ impl Subscription {
     }
 
     /// Waits for the next change and returns it; `None` only if the hub itself is gone.
-    pub async fn changed(&mut self) -> Option<Seen> {
+    pub(crate) async fn changed(&mut self) -> Option<Seen> {
         let receiver = self.receiver.as_mut()?;
         receiver.changed().await.ok()?;
         Some(receiver.borrow_and_update().clone())

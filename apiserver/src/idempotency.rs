@@ -11,15 +11,15 @@ use crate::body::{BodyError, check_idempotency_key};
 /// Hex digits of the key hash in a keyed Session name: 64 bits, so two different keys of
 /// one Agent practically never share a name (a shared name would answer one caller with
 /// the other's Session, or refuse it with 422).
-pub const KEYED_SUFFIX_HEX: usize = 16;
+pub(crate) const KEYED_SUFFIX_HEX: usize = 16;
 
 /// The longest key stored on a Session (`trigger.idempotencyKey` holds 256 characters);
 /// a longer one is stored, and named by, its digest.
-pub const MAX_STORED_KEY_LEN: usize = 256;
+pub(crate) const MAX_STORED_KEY_LEN: usize = 256;
 
 /// Where an idempotency key came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeySource {
+pub(crate) enum KeySource {
     /// The `Idempotency-Key` header.
     Header,
     /// The body's `idempotency_key`.
@@ -34,12 +34,12 @@ pub enum KeySource {
 
 /// The key that names a Session.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct IdempotencyKey {
+pub(crate) struct IdempotencyKey {
     /// The key. A delivery id is prefixed with its scheme (`github:<id>`) so it cannot
     /// collide with a caller's own key.
-    pub value: String,
+    pub(crate) value: String,
     /// Where it came from.
-    pub source: KeySource,
+    pub(crate) source: KeySource,
 }
 
 /// Why a request's idempotency cannot be honoured.
@@ -64,7 +64,7 @@ pub enum IdempotencyError {
 
 impl IdempotencyError {
     /// A short code for error bodies and metric labels.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             IdempotencyError::Invalid(_) | IdempotencyError::Disagree => "bad_idempotency_key",
             IdempotencyError::Conflict => "idempotency_conflict",
@@ -75,7 +75,7 @@ impl IdempotencyError {
 /// A key that the request's signature covers, so only the holder of the signing secret
 /// chooses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SignedKey<'a> {
+pub(crate) enum SignedKey<'a> {
     /// The digest of a body signed without a timestamp (GitHub, the generic HMAC).
     Body {
         source: &'static str,
@@ -90,7 +90,7 @@ pub enum SignedKey<'a> {
 /// body's `idempotency_key` (when both are sent they must agree), else the provider's
 /// unsigned delivery id as `(source, id)`; `None` when there is none. The caller's keys
 /// are checked even when a signed key wins.
-pub fn choose_key(
+pub(crate) fn choose_key(
     header: Option<&str>,
     body: Option<&str>,
     delivery: Option<(&'static str, &str)>,
@@ -138,7 +138,7 @@ pub fn choose_key(
 
 /// `key` itself when it fits on a Session, else `sha256:<hex>` of it: a 256-character
 /// delivery id with its scheme prefix must not make the cluster refuse the Session.
-pub fn bounded_key(key: String) -> String {
+pub(crate) fn bounded_key(key: String) -> String {
     if key.len() <= MAX_STORED_KEY_LEN {
         key
     } else {
@@ -149,7 +149,7 @@ pub fn bounded_key(key: String) -> String {
 /// The Session name for a key: `<agent>-wh-<16 hex>`, the hex from
 /// `sha256("<namespace>/<agent>/<key>")`. Deterministic, so every replica names a
 /// duplicate the same; namespaces and Agent names hold no `/`, so the input is unambiguous.
-pub fn keyed_session_name(namespace: &str, agent: &str, key: &str) -> String {
+pub(crate) fn keyed_session_name(namespace: &str, agent: &str, key: &str) -> String {
     let digest = Sha256::digest(format!("{namespace}/{agent}/{key}").as_bytes());
     let suffix = hex::encode(digest);
     hookrun_crds::names::session_name(agent, &suffix[..KEYED_SUFFIX_HEX])
@@ -157,12 +157,12 @@ pub fn keyed_session_name(namespace: &str, agent: &str, key: &str) -> String {
 
 /// A fresh Session name without a key: `<agent>-wh-<8 random hex>`. On the rare
 /// AlreadyExists the caller draws again.
-pub fn random_session_name(agent: &str) -> String {
+pub(crate) fn random_session_name(agent: &str) -> String {
     random_session_name_with(agent, &mut rand::rng())
 }
 
 /// [`random_session_name`] with a given random source.
-pub fn random_session_name_with(agent: &str, rng: &mut impl Rng) -> String {
+pub(crate) fn random_session_name_with(agent: &str, rng: &mut impl Rng) -> String {
     let suffix: u32 = rng.random();
     hookrun_crds::names::session_name(agent, &format!("{suffix:08x}"))
 }
@@ -170,7 +170,7 @@ pub fn random_session_name_with(agent: &str, rng: &mut impl Rng) -> String {
 /// The keyed Session that already exists was made by this same request: answer with it
 /// (200, the original body, `Idempotent-Replayed: true`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Replay;
+pub(crate) struct Replay;
 
 /// Decides between a replay and a conflict from where the key came from, the payload
 /// digest stored on the existing Session and the digest of the request at hand.
@@ -179,7 +179,7 @@ pub struct Replay;
 /// fresh signed timestamp inside the body (Linear's `webhookTimestamp`), so it replays.
 /// For a caller's own key, a Session without a digest was not made by an identical
 /// request, so it conflicts, as does a different body.
-pub fn replay_or_conflict(
+pub(crate) fn replay_or_conflict(
     source: KeySource,
     stored_digest: Option<&str>,
     presented_digest: &str,

@@ -4,15 +4,15 @@
 //! the runner port (reached only by session pods), and `/healthz`, `/readyz` and
 //! `/metrics` on the admin port.
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod api;
-pub mod auth;
-pub mod auth_limit;
+pub(crate) mod auth;
+pub(crate) mod auth_limit;
 pub mod body;
 pub mod client_ip;
-pub mod dns_name;
+pub(crate) mod dns_name;
 pub mod error;
-pub mod http_limits;
+pub(crate) mod http_limits;
 pub mod hub;
 pub mod idempotency;
 pub mod index;
@@ -20,13 +20,13 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod read;
 pub mod runner;
-pub mod session_status;
+pub(crate) mod session_status;
 pub mod signature;
 pub mod store;
 pub mod title;
-pub mod wait;
+pub(crate) mod wait;
 pub mod webhook;
-pub mod webhook_input;
+pub(crate) mod webhook_input;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
@@ -119,8 +119,8 @@ pub enum Error {
 /// What the admin router reads.
 #[derive(Clone)]
 pub struct AdminState {
-    pub index: SharedIndex,
-    pub metrics: Arc<Metrics>,
+    pub(crate) index: SharedIndex,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// The Kubernetes client's log target. At WARN it writes whole response bodies it cannot

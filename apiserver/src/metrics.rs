@@ -12,29 +12,29 @@ use prometheus_client::registry::Registry;
 /// Labels of `hookrun_apiserver_requests_total`. Static strings, so counting a request
 /// allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub route: &'static str,
-    pub method: &'static str,
-    pub outcome: &'static str,
-    pub status: u16,
+pub(crate) struct RequestLabels {
+    pub(crate) route: &'static str,
+    pub(crate) method: &'static str,
+    pub(crate) outcome: &'static str,
+    pub(crate) status: u16,
 }
 
 /// Labels of the latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: &'static str,
+pub(crate) struct RouteLabels {
+    pub(crate) route: &'static str,
 }
 
 /// Labels of `hookrun_apiserver_auth_reviews_total`: which review the apiserver asked
 /// the cluster for (`token_review`, `subject_access_review`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReviewLabels {
-    pub kind: &'static str,
+pub(crate) struct ReviewLabels {
+    pub(crate) kind: &'static str,
 }
 
 /// The label value of an HTTP method: the standard ones, else `other` (a client picks
 /// the method, so it must not grow the label set).
-pub fn method_label(method: &str) -> &'static str {
+pub(crate) fn method_label(method: &str) -> &'static str {
     const KNOWN: [&str; 9] = [
         "GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
     ];
@@ -48,21 +48,21 @@ fn latency_histogram() -> Histogram {
 
 /// The server's metrics and the registry that encodes them.
 pub struct Metrics {
-    pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub(crate) requests: Family<RequestLabels, Counter>,
+    pub(crate) latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
     /// Wait-mode requests held right now.
     pub waiting: Gauge,
     /// TokenReviews and SubjectAccessReviews sent to the cluster, by kind.
-    pub auth_reviews: Family<ReviewLabels, Counter>,
+    pub(crate) auth_reviews: Family<ReviewLabels, Counter>,
     /// Read requests refused with 429 before a review, their address having spent its
     /// review attempts.
-    pub auth_throttled: Counter,
+    pub(crate) auth_throttled: Counter,
     registry: Registry,
 }
 
 /// Counts one held request in [`Metrics::waiting`] until dropped.
 #[derive(Debug)]
-pub struct WaitingGuard(Gauge);
+pub(crate) struct WaitingGuard(Gauge);
 
 impl Drop for WaitingGuard {
     fn drop(&mut self) {
@@ -124,7 +124,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The OpenMetrics text of every metric.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut text = String::new();
         if let Err(error) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::warn!(%error, "cannot encode the metrics");
@@ -133,14 +133,14 @@ impl Metrics {
     }
 
     /// Counts a held request until the guard drops (also when its client went away).
-    pub fn waiting(&self) -> WaitingGuard {
+    pub(crate) fn waiting(&self) -> WaitingGuard {
         self.waiting.inc();
         WaitingGuard(self.waiting.clone())
     }
 
     /// Counts one review sent to the cluster (`kind` is `token_review` or
     /// `subject_access_review`).
-    pub fn review(&self, kind: &'static str) {
+    pub(crate) fn review(&self, kind: &'static str) {
         self.auth_reviews
             .get_or_create(&ReviewLabels { kind })
             .inc();
@@ -148,7 +148,7 @@ impl Metrics {
 
     /// Counts one answered request. `route` is a route template and `outcome` a code from
     /// a fixed set, both known at compile time: never a raw path.
-    pub fn observe(
+    pub(crate) fn observe(
         &self,
         route: &'static str,
         method: &str,

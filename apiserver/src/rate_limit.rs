@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use http::{HeaderName, HeaderValue};
 
 /// `X-RateLimit-Limit`: the bucket's capacity.
-pub const LIMIT_HEADER: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+pub(crate) const LIMIT_HEADER: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 /// `X-RateLimit-Remaining`: whole tokens left after this request.
-pub const REMAINING_HEADER: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+pub(crate) const REMAINING_HEADER: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 
 /// A bucket's shape: how many requests may come at once and how fast the allowance
 /// comes back.
@@ -47,19 +47,14 @@ impl RateLimit {
     }
 
     /// The burst size, which is what `X-RateLimit-Limit` reports.
-    pub fn capacity(&self) -> u32 {
+    pub(crate) fn capacity(&self) -> u32 {
         self.capacity
-    }
-
-    /// Requests per second once the burst is spent.
-    pub fn per_second(&self) -> f64 {
-        self.per_second
     }
 }
 
 /// Whole requests left in the bucket after an accepted one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Remaining(pub u32);
+pub(crate) struct Remaining(pub u32);
 
 /// How long until the next request would pass.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,20 +63,15 @@ pub struct RetryAfter(pub Duration);
 impl RetryAfter {
     /// Whole seconds for `Retry-After`, rounded up (and at least 1), so a client that
     /// obeys it is never refused again for being early.
-    pub fn seconds(&self) -> u64 {
+    pub(crate) fn seconds(&self) -> u64 {
         let d = self.0;
         let whole = d.as_secs() + u64::from(d.subsec_nanos() > 0);
         whole.max(1)
     }
-
-    /// The `Retry-After` header.
-    pub fn header(&self) -> (HeaderName, HeaderValue) {
-        (http::header::RETRY_AFTER, HeaderValue::from(self.seconds()))
-    }
 }
 
 /// The `X-RateLimit-Limit` and `X-RateLimit-Remaining` headers of an answer.
-pub fn rate_limit_headers(limit: u32, remaining: u32) -> [(HeaderName, HeaderValue); 2] {
+pub(crate) fn rate_limit_headers(limit: u32, remaining: u32) -> [(HeaderName, HeaderValue); 2] {
     [
         (LIMIT_HEADER, HeaderValue::from(limit)),
         (REMAINING_HEADER, HeaderValue::from(remaining)),
@@ -90,7 +80,7 @@ pub fn rate_limit_headers(limit: u32, remaining: u32) -> [(HeaderName, HeaderVal
 
 /// One token bucket. It starts full.
 #[derive(Clone, Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     limit: RateLimit,
     tokens: f64,
     updated: Instant,
@@ -98,7 +88,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(limit: RateLimit, now: Instant) -> Self {
+    pub(crate) fn new(limit: RateLimit, now: Instant) -> Self {
         Self {
             limit,
             tokens: f64::from(limit.capacity),
@@ -108,7 +98,7 @@ impl TokenBucket {
 
     /// Takes one token, or says how long until one is there. An `Instant` earlier than
     /// the last one seen adds nothing (time never runs backwards for the bucket).
-    pub fn try_acquire(&mut self, now: Instant) -> Result<Remaining, RetryAfter> {
+    pub(crate) fn try_acquire(&mut self, now: Instant) -> Result<Remaining, RetryAfter> {
         self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -124,13 +114,13 @@ impl TokenBucket {
 
     /// Puts back a token taken for a request that turned out not to count; never above
     /// the capacity. Returns the whole tokens now in the bucket.
-    pub fn give_back(&mut self) -> u32 {
+    pub(crate) fn give_back(&mut self) -> u32 {
         self.tokens = (self.tokens + 1.0).min(f64::from(self.limit.capacity));
         self.tokens as u32
     }
 
     /// Whole tokens in the bucket at `now`, without taking one.
-    pub fn remaining(&mut self, now: Instant) -> u32 {
+    pub(crate) fn remaining(&mut self, now: Instant) -> u32 {
         self.refill(now);
         self.tokens as u32
     }
@@ -169,12 +159,12 @@ impl<K: Eq + Hash> RateLimiter<K> {
     }
 
     /// The shape of every bucket.
-    pub fn limit(&self) -> RateLimit {
+    pub(crate) fn limit(&self) -> RateLimit {
         self.limit
     }
 
     /// Takes one token from `key`'s bucket.
-    pub fn try_acquire(&mut self, key: K, now: Instant) -> Result<Remaining, RetryAfter> {
+    pub(crate) fn try_acquire(&mut self, key: K, now: Instant) -> Result<Remaining, RetryAfter> {
         let limit = self.limit;
         self.buckets
             .entry(key)
@@ -184,17 +174,19 @@ impl<K: Eq + Hash> RateLimiter<K> {
 
     /// Forgets buckets that have refilled completely: a new bucket would be the same, and
     /// keys of deleted Agents must not pile up.
-    pub fn prune(&mut self, now: Instant) {
+    pub(crate) fn prune(&mut self, now: Instant) {
         self.buckets.retain(|_, bucket| !bucket.is_full(now));
     }
 
     /// How many keys have a bucket.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.buckets.len()
     }
 
     /// Whether no key has a bucket.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.buckets.is_empty()
     }
 }
@@ -287,9 +279,7 @@ mod tests {
         assert_eq!(RetryAfter(Duration::from_secs(1)).seconds(), 1);
         assert_eq!(RetryAfter(Duration::from_millis(1001)).seconds(), 2);
         assert_eq!(RetryAfter(Duration::from_secs(60)).seconds(), 60);
-        let (name, value) = RetryAfter(Duration::from_millis(2500)).header();
-        assert_eq!(name, http::header::RETRY_AFTER);
-        assert_eq!(value, "3");
+        assert_eq!(RetryAfter(Duration::from_millis(2500)).seconds(), 3);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::error::HttpError;
 use crate::hub::{Seen, Subscription};
 
 /// How long a stream stays quiet before it sends a heartbeat comment.
-pub const HEARTBEAT: Duration = Duration::from_secs(15);
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// The route templates, which are also the access log's and metrics' route labels.
 const SESSION_ROUTE: &str = "/agents/{session}";
@@ -54,7 +54,7 @@ pub fn router(state: ApiState) -> Router {
 
 /// The query of every read route.
 #[derive(Debug, Default, serde::Deserialize)]
-pub struct ReadQuery {
+pub(crate) struct ReadQuery {
     namespace: Option<String>,
     event_type: Option<String>,
 }
@@ -107,7 +107,11 @@ fn target(
 /// The address whose review attempts a request spends: the TCP peer, or behind trusted
 /// proxies the first untrusted `X-Forwarded-For` hop (the peer when that hop is not
 /// readable).
-pub fn client_address(state: &ApiState, headers: &HeaderMap, extensions: &Extensions) -> IpAddr {
+pub(crate) fn client_address(
+    state: &ApiState,
+    headers: &HeaderMap,
+    extensions: &Extensions,
+) -> IpAddr {
     let peer = extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip());
@@ -124,12 +128,10 @@ async fn authorized_session(
     namespace: &str,
     name: &str,
 ) -> Result<Session, HttpError> {
-    let token = bearer_token(headers).ok_or_else(|| {
-        HttpError::Unauthorized(
-            "send a Kubernetes token allowed to get sessions.hookrun.dev as Authorization: \
-             Bearer <token>",
-        )
-    })?;
+    let token = bearer_token(headers).ok_or(HttpError::Unauthorized(
+        "send a Kubernetes token allowed to get sessions.hookrun.dev as Authorization: \
+         Bearer <token>",
+    ))?;
     let client = state.client.clone();
     let address = client_address(state, headers, extensions);
     state
@@ -148,7 +150,7 @@ async fn read_session(state: &ApiState, namespace: &str, name: &str) -> Result<S
 }
 
 /// The answer of `GET /agents/{session}`.
-pub fn summary(session: &Session) -> serde_json::Value {
+pub(crate) fn summary(session: &Session) -> serde_json::Value {
     let status = session.status.clone().unwrap_or_default();
     json!({
         "session": session.name_any(),
@@ -173,7 +175,7 @@ fn event_json(event: &SessionEvent) -> serde_json::Value {
 
 /// The answer of `GET /agents/{session}/events`: every stored event, or those of
 /// `event_type`.
-pub fn events(status: &SessionStatus, event_type: Option<&str>) -> serde_json::Value {
+pub(crate) fn events(status: &SessionStatus, event_type: Option<&str>) -> serde_json::Value {
     let events: Vec<_> = status
         .events
         .iter()
@@ -221,7 +223,7 @@ async fn session_events(
 }
 
 /// One SSE message: `id`, `event` (the type) and `data` (the event as one line of JSON).
-pub fn sse_frame(id: u64, event: &SessionEvent) -> String {
+pub(crate) fn sse_frame(id: u64, event: &SessionEvent) -> String {
     // JSON escapes newlines, so `data` is one line; the type has no newline by
     // validation, but a stray one must not split the frame either.
     let type_: String = event
@@ -233,10 +235,10 @@ pub fn sse_frame(id: u64, event: &SessionEvent) -> String {
 }
 
 /// The comment line a quiet stream sends so proxies and clients keep it open.
-pub const HEARTBEAT_FRAME: &str = ": heartbeat\n\n";
+pub(crate) const HEARTBEAT_FRAME: &str = ": heartbeat\n\n";
 
 /// The id after which a resumed stream continues: `Last-Event-ID`, when it is a number.
-pub fn last_event_id(headers: &HeaderMap) -> u64 {
+pub(crate) fn last_event_id(headers: &HeaderMap) -> u64 {
     headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -246,7 +248,7 @@ pub fn last_event_id(headers: &HeaderMap) -> u64 {
 
 /// The frames of the events of `status` with ids above `after`; returns them and the
 /// highest id seen.
-pub fn frames_after(status: &SessionStatus, after: u64) -> (Vec<String>, u64) {
+pub(crate) fn frames_after(status: &SessionStatus, after: u64) -> (Vec<String>, u64) {
     let first = status.first_event_id();
     let mut last = after;
     let frames = status

@@ -34,7 +34,7 @@ const COMPLETE_ROUTE: &str = "/runner/v1/complete";
 const ROUTES: [&str; 3] = [SESSION_ROUTE, EVENTS_ROUTE, COMPLETE_ROUTE];
 
 /// The runner routes, with their access log and metrics.
-pub fn router(state: ApiState) -> Router {
+pub(crate) fn router(state: ApiState) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route(SESSION_ROUTE, get(session_context))
@@ -52,7 +52,7 @@ pub fn router(state: ApiState) -> Router {
 
 /// Whether a pod is a Session's own pod, as far as the Session's status says.
 #[derive(Debug, PartialEq, Eq)]
-pub enum PodClaim {
+pub(crate) enum PodClaim {
     Owns,
     NotYours,
     /// The status names no pod yet: the pod can start before the operator records it.
@@ -61,7 +61,7 @@ pub enum PodClaim {
 
 /// Whether `pod` is the Session's own pod: its uid when the operator wrote one, else its
 /// name.
-pub fn session_owns_pod(status: Option<&SessionStatus>, pod: &PodIdentity) -> PodClaim {
+pub(crate) fn session_owns_pod(status: Option<&SessionStatus>, pod: &PodIdentity) -> PodClaim {
     let claim = |owns: bool| {
         if owns {
             PodClaim::Owns
@@ -84,12 +84,10 @@ struct Caller {
 }
 
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, HttpError> {
-    let token = bearer_token(headers).ok_or_else(|| {
-        HttpError::Unauthorized(
-            "send the pod's projected token (the file at HOOKRUN_TOKEN_FILE) as \
-             Authorization: Bearer <token>",
-        )
-    })?;
+    let token = bearer_token(headers).ok_or(HttpError::Unauthorized(
+        "send the pod's projected token (the file at HOOKRUN_TOKEN_FILE) as \
+         Authorization: Bearer <token>",
+    ))?;
     let client = state.client.clone();
     let pod = state.auth.runner(&client, token).await?;
     let sessions: Api<Session> = Api::namespaced(client.clone(), &pod.namespace);
@@ -121,7 +119,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, HttpErr
 
 /// The Agent's literal env, then the Session's overrides (same name: the Session wins).
 /// Values from Secrets or ConfigMaps are not served: the pod gets those from its spec.
-pub fn merged_env(agent: &[EnvVar], session: &[SessionEnvVar]) -> Vec<(String, String)> {
+pub(crate) fn merged_env(agent: &[EnvVar], session: &[SessionEnvVar]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = agent
         .iter()
         .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
@@ -136,7 +134,7 @@ pub fn merged_env(agent: &[EnvVar], session: &[SessionEnvVar]) -> Vec<(String, S
 }
 
 /// The runner's view of its Session.
-pub fn context(session: &Session, agent: Option<&Agent>) -> Value {
+pub(crate) fn context(session: &Session, agent: Option<&Agent>) -> Value {
     let spec = agent.map(|a| &a.spec);
     let agent_env = spec
         .and_then(|s| s.session.as_ref())

@@ -26,7 +26,7 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 /// How long a change keeps retrying after conflicts before giving up.
-pub const CONFLICT_BUDGET: Duration = Duration::from_secs(15);
+pub(crate) const CONFLICT_BUDGET: Duration = Duration::from_secs(15);
 
 /// Conflicts are retried for [`CONFLICT_BUDGET`], however many attempts that takes.
 const WRITE_RETRY: ConflictRetry = ConflictRetry {
@@ -36,7 +36,7 @@ const WRITE_RETRY: ConflictRetry = ConflictRetry {
 
 /// Why a status change did not happen.
 #[derive(Debug, thiserror::Error)]
-pub enum StatusError<E> {
+pub(crate) enum StatusError<E> {
     /// The Session does not exist (any more).
     #[error("the Session does not exist")]
     NotFound,
@@ -73,13 +73,13 @@ type Key = (String, String);
 
 /// Serializes this process's status writes per Session and performs them.
 #[derive(Debug, Default)]
-pub struct StatusWriter {
+pub(crate) struct StatusWriter {
     turns: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The merge patch that turns `old` into `new`: every field of `new`, `null` for fields
 /// `old` had and `new` has not, and the resourceVersion the change was based on.
-pub fn status_patch(
+pub(crate) fn status_patch(
     old: &SessionStatus,
     new: &SessionStatus,
     resource_version: &str,
@@ -98,7 +98,7 @@ impl StatusWriter {
     /// conflicts. `edit` sees the current Session and a copy of its status; when it
     /// leaves the status as it was, nothing is written. `current` is a Session already
     /// read (saves the first read); a stale one only costs a retry.
-    pub async fn update<T, E>(
+    pub(crate) async fn update<T, E>(
         &self,
         api: &Api<Session>,
         name: &str,
@@ -194,8 +194,9 @@ impl StatusWriter {
         }
     }
 
+    #[cfg(test)]
     /// How many Sessions have a write in flight (for tests).
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.turns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -207,7 +208,7 @@ impl StatusWriter {
 /// is, after the cluster refused a status write as too large: phase, message and
 /// completion time; if even that is refused, the kept events and answer are dropped too.
 /// True when it ended the Session, false when it had finished already.
-pub async fn finish_oversize<E>(
+pub(crate) async fn finish_oversize<E>(
     api: &Api<Session>,
     name: &str,
     session: Session,

@@ -45,19 +45,19 @@ pub trait SessionStore: Send + Sync {
 
 /// Sessions in the cluster.
 #[derive(Clone)]
-pub struct KubeSessionStore {
+pub(crate) struct KubeSessionStore {
     client: Client,
 }
 
 impl KubeSessionStore {
     /// A store that writes through `client`.
-    pub fn new(client: Client) -> Self {
+    pub(crate) fn new(client: Client) -> Self {
         Self { client }
     }
 }
 
 /// The longest Kubernetes message a [`StoreError::Rejected`] keeps.
-pub const MAX_REJECTION_MESSAGE: usize = 512;
+pub(crate) const MAX_REJECTION_MESSAGE: usize = 512;
 
 fn store_error(error: kube::Error) -> StoreError {
     match error {
@@ -72,7 +72,7 @@ fn store_error(error: kube::Error) -> StoreError {
 
 /// Whether a status code from the Kubernetes API refuses the request itself: a 4xx, but
 /// not 429 (the API is throttling, so a retry later is right).
-pub fn is_refusal(code: u16) -> bool {
+pub(crate) fn is_refusal(code: u16) -> bool {
     (400..500).contains(&code) && code != 429
 }
 

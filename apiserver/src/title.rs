@@ -7,7 +7,7 @@ use http::HeaderMap;
 use serde_json::Value;
 
 /// The title when neither the caller nor the payload gives one.
-pub fn default_title(agent: &str) -> String {
+pub(crate) fn default_title(agent: &str) -> String {
     format!("Webhook trigger — {agent}")
 }
 
@@ -32,7 +32,7 @@ pub fn provider_title(scheme: SignatureScheme, headers: &HeaderMap, body: &[u8])
 /// `Issue updated: <title>`, `Comment created: <first line of the body>`; for other types
 /// `<Type> <action>: <name, title or id>`, or `Linear <Type> <action>` when the data has
 /// none of those.
-pub fn linear_title(payload: &Value) -> Option<String> {
+pub(crate) fn linear_title(payload: &Value) -> Option<String> {
     let kind = non_empty(payload.get("type"))?;
     let action = non_empty(payload.get("action")).map(past_tense);
     let data = payload.get("data");
@@ -57,7 +57,7 @@ pub fn linear_title(payload: &Value) -> Option<String> {
 
 /// The event names GitHub documents for `X-GitHub-Event` ("Webhook events and
 /// payloads"). The header is not covered by the signature, so only these reach a title.
-pub const GITHUB_EVENTS: &[&str] = &[
+pub(crate) const GITHUB_EVENTS: &[&str] = &[
     "branch_protection_configuration",
     "branch_protection_rule",
     "check_run",
@@ -136,11 +136,11 @@ pub const GITHUB_EVENTS: &[&str] = &[
 ];
 
 /// What a title says for an `X-GitHub-Event` that is not one of [`GITHUB_EVENTS`].
-pub const UNKNOWN_GITHUB_EVENT: &str = "unknown event";
+pub(crate) const UNKNOWN_GITHUB_EVENT: &str = "unknown event";
 
 /// The documented GitHub event `header` names, or [`UNKNOWN_GITHUB_EVENT`]: the header is
 /// unsigned, so whatever else it says never reaches a prompt.
-pub fn known_github_event(header: &str) -> &'static str {
+pub(crate) fn known_github_event(header: &str) -> &'static str {
     let header = header.trim();
     GITHUB_EVENTS
         .iter()
@@ -152,7 +152,7 @@ pub fn known_github_event(header: &str) -> &'static str {
 /// A GitHub payload's summary from the `X-GitHub-Event` name (a documented one, else
 /// `unknown event`), the action, the repository and the issue's or pull request's
 /// title: `GitHub issues opened in org/repo: Fix it`, `GitHub push to org/repo`.
-pub fn github_title(event: &str, payload: &Value) -> Option<String> {
+pub(crate) fn github_title(event: &str, payload: &Value) -> Option<String> {
     if event.trim().is_empty() {
         return None;
     }
@@ -194,7 +194,7 @@ pub fn github_title(event: &str, payload: &Value) -> Option<String> {
 
 /// A Slack payload's summary: the text of an Events API event (what the person wrote),
 /// or `Slack <event type>` when it has no text.
-pub fn slack_title(payload: &Value) -> Option<String> {
+pub(crate) fn slack_title(payload: &Value) -> Option<String> {
     let event = payload.get("event")?;
     if let Some(text) = non_empty(event.get("text")) {
         return Some(text.to_owned());

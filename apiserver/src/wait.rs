@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 
 /// How a held request ended.
 #[derive(Debug)]
-pub enum Held {
+pub(crate) enum Held {
     /// The Session finished with this status.
     Finished(Box<SessionStatus>),
     /// The budget ran out; the Session was last seen in this phase.
@@ -33,26 +33,26 @@ pub enum Held {
 
 /// What the answer names: the Session, its Agent and namespace.
 #[derive(Clone, Copy, Debug)]
-pub struct Waited<'a> {
-    pub namespace: &'a str,
-    pub session: &'a str,
-    pub agent: &'a str,
+pub(crate) struct Waited<'a> {
+    pub(crate) namespace: &'a str,
+    pub(crate) session: &'a str,
+    pub(crate) agent: &'a str,
 }
 
 /// A request to hold: the subscription taken *before* `current` was read (the create's
 /// answer, or one read for a replay; `None` when the Session is gone), so no change falls
 /// in between.
 #[derive(Debug)]
-pub struct HeldRequest {
-    pub subscription: Subscription,
-    pub current: Option<Session>,
-    pub budget: Duration,
+pub(crate) struct HeldRequest {
+    pub(crate) subscription: Subscription,
+    pub(crate) current: Option<Session>,
+    pub(crate) budget: Duration,
 }
 
 /// A request being held: only what waiting needs, not the Session and its payload (a
 /// held request's memory is mostly this and its connection).
 #[derive(Debug)]
-pub struct Waiting {
+pub(crate) struct Waiting {
     subscription: Subscription,
     /// Changes of another Session of the same name (deleted and created again) are not
     /// ours.
@@ -62,7 +62,7 @@ pub struct Waiting {
 }
 
 /// Decides at once when the Session is gone or finished; otherwise what to wait with.
-pub fn begin(request: HeldRequest) -> Result<Waiting, Held> {
+pub(crate) fn begin(request: HeldRequest) -> Result<Waiting, Held> {
     let HeldRequest {
         subscription,
         current,
@@ -84,7 +84,8 @@ pub fn begin(request: HeldRequest) -> Result<Waiting, Held> {
 }
 
 /// Holds until the Session finishes, is deleted, or the budget passes.
-pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
+#[cfg(test)]
+pub(crate) async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
     match begin(request) {
         Ok(waiting) => wait_for_end(waiting, metrics).await,
         Err(held) => held,
@@ -92,7 +93,7 @@ pub async fn hold(request: HeldRequest, metrics: &Metrics) -> Held {
 }
 
 /// Waits on the hub; counted in `hookrun_apiserver_waiting_requests` meanwhile.
-pub async fn wait_for_end(waiting: Waiting, metrics: &Metrics) -> Held {
+pub(crate) async fn wait_for_end(waiting: Waiting, metrics: &Metrics) -> Held {
     let Waiting {
         mut subscription,
         uid,
@@ -133,7 +134,7 @@ fn phase(session: &Session) -> SessionPhase {
 }
 
 /// Where a caller whose wait ran out reads the agent's messages (the read API).
-pub fn poll_url(namespace: &str, session: &str) -> String {
+pub(crate) fn poll_url(namespace: &str, session: &str) -> String {
     format!("/agents/{session}/events?event_type=agent.message&namespace={namespace}")
 }
 
@@ -141,7 +142,7 @@ pub fn poll_url(namespace: &str, session: &str) -> String {
 /// `{session, agentDefinition, response, phase[, message]}` once the Session finished
 /// (or `phase: "Error"` with a message when it was deleted); 202 with `pollUrl`,
 /// `timedOut: true` and a `Location` header when the budget ran out.
-pub fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str) {
+pub(crate) fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str) {
     let Waited {
         namespace,
         session,

@@ -12,19 +12,19 @@ use crate::body::BodyError;
 
 /// One Agent's rules for webhook input.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InputPolicy {
+pub(crate) struct InputPolicy {
     /// `allowedEnv`: names and `PREFIX*` entries. Invalid entries are left out (the
     /// operator's validation refuses them; this guards Agents it has not seen yet).
-    pub allowed_env: Vec<String>,
+    pub(crate) allowed_env: Vec<String>,
     /// The names the Agent's `spec.session.env` sets: a webhook may not replace them.
-    pub agent_env: Vec<String>,
+    pub(crate) agent_env: Vec<String>,
     /// The storage budgets, from `limits` and the defaults.
-    pub budgets: SessionBudgets,
+    pub(crate) budgets: SessionBudgets,
 }
 
 impl InputPolicy {
     /// The policy of an Agent's webhook trigger (the defaults when it has none).
-    pub fn of(spec: &AgentSpec) -> Self {
+    pub(crate) fn of(spec: &AgentSpec) -> Self {
         let webhook = spec.webhook();
         let allowed_env = webhook
             .map(|w| w.allowed_env.as_slice())
@@ -61,7 +61,7 @@ impl InputPolicy {
 
     /// Checks every name of a webhook's `env`: 400 naming `env[i].name` and the allowed
     /// names for the first one outside `allowedEnv` or set by the Agent itself.
-    pub fn check_env(&self, env: &[SessionEnvVar]) -> Result<(), BodyError> {
+    pub(crate) fn check_env(&self, env: &[SessionEnvVar]) -> Result<(), BodyError> {
         for (i, var) in env.iter().enumerate() {
             let name = &var.name;
             let problem = if self.agent_env.iter().any(|own| own == name) {
@@ -83,7 +83,7 @@ impl InputPolicy {
 
     /// A title composed by hookrun (from a provider's payload, or the default), cut to
     /// the title budget: the caller did not choose it, so it is not refused.
-    pub fn fit_title(&self, title: String) -> String {
+    pub(crate) fn fit_title(&self, title: String) -> String {
         match cut_encoded(&title, self.budgets.title) {
             (_, false) => title,
             (cut, true) => cut.to_owned(),
@@ -92,7 +92,7 @@ impl InputPolicy {
 
     /// Checks the parts a caller chose against their budgets: the title (when the caller
     /// gave it), the payload kept for the harness and the env list.
-    pub fn check_parts(
+    pub(crate) fn check_parts(
         &self,
         caller_title: Option<&str>,
         payload: &str,

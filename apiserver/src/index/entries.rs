@@ -19,39 +19,39 @@ use super::AgentKey;
 
 /// What the index keeps of an Agent with a webhook trigger.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentEntry {
+pub(crate) struct AgentEntry {
     /// The Agent's uid, for the Session's owner reference.
-    pub uid: String,
+    pub(crate) uid: String,
     /// The parsed `allowCIDRs`; empty allows every address unless `deny_all`.
-    pub allow_cidrs: Vec<IpNet>,
+    pub(crate) allow_cidrs: Vec<IpNet>,
     /// `allowCIDRs` is set but none of it is readable: nobody is allowed.
-    pub deny_all: bool,
+    pub(crate) deny_all: bool,
     /// The schemes the trigger configures a signing secret for.
-    pub schemes: Vec<SignatureScheme>,
+    pub(crate) schemes: Vec<SignatureScheme>,
     /// `spec.session.maxConcurrent`.
-    pub max_concurrent: Option<u32>,
+    pub(crate) max_concurrent: Option<u32>,
     /// What a webhook may put in a Session's `env`, and its storage budgets.
-    pub input: crate::webhook_input::InputPolicy,
+    pub(crate) input: crate::webhook_input::InputPolicy,
     /// `spec.session.maxStoredSessions` (or its default).
-    pub max_stored: u32,
+    pub(crate) max_stored: u32,
 }
 
 /// A token digest that stops being accepted at `expires_at`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ExpiringDigest {
-    pub digest: [u8; 32],
-    pub expires_at: SystemTime,
+pub(crate) struct ExpiringDigest {
+    pub(crate) digest: [u8; 32],
+    pub(crate) expires_at: SystemTime,
 }
 
 /// What the index keeps of an Agent's managed Secret: digests, never tokens.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct SecretEntry {
+pub(crate) struct SecretEntry {
     /// SHA-256 of the current token.
-    pub token: Option<[u8; 32]>,
+    pub(crate) token: Option<[u8; 32]>,
     /// SHA-256 of the previous token within its rotation grace.
-    pub previous: Option<ExpiringDigest>,
+    pub(crate) previous: Option<ExpiringDigest>,
     /// The signing secret of each scheme the operator copied in.
-    pub signing: HashMap<SignatureScheme, Vec<u8>>,
+    pub(crate) signing: HashMap<SignatureScheme, Vec<u8>>,
 }
 
 impl std::fmt::Debug for SecretEntry {
@@ -67,15 +67,15 @@ impl std::fmt::Debug for SecretEntry {
 /// Everything a request to one Agent's webhook is checked against. Both parts are shared
 /// with the index, so a lookup costs two reference-count increments, not copies.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WebhookTarget {
-    pub agent: Arc<AgentEntry>,
-    pub secret: Arc<SecretEntry>,
+pub(crate) struct WebhookTarget {
+    pub(crate) agent: Arc<AgentEntry>,
+    pub(crate) secret: Arc<SecretEntry>,
 }
 
 /// The webhook entry of an Agent, `None` when it has no webhook trigger. `allowCIDRs`
 /// entries that do not parse are dropped with a warning (the operator's validation
 /// refuses them, so this only happens for Agents it has not validated yet).
-pub fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
+pub(crate) fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
     let webhook = agent.spec.webhook()?;
     let allow_cidrs = webhook
         .allow_cidrs
@@ -118,7 +118,7 @@ fn parse_cidr(s: &str) -> Option<IpNet> {
 /// Agent, when the Secret also has the name the operator gives that Agent's Secret.
 /// A Secret that fails either is nobody's token (anyone who may create Secrets in the
 /// namespace can add the managed label and an owner reference).
-pub fn secret_owner(secret: &Secret) -> Option<SecretOwner> {
+pub(crate) fn secret_owner(secret: &Secret) -> Option<SecretOwner> {
     let namespace = secret.namespace()?;
     let owner = secret.owner_references().iter().find(|o| {
         o.kind == "Agent"
@@ -136,9 +136,9 @@ pub fn secret_owner(secret: &Secret) -> Option<SecretOwner> {
 
 /// The Agent a managed Secret names as its controller, with the uid that must match.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretOwner {
-    pub agent: AgentKey,
-    pub uid: String,
+pub(crate) struct SecretOwner {
+    pub(crate) agent: AgentKey,
+    pub(crate) uid: String,
 }
 
 /// A managed Secret the watch delivered, kept by its own name until an Agent with the
@@ -159,7 +159,7 @@ pub(super) fn secret_key(secret: &Secret) -> Option<AgentKey> {
 
 /// What the index keeps of a managed Secret. A previous token without a readable expiry
 /// is not accepted (fail closed).
-pub fn secret_entry(secret: &Secret) -> SecretEntry {
+pub(crate) fn secret_entry(secret: &Secret) -> SecretEntry {
     let data = secret.data.clone().unwrap_or_default();
     let text = |key: &str| {
         data.get(key)
@@ -199,7 +199,7 @@ pub fn secret_entry(secret: &Secret) -> SecretEntry {
 }
 
 /// Whether a Session still counts against its Agent's `maxConcurrent`.
-pub fn is_active(session: &Session) -> bool {
+pub(crate) fn is_active(session: &Session) -> bool {
     !session
         .status
         .as_ref()
@@ -210,10 +210,10 @@ pub fn is_active(session: &Session) -> bool {
 /// What the index keeps of a Session: whose it is, whether it runs, and the digest that
 /// tells an idempotent replay from a conflict.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionEntry {
-    pub agent: AgentKey,
-    pub active: bool,
-    pub payload_digest: Option<String>,
+pub(crate) struct SessionEntry {
+    pub(crate) agent: AgentKey,
+    pub(crate) active: bool,
+    pub(crate) payload_digest: Option<String>,
 }
 
 pub(super) fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry)> {

@@ -20,25 +20,24 @@ mod reservations;
 pub mod test_support;
 mod watch;
 
-pub use entries::{
-    AgentEntry, ExpiringDigest, SecretEntry, SecretOwner, SessionEntry, WebhookTarget, agent_entry,
-    is_active, secret_entry, secret_owner,
+pub(crate) use entries::{
+    AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry, secret_entry, secret_owner,
 };
 use entries::{SecretCandidate, secret_key, session_entry};
-pub use reservations::Reservation;
+pub(crate) use reservations::Reservation;
 use reservations::Reservations;
-pub use watch::{Scope, run_watches, stream_count};
+pub(crate) use watch::{Scope, run_watches, stream_count};
 
 /// An Agent's namespace and name.
 /// An Agent's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentKey {
-    pub namespace: String,
-    pub name: String,
+    pub(crate) namespace: String,
+    pub(crate) name: String,
 }
 
 impl AgentKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub(crate) fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
             name: name.into(),
@@ -73,7 +72,7 @@ pub struct Index {
 }
 
 /// The index as the server shares it.
-pub type SharedIndex = Arc<RwLock<Index>>;
+pub(crate) type SharedIndex = Arc<RwLock<Index>>;
 
 impl Index {
     /// An empty index that is ready once `streams` watch streams have listed once.
@@ -85,7 +84,7 @@ impl Index {
     }
 
     /// Whether every watch stream has listed once.
-    pub fn is_synced(&self) -> bool {
+    pub(crate) fn is_synced(&self) -> bool {
         self.unsynced == 0
     }
 
@@ -96,19 +95,21 @@ impl Index {
 
     /// What a webhook to `key` is checked against; `None` when there is no such Agent or
     /// it has no webhook trigger.
-    pub fn target(&self, key: &AgentKey) -> Option<WebhookTarget> {
+    pub(crate) fn target(&self, key: &AgentKey) -> Option<WebhookTarget> {
         let agent = self.agents.get(key)?.clone();
         let secret = self.secrets.get(key).unwrap_or(&self.no_secret).clone();
         Some(WebhookTarget { agent, secret })
     }
 
+    #[cfg(test)]
     /// How many of the Agent's Sessions have not finished.
-    pub fn active_sessions(&self, key: &AgentKey) -> u32 {
+    pub(crate) fn active_sessions(&self, key: &AgentKey) -> u32 {
         self.active.get(key).copied().unwrap_or(0) + self.reservations().count(key)
     }
 
+    #[cfg(test)]
     /// How many of the Agent's Sessions are stored (or reserved), finished ones included.
-    pub fn stored_sessions(&self, key: &AgentKey) -> u32 {
+    pub(crate) fn stored_sessions(&self, key: &AgentKey) -> u32 {
         self.stored.get(key).copied().unwrap_or(0) + self.reservations().count(key)
     }
 
@@ -128,7 +129,7 @@ impl Index {
 
     /// The payload digest stored on a Session, when the index knows the Session from
     /// the cluster or created it: `Some(None)` for a Session without one.
-    pub fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
+    pub(crate) fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
         let key = AgentKey::new(namespace, name);
         match self.sessions.get(&key) {
             Some(session) => Some(session.payload_digest.clone()),
@@ -140,7 +141,7 @@ impl Index {
     /// by the Agent's `maxStoredSessions`) for a Session about to be created under
     /// `name`, so a burst cannot outrun the watch. The watch event of the created
     /// Session replaces the reservation.
-    pub fn reserve(
+    pub(crate) fn reserve(
         &self,
         agent: &AgentKey,
         name: &str,
@@ -172,14 +173,14 @@ impl Index {
 
     /// Marks a reserved Session as created with `digest`, so a duplicate is answered
     /// from the index before the watch reports it.
-    pub fn confirm(&self, namespace: &str, name: &str, digest: &str) {
+    pub(crate) fn confirm(&self, namespace: &str, name: &str, digest: &str) {
         self.reservations()
             .confirm(&AgentKey::new(namespace, name), digest);
     }
 
     /// Gives back a reservation whose create failed, unless the watch has replaced it
     /// with the real Session meanwhile.
-    pub fn release(&self, namespace: &str, name: &str) {
+    pub(crate) fn release(&self, namespace: &str, name: &str) {
         self.reservations().release(&AgentKey::new(namespace, name));
     }
 
@@ -199,7 +200,7 @@ impl Index {
         self.match_secret(&key);
     }
 
-    pub fn delete_agent(&mut self, agent: &Agent) {
+    pub(crate) fn delete_agent(&mut self, agent: &Agent) {
         if let Some(namespace) = agent.namespace() {
             let key = AgentKey::new(namespace, agent.name_any());
             self.agents.remove(&key);
@@ -207,7 +208,7 @@ impl Index {
         }
     }
 
-    pub fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
+    pub(crate) fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
         self.agents.retain(|k, _| !scope.contains(&k.namespace));
         for agent in agents {
             if let (Some(namespace), Some(entry)) = (agent.namespace(), agent_entry(agent)) {
@@ -240,7 +241,7 @@ impl Index {
         }
     }
 
-    pub fn delete_secret(&mut self, secret: &Secret) {
+    pub(crate) fn delete_secret(&mut self, secret: &Secret) {
         if let Some(key) = secret_key(secret)
             && let Some(previous) = self.candidates.remove(&key)
         {
@@ -248,7 +249,7 @@ impl Index {
         }
     }
 
-    pub fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
+    pub(crate) fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
         self.candidates.retain(|k, _| !scope.contains(&k.namespace));
         for secret in secrets {
             if let (Some(key), Some(owner)) = (secret_key(secret), secret_owner(secret)) {
@@ -297,7 +298,7 @@ impl Index {
     }
 
     /// Counts a Session the watch delivered; it replaces the reservation of its name.
-    pub fn apply_session(&mut self, session: &Session) {
+    pub(crate) fn apply_session(&mut self, session: &Session) {
         let Some((key, entry)) = session_entry(session) else {
             return;
         };
@@ -309,7 +310,7 @@ impl Index {
         self.sessions.insert(key, entry);
     }
 
-    pub fn delete_session(&mut self, session: &Session) {
+    pub(crate) fn delete_session(&mut self, session: &Session) {
         if let Some(namespace) = session.namespace() {
             self.remove_session_key(&AgentKey::new(namespace, session.name_any()));
         }
@@ -326,7 +327,7 @@ impl Index {
         decrement(&mut self.stored, &old.agent);
     }
 
-    pub fn reset_sessions(&mut self, scope: &Scope, sessions: &[Session]) {
+    pub(crate) fn reset_sessions(&mut self, scope: &Scope, sessions: &[Session]) {
         let stale: HashSet<AgentKey> = self
             .sessions
             .keys()

@@ -11,7 +11,7 @@ use super::watch::Scope;
 
 /// The answer to [`Index::reserve`](super::Index::reserve).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reservation {
+pub(crate) enum Reservation {
     /// A slot is held under the name; release it if the create fails.
     Reserved,
     /// Another request of this process holds the name already; nothing to release.

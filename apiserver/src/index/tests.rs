@@ -4,6 +4,7 @@ use hookrun_crds::agent::SignatureScheme;
 use hookrun_crds::session::SessionPhase;
 use serde_json::json;
 
+use super::entries::SecretOwner;
 use super::test_support::*;
 use super::*;
 

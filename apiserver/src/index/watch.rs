@@ -17,7 +17,7 @@ use crate::hub::SessionHub;
 
 /// Which watch stream a reset came from: every namespace, or one.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     All,
     Namespace(String),
 }
@@ -162,13 +162,13 @@ async fn feed<K: Indexed>(
 }
 
 /// How many watch streams [`run_watches`] runs for these namespaces.
-pub fn stream_count(namespaces: &[String]) -> usize {
+pub(crate) fn stream_count(namespaces: &[String]) -> usize {
     3 * namespaces.len().max(1)
 }
 
 /// Watches Agents, managed Secrets and Sessions (in `namespaces`, or everywhere when
 /// empty) into `index`, and passes Session changes on to `hub`. Runs until the process ends.
-pub async fn run_watches(
+pub(crate) async fn run_watches(
     client: Client,
     namespaces: Vec<String>,
     index: SharedIndex,

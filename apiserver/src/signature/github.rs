@@ -17,7 +17,7 @@ const SIGNATURE: PrefixedHexHeader = PrefixedHexHeader {
 
 /// GitHub's webhook signatures.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Github;
+pub(crate) struct Github;
 
 impl Verifier for Github {
     fn source(&self) -> &'static str {

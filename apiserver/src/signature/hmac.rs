@@ -15,7 +15,7 @@ const SIGNATURE: PrefixedHexHeader = PrefixedHexHeader {
 
 /// A plain HMAC-SHA256 of the body.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct GenericHmac;
+pub(crate) struct GenericHmac;
 
 impl Verifier for GenericHmac {
     fn source(&self) -> &'static str {

@@ -16,11 +16,11 @@ const EXPECTED_TIMESTAMP: &str =
     "a JSON body whose webhookTimestamp is the send time in milliseconds since the epoch";
 
 /// How far `webhookTimestamp` may be from the server's clock.
-pub const WINDOW_SECONDS: u64 = 60;
+pub(crate) const WINDOW_SECONDS: u64 = 60;
 
 /// Linear's webhook signatures.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Linear;
+pub(crate) struct Linear;
 
 impl Verifier for Linear {
     fn source(&self) -> &'static str {

@@ -11,20 +11,20 @@ use hookrun_crds::agent::SignatureScheme;
 use http::HeaderMap;
 use sha2::Sha256;
 
-pub mod github;
-pub mod hmac;
-pub mod linear;
+pub(crate) mod github;
+pub(crate) mod hmac;
+pub(crate) mod linear;
 pub mod slack;
-pub mod standard_webhooks;
+pub(crate) mod standard_webhooks;
 
-pub use self::hmac::GenericHmac;
-pub use github::Github;
-pub use linear::Linear;
-pub use slack::Slack;
-pub use standard_webhooks::StandardWebhooks;
+pub(crate) use self::hmac::GenericHmac;
+pub(crate) use github::Github;
+pub(crate) use linear::Linear;
+pub(crate) use slack::Slack;
+pub(crate) use standard_webhooks::StandardWebhooks;
 
 /// The longest delivery id kept (the Session's `trigger.deliveryId` holds 256).
-pub const MAX_DELIVERY_ID_LEN: usize = 256;
+pub(crate) const MAX_DELIVERY_ID_LEN: usize = 256;
 
 /// What a verifier reads from a request.
 #[derive(Clone, Copy, Debug)]
@@ -73,7 +73,7 @@ pub fn verifier(scheme: SignatureScheme) -> &'static dyn Verifier {
 }
 
 /// The header a scheme's signature rides in: its presence picks the scheme.
-pub fn signature_header(scheme: SignatureScheme) -> &'static str {
+pub(crate) fn signature_header(scheme: SignatureScheme) -> &'static str {
     match scheme {
         SignatureScheme::Linear => "linear-signature",
         SignatureScheme::Github => "x-hub-signature-256",
@@ -87,7 +87,7 @@ pub fn signature_header(scheme: SignatureScheme) -> &'static str {
 /// verifying once its replay window passes. GitHub and the generic HMAC sign the body
 /// alone, and their delivery id (if any) rides in an unsigned header: a request of theirs
 /// is deduplicated by the digest of its signed body instead.
-pub fn signs_timestamp(scheme: SignatureScheme) -> bool {
+pub(crate) fn signs_timestamp(scheme: SignatureScheme) -> bool {
     match scheme {
         SignatureScheme::Linear | SignatureScheme::Slack | SignatureScheme::StandardWebhooks => {
             true
@@ -99,7 +99,7 @@ pub fn signs_timestamp(scheme: SignatureScheme) -> bool {
 /// Whether the scheme's delivery id is covered by its signature (Standard Webhooks signs
 /// `webhook-id`; Slack's id is the digest of the signed body), so no one without the
 /// signing secret can choose it. Linear's and GitHub's delivery headers are not signed.
-pub fn signs_delivery_id(scheme: SignatureScheme) -> bool {
+pub(crate) fn signs_delivery_id(scheme: SignatureScheme) -> bool {
     matches!(
         scheme,
         SignatureScheme::Slack | SignatureScheme::StandardWebhooks
@@ -177,7 +177,7 @@ impl SignatureError {
     }
 
     /// Whether the caller can fix it (401); otherwise the Agent's configuration is wrong.
-    pub fn is_caller_error(&self) -> bool {
+    pub(crate) fn is_caller_error(&self) -> bool {
         !matches!(self, SignatureError::UnusableSecret { .. })
     }
 }
@@ -360,7 +360,7 @@ pub(crate) mod test_support {
     use http::{HeaderMap, HeaderName, HeaderValue};
 
     /// Headers from `(name, value)` pairs.
-    pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    pub(crate) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (name, value) in pairs {
             map.append(
@@ -372,7 +372,7 @@ pub(crate) mod test_support {
     }
 
     /// A clock reading `seconds` after the epoch.
-    pub fn at_ms(ms: u64) -> SystemTime {
+    pub(crate) fn at_ms(ms: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(ms)
     }
 }

@@ -23,11 +23,11 @@ const SIGNATURE: PrefixedHexHeader = PrefixedHexHeader {
 const EXPECTED_TIMESTAMP: &str = "the send time in whole seconds since the epoch";
 
 /// How far `X-Slack-Request-Timestamp` may be from the server's clock.
-pub const WINDOW_SECONDS: u64 = 300;
+pub(crate) const WINDOW_SECONDS: u64 = 300;
 
 /// Slack's request signatures.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Slack;
+pub(crate) struct Slack;
 
 impl Verifier for Slack {
     fn source(&self) -> &'static str {

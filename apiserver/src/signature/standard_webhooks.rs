@@ -26,11 +26,11 @@ const EXPECTED_SIGNATURE: &str = "space-separated v1,<base64 HMAC-SHA256 of \
 const KEY_PREFIX: &str = "whsec_";
 
 /// How far `webhook-timestamp` may be from the server's clock.
-pub const WINDOW_SECONDS: u64 = 300;
+pub(crate) const WINDOW_SECONDS: u64 = 300;
 
 /// Standard Webhooks signatures (symmetric `v1` only).
 #[derive(Clone, Copy, Debug, Default)]
-pub struct StandardWebhooks;
+pub(crate) struct StandardWebhooks;
 
 impl Verifier for StandardWebhooks {
     fn source(&self) -> &'static str {

@@ -32,7 +32,7 @@ use super::hold::Hold;
 use super::routes::Answered;
 
 /// `Idempotent-Replayed: true` on an answer that repeats an earlier one.
-pub const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub(crate) const REPLAYED_HEADER: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// Random names drawn before giving up on a run of collisions.
 const RANDOM_NAME_ATTEMPTS: usize = 3;
 
@@ -352,7 +352,7 @@ fn store_failure(key: &AgentKey, error: &StoreError) -> HttpError {
 }
 
 /// The Session of an accepted webhook, owned by its Agent.
-pub fn build_session(
+pub(crate) fn build_session(
     key: &AgentKey,
     target: &WebhookTarget,
     name: &str,

@@ -29,8 +29,7 @@ mod hold;
 mod intake;
 mod routes;
 
-pub use intake::{REPLAYED_HEADER, build_session};
-pub use routes::{BEARER_ROUTE, TOKEN_ROUTE, app};
+pub use routes::app;
 
 /// What the public router shares.
 #[derive(Clone)]

@@ -21,9 +21,9 @@ use super::checks::ping;
 use super::intake::{Accepted, accept};
 
 /// The route template with the token in the path.
-pub const TOKEN_ROUTE: &str = "/webhooks/{namespace}/{agent}/{token}";
+pub(crate) const TOKEN_ROUTE: &str = "/webhooks/{namespace}/{agent}/{token}";
 /// The route template with the token in `Authorization: Bearer`.
-pub const BEARER_ROUTE: &str = "/webhooks/{namespace}/{agent}";
+pub(crate) const BEARER_ROUTE: &str = "/webhooks/{namespace}/{agent}";
 
 /// The public router. Each handler writes its own access log line and metrics (by route
 /// template, never the path: it holds the token); no middleware wraps them, so a refusal
