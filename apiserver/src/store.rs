@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hookrun_crds::Session;
@@ -47,12 +48,42 @@ pub trait SessionStore: Send + Sync {
 #[derive(Clone)]
 pub struct KubeSessionStore {
     client: Client,
+    timeout: Duration,
 }
 
+/// How long a Session create or read may take before the webhook is answered 503: the
+/// Kubernetes client's own read timeout is minutes (it serves watches too), and a
+/// kube-apiserver that is starting or unreachable accepts connections it does not
+/// answer. Senders give up on a webhook after about 10 s.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl KubeSessionStore {
-    /// A store that writes through `client`.
+    /// A store that writes through `client`, each call bounded by
+    /// [`DEFAULT_STORE_TIMEOUT`].
     pub fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+
+    /// The same store with each create and read bounded by `timeout`.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+}
+
+/// `call` within `timeout`, else [`StoreError::Unavailable`]. A create that timed out may
+/// still be stored: a caller who retries with the same idempotency key gets that Session.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(store_error),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "the cluster did not answer within {timeout:?}"
+        ))),
     }
 }
 
@@ -92,10 +123,8 @@ impl SessionStore for KubeSessionStore {
     fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {
             let namespace = session.namespace().unwrap_or_default();
-            Api::<Session>::namespaced(self.client.clone(), &namespace)
-                .create(&PostParams::default(), session)
-                .await
-                .map_err(store_error)
+            let api = Api::<Session>::namespaced(self.client.clone(), &namespace);
+            bounded(self.timeout, api.create(&PostParams::default(), session)).await
         })
     }
 
@@ -105,10 +134,8 @@ impl SessionStore for KubeSessionStore {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
         Box::pin(async move {
-            Api::<Session>::namespaced(self.client.clone(), namespace)
-                .get_opt(name)
-                .await
-                .map_err(store_error)
+            let api = Api::<Session>::namespaced(self.client.clone(), namespace);
+            bounded(self.timeout, api.get_opt(name)).await
         })
     }
 }
@@ -219,6 +246,20 @@ impl SessionStore for MemorySessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_call_the_cluster_does_not_answer_is_unavailable_after_the_timeout() {
+        let started = std::time::Instant::now();
+        let never = std::future::pending::<Result<(), kube::Error>>();
+        let result = bounded(Duration::from_millis(50), never).await;
+        assert!(
+            matches!(&result, Err(StoreError::Unavailable(m)) if m.contains("did not answer")),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let answered = bounded(Duration::from_secs(1), async { Ok::<_, kube::Error>(7) }).await;
+        assert_eq!(answered.ok(), Some(7));
+    }
 
     fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
         kube::Error::Api(
