@@ -93,7 +93,7 @@ pub const MAX_REJECTION_MESSAGE: usize = 512;
 fn store_error(error: kube::Error) -> StoreError {
     match error {
         kube::Error::Api(status) if status.is_already_exists() => StoreError::AlreadyExists,
-        kube::Error::Api(status) if is_refusal(status.code) => StoreError::Rejected {
+        kube::Error::Api(status) if is_refusal(status.code, &status.message) => StoreError::Rejected {
             reason: cut(&status.reason, 64),
             message: cut(&status.message, MAX_REJECTION_MESSAGE),
         },
@@ -101,10 +101,25 @@ fn store_error(error: kube::Error) -> StoreError {
     }
 }
 
-/// Whether a status code from the Kubernetes API refuses the request itself: a 4xx, but
-/// not 429 (the API is throttling, so a retry later is right).
-pub fn is_refusal(code: u16) -> bool {
-    (400..500).contains(&code) && code != 429
+/// Whether an answer of the Kubernetes API refuses the Session itself, so that sending
+/// it again would be refused again: a 4xx such as 400, 413, 422, or a 403 of admission
+/// (a quota, a policy). Not a refusal, but a state of the cluster or of this server's
+/// identity that passes (503, retry): 401 (the token is not known yet), a 403 that
+/// denies this server a permission (RBAC is not loaded yet while a kube-apiserver
+/// starts, or the grant is missing), 404 (the Session type is not served yet), 408 and
+/// 429.
+pub fn is_refusal(code: u16, message: &str) -> bool {
+    match code {
+        401 | 404 | 408 | 429 => false,
+        403 => !is_permission_denial(message),
+        code => (400..500).contains(&code),
+    }
+}
+
+/// Whether a 403's message is the authorizer's denial of the caller (`User "..." cannot
+/// create resource "sessions" in API group ...`), not an admission plugin's refusal.
+fn is_permission_denial(message: &str) -> bool {
+    message.contains(" cannot ") && message.contains(" resource ")
 }
 
 /// `text` cut to at most `max` bytes on a character boundary.
@@ -288,7 +303,14 @@ mod tests {
                 other => panic!("{code}: {other:?}"),
             }
         }
-        for code in [429, 500, 503, 504] {
+        let quota = "sessions.hookrun.dev \"a-wh-1\" is forbidden: exceeded quota: no-sessions, \
+                     requested: count/sessions.hookrun.dev=1, used: count/sessions.hookrun.dev=0, \
+                     limited: count/sessions.hookrun.dev=0";
+        assert!(matches!(
+            store_error(api_error(403, "Forbidden", quota)),
+            StoreError::Rejected { .. }
+        ));
+        for code in [429, 500, 503, 504, 401, 404, 408] {
             assert!(
                 matches!(
                     store_error(api_error(code, "x", "y")),
@@ -297,6 +319,15 @@ mod tests {
                 "{code}"
             );
         }
+        // What a kube-apiserver answers while its RBAC is still loading, or when the
+        // grant is missing: this server's permission, not the Session, is at fault.
+        let denied = "sessions.hookrun.dev is forbidden: User \"system:serviceaccount:hookrun:\
+                      hookrun-apiserver\" cannot create resource \"sessions\" in API group \
+                      \"hookrun.dev\" in the namespace \"team\"";
+        assert!(matches!(
+            store_error(api_error(403, "Forbidden", denied)),
+            StoreError::Unavailable(_)
+        ));
         let long = "é".repeat(1000);
         match store_error(api_error(422, "Invalid", &long)) {
             StoreError::Rejected { message, .. } => {

@@ -85,6 +85,55 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// A kubeconfig for the ServiceAccount `hookrun-apiserver` of `ns`, allowed what the
+/// chart's Role allows the apiserver in a namespace it serves: the admin kubeconfig with
+/// a TokenRequest token instead of the admin token.
+fn service_account_kubeconfig(admin: &std::path::Path, ns: &str) -> PathBuf {
+    let rbac = format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: hookrun-apiserver, namespace: {ns}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: hookrun-apiserver, namespace: {ns}}}\n\
+         rules:\n\
+         - {{apiGroups: [hookrun.dev], resources: [agents], verbs: [list, watch]}}\n\
+         - {{apiGroups: [hookrun.dev], resources: [sessions], verbs: [get, list, watch, create]}}\n\
+         - {{apiGroups: [hookrun.dev], resources: [sessions/status], verbs: [patch]}}\n\
+         - {{apiGroups: [hookrun.dev], resources: [agents/finalizers], verbs: [update]}}\n\
+         - {{apiGroups: [\"\"], resources: [secrets], verbs: [list, watch]}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: hookrun-apiserver, namespace: {ns}}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: hookrun-apiserver}}\n\
+         subjects: [{{kind: ServiceAccount, name: hookrun-apiserver, namespace: {ns}}}]\n"
+    );
+    let applied = hookrun_tests::kubectl(admin, &["apply", "-f", "-"], Some(&rbac));
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let token = hookrun_tests::kubectl(
+        admin,
+        &["create", "token", "hookrun-apiserver", "-n", ns, "--duration=2h"],
+        None,
+    );
+    assert!(
+        token.status.success(),
+        "kubectl create token: {}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+    let text = std::fs::read_to_string(admin).expect("the admin kubeconfig");
+    let replaced: String = text
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix("token:") {
+            Some(_) => format!("    token: {token}"),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(text, replaced, "the admin kubeconfig carries a token line");
+    let path = admin.with_file_name(format!("{ns}-hookrun-apiserver.kubeconfig"));
+    std::fs::write(&path, replaced).expect("the ServiceAccount kubeconfig");
+    path
+}
+
 /// The Agent of these tests: a webhook trigger and room for many stored Sessions.
 fn steady_agent() -> serde_json::Value {
     json!({"spec": {
@@ -213,7 +262,11 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
     let kubeconfig = plane.kubeconfig_path();
     let agents: Api<Agent> = Api::namespaced(client.clone(), NS);
     let mut operator = Operator::start_with(&kubeconfig, NS, "outage", &[]).await;
-    let mut apiserver = ApiServer::start(&kubeconfig, NS, "outage").await;
+    // The apiserver runs as its ServiceAccount with the chart's namespaced rules, as in a
+    // cluster: a kube-apiserver that is starting refuses such callers for a moment
+    // (authentication and authorization load from etcd), unlike the admin.
+    let identity = service_account_kubeconfig(&kubeconfig, NS);
+    let mut apiserver = ApiServer::start(&identity, NS, "outage").await;
     apply_agent(&agents, "steady", steady_agent()).await;
     let path = webhook_path(&agents, NS, "steady").await;
     assert!(is_known(&apiserver.public, &path).await, "token never known");
