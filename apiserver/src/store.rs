@@ -93,10 +93,12 @@ pub const MAX_REJECTION_MESSAGE: usize = 512;
 fn store_error(error: kube::Error) -> StoreError {
     match error {
         kube::Error::Api(status) if status.is_already_exists() => StoreError::AlreadyExists,
-        kube::Error::Api(status) if is_refusal(status.code, &status.message) => StoreError::Rejected {
-            reason: cut(&status.reason, 64),
-            message: cut(&status.message, MAX_REJECTION_MESSAGE),
-        },
+        kube::Error::Api(status) if is_refusal(status.code, &status.message) => {
+            StoreError::Rejected {
+                reason: cut(&status.reason, 64),
+                message: cut(&status.message, MAX_REJECTION_MESSAGE),
+            }
+        }
         other => StoreError::Unavailable(other.to_string()),
     }
 }

@@ -132,7 +132,10 @@ async fn bench() {
     ))
     .await;
     let path = webhook_path(&agents, ns.name(), "load").await;
-    assert!(is_known(&door.public, &path).await, "the token is never known");
+    assert!(
+        is_known(&door.public, &path).await,
+        "the token is never known"
+    );
     let sessions: Api<Session> = Api::namespaced(cluster.client().await, ns.name());
 
     slow_clients(&door, &path, &mut section, &mut missed).await;
@@ -147,7 +150,12 @@ async fn bench() {
 }
 
 /// Latencies of webhooks sent by `workers` clients for `seconds`.
-async fn normal_client(public: &str, path: &str, seconds: u64, tag: &str) -> (Vec<Duration>, usize) {
+async fn normal_client(
+    public: &str,
+    path: &str,
+    seconds: u64,
+    tag: &str,
+) -> (Vec<Duration>, usize) {
     let failures = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + Duration::from_secs(seconds);
     let workers = (0..4).map(|w| {
@@ -219,7 +227,12 @@ async fn attacker(address: String, path: String, kind: usize, stop: Arc<AtomicBo
     }
 }
 
-async fn slow_clients(door: &ApiServer, path: &str, section: &mut String, missed: &mut Vec<String>) {
+async fn slow_clients(
+    door: &ApiServer,
+    path: &str,
+    section: &mut String,
+    missed: &mut Vec<String>,
+) {
     let slow = env_number("HOOKRUN_BENCH_SLOW_CLIENTS", 2000) as usize;
     let seconds = env_number("HOOKRUN_BENCH_SECONDS", 15);
     let pid = door.process.pid();
@@ -270,7 +283,9 @@ async fn slow_clients(door: &ApiServer, path: &str, section: &mut String, missed
         quantile_ms(&attacked, 0.5),
     ));
     if !open {
-        missed.push(format!("only {held} of {slow} slow connections were open at once"));
+        missed.push(format!(
+            "only {held} of {slow} slow connections were open at once"
+        ));
     }
     if ratio > 2.0 {
         missed.push(format!("p99 under attack {ratio:.2}× the p99 without"));

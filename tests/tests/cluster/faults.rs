@@ -11,15 +11,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use hookrun_crds::{Agent, Session, names};
 use hookrun_tests::control_plane::{self, ControlPlane, default_tools_bin, workspace_root};
 use hookrun_tests::door::{
-    ApiServer, Answer, BUDGET, Door, Operator, get, is_known, request, webhook_path,
+    Answer, ApiServer, BUDGET, Door, Operator, get, is_known, request, webhook_path,
 };
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually, install_crds};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
-use futures::StreamExt;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -110,7 +110,14 @@ fn service_account_kubeconfig(admin: &std::path::Path, ns: &str) -> PathBuf {
     );
     let token = hookrun_tests::kubectl(
         admin,
-        &["create", "token", "hookrun-apiserver", "-n", ns, "--duration=2h"],
+        &[
+            "create",
+            "token",
+            "hookrun-apiserver",
+            "-n",
+            ns,
+            "--duration=2h",
+        ],
         None,
     );
     assert!(
@@ -269,7 +276,10 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
     let mut apiserver = ApiServer::start(&identity, NS, "outage").await;
     apply_agent(&agents, "steady", steady_agent()).await;
     let path = webhook_path(&agents, NS, "steady").await;
-    assert!(is_known(&apiserver.public, &path).await, "token never known");
+    assert!(
+        is_known(&apiserver.public, &path).await,
+        "token never known"
+    );
     let tokens_before = token_state(&client, NS, "steady").await;
     let wrong = wrong_token_path(&path);
     let unknown = names::webhook_path(NS, "nobody", &"A".repeat(43));
@@ -381,7 +391,11 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
     // No 500 and no hang at any time, the restarts included.
     let bad: Vec<_> = attempts
         .iter()
-        .filter(|a| a.status.is_none() || a.status == Some(500) || a.status.is_some_and(|s| (400..500).contains(&s)))
+        .filter(|a| {
+            a.status.is_none()
+                || a.status == Some(500)
+                || a.status.is_some_and(|s| (400..500).contains(&s))
+        })
         .collect();
     let when = |a: &Attempt| {
         outages
@@ -401,10 +415,7 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
         bad.is_empty(),
         "{} answers were a hang, a 500 or a refusal: {:?}",
         bad.len(),
-        bad.iter()
-            .take(5)
-            .map(|a| (a, when(a)))
-            .collect::<Vec<_>>()
+        bad.iter().take(5).map(|a| (a, when(a))).collect::<Vec<_>>()
     );
     let wrong_refusals: Vec<_> = refusals
         .iter()
@@ -437,7 +448,12 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
     let answered: BTreeSet<(String, String)> = attempts
         .iter()
         .filter(|a| a.status.is_some_and(|s| (200..300).contains(&s)))
-        .map(|a| (a.key.clone(), a.session.clone().expect("a 2xx names its Session")))
+        .map(|a| {
+            (
+                a.key.clone(),
+                a.session.clone().expect("a 2xx names its Session"),
+            )
+        })
         .collect();
     for (key, session) in &answered {
         assert_eq!(
@@ -533,9 +549,11 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_its_successor_acts() {
         let agents = agents.clone();
         async move { agents.get(name).await.ok()?.status?.webhook_url }
     };
-    eventually(BUDGET, || async { url("before").await.filter(|u| u.starts_with(FIRST)) })
-        .await
-        .expect("the leader serves the first Agent");
+    eventually(BUDGET, || async {
+        url("before").await.filter(|u| u.starts_with(FIRST))
+    })
+    .await
+    .expect("the leader serves the first Agent");
     assert_eq!(second.writes("agent").await, 0.0, "the standby wrote");
 
     // SIGKILL: no step-down, the lease stays held until it expires.
@@ -598,7 +616,12 @@ struct SlowOutcome {
 
 /// Opens one slow connection of `kind` and waits (at most `patience`) until the server
 /// closes it.
-async fn slow_client(address: String, path: String, kind: Slowness, patience: Duration) -> SlowOutcome {
+async fn slow_client(
+    address: String,
+    path: String,
+    kind: Slowness,
+    patience: Duration,
+) -> SlowOutcome {
     let mut stream = TcpStream::connect(&address).await.expect("connects");
     match kind {
         Slowness::Silent => {}
@@ -738,7 +761,12 @@ async fn slow_clients_are_cut_off_by_their_timeouts_while_webhooks_go_through() 
         (open_fds(pid) <= fds_before + 5).then_some(())
     })
     .await
-    .unwrap_or_else(|| panic!("the apiserver still holds {} fds (had {fds_before})", open_fds(pid)));
+    .unwrap_or_else(|| {
+        panic!(
+            "the apiserver still holds {} fds (had {fds_before})",
+            open_fds(pid)
+        )
+    });
     latencies.sort();
     println!(
         "slow clients: {slow} connections; closed after at most {slowest:?}; normal webhooks \
@@ -765,7 +793,10 @@ fn memory_mib(pid: u32) -> (f64, f64) {
 /// A finished Session near every storage budget: title, env and payload just under their
 /// defaults, and a status with an answer and a list of events.
 fn big_session(agent: &str, i: usize) -> (Session, serde_json::Value) {
-    let title = format!("{i} {}", "t".repeat(hookrun_crds::budget::DEFAULT_TITLE_BYTES - 1024));
+    let title = format!(
+        "{i} {}",
+        "t".repeat(hookrun_crds::budget::DEFAULT_TITLE_BYTES - 1024)
+    );
     let payload = format!(
         r#"{{"n":{i},"text":"{}"}}"#,
         "p".repeat(hookrun_crds::budget::DEFAULT_PAYLOAD_BYTES - 2048)
@@ -839,8 +870,13 @@ async fn both_binaries_restart_over_a_big_history_within_a_minute_and_a_memory_c
                 .unwrap_or_else(|e| panic!("status of Session {i}: {e}"));
         })
         .await;
-    let bytes = serde_json::to_vec(&sessions.get(&format!("{AGENT}-wh-{:08x}", 0)).await.expect("one"))
-        .map_or(0, |b| b.len());
+    let bytes = serde_json::to_vec(
+        &sessions
+            .get(&format!("{AGENT}-wh-{:08x}", 0))
+            .await
+            .expect("one"),
+    )
+    .map_or(0, |b| b.len());
     println!(
         "history: {count} finished Sessions of {} KiB stored in {:?}",
         bytes / 1024,
@@ -865,12 +901,21 @@ async fn both_binaries_restart_over_a_big_history_within_a_minute_and_a_memory_c
         })
         .await
     };
-    let (operator_ready, apiserver_ready) =
-        tokio::join!(ready(operator.admin.clone()), ready(apiserver.admin.clone()));
+    let (operator_ready, apiserver_ready) = tokio::join!(
+        ready(operator.admin.clone()),
+        ready(apiserver.admin.clone())
+    );
     let operator_ready = operator_ready.expect("the operator is ready within 60 s") - restarted;
     let apiserver_ready = apiserver_ready.expect("the apiserver is ready within 60 s") - restarted;
     // Still serving: a webhook over the history is accepted.
-    let answer = request(&apiserver.public, "POST", &path, &[], r#"{"title":"after"}"#).await;
+    let answer = request(
+        &apiserver.public,
+        "POST",
+        &path,
+        &[],
+        r#"{"title":"after"}"#,
+    )
+    .await;
     assert_eq!(answer.status, 200, "{answer:?}");
     // Let the operator go through the history once before its memory is read.
     operator.settled_after("session", 0.0).await;
