@@ -87,6 +87,15 @@ pub struct Args {
         value_parser = FlagDuration::parse_positive
     )]
     pub header_read_timeout: FlagDuration,
+    /// How long the create of a webhook's Session may take before the webhook is
+    /// answered 503 with Retry-After (same grammar as `--header-read-timeout`).
+    #[arg(
+        long,
+        env = "HOOKRUN_SESSION_STORE_TIMEOUT",
+        default_value = "5s",
+        value_parser = FlagDuration::parse_positive
+    )]
+    pub session_store_timeout: FlagDuration,
     /// TokenReviews and SubjectAccessReviews per second that read API callers from one
     /// address may cause once the burst is spent, unless they are allowed.
     #[arg(long, env = "HOOKRUN_REVIEW_LIMIT_PER_SECOND", default_value_t = 1.0)]
@@ -293,7 +302,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         index.clone(),
         hub.clone(),
     ));
-    let store = KubeSessionStore::new(client.clone());
+    let store = KubeSessionStore::new(client.clone()).with_timeout(args.session_store_timeout.0);
     let metrics = Arc::new(Metrics::default());
     let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
         .with_review_limit(args.trusted_proxies.clone(), review_limit);

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hookrun_crds::Session;
@@ -47,12 +48,42 @@ pub trait SessionStore: Send + Sync {
 #[derive(Clone)]
 pub(crate) struct KubeSessionStore {
     client: Client,
+    timeout: Duration,
 }
 
+/// How long a Session create or read may take before the webhook is answered 503: the
+/// Kubernetes client's own read timeout is minutes (it serves watches too), and a
+/// kube-apiserver that is starting or unreachable accepts connections it does not
+/// answer. Senders give up on a webhook after about 10 s.
+pub(crate) const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl KubeSessionStore {
-    /// A store that writes through `client`.
+    /// A store that writes through `client`, each call bounded by
+    /// [`DEFAULT_STORE_TIMEOUT`].
     pub(crate) fn new(client: Client) -> Self {
-        Self { client }
+        Self {
+            client,
+            timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+
+    /// The same store with each create and read bounded by `timeout`.
+    pub(crate) fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+}
+
+/// `call` within `timeout`, else [`StoreError::Unavailable`]. A create that timed out may
+/// still be stored: a caller who retries with the same idempotency key gets that Session.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(store_error),
+        Err(_) => Err(StoreError::Unavailable(format!(
+            "the cluster did not answer within {timeout:?}"
+        ))),
     }
 }
 
@@ -62,18 +93,35 @@ pub(crate) const MAX_REJECTION_MESSAGE: usize = 512;
 fn store_error(error: kube::Error) -> StoreError {
     match error {
         kube::Error::Api(status) if status.is_already_exists() => StoreError::AlreadyExists,
-        kube::Error::Api(status) if is_refusal(status.code) => StoreError::Rejected {
-            reason: cut(&status.reason, 64),
-            message: cut(&status.message, MAX_REJECTION_MESSAGE),
-        },
+        kube::Error::Api(status) if is_refusal(status.code, &status.message) => {
+            StoreError::Rejected {
+                reason: cut(&status.reason, 64),
+                message: cut(&status.message, MAX_REJECTION_MESSAGE),
+            }
+        }
         other => StoreError::Unavailable(other.to_string()),
     }
 }
 
-/// Whether a status code from the Kubernetes API refuses the request itself: a 4xx, but
-/// not 429 (the API is throttling, so a retry later is right).
-pub(crate) fn is_refusal(code: u16) -> bool {
-    (400..500).contains(&code) && code != 429
+/// Whether an answer of the Kubernetes API refuses the Session itself, so that sending
+/// it again would be refused again: a 4xx such as 400, 413, 422, or a 403 of admission
+/// (a quota, a policy). Not a refusal, but a state of the cluster or of this server's
+/// identity that passes (503, retry): 401 (the token is not known yet), a 403 that
+/// denies this server a permission (RBAC is not loaded yet while a kube-apiserver
+/// starts, or the grant is missing), 404 (the Session type is not served yet), 408 and
+/// 429.
+pub(crate) fn is_refusal(code: u16, message: &str) -> bool {
+    match code {
+        401 | 404 | 408 | 429 => false,
+        403 => !is_permission_denial(message),
+        code => (400..500).contains(&code),
+    }
+}
+
+/// Whether a 403's message is the authorizer's denial of the caller (`User "..." cannot
+/// create resource "sessions" in API group ...`), not an admission plugin's refusal.
+fn is_permission_denial(message: &str) -> bool {
+    message.contains(" cannot ") && message.contains(" resource ")
 }
 
 /// `text` cut to at most `max` bytes on a character boundary.
@@ -92,10 +140,8 @@ impl SessionStore for KubeSessionStore {
     fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {
             let namespace = session.namespace().unwrap_or_default();
-            Api::<Session>::namespaced(self.client.clone(), &namespace)
-                .create(&PostParams::default(), session)
-                .await
-                .map_err(store_error)
+            let api = Api::<Session>::namespaced(self.client.clone(), &namespace);
+            bounded(self.timeout, api.create(&PostParams::default(), session)).await
         })
     }
 
@@ -105,10 +151,8 @@ impl SessionStore for KubeSessionStore {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>> {
         Box::pin(async move {
-            Api::<Session>::namespaced(self.client.clone(), namespace)
-                .get_opt(name)
-                .await
-                .map_err(store_error)
+            let api = Api::<Session>::namespaced(self.client.clone(), namespace);
+            bounded(self.timeout, api.get_opt(name)).await
         })
     }
 }
@@ -220,6 +264,20 @@ impl SessionStore for MemorySessionStore {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_call_the_cluster_does_not_answer_is_unavailable_after_the_timeout() {
+        let started = std::time::Instant::now();
+        let never = std::future::pending::<Result<(), kube::Error>>();
+        let result = bounded(Duration::from_millis(50), never).await;
+        assert!(
+            matches!(&result, Err(StoreError::Unavailable(m)) if m.contains("did not answer")),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let answered = bounded(Duration::from_secs(1), async { Ok::<_, kube::Error>(7) }).await;
+        assert_eq!(answered.ok(), Some(7));
+    }
+
     fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
         kube::Error::Api(
             kube::core::Status {
@@ -247,7 +305,14 @@ mod tests {
                 other => panic!("{code}: {other:?}"),
             }
         }
-        for code in [429, 500, 503, 504] {
+        let quota = "sessions.hookrun.dev \"a-wh-1\" is forbidden: exceeded quota: no-sessions, \
+                     requested: count/sessions.hookrun.dev=1, used: count/sessions.hookrun.dev=0, \
+                     limited: count/sessions.hookrun.dev=0";
+        assert!(matches!(
+            store_error(api_error(403, "Forbidden", quota)),
+            StoreError::Rejected { .. }
+        ));
+        for code in [429, 500, 503, 504, 401, 404, 408] {
             assert!(
                 matches!(
                     store_error(api_error(code, "x", "y")),
@@ -256,6 +321,15 @@ mod tests {
                 "{code}"
             );
         }
+        // What a kube-apiserver answers while its RBAC is still loading, or when the
+        // grant is missing: this server's permission, not the Session, is at fault.
+        let denied = "sessions.hookrun.dev is forbidden: User \"system:serviceaccount:hookrun:\
+                      hookrun-apiserver\" cannot create resource \"sessions\" in API group \
+                      \"hookrun.dev\" in the namespace \"team\"";
+        assert!(matches!(
+            store_error(api_error(403, "Forbidden", denied)),
+            StoreError::Unavailable(_)
+        ));
         let long = "é".repeat(1000);
         match store_error(api_error(422, "Invalid", &long)) {
             StoreError::Rejected { message, .. } => {

@@ -89,9 +89,13 @@ pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client, ClientError> 
 pub struct ControlPlane {
     config: Config,
     children: Vec<(&'static str, Child)>,
+    /// The flags each component was started with, to start it again the same way.
+    args: Vec<(&'static str, Vec<String>)>,
     server: String,
     admin_token: String,
 }
+
+const KUBE_APISERVER: &str = "kube-apiserver";
 
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(Error::Port)?;
@@ -147,6 +151,7 @@ impl ControlPlane {
         let mut plane = ControlPlane {
             config: config.clone(),
             children: Vec::new(),
+            args: Vec::new(),
             server,
             admin_token,
         };
@@ -218,26 +223,60 @@ impl ControlPlane {
             .state_dir
             .join("logs")
             .join(format!("{component}.log"));
-        let log = std::fs::File::create(&log_path).map_err(|source| Error::Io {
-            action: "create",
-            path: log_path.clone(),
-            source,
-        })?;
+        // Appended to, so that a component started again keeps its earlier log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| Error::Io {
+                action: "create",
+                path: log_path.clone(),
+                source,
+            })?;
         let err = log.try_clone().map_err(|source| Error::Io {
             action: "open",
             path: log_path,
             source,
         })?;
         let child = Command::new(self.config.tools_bin.join(component))
-            .args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
+            .args(&args)
             .kill_on_drop(true)
             .spawn()
             .map_err(|source| Error::Spawn { component, source })?;
         self.children.push((component, child));
+        self.args.retain(|(name, _)| *name != component);
+        self.args.push((component, args));
         Ok(())
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crash or a lost node does) and waits for it to
+    /// exit; etcd and the other components keep running. Its port, certificates and
+    /// flags are kept for [`ControlPlane::start_kube_apiserver`].
+    pub async fn stop_kube_apiserver(&mut self) {
+        if let Some(at) = self.children.iter().position(|(c, _)| *c == KUBE_APISERVER) {
+            let (_, mut child) = self.children.remove(at);
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts kube-apiserver again after [`ControlPlane::stop_kube_apiserver`], with the
+    /// same flags (so the same port, certificates and etcd), and waits up to `budget`
+    /// for its `/readyz`.
+    pub async fn start_kube_apiserver(&mut self, budget: Duration) -> Result<()> {
+        if self.children.iter().any(|(c, _)| *c == KUBE_APISERVER) {
+            return Ok(());
+        }
+        let args = self
+            .args
+            .iter()
+            .find(|(c, _)| *c == KUBE_APISERVER)
+            .map(|(_, args)| args.clone())
+            .unwrap_or_default();
+        self.spawn(KUBE_APISERVER, args)?;
+        self.wait_ready(budget).await
     }
 
     fn write_kubeconfig(&self) -> Result<()> {

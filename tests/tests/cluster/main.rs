@@ -3,6 +3,7 @@
 
 mod crds;
 mod dev;
+mod faults;
 mod helm;
 mod operator;
 mod runner;
