@@ -2,7 +2,6 @@
 //! API call of an accepted webhook is [`SessionStore::create`]; [`SessionStore::get`] is
 //! only read after a keyed create collided.
 
-
 use futures::future::BoxFuture;
 use hookrun_crds::Session;
 use kube::api::PostParams;
@@ -160,7 +159,9 @@ impl MemorySessionStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = message.map(str::to_owned);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Session>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Session>> {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
