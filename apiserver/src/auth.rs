@@ -6,7 +6,7 @@
 //! per client address ([`crate::auth_limit`]), so callers who are denied cannot spend
 //! the apiserver's share of the Kubernetes API.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,7 +32,8 @@ pub(crate) const CACHE_TTL: Duration = Duration::from_secs(10);
 pub(crate) const CACHE_CAPACITY: usize = 10_000;
 /// The most bytes (estimated) each cache keeps.
 pub(crate) const CACHE_BYTES: usize = 4 * 1024 * 1024;
-/// What one cache entry costs beyond its keys and values: map slots, the order index.
+/// What one cache entry costs beyond its keys and values: map slots and the cache's
+/// bookkeeping.
 const ENTRY_OVERHEAD: usize = 96;
 /// The TokenReview extra key holding the name of the pod a token is bound to.
 pub(crate) const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
@@ -51,99 +52,102 @@ impl TokenDigest {
     }
 }
 
-/// A map whose entries expire after a fixed time and which never holds more than its
-/// capacity of entries nor more than its budget of bytes (each entry's size is given by
-/// the caller). Expired entries go first, then the oldest.
+/// A map whose entries expire after a fixed time, bounded both in entries and in bytes
+/// (each entry's size is given by the caller): a `quick_cache` cache weighed in bytes,
+/// where every entry weighs at least `max_bytes / capacity`, so neither bound can be
+/// passed. Expired entries are misses and are dropped when read.
 #[derive(Debug)]
 pub(crate) struct TtlCache<K, V> {
     ttl: Duration,
-    capacity: usize,
-    max_bytes: usize,
-    bytes: usize,
-    next: u64,
-    entries: HashMap<K, Entry<V>>,
-    /// Keys by insertion time: the oldest first.
-    order: BTreeMap<(Instant, u64), K>,
+    max_bytes: u64,
+    /// The least weight of an entry: what keeps the entry count within the capacity.
+    min_weight: u64,
+    entries: quick_cache::sync::Cache<K, Cached<V>, ByWeight>,
 }
 
-#[derive(Debug)]
-struct Entry<V> {
+/// A cached value, when it was stored and what it weighs.
+#[derive(Clone, Debug)]
+struct Cached<V> {
     stored: Instant,
-    seq: u64,
-    bytes: usize,
+    weight: u64,
     value: V,
 }
 
-impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
+/// Weighs a [`Cached`] value by the weight stored with it.
+#[derive(Clone, Debug)]
+struct ByWeight;
+
+impl<K, V> quick_cache::Weighter<K, Cached<V>> for ByWeight {
+    fn weight(&self, _key: &K, cached: &Cached<V>) -> u64 {
+        cached.weight
+    }
+}
+
+impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
     /// An empty cache of at most `capacity` entries and `max_bytes` bytes.
     pub(crate) fn new(ttl: Duration, capacity: usize, max_bytes: usize) -> Self {
+        let capacity = capacity.max(1);
+        let max_bytes = max_bytes as u64;
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(capacity)
+            .weight_capacity(max_bytes)
+            // One shard, so each bound holds for the whole cache (a shard has its part
+            // of the capacity only), like the one lock per cache it replaces.
+            .shards(1)
+            .build()
+            .unwrap_or_else(|_| unreachable!("every option is set"));
         Self {
             ttl,
-            capacity: capacity.max(1),
             max_bytes,
-            bytes: 0,
-            next: 0,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
+            min_weight: (max_bytes / capacity as u64).max(1),
+            entries: quick_cache::sync::Cache::with_options(
+                options,
+                ByWeight,
+                Default::default(),
+                Default::default(),
+            ),
         }
     }
 
     /// The value stored for `key` less than the TTL before `now`.
     pub(crate) fn get(&self, key: &K, now: Instant) -> Option<V> {
-        let entry = self.entries.get(key)?;
-        (now.saturating_duration_since(entry.stored) < self.ttl).then(|| entry.value.clone())
+        let cached = self.entries.get(key)?;
+        if now.saturating_duration_since(cached.stored) < self.ttl {
+            return Some(cached.value);
+        }
+        let expired = |c: &Cached<V>| now.saturating_duration_since(c.stored) >= self.ttl;
+        self.entries.remove_if(key, expired);
+        None
     }
 
     /// Stores `value`, of `bytes` bytes, for `key` at `now`; an entry larger than the
     /// whole budget is not stored.
-    pub(crate) fn insert(&mut self, key: K, value: V, bytes: usize, now: Instant) {
-        self.remove(&key);
-        if bytes > self.max_bytes {
+    pub(crate) fn insert(&self, key: K, value: V, bytes: usize, now: Instant) {
+        let weight = (bytes as u64).max(self.min_weight);
+        if weight > self.max_bytes {
+            self.entries.remove(&key);
             return;
         }
-        // Expired entries first, then the oldest, until the new one fits.
-        while let Some((&(stored, seq), _)) = self.order.first_key_value() {
-            let expired = now.saturating_duration_since(stored) >= self.ttl;
-            let full = self.entries.len() >= self.capacity || self.bytes + bytes > self.max_bytes;
-            if !expired && !full {
-                break;
-            }
-            if let Some(oldest) = self.order.remove(&(stored, seq)) {
-                self.remove(&oldest);
-            }
-        }
-        let seq = self.next;
-        self.next += 1;
-        self.bytes += bytes;
-        self.order.insert((now, seq), key.clone());
         self.entries.insert(
             key,
-            Entry {
+            Cached {
                 stored: now,
-                seq,
-                bytes,
+                weight,
                 value,
             },
         );
     }
 
-    fn remove(&mut self, key: &K) {
-        if let Some(entry) = self.entries.remove(key) {
-            self.bytes -= entry.bytes;
-            self.order.remove(&(entry.stored, entry.seq));
-        }
-    }
-
-    /// How many entries are held (expired ones included until pushed out).
+    /// How many entries are held (expired ones included until pushed out or read).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// The bytes the held entries were stored with.
+    /// The bytes the held entries weigh.
     #[cfg(test)]
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+    pub(crate) fn bytes(&self) -> u64 {
+        self.entries.weight()
     }
 }
 
@@ -259,9 +263,9 @@ type AccessKey = (TokenDigest, String, String);
 /// The TokenReview and SubjectAccessReview caches, and the per-address review limit.
 #[derive(Debug)]
 pub(crate) struct Authenticator {
-    runners: Mutex<TtlCache<TokenDigest, Result<PodIdentity, Denied>>>,
-    users: Mutex<TtlCache<TokenDigest, ReviewedUser>>,
-    access: Mutex<TtlCache<AccessKey, bool>>,
+    runners: TtlCache<TokenDigest, Result<PodIdentity, Denied>>,
+    users: TtlCache<TokenDigest, ReviewedUser>,
+    access: TtlCache<AccessKey, bool>,
     limiter: Mutex<ReviewLimiter>,
     metrics: Arc<Metrics>,
 }
@@ -276,9 +280,9 @@ impl Authenticator {
     /// `reviews` per address.
     pub(crate) fn new(metrics: Arc<Metrics>, reviews: RateLimit) -> Self {
         Self {
-            runners: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
-            users: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
-            access: Mutex::new(TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES)),
+            runners: TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES),
+            users: TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES),
+            access: TtlCache::new(CACHE_TTL, CACHE_CAPACITY, CACHE_BYTES),
             limiter: Mutex::new(ReviewLimiter::new(
                 reviews,
                 crate::auth_limit::DEFAULT_CAPACITY,
@@ -333,7 +337,7 @@ impl Authenticator {
         token: &str,
     ) -> Result<PodIdentity, AuthError> {
         let key = TokenDigest::of(token);
-        let cached = lock(&self.runners).get(&key, Instant::now());
+        let cached = self.runners.get(&key, Instant::now());
         let decision = match cached {
             Some(decision) => decision,
             None => {
@@ -350,7 +354,8 @@ impl Authenticator {
                     + decision.as_ref().map_or(0, |pod| {
                         pod.namespace.len() + pod.pod_name.len() + pod.pod_uid.len()
                     });
-                lock(&self.runners).insert(key, decision.clone(), bytes, Instant::now());
+                self.runners
+                    .insert(key, decision.clone(), bytes, Instant::now());
                 decision
             }
         };
@@ -372,10 +377,10 @@ impl Authenticator {
         let digest = TokenDigest::of(token);
         let access_key = (digest, namespace.to_owned(), name.to_owned());
         let now = Instant::now();
-        if let Some(allowed) = lock(&self.access).get(&access_key, now) {
+        if let Some(allowed) = self.access.get(&access_key, now) {
             return access_decision(allowed);
         }
-        let known = lock(&self.users).get(&digest, now);
+        let known = self.users.get(&digest, now);
         let user = match known {
             Some(None) => return Err(Denied::Unauthenticated.into()),
             Some(Some(user)) => Some(user),
@@ -392,7 +397,8 @@ impl Authenticator {
                 let status = token_review(client, &self.metrics, token, None).await?;
                 let user = reviewed_user(status);
                 let bytes = ENTRY_OVERHEAD + user.as_ref().map_or(0, user_bytes);
-                lock(&self.users).insert(digest, user.clone(), bytes, Instant::now());
+                self.users
+                    .insert(digest, user.clone(), bytes, Instant::now());
                 match user {
                     Some(user) => user,
                     None => return Err(Denied::Unauthenticated.into()),
@@ -401,7 +407,8 @@ impl Authenticator {
         };
         let allowed = self.review_access(client, user, namespace, name).await?;
         let bytes = ENTRY_OVERHEAD + namespace.len() + name.len();
-        lock(&self.access).insert(access_key, allowed, bytes, Instant::now());
+        self.access
+            .insert(access_key, allowed, bytes, Instant::now());
         if allowed {
             lock(&self.limiter).give_back(client_ip);
         }
@@ -550,51 +557,42 @@ mod tests {
     }
 
     #[test]
-    fn cache_entries_expire_and_the_size_is_bounded() {
+    fn cache_entries_expire() {
         let start = Instant::now();
-        let mut cache = TtlCache::new(Duration::from_secs(10), 3, 1000);
+        let cache = TtlCache::new(Duration::from_secs(10), 100, 100_000);
         cache.insert("a", 1, 1, start);
         assert_eq!(cache.get(&"a", start + Duration::from_secs(9)), Some(1));
         assert_eq!(cache.get(&"a", start + Duration::from_secs(10)), None);
-        cache.insert("b", 2, 1, start + Duration::from_secs(1));
-        cache.insert("c", 3, 1, start + Duration::from_secs(2));
-        // Full: the oldest ("a") goes.
-        cache.insert("d", 4, 1, start + Duration::from_secs(3));
-        assert_eq!(cache.len(), 3);
-        assert_eq!(cache.get(&"a", start + Duration::from_secs(3)), None);
-        assert_eq!(cache.get(&"b", start + Duration::from_secs(3)), Some(2));
-        // Much later: every expired entry goes at once.
-        cache.insert("e", 5, 1, start + Duration::from_secs(60));
+        // An expired entry is dropped once read.
+        assert_eq!(cache.len(), 0);
+        // Overwriting a key keeps one entry with the new value.
+        cache.insert("e", 5, 1, start);
+        cache.insert("e", 6, 1, start);
+        assert_eq!(cache.get(&"e", start), Some(6));
         assert_eq!(cache.len(), 1);
-        // Overwriting a key never evicts.
-        cache.insert("e", 6, 1, start + Duration::from_secs(61));
-        assert_eq!(cache.get(&"e", start + Duration::from_secs(61)), Some(6));
-        assert_eq!((cache.len(), cache.bytes()), (1, 1));
     }
 
     #[test]
-    fn the_cache_keeps_to_its_byte_budget() {
+    fn the_cache_keeps_to_its_entry_count_and_byte_budget() {
         let start = Instant::now();
-        let mut cache = TtlCache::new(Duration::from_secs(10), 1000, 100);
-        for i in 0..10u32 {
-            cache.insert(i, i, 30, start + Duration::from_millis(u64::from(i)));
-            assert!(cache.bytes() <= 100, "{}", cache.bytes());
+        // Many small entries: the count is bounded.
+        let cache = TtlCache::new(Duration::from_secs(10), 3, 1_000_000);
+        for i in 0..100u32 {
+            cache.insert(i, i, 1, start);
+            assert!(cache.len() <= 3, "{} entries", cache.len());
         }
-        // Three entries of 30 fit in 100: the newest three.
-        assert_eq!(cache.len(), 3);
-        let at = start + Duration::from_millis(20);
-        assert_eq!(cache.get(&9, at), Some(9));
-        assert_eq!(cache.get(&6, at), None);
-        // One large entry pushes out as many old ones as it needs.
-        cache.insert(100, 100, 95, at);
-        assert_eq!((cache.len(), cache.bytes()), (1, 95));
-        // An entry larger than the whole budget is not kept (and evicts nothing).
-        cache.insert(101, 101, 101, at);
-        assert_eq!(cache.get(&101, at), None);
-        assert_eq!(cache.get(&100, at), Some(100));
-        // Replacing an entry releases its bytes.
-        cache.insert(100, 7, 10, at);
-        assert_eq!((cache.len(), cache.bytes()), (1, 10));
+        // Few large ones: the bytes are bounded.
+        let cache = TtlCache::new(Duration::from_secs(10), 1000, 100);
+        for i in 0..100u32 {
+            cache.insert(i, i, 30, start);
+            assert!(cache.bytes() <= 100, "{} bytes", cache.bytes());
+        }
+        assert!(cache.len() <= 3);
+        // The newest entry is kept.
+        assert_eq!(cache.get(&99, start), Some(99));
+        // An entry larger than the whole budget is not kept.
+        cache.insert(1000, 1000, 101, start);
+        assert_eq!(cache.get(&1000, start), None);
     }
 
     #[test]

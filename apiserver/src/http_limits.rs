@@ -3,6 +3,8 @@
 //! [`MAX_HEADERS`] headers and [`MAX_HEAD_BYTES`] of request line and headers (431), a
 //! request target of at most [`MAX_TARGET_BYTES`] (414), and read and write buffers of
 //! at most [`MAX_CONNECTION_BUFFER_BYTES`] each. Both refusals close the connection.
+//! Bodies are read by the one reader every handler uses ([`read_body`]): within a size
+//! limit and [`BODY_READ_TIMEOUT`].
 
 use std::time::Duration;
 

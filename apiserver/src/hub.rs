@@ -89,7 +89,8 @@ impl SessionHub {
         }
     }
 
-    /// How many Sessions are followed right now (for metrics and tests).
+    /// How many Sessions are followed right now (for tests and benches).
+    #[cfg(any(test, feature = "test-support"))]
     pub fn followed(&self) -> usize {
         self.lock().len()
     }

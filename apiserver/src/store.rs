@@ -2,8 +2,6 @@
 //! API call of an accepted webhook is [`SessionStore::create`]; [`SessionStore::get`] is
 //! only read after a keyed create collided.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -157,16 +155,19 @@ impl SessionStore for KubeSessionStore {
     }
 }
 
-/// Sessions in memory, for handler tests; can be told to fail like a cluster that is down.
+/// Sessions in memory, for handler tests and benches (the `test-support` feature); can be
+/// told to fail like a cluster that is down.
+#[cfg(any(test, feature = "test-support"))]
 #[derive(Debug, Default)]
 pub struct MemorySessionStore {
-    sessions: Mutex<HashMap<(String, String), Session>>,
+    sessions: std::sync::Mutex<std::collections::HashMap<(String, String), Session>>,
     unavailable: std::sync::atomic::AtomicBool,
     /// When set, every create is refused like a Kubernetes 422 with this message.
-    rejecting: Mutex<Option<String>>,
+    rejecting: std::sync::Mutex<Option<String>>,
     forgetful: bool,
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl MemorySessionStore {
     /// A store whose creates succeed without keeping anything, for benches: a cluster
     /// keeps Sessions elsewhere, so the server's own cost must not include them (and a
@@ -203,7 +204,9 @@ impl MemorySessionStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = message.map(str::to_owned);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Session>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), Session>> {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -218,6 +221,7 @@ impl MemorySessionStore {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 impl SessionStore for MemorySessionStore {
     fn create<'a>(&'a self, session: &'a Session) -> BoxFuture<'a, Result<Session, StoreError>> {
         Box::pin(async move {

@@ -16,7 +16,7 @@ use kube::ResourceExt;
 
 mod entries;
 mod reservations;
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 mod watch;
 

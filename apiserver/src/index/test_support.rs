@@ -1,4 +1,5 @@
-//! Objects for tests and benchmarks of the index and of the handlers.
+//! Objects for tests and benchmarks of the index and of the handlers (the `test-support`
+//! feature).
 
 use hookrun_crds::{AgentSpec, SessionSpec};
 use k8s_openapi::ByteString;

@@ -129,7 +129,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Knock {
     }
 }
 
-/// The token in `Authorization: Bearer <token>`.
+/// `GET`: the verification ping, the checks up to the token and no Session.
 async fn ping_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -157,6 +157,8 @@ fn ping_ok() -> Response {
     ([(header::CONTENT_TYPE, JSON)], BODY.clone()).into_response()
 }
 
+/// `POST`: the checks, then the intake; a wait-mode request is held here until it is
+/// answered.
 async fn post_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
