@@ -299,9 +299,12 @@ impl Index {
 
     /// Counts a Session the watch delivered; it replaces the reservation of its name.
     pub(crate) fn apply_session(&mut self, session: &Session) {
-        let Some((key, entry)) = session_entry(session) else {
-            return;
-        };
+        if let Some((key, entry)) = session_entry(session) {
+            self.apply_session_entry(key, entry);
+        }
+    }
+
+    fn apply_session_entry(&mut self, key: AgentKey, entry: SessionEntry) {
         self.remove_session_key(&key);
         if entry.active {
             *self.active.entry(entry.agent.clone()).or_default() += 1;
@@ -327,7 +330,18 @@ impl Index {
         decrement(&mut self.stored, &old.agent);
     }
 
+    #[cfg(test)]
     pub(crate) fn reset_sessions(&mut self, scope: &Scope, sessions: &[Session]) {
+        self.reset_session_entries(scope, sessions.iter().filter_map(session_entry).collect());
+    }
+
+    /// Replaces the Sessions in `scope` with `entries` (a relist, each Session already
+    /// reduced to its entry so that a big history is never held whole).
+    pub(crate) fn reset_session_entries(
+        &mut self,
+        scope: &Scope,
+        entries: Vec<(AgentKey, SessionEntry)>,
+    ) {
         let stale: HashSet<AgentKey> = self
             .sessions
             .keys()
@@ -338,8 +352,8 @@ impl Index {
             self.remove_session_key(key);
         }
         self.reservations_mut().clear(scope);
-        for session in sessions {
-            self.apply_session(session);
+        for (key, entry) in entries {
+            self.apply_session_entry(key, entry);
         }
     }
 }

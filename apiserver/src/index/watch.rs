@@ -12,7 +12,8 @@ use kube::runtime::watcher;
 use kube::runtime::{WatchStreamExt, watcher::Event};
 use kube::{Api, Client, Resource};
 
-use super::{Index, SharedIndex};
+use super::entries::{SessionEntry, session_entry};
+use super::{AgentKey, Index, SharedIndex};
 use crate::hub::SessionHub;
 
 /// Which watch stream a reset came from: every namespace, or one.
@@ -34,9 +35,14 @@ impl Scope {
 /// The watch streams of one kind: how each event lands in the index, and what held
 /// requests learn of it.
 trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// What a relist keeps of each object until the list is complete: Sessions only
+    /// their small index entry, since a history of thousands near their size budget
+    /// would otherwise be held whole at once.
+    type Listed: Send;
+    fn listed(object: Self) -> Self::Listed;
     fn apply(index: &mut Index, object: &Self);
     fn delete(index: &mut Index, object: &Self);
-    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]);
+    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self::Listed>);
     /// Tells `hub` that `object` changed (Sessions only).
     fn publish(_hub: &SessionHub, _object: &Self) {}
     /// Tells `hub` that `object` is gone (Sessions only).
@@ -44,38 +50,50 @@ trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debu
 }
 
 impl Indexed for Agent {
+    type Listed = Self;
+    fn listed(object: Self) -> Self {
+        object
+    }
     fn apply(index: &mut Index, object: &Self) {
         index.apply_agent(object);
     }
     fn delete(index: &mut Index, object: &Self) {
         index.delete_agent(object);
     }
-    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
-        index.reset_agents(scope, objects);
+    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self>) {
+        index.reset_agents(scope, &listed);
     }
 }
 
 impl Indexed for Secret {
+    type Listed = Self;
+    fn listed(object: Self) -> Self {
+        object
+    }
     fn apply(index: &mut Index, object: &Self) {
         index.apply_secret(object);
     }
     fn delete(index: &mut Index, object: &Self) {
         index.delete_secret(object);
     }
-    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
-        index.reset_secrets(scope, objects);
+    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self>) {
+        index.reset_secrets(scope, &listed);
     }
 }
 
 impl Indexed for Session {
+    type Listed = Option<(AgentKey, SessionEntry)>;
+    fn listed(object: Self) -> Self::Listed {
+        session_entry(&object)
+    }
     fn apply(index: &mut Index, object: &Self) {
         index.apply_session(object);
     }
     fn delete(index: &mut Index, object: &Self) {
         index.delete_session(object);
     }
-    fn reset(index: &mut Index, scope: &Scope, objects: &[Self]) {
-        index.reset_sessions(scope, objects);
+    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self::Listed>) {
+        index.reset_session_entries(scope, listed.into_iter().flatten().collect());
     }
     fn publish(hub: &SessionHub, object: &Self) {
         hub.publish(object);
@@ -89,7 +107,6 @@ impl Indexed for Session {
 enum Changed<K> {
     Nothing,
     Applied(K),
-    Listed(Vec<K>),
     Deleted(K),
 }
 
@@ -102,7 +119,7 @@ async fn feed<K: Indexed>(
     events: impl Stream<Item = Result<Event<K>, watcher::Error>>,
 ) {
     let mut events = std::pin::pin!(events);
-    let mut buffer: Vec<K> = Vec::new();
+    let mut buffer: Vec<K::Listed> = Vec::new();
     let mut synced_once = false;
     while let Some(event) = events.next().await {
         let event = match event {
@@ -117,20 +134,23 @@ async fn feed<K: Indexed>(
                 buffer.clear();
                 Changed::Nothing
             }
+            // Followers of a listed Session learn of it now; the index keeps its entry
+            // until the list is complete.
             Event::InitApply(object) => {
-                buffer.push(object);
+                K::publish(&hub, &object);
+                buffer.push(K::listed(object));
                 Changed::Nothing
             }
             // Never held across an await: each arm locks, changes and unlocks.
             Event::InitDone => {
                 let listed = std::mem::take(&mut buffer);
                 let mut index = index.write().unwrap_or_else(PoisonError::into_inner);
-                K::reset(&mut index, &scope, &listed);
+                K::reset(&mut index, &scope, listed);
                 if !synced_once {
                     synced_once = true;
                     index.mark_synced();
                 }
-                Changed::Listed(listed)
+                Changed::Nothing
             }
             Event::Apply(object) => {
                 K::apply(
@@ -151,15 +171,14 @@ async fn feed<K: Indexed>(
         match changed {
             Changed::Nothing => {}
             Changed::Applied(object) => K::publish(&hub, &object),
-            Changed::Listed(objects) => {
-                for object in &objects {
-                    K::publish(&hub, object);
-                }
-            }
             Changed::Deleted(object) => K::publish_deleted(&hub, &object),
         }
     }
 }
+
+/// Sessions per page of a relist: each page is held whole while it is read, and a
+/// Session may be a few hundred KiB near its budgets.
+const SESSION_LIST_PAGE: u32 = 50;
 
 /// How many watch streams [`run_watches`] runs for these namespaces.
 pub(crate) fn stream_count(namespaces: &[String]) -> usize {
@@ -215,7 +234,7 @@ pub(crate) async fn run_watches(
             index.clone(),
             hub.clone(),
             scope.clone(),
-            watcher(sessions, config).default_backoff(),
+            watcher(sessions, config.page_size(SESSION_LIST_PAGE)).default_backoff(),
         )));
     }
     futures::future::join_all(tasks).await;

@@ -841,12 +841,11 @@ async fn both_binaries_restart_over_a_big_history_within_a_minute_and_a_memory_c
     const NS: &str = "history";
     const AGENT: &str = "historian";
     let count = env_number("HOOKRUN_HISTORY_SESSIONS", 2000) as usize;
-    // Measured (debug build, 2,000 Sessions of 125 KiB): the apiserver 285 MiB after
-    // ready (peak 376), the operator 160 MiB (peak 273). The index keeps a small entry
-    // per Session, but the initial list is buffered whole until it is complete, and the
-    // allocator keeps that memory; the operator caches whole Sessions. The ceilings
-    // leave about 40 % headroom over those figures.
-    let apiserver_ceiling_mib = env_number("HOOKRUN_HISTORY_APISERVER_MIB", 400) as f64;
+    // Measured (debug build, 2,000 Sessions of 125 KiB): the apiserver 58 MiB after
+    // ready (peak 72; 285 MiB when a relist was buffered whole), the operator 160 MiB
+    // (peak 273). The index keeps a small entry per Session and a relist reads pages of
+    // 50. The ceilings leave about 40 % headroom over those figures.
+    let apiserver_ceiling_mib = env_number("HOOKRUN_HISTORY_APISERVER_MIB", 100) as f64;
     let operator_ceiling_mib = env_number("HOOKRUN_HISTORY_OPERATOR_MIB", 224) as f64;
     let (mut plane, client) = own_control_plane("history", NS).await;
     let _cleanup = RemoveOnDrop(plane.state_dir().to_owned());
