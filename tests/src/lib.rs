@@ -2,7 +2,8 @@
 //! cluster per test binary ([`cluster`]), a namespace per test ([`TestNamespace`]), the
 //! one launcher of the operator and the apiserver and the one HTTP client ([`door`]), the
 //! stand-in for the kubelet that runs session pods as local harness processes
-//! ([`pod_runner`]) and a scripted model API ([`fake_model`]).
+//! ([`pod_runner`]), a scripted model API ([`fake_model`]) and child processes that die
+//! with their supervisor ([`tied`]).
 //!
 //! Cluster tests never read the shell's `KUBECONFIG`: they start their own control plane
 //! through the `hookrun-cluster` binary, which stops it when the test process exits.
@@ -11,6 +12,27 @@ pub mod control_plane;
 pub mod door;
 pub mod fake_model;
 pub mod pod_runner;
+pub mod tied;
+
+/// `println!` for supervisors: a stdout whose reader went away (`make dev | tee log`, then
+/// Ctrl-C, which stops `tee` first) is not an error. `println!` would panic on it and skip
+/// stopping what the supervisor started.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` for supervisors; see [`say!`].
+#[macro_export]
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr(), $($arg)*);
+    }};
+}
 
 use std::{
     path::{Path, PathBuf},
