@@ -92,6 +92,10 @@ impl HttpClient {
             url: crate::redact::scrub(url),
             reason,
         };
+        // RFC 3986 first: the WHATWG parser below would quietly percent-encode what is
+        // a configuration mistake (a space in a base URL).
+        url.parse::<http::Uri>()
+            .map_err(|error| invalid(error.to_string()))?;
         let parsed = reqwest::Url::parse(url).map_err(|error| invalid(error.to_string()))?;
         if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
             return Err(invalid(
@@ -157,4 +161,29 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_outside_rfc_3986_are_refused_before_anything_is_sent() {
+        let client = HttpClient::direct();
+        for url in [
+            "http://127.0.0.1:9/v1 beta",
+            "127.0.0.1:9/v1",
+            "ftp://127.0.0.1/v1",
+        ] {
+            let error = client
+                .send(Method::GET, url, &[], None, Duration::from_secs(5))
+                .await
+                .expect_err(url);
+            assert!(
+                matches!(error, TransportError::InvalidUrl { .. }),
+                "{url}: {error}"
+            );
+            assert!(!error.is_transient(), "{url}");
+        }
+    }
 }
