@@ -628,7 +628,12 @@ async fn the_model_api_goes_through_the_proxy_of_the_environment_and_the_runner_
     .await;
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookrun-harness"));
     for name in [
-        "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
     ] {
         command.env_remove(name);
     }
@@ -657,9 +662,6 @@ async fn the_model_api_goes_through_the_proxy_of_the_environment_and_the_runner_
     let calls = proxy.seen();
     assert_eq!(calls.len(), 1, "only the model call goes through the proxy");
     assert_eq!(calls[0].path, "/v1/chat/completions");
-    assert_eq!(
-        header(&calls[0], "host"),
-        Some("models.proxy-test.invalid")
-    );
+    assert_eq!(header(&calls[0], "host"), Some("models.proxy-test.invalid"));
     assert_eq!(runner.completion()["response"], "via the proxy");
 }

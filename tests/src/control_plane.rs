@@ -188,45 +188,45 @@ impl ControlPlane {
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         plane
             .spawn(
-            "etcd",
-            vec![
-                format!("--data-dir={}", dir.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=default={peer_url}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-            ],
-        )
+                "etcd",
+                vec![
+                    format!("--data-dir={}", dir.join("etcd").display()),
+                    format!("--listen-client-urls={etcd_url}"),
+                    format!("--advertise-client-urls={etcd_url}"),
+                    format!("--listen-peer-urls={peer_url}"),
+                    format!("--initial-advertise-peer-urls={peer_url}"),
+                    format!("--initial-cluster=default={peer_url}"),
+                    "--unsafe-no-fsync=true".into(),
+                    "--log-level=warn".into(),
+                ],
+            )
             .await?;
 
         let path = |name: &str| dir.join(name).display().to_string();
         plane
             .spawn(
-            "kube-apiserver",
-            vec![
-                format!("--etcd-servers={etcd_url}"),
-                format!("--cert-dir={}", path("certs")),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--token-auth-file={}", path("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
-                // As hardened clusters run it: an owner reference that blocks its
-                // owner's deletion needs `update` on the owner's finalizers, which the
-                // chart's RBAC must then grant (the chart test proves it does).
-                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", path("sa.pub")),
-                format!("--service-account-signing-key-file={}", path("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--endpoint-reconciler-type=none".into(),
-                "--allow-privileged=true".into(),
-                "--v=0".into(),
-            ],
-        )
+                "kube-apiserver",
+                vec![
+                    format!("--etcd-servers={etcd_url}"),
+                    format!("--cert-dir={}", path("certs")),
+                    format!("--secure-port={api_port}"),
+                    "--bind-address=127.0.0.1".into(),
+                    "--advertise-address=127.0.0.1".into(),
+                    format!("--token-auth-file={}", path("tokens.csv")),
+                    "--authorization-mode=RBAC".into(),
+                    // As hardened clusters run it: an owner reference that blocks its
+                    // owner's deletion needs `update` on the owner's finalizers, which the
+                    // chart's RBAC must then grant (the chart test proves it does).
+                    "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                    format!("--service-account-key-file={}", path("sa.pub")),
+                    format!("--service-account-signing-key-file={}", path("sa.key")),
+                    "--service-cluster-ip-range=10.96.0.0/16".into(),
+                    "--endpoint-reconciler-type=none".into(),
+                    "--allow-privileged=true".into(),
+                    "--v=0".into(),
+                ],
+            )
             .await?;
 
         plane.write_kubeconfig()?;

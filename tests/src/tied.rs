@@ -189,7 +189,10 @@ mod tests {
             .expect("a file name");
         assert!(runs(own, name));
         assert!(!runs(own, "etcd"));
-        assert!(!runs(own, &name[1..]), "a suffix of the name is another binary");
+        assert!(
+            !runs(own, &name[1..]),
+            "a suffix of the name is another binary"
+        );
         assert!(!runs(u32::MAX, name), "no such pid");
     }
 

@@ -194,7 +194,9 @@ async fn run(
         controller_manager,
     };
     for (name, pid) in control_plane::stop_stale(&state) {
-        say_err!("hookrun-cluster: stopped {name} (pid {pid}) left running by an earlier supervisor");
+        say_err!(
+            "hookrun-cluster: stopped {name} (pid {pid}) left running by an earlier supervisor"
+        );
     }
     if let Err(error) = std::fs::create_dir_all(&state).and_then(|()| {
         std::fs::write(
@@ -202,7 +204,10 @@ async fn run(
             std::process::id().to_string(),
         )
     }) {
-        say_err!("hookrun-cluster: cannot write {}: {error}", state.join(SUPERVISOR_PID_FILE).display());
+        say_err!(
+            "hookrun-cluster: cannot write {}: {error}",
+            state.join(SUPERVISOR_PID_FILE).display()
+        );
         return ExitCode::FAILURE;
     }
     let started = Instant::now();

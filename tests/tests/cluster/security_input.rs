@@ -28,7 +28,13 @@ fn message(answer: &Answer) -> &str {
 
 #[tokio::test]
 async fn webhook_env_is_refused_unless_the_agent_allows_the_name() {
-    let AgentNamespace { cluster, ns, agents, sessions, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        agents,
+        sessions,
+        ..
+    } = AgentNamespace::new().await;
     let door = Door::start(cluster, &ns).await;
 
     apply_agent(
@@ -128,7 +134,13 @@ async fn the_schema_refuses_allowed_env_that_covers_everything_or_hookrun() {
 
 #[tokio::test]
 async fn parts_over_their_budget_are_413_and_store_nothing() {
-    let AgentNamespace { cluster, ns, agents, sessions, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        agents,
+        sessions,
+        ..
+    } = AgentNamespace::new().await;
     let door = Door::start(cluster, &ns).await;
 
     apply_agent(
@@ -280,7 +292,13 @@ const SPEC_PADDING: usize = 1_400 * 1024;
 
 #[tokio::test]
 async fn a_runner_write_refused_as_too_large_ends_the_session() {
-    let AgentNamespace { cluster, ns, client, sessions, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        client,
+        sessions,
+        ..
+    } = AgentNamespace::new().await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
 
     let name = "big-wh-00000001";
@@ -353,7 +371,12 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
 
 #[tokio::test]
 async fn an_operator_write_refused_as_too_large_ends_the_session() {
-    let AgentNamespace { cluster, ns, sessions, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        sessions,
+        ..
+    } = AgentNamespace::new().await;
 
     let name = "big-wh-00000002";
     sessions
@@ -390,4 +413,3 @@ async fn an_operator_write_refused_as_too_large_ends_the_session() {
         operator.log_text()
     );
 }
-

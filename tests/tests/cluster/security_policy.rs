@@ -8,9 +8,9 @@ use std::time::Duration;
 use hookrun_crds::{Agent, Session, SessionSpec, session::SessionPhase};
 use hookrun_tests::{
     Cluster, TestNamespace, apply_agent,
-    fixtures::{AgentNamespace, ready_condition},
     door::{self, ApiServer, Operator},
     eventually,
+    fixtures::{AgentNamespace, ready_condition},
 };
 use k8s_openapi::{
     api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
@@ -34,13 +34,19 @@ async fn operator(cluster: &Cluster, ns: &TestNamespace, flags: &[&str]) -> Oper
 async fn ready_reason(agents: &Api<Agent>, name: &str, reason: &str, log: &Operator) -> Condition {
     let found = eventually(BUDGET, || async {
         let agent = agents.get(name).await.ok()?;
-        ready_condition(&agent).filter(|c| c.reason == reason).cloned()
+        ready_condition(&agent)
+            .filter(|c| c.reason == reason)
+            .cloned()
     })
     .await;
     match found {
         Some(condition) => condition,
         None => {
-            let now = agents.get(name).await.ok().and_then(|a| ready_condition(&a).cloned());
+            let now = agents
+                .get(name)
+                .await
+                .ok()
+                .and_then(|a| ready_condition(&a).cloned());
             panic!(
                 "agent {name} never got reason {reason}; Ready is {now:?}\n{}",
                 log.log_text()
@@ -177,7 +183,13 @@ async fn apply_policy_agents(agents: &Api<Agent>) {
 
 #[tokio::test]
 async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
-    let AgentNamespace { cluster, ns, client, agents, sessions } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        client,
+        agents,
+        sessions,
+    } = AgentNamespace::new().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
     let operator = operator(cluster, &ns, &[]).await;
@@ -263,7 +275,13 @@ async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
 
 #[tokio::test]
 async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
-    let AgentNamespace { cluster, ns, client, agents, sessions } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        client,
+        agents,
+        sessions,
+    } = AgentNamespace::new().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
     let operator = operator(cluster, &ns, &OPEN_FLAGS).await;
@@ -304,7 +322,13 @@ async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
 
 #[tokio::test]
 async fn an_agent_at_its_stored_sessions_cap_is_429_before_any_create() {
-    let AgentNamespace { cluster, ns, agents, sessions, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        agents,
+        sessions,
+        ..
+    } = AgentNamespace::new().await;
     let _operator = operator(cluster, &ns, &[]).await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
     let keeper = |cap: u32| {
@@ -392,7 +416,13 @@ async fn finish(sessions: &Api<Session>, name: &str, at: Timestamp) {
 
 #[tokio::test]
 async fn lowering_the_cap_deletes_the_oldest_finished_sessions_first() {
-    let AgentNamespace { cluster, ns, agents, sessions, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        agents,
+        sessions,
+        ..
+    } = AgentNamespace::new().await;
     let operator = operator(cluster, &ns, &[]).await;
     let agent = |cap: u32| json!({"spec": {"session": {"maxStoredSessions": cap}}});
     apply_agent(&agents, "hoarder", agent(10)).await;

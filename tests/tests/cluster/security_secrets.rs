@@ -102,7 +102,12 @@ async fn post_status(address: &str, path: &str) -> u16 {
 
 #[tokio::test]
 async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
-    let AgentNamespace { cluster, ns, agents, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        agents,
+        ..
+    } = AgentNamespace::new().await;
     let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "first").await;
 
@@ -183,7 +188,13 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
 
 #[tokio::test]
 async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
-    let AgentNamespace { cluster, ns, client, agents, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        client,
+        agents,
+        ..
+    } = AgentNamespace::new().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let events: Api<Event> = Api::namespaced(client, ns.name());
     let _operator = start_operator(cluster, &ns).await;
@@ -324,7 +335,10 @@ async fn github_delivery(address: &str, path: &str, secret: Option<&str>, n: u32
         ("X-GitHub-Delivery", delivery),
     ];
     if let Some(secret) = secret {
-        headers.push(("X-Hub-Signature-256", format!("sha256={}", hex_hmac_sha256(secret, &body))));
+        headers.push((
+            "X-Hub-Signature-256",
+            format!("sha256={}", hex_hmac_sha256(secret, &body)),
+        ));
     }
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let answer = request(address, "POST", path, &headers, &body).await;
@@ -333,7 +347,13 @@ async fn github_delivery(address: &str, path: &str, secret: Option<&str>, n: u32
 
 #[tokio::test]
 async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
-    let AgentNamespace { cluster, ns, client, agents, .. } = AgentNamespace::new().await;
+    let AgentNamespace {
+        cluster,
+        ns,
+        client,
+        agents,
+        ..
+    } = AgentNamespace::new().await;
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
     let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "gh").await;

@@ -90,7 +90,11 @@ fn start_dev(scratch: &Scratch) -> Child {
 }
 
 /// Waits until the pid files name every process in `expected`, and answers them all.
-async fn wait_recorded(scratch: &Scratch, expected: &[&str], child: &mut Child) -> Vec<(String, u32)> {
+async fn wait_recorded(
+    scratch: &Scratch,
+    expected: &[&str],
+    child: &mut Child,
+) -> Vec<(String, u32)> {
     let found = eventually(Duration::from_secs(45), || async {
         let all = scratch.recorded();
         let names: Vec<&str> = all.iter().map(|(name, _)| name.as_str()).collect();
@@ -296,12 +300,18 @@ async fn cluster_up_stops_a_stale_control_plane_before_starting_its_own() {
         output.contains(&format!("stopped etcd (pid {})", stale_etcd.pid())),
         "{output}"
     );
-    assert!(!tied::runs(stale_etcd.pid(), "etcd"), "the stale etcd is gone");
+    assert!(
+        !tied::runs(stale_etcd.pid(), "etcd"),
+        "the stale etcd is gone"
+    );
     assert!(
         alive(bystander.pid()),
         "a pid that no longer runs the recorded binary is left alone"
     );
-    assert!(state.join("ready").exists(), "the new control plane is ready");
+    assert!(
+        state.join("ready").exists(),
+        "the new control plane is ready"
+    );
 
     let started = scratch.recorded();
     let names: Vec<&str> = started.iter().map(|(name, _)| name.as_str()).collect();

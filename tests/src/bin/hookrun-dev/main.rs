@@ -104,7 +104,11 @@ impl Stack {
             .flatten()
         {
             if let Err(error) = tied::record(&path, &started.name, started.pid()) {
-                say_err!("dev: cannot record {} in {}: {error}", started.name, path.display());
+                say_err!(
+                    "dev: cannot record {} in {}: {error}",
+                    started.name,
+                    path.display()
+                );
             }
         }
     }
@@ -294,13 +298,8 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     ]
     .map(str::to_owned)
     .to_vec();
-    stack.operator = Some(Started::spawn(
-        &operator_bin,
-        &operator_args,
-        &kubeconfig,
-        &cli.logs,
-    )
-    .await?);
+    stack.operator =
+        Some(Started::spawn(&operator_bin, &operator_args, &kubeconfig, &cli.logs).await?);
     let apiserver_args: Vec<String> = [
         "--listen",
         &cli.listen.to_string(),
@@ -311,13 +310,8 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     ]
     .map(str::to_owned)
     .to_vec();
-    stack.apiserver = Some(Started::spawn(
-        &apiserver_bin,
-        &apiserver_args,
-        &kubeconfig,
-        &cli.logs,
-    )
-    .await?);
+    stack.apiserver =
+        Some(Started::spawn(&apiserver_bin, &apiserver_args, &kubeconfig, &cli.logs).await?);
     stack.record(&cli.logs);
     for (started, admin) in [
         (stack.operator.as_mut(), cli.operator_admin_listen),
@@ -455,9 +449,7 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
             cidrs.join(", ")
         );
     } else {
-        say!(
-            "    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\"}}' {url}"
-        );
+        say!("    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\"}}' {url}");
         say!(
             "    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\",\"wait\":60}}' {url}"
         );
@@ -477,7 +469,10 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
             None => say!(
                 "    sessions need Secret {:?}: kubectl create secret generic {} --from-literal={}=… \
                  && kubectl label secret {} {label}",
-                reference.name, reference.name, reference.key, reference.name
+                reference.name,
+                reference.name,
+                reference.key,
+                reference.name
             ),
             Some(secret)
                 if secret
@@ -488,7 +483,8 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
             {
                 say!(
                     "    Secret {:?} must opt in to Agent env: kubectl label secret {} {label}",
-                    reference.name, reference.name
+                    reference.name,
+                    reference.name
                 )
             }
             Some(_) => {}
