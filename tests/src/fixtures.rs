@@ -11,35 +11,22 @@ use sha2::Sha256;
 
 use crate::{Cluster, TestNamespace, cluster};
 
-/// A test's own namespace on the shared cluster, with an admin client and the Agent and
-/// Session APIs in it. The namespace is deleted when this is dropped.
-pub struct AgentNamespace {
-    /// The shared cluster.
-    pub cluster: &'static Cluster,
-    /// The namespace.
-    pub ns: TestNamespace,
-    /// An admin client.
-    pub client: Client,
-    /// Agents in the namespace.
-    pub agents: Api<Agent>,
-    /// Sessions in the namespace.
-    pub sessions: Api<Session>,
-}
-
-impl AgentNamespace {
-    /// Creates the namespace on the shared cluster (started on first use).
-    pub async fn new() -> Self {
-        let cluster = cluster().await;
-        let ns = TestNamespace::new(cluster).await;
-        let client = cluster.client().await;
-        AgentNamespace {
-            cluster,
-            agents: Api::namespaced(client.clone(), ns.name()),
-            sessions: Api::namespaced(client.clone(), ns.name()),
-            client,
-            ns,
-        }
-    }
+/// A test's own namespace on the shared cluster (started on first use), deleted when the
+/// returned [`TestNamespace`] is dropped: `(cluster, namespace, admin client, Agents in
+/// it, Sessions in it)`.
+pub async fn agent_namespace() -> (
+    &'static Cluster,
+    TestNamespace,
+    Client,
+    Api<Agent>,
+    Api<Session>,
+) {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents = Api::namespaced(client.clone(), ns.name());
+    let sessions = Api::namespaced(client.clone(), ns.name());
+    (cluster, ns, client, agents, sessions)
 }
 
 /// Applies an Agent with one model and one webhook trigger configured by `webhook`

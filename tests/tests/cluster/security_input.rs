@@ -7,7 +7,7 @@
 use hookrun_crds::session::OVERSIZE_MESSAGE;
 use hookrun_crds::{Session, SessionPhase, SessionSpec, session::SessionEnvVar};
 use hookrun_tests::door::{Answer, ApiServer, BUDGET, Door, Operator, request, webhook_path};
-use hookrun_tests::fixtures::{AgentNamespace, session_count};
+use hookrun_tests::fixtures::{agent_namespace, session_count};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -28,13 +28,7 @@ fn message(answer: &Answer) -> &str {
 
 #[tokio::test]
 async fn webhook_env_is_refused_unless_the_agent_allows_the_name() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
 
     apply_agent(
@@ -134,13 +128,7 @@ async fn the_schema_refuses_allowed_env_that_covers_everything_or_hookrun() {
 
 #[tokio::test]
 async fn parts_over_their_budget_are_413_and_store_nothing() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
 
     apply_agent(
@@ -292,13 +280,7 @@ const SPEC_PADDING: usize = 1_400 * 1024;
 
 #[tokio::test]
 async fn a_runner_write_refused_as_too_large_ends_the_session() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, _, sessions) = agent_namespace().await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
 
     let name = "big-wh-00000001";
@@ -371,12 +353,7 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
 
 #[tokio::test]
 async fn an_operator_write_refused_as_too_large_ends_the_session() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, _, sessions) = agent_namespace().await;
 
     let name = "big-wh-00000002";
     sessions

@@ -19,7 +19,7 @@ use hmac::{Hmac, Mac};
 use hookrun_tests::control_plane::workspace_root;
 use hookrun_tests::door::{self, ApiServer, Operator, is_known, webhook_path};
 use hookrun_tests::fake_model::FakeModel;
-use hookrun_tests::fixtures::AgentNamespace;
+use hookrun_tests::fixtures::agent_namespace;
 use hookrun_tests::pod_runner::PodRunner;
 use hookrun_tests::{TestNamespace, apply_agent, eventually, workspace_binary};
 use k8s_openapi::api::core::v1::Secret;
@@ -119,13 +119,7 @@ fn kubectl_json(ns: &TestNamespace, args: &[&str]) -> Value {
 
 #[tokio::test]
 async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        agents,
-        sessions,
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, agents, sessions) = agent_namespace().await;
 
     // The secrets, each with what it is for the failure message.
     let linear_secret = random("lin_wh_", 32);

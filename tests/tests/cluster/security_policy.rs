@@ -10,7 +10,7 @@ use hookrun_tests::{
     Cluster, TestNamespace, apply_agent,
     door::{self, ApiServer, Operator},
     eventually,
-    fixtures::{AgentNamespace, ready_condition},
+    fixtures::{agent_namespace, ready_condition},
 };
 use k8s_openapi::{
     api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
@@ -183,13 +183,7 @@ async fn apply_policy_agents(agents: &Api<Agent>) {
 
 #[tokio::test]
 async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        agents,
-        sessions,
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, agents, sessions) = agent_namespace().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
     let operator = operator(cluster, &ns, &[]).await;
@@ -275,13 +269,7 @@ async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
 
 #[tokio::test]
 async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        agents,
-        sessions,
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, agents, sessions) = agent_namespace().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
     let operator = operator(cluster, &ns, &OPEN_FLAGS).await;
@@ -322,13 +310,7 @@ async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
 
 #[tokio::test]
 async fn an_agent_at_its_stored_sessions_cap_is_429_before_any_create() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let _operator = operator(cluster, &ns, &[]).await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
     let keeper = |cap: u32| {
@@ -416,13 +398,7 @@ async fn finish(sessions: &Api<Session>, name: &str, at: Timestamp) {
 
 #[tokio::test]
 async fn lowering_the_cap_deletes_the_oldest_finished_sessions_first() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let operator = operator(cluster, &ns, &[]).await;
     let agent = |cap: u32| json!({"spec": {"session": {"maxStoredSessions": cap}}});
     apply_agent(&agents, "hoarder", agent(10)).await;

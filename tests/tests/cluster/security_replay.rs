@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use hookrun_tests::door::{BUDGET, Door, webhook_path};
 use hookrun_tests::eventually;
 use hookrun_tests::fixtures::{
-    AgentNamespace, apply_webhook_agent, hex_hmac_sha256, session_count,
+    agent_namespace, apply_webhook_agent, hex_hmac_sha256, session_count,
 };
 use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::Api;
@@ -27,13 +27,7 @@ fn now_ms() -> u128 {
 
 #[tokio::test]
 async fn a_captured_github_delivery_sent_again_with_fresh_ids_is_the_original_session() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
     apply_webhook_agent(&agents, "gh", json!({"githubSecret": GITHUB_SECRET})).await;
     let path = webhook_path(&agents, ns.name(), "gh").await;
@@ -80,13 +74,7 @@ async fn a_captured_github_delivery_sent_again_with_fresh_ids_is_the_original_se
 
 #[tokio::test]
 async fn a_linear_redelivery_and_a_250_character_delivery_id_are_one_session() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        sessions,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
     apply_webhook_agent(
         &agents,
@@ -140,13 +128,7 @@ async fn a_linear_redelivery_and_a_250_character_delivery_id_are_one_session() {
 
 #[tokio::test]
 async fn a_session_the_cluster_refuses_is_400_with_the_reason_not_503() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        agents,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, agents, _) = agent_namespace().await;
     let quotas: Api<ResourceQuota> = Api::namespaced(client, ns.name());
     let door = Door::start(cluster, &ns).await;
     apply_webhook_agent(&agents, "quota", json!({})).await;

@@ -7,7 +7,7 @@
 use hookrun_crds::{Agent, names};
 use hookrun_tests::door::{ApiServer, BUDGET, Operator, is_known, request, webhook_path};
 use hookrun_tests::fixtures::{
-    AgentNamespace, apply_webhook_agent, hex_hmac_sha256, ready_condition,
+    agent_namespace, apply_webhook_agent, hex_hmac_sha256, ready_condition,
 };
 use hookrun_tests::{Cluster, TestNamespace, eventually};
 use k8s_openapi::api::core::v1::{Event, Secret};
@@ -102,12 +102,7 @@ async fn post_status(address: &str, path: &str) -> u16 {
 
 #[tokio::test]
 async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        agents,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, _, agents, _) = agent_namespace().await;
     let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "first").await;
 
@@ -188,13 +183,7 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
 
 #[tokio::test]
 async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        agents,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, agents, _) = agent_namespace().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let events: Api<Event> = Api::namespaced(client, ns.name());
     let _operator = start_operator(cluster, &ns).await;
@@ -347,13 +336,7 @@ async fn github_delivery(address: &str, path: &str, secret: Option<&str>, n: u32
 
 #[tokio::test]
 async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
-    let AgentNamespace {
-        cluster,
-        ns,
-        client,
-        agents,
-        ..
-    } = AgentNamespace::new().await;
+    let (cluster, ns, client, agents, _) = agent_namespace().await;
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
     let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "gh").await;
