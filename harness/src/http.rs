@@ -1,15 +1,11 @@
-//! The one HTTP client the harness uses for the runner API and the model APIs: hyper 1
-//! with rustls and the compiled-in webpki roots, so TLS works in an image with no CA
-//! bundle.
+//! The one HTTP client the harness uses for the runner API and the model APIs: reqwest
+//! with rustls and the compiled-in webpki roots (TLS works in an image with no CA bundle),
+//! proxies from the environment for the model APIs, none for the runner API.
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 /// The largest response body read into memory (a model answer is far smaller).
 const MAX_RESPONSE_BODY: usize = 16 * 1024 * 1024;
@@ -56,23 +52,30 @@ pub struct HttpResponse {
 /// A cheap-to-clone HTTP(S) client.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    inner: reqwest::Client,
 }
 
 impl HttpClient {
-    /// A client that speaks plain HTTP (the runner API inside the cluster) and HTTPS with
-    /// the webpki roots (the model providers).
+    /// A client for the model providers: HTTPS with the webpki roots, plain HTTP for local
+    /// servers, through the proxy the environment names (`HTTPS_PROXY`, `HTTP_PROXY`,
+    /// `ALL_PROXY`, with `NO_PROXY` exceptions), as users of HTTP clients expect.
     pub fn new() -> Self {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            // The ring provider supports the default protocol versions: this cannot fail.
-            .unwrap_or_else(|error| panic!("rustls with ring: {error}"))
-            .https_or_http()
-            .enable_http1()
-            .build();
-        let inner = Client::builder(TokioExecutor::new())
+        Self::build(reqwest::Client::builder())
+    }
+
+    /// A client that never goes through a proxy: the runner API is a Service inside the
+    /// cluster, which an egress proxy set for the model providers cannot reach.
+    pub fn direct() -> Self {
+        Self::build(reqwest::Client::builder().no_proxy())
+    }
+
+    fn build(builder: reqwest::ClientBuilder) -> Self {
+        let inner = builder
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build()
+            // Only a TLS backend that fails to load makes this fail; rustls with ring and
+            // compiled-in roots always loads.
+            .unwrap_or_else(|error| panic!("the HTTP client: {}", describe(&error)));
         Self { inner }
     }
 
@@ -85,52 +88,55 @@ impl HttpClient {
         json: Option<&serde_json::Value>,
         timeout: Duration,
     ) -> Result<HttpResponse, TransportError> {
-        let uri: Uri =
-            url.parse()
-                .map_err(|error: http::uri::InvalidUri| TransportError::InvalidUrl {
-                    url: crate::redact::scrub(url),
-                    reason: error.to_string(),
-                })?;
-        if uri.scheme().is_none() || uri.authority().is_none() {
-            return Err(TransportError::InvalidUrl {
-                url: crate::redact::scrub(url),
-                reason: "expected an absolute http:// or https:// URL".to_string(),
-            });
-        }
-        let mut builder = Request::builder().method(method).uri(uri);
-        for (name, value) in headers {
-            builder = builder.header(name, value);
-        }
-        let body = match json {
-            Some(value) => {
-                builder = builder.header(http::header::CONTENT_TYPE, "application/json");
-                Bytes::from(serde_json::to_vec(value).unwrap_or_default())
-            }
-            None => Bytes::new(),
+        let invalid = |reason: String| TransportError::InvalidUrl {
+            url: crate::redact::scrub(url),
+            reason,
         };
-        let request =
-            builder
-                .body(Full::new(body))
-                .map_err(|error| TransportError::InvalidUrl {
-                    url: crate::redact::scrub(url),
-                    reason: error.to_string(),
-                })?;
+        // RFC 3986 first: the WHATWG parser below would quietly percent-encode what is
+        // a configuration mistake (a space in a base URL).
+        url.parse::<http::Uri>()
+            .map_err(|error| invalid(error.to_string()))?;
+        let parsed = reqwest::Url::parse(url).map_err(|error| invalid(error.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+            return Err(invalid(
+                "expected an absolute http:// or https:// URL".to_string(),
+            ));
+        }
+        let mut request = self.inner.request(method, parsed);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        if let Some(value) = json {
+            request = request
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(serde_json::to_vec(value).unwrap_or_default());
+        }
         let exchange = async {
-            let response = self
-                .inner
-                .request(request)
+            // Without the URL: it may carry credentials, and the caller names the call.
+            let mut response = request
+                .send()
                 .await
-                .map_err(|error| TransportError::Io(describe(&error)))?;
-            let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BODY)
-                .collect()
-                .await
-                .map_err(|error| TransportError::Io(format!("reading the answer: {error}")))?
-                .to_bytes();
+                .map_err(|error| TransportError::Io(describe(&error.without_url())))?;
+            let status = response.status();
+            let headers = std::mem::take(response.headers_mut());
+            let mut body = BytesMut::new();
+            while let Some(chunk) = response.chunk().await.map_err(|error| {
+                TransportError::Io(format!(
+                    "reading the answer: {}",
+                    describe(&error.without_url())
+                ))
+            })? {
+                if body.len() + chunk.len() > MAX_RESPONSE_BODY {
+                    return Err(TransportError::Io(format!(
+                        "reading the answer: longer than {MAX_RESPONSE_BODY} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
             Ok(HttpResponse {
-                status: parts.status,
-                headers: parts.headers,
-                body,
+                status,
+                headers,
+                body: body.freeze(),
             })
         };
         tokio::time::timeout(timeout, exchange)
@@ -145,7 +151,7 @@ impl Default for HttpClient {
     }
 }
 
-/// The error and its causes on one line (hyper's top-level message alone is vague).
+/// The error and its causes on one line (the top-level message alone is vague).
 fn describe(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -155,4 +161,29 @@ fn describe(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn urls_outside_rfc_3986_are_refused_before_anything_is_sent() {
+        let client = HttpClient::direct();
+        for url in [
+            "http://127.0.0.1:9/v1 beta",
+            "127.0.0.1:9/v1",
+            "ftp://127.0.0.1/v1",
+        ] {
+            let error = client
+                .send(Method::GET, url, &[], None, Duration::from_secs(5))
+                .await
+                .expect_err(url);
+            assert!(
+                matches!(error, TransportError::InvalidUrl { .. }),
+                "{url}: {error}"
+            );
+            assert!(!error.is_transient(), "{url}");
+        }
+    }
 }

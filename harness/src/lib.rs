@@ -140,7 +140,7 @@ pub async fn run(args: Args) -> Outcome {
     remember_secrets(&args);
     let http = HttpClient::new();
     let runner = RunnerClient::new(
-        http.clone(),
+        HttpClient::direct(),
         &args.runner_url,
         args.token_file.clone(),
         RetryPolicy::RUNNER,

@@ -613,3 +613,55 @@ fn version_flag_prints_the_version() {
         format!("hookrun-harness {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+/// The binary as a pod runs it, with an egress proxy in its environment: the model API
+/// (a name that resolves nowhere) is reached through the proxy, the runner API directly.
+#[tokio::test]
+async fn the_model_api_goes_through_the_proxy_of_the_environment_and_the_runner_api_does_not() {
+    // The fake model server is the proxy: a proxied plain-HTTP request names the target
+    // in its request line and Host header, and the path routes as usual.
+    let proxy = FakeModel::start(vec![(200, vec![], openai_completion("via the proxy"))]).await;
+    let runner = FakeRunner::start(RunnerState {
+        context: context("hello", &["openai/gpt-4o-mini"], Value::Null),
+        ..RunnerState::default()
+    })
+    .await;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_hookrun-harness"));
+    for name in [
+        "NO_PROXY",
+        "no_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+    ] {
+        command.env_remove(name);
+    }
+    let output = command
+        .arg("--runner-url")
+        .arg(&runner.url)
+        .arg("--token-file")
+        .arg(token_file("p1"))
+        .args(["--openai-base-url", "http://models.proxy-test.invalid/v1"])
+        .args(["--retry-attempts", "1", "--model-timeout-seconds", "10"])
+        .env("OPENAI_API_KEY", OPENAI_KEY)
+        .env("HTTP_PROXY", &proxy.url)
+        .env("http_proxy", &proxy.url)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("the harness finishes within 30 s")
+        .expect("the harness runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let calls = proxy.seen();
+    assert_eq!(calls.len(), 1, "only the model call goes through the proxy");
+    assert_eq!(calls[0].path, "/v1/chat/completions");
+    assert_eq!(header(&calls[0], "host"), Some("models.proxy-test.invalid"));
+    assert_eq!(runner.completion()["response"], "via the proxy");
+}

@@ -12,7 +12,17 @@ use std::{
 };
 
 use rand::{Rng, distr::Alphanumeric};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
+
+use crate::tied;
+
+/// The component pid file in the state directory: `name pid` lines, one a component,
+/// written as each starts.
+pub const PIDS_FILE: &str = "pids";
+/// The supervisor's pid file in the state directory (the pid alone).
+pub const SUPERVISOR_PID_FILE: &str = "supervisor.pid";
+/// The supervisor binary that records itself in [`SUPERVISOR_PID_FILE`].
+pub const SUPERVISOR: &str = "hookrun-cluster";
 
 /// What went wrong starting or stopping the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +95,27 @@ pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client, ClientError> 
     Ok(kube::Client::try_from(config)?)
 }
 
-/// A running control plane. Dropping it kills its processes.
+/// Stops what an earlier control plane in `state_dir` left running (its supervisor was
+/// killed before it could stop them, or they were started by hand): the supervisor
+/// recorded in [`SUPERVISOR_PID_FILE`], then the components in [`PIDS_FILE`], each only
+/// while its pid still runs the recorded binary. Answers what was stopped.
+pub fn stop_stale(state_dir: &Path) -> Vec<(String, u32)> {
+    let mut stopped = Vec::new();
+    let supervisor = state_dir.join(SUPERVISOR_PID_FILE);
+    if let Some(pid) = std::fs::read_to_string(&supervisor)
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        && pid != std::process::id()
+        && tied::stop(pid, SUPERVISOR, Duration::from_secs(10))
+    {
+        stopped.push((SUPERVISOR.to_owned(), pid));
+    }
+    stopped.extend(tied::stop_recorded(&state_dir.join(PIDS_FILE)));
+    stopped
+}
+
+/// A running control plane. Dropping it kills its processes; they also die with this
+/// process however it dies, and are recorded in `<state_dir>/pids`.
 pub struct ControlPlane {
     config: Config,
     children: Vec<(&'static str, Child)>,
@@ -121,6 +151,9 @@ impl ControlPlane {
             }
         }
         let dir = &config.state_dir;
+        // Stale components of an earlier run in the same directory would hold its etcd
+        // data and ports.
+        tied::stop_recorded(&dir.join(PIDS_FILE));
         for sub in ["", "etcd", "certs", "logs"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| Error::Io {
@@ -158,44 +191,48 @@ impl ControlPlane {
 
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        plane.spawn(
-            "etcd",
-            vec![
-                format!("--data-dir={}", dir.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=default={peer_url}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-            ],
-        )?;
+        plane
+            .spawn(
+                "etcd",
+                vec![
+                    format!("--data-dir={}", dir.join("etcd").display()),
+                    format!("--listen-client-urls={etcd_url}"),
+                    format!("--advertise-client-urls={etcd_url}"),
+                    format!("--listen-peer-urls={peer_url}"),
+                    format!("--initial-advertise-peer-urls={peer_url}"),
+                    format!("--initial-cluster=default={peer_url}"),
+                    "--unsafe-no-fsync=true".into(),
+                    "--log-level=warn".into(),
+                ],
+            )
+            .await?;
 
         let path = |name: &str| dir.join(name).display().to_string();
-        plane.spawn(
-            "kube-apiserver",
-            vec![
-                format!("--etcd-servers={etcd_url}"),
-                format!("--cert-dir={}", path("certs")),
-                format!("--secure-port={api_port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--token-auth-file={}", path("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
-                // As hardened clusters run it: an owner reference that blocks its
-                // owner's deletion needs `update` on the owner's finalizers, which the
-                // chart's RBAC must then grant (the chart test proves it does).
-                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", path("sa.pub")),
-                format!("--service-account-signing-key-file={}", path("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--endpoint-reconciler-type=none".into(),
-                "--allow-privileged=true".into(),
-                "--v=0".into(),
-            ],
-        )?;
+        plane
+            .spawn(
+                "kube-apiserver",
+                vec![
+                    format!("--etcd-servers={etcd_url}"),
+                    format!("--cert-dir={}", path("certs")),
+                    format!("--secure-port={api_port}"),
+                    "--bind-address=127.0.0.1".into(),
+                    "--advertise-address=127.0.0.1".into(),
+                    format!("--token-auth-file={}", path("tokens.csv")),
+                    "--authorization-mode=RBAC".into(),
+                    // As hardened clusters run it: an owner reference that blocks its
+                    // owner's deletion needs `update` on the owner's finalizers, which the
+                    // chart's RBAC must then grant (the chart test proves it does).
+                    "--enable-admission-plugins=OwnerReferencesPermissionEnforcement".into(),
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                    format!("--service-account-key-file={}", path("sa.pub")),
+                    format!("--service-account-signing-key-file={}", path("sa.key")),
+                    "--service-cluster-ip-range=10.96.0.0/16".into(),
+                    "--endpoint-reconciler-type=none".into(),
+                    "--allow-privileged=true".into(),
+                    "--v=0".into(),
+                ],
+            )
+            .await?;
 
         plane.write_kubeconfig()?;
         plane.wait_ready(Duration::from_secs(120)).await?;
@@ -212,12 +249,12 @@ impl ControlPlane {
                 "--use-service-account-credentials=false".into(),
                 "--controllers=*,-nodeipam,-nodelifecycle,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner".into(),
                 "--v=0".into(),
-            ])?;
+            ]).await?;
         }
         Ok(plane)
     }
 
-    fn spawn(&mut self, component: &'static str, args: Vec<String>) -> Result<()> {
+    async fn spawn(&mut self, component: &'static str, args: Vec<String>) -> Result<()> {
         let log_path = self
             .config
             .state_dir
@@ -238,14 +275,24 @@ impl ControlPlane {
             path: log_path,
             source,
         })?;
-        let child = Command::new(self.config.tools_bin.join(component))
+        let mut command = tied::command(self.config.tools_bin.join(component));
+        command
+            .args(&args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
-            .args(&args)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        let child = tied::spawn(command)
+            .await
             .map_err(|source| Error::Spawn { component, source })?;
+        let pids = self.config.state_dir.join(PIDS_FILE);
+        if let Some(pid) = child.id() {
+            tied::record(&pids, component, pid).map_err(|source| Error::Io {
+                action: "write",
+                path: pids,
+                source,
+            })?;
+        }
         self.children.push((component, child));
         self.args.retain(|(name, _)| *name != component);
         self.args.push((component, args));
@@ -275,7 +322,7 @@ impl ControlPlane {
             .find(|(c, _)| *c == KUBE_APISERVER)
             .map(|(_, args)| args.clone())
             .unwrap_or_default();
-        self.spawn(KUBE_APISERVER, args)?;
+        self.spawn(KUBE_APISERVER, args).await?;
         self.wait_ready(budget).await
     }
 
@@ -386,5 +433,6 @@ current-context: hookrun-local
         while let Some((_, mut child)) = self.children.pop() {
             let _ = child.kill().await;
         }
+        let _ = std::fs::remove_file(self.config.state_dir.join(PIDS_FILE));
     }
 }

@@ -2,7 +2,8 @@
 //! cluster per test binary ([`cluster`]), a namespace per test ([`TestNamespace`]), the
 //! one launcher of the operator and the apiserver and the one HTTP client ([`door`]), the
 //! stand-in for the kubelet that runs session pods as local harness processes
-//! ([`pod_runner`]) and a scripted model API ([`fake_model`]).
+//! ([`pod_runner`]), a scripted model API ([`fake_model`]) and child processes that die
+//! with their supervisor ([`tied`]).
 //!
 //! Cluster tests never read the shell's `KUBECONFIG`: they start their own control plane
 //! through the `hookrun-cluster` binary, which stops it when the test process exits.
@@ -10,7 +11,29 @@
 pub mod control_plane;
 pub mod door;
 pub mod fake_model;
+pub mod fixtures;
 pub mod pod_runner;
+pub mod tied;
+
+/// `println!` for supervisors: a stdout whose reader went away (`make dev | tee log`, then
+/// Ctrl-C, which stops `tee` first) is not an error. `println!` would panic on it and skip
+/// stopping what the supervisor started.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` for supervisors; see [`say!`].
+#[macro_export]
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        let _ = ::std::writeln!(::std::io::stderr(), $($arg)*);
+    }};
+}
 
 use std::{
     path::{Path, PathBuf},
@@ -234,10 +257,52 @@ impl TestNamespace {
         kubectl(&self.kubeconfig, &all, stdin)
     }
 
+    /// Applies `manifest` (YAML, several documents allowed) in this namespace.
+    pub fn apply(&self, manifest: &str) {
+        let applied = self.kubectl(&["apply", "-f", "-"], Some(manifest));
+        assert!(
+            applied.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
+
+    /// A token of the ServiceAccount `account`, with `kubectl create token`'s extra flags
+    /// (`--audience`, `--bound-object-*`).
+    pub fn token(&self, account: &str, flags: &[&str]) -> String {
+        let mut args = vec!["create", "token", account];
+        args.extend_from_slice(flags);
+        let token = self.kubectl(&args, None);
+        assert!(
+            token.status.success(),
+            "kubectl create token: {}",
+            String::from_utf8_lossy(&token.stderr)
+        );
+        String::from_utf8_lossy(&token.stdout).trim().to_owned()
+    }
+
+    /// A `hookrun`-audience token of the `default` ServiceAccount bound to pod `name`
+    /// (what a session pod's projected token is).
+    pub fn pod_token(&self, name: &str, uid: &str) -> String {
+        self.token(
+            "default",
+            &[
+                "--audience",
+                "hookrun",
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                name,
+                "--bound-object-uid",
+                uid,
+            ],
+        )
+    }
+
     /// Creates a ServiceAccount `reader` allowed to `get` Sessions in this namespace (what
     /// the read API asks the cluster) and returns a token of it.
     pub fn session_reader_token(&self) -> String {
-        let rbac = format!(
+        self.apply(&format!(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: reader}}\n---\n\
              apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: session-reader}}\n\
              rules: [{{apiGroups: [hookrun.dev], resources: [sessions], verbs: [get]}}]\n---\n\
@@ -245,20 +310,8 @@ impl TestNamespace {
              roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: session-reader}}\n\
              subjects: [{{kind: ServiceAccount, name: reader, namespace: {}}}]\n",
             self.name
-        );
-        let applied = self.kubectl(&["apply", "-f", "-"], Some(&rbac));
-        assert!(
-            applied.status.success(),
-            "{}",
-            String::from_utf8_lossy(&applied.stderr)
-        );
-        let token = self.kubectl(&["create", "token", "reader"], None);
-        assert!(
-            token.status.success(),
-            "kubectl create token: {}",
-            String::from_utf8_lossy(&token.stderr)
-        );
-        String::from_utf8_lossy(&token.stdout).trim().to_owned()
+        ));
+        self.token("reader", &[])
     }
 }
 

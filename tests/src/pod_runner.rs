@@ -259,7 +259,7 @@ impl PodRunner {
                 }
                 Ok(_) => continue,
                 Err(error) => {
-                    eprintln!("dev: watching session pods: {error}; retrying");
+                    crate::say_err!("dev: watching session pods: {error}; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -330,7 +330,7 @@ impl PodRunner {
             )
             .await
         {
-            eprintln!(
+            crate::say_err!(
                 "dev: cannot set the status of pod {namespace}/{}: {error}",
                 pod.name_any()
             );
@@ -407,7 +407,7 @@ impl PodRunner {
         let uid = pod.uid().unwrap_or_default();
         let label = format!("{namespace}/{name}");
         if let Some(message) = refuse_image(&pod, &self.harness_image) {
-            println!("dev: session {label} refused: {message}");
+            crate::say!("dev: session {label} refused: {message}");
             self.set_status(&pod, failed_status("UnsupportedImage", &message))
                 .await;
             return;
@@ -420,7 +420,7 @@ impl PodRunner {
         let mut env = match resolve_env(&env, &sources) {
             Ok(env) => env,
             Err(EnvError(message)) => {
-                println!("dev: session {label} cannot start: {message}");
+                crate::say!("dev: session {label} cannot start: {message}");
                 self.set_status(&pod, failed_status("CreateContainerConfigError", &message))
                     .await;
                 return;
@@ -440,7 +440,7 @@ impl PodRunner {
         let log = match prepared.await {
             Ok(log) => log,
             Err(message) => {
-                println!("dev: session {label} cannot start: {message}");
+                crate::say!("dev: session {label} cannot start: {message}");
                 self.set_status(&pod, failed_status("CreateContainerError", &message))
                     .await;
                 return;
@@ -465,12 +465,13 @@ impl PodRunner {
             .get(names::AGENT_LABEL)
             .cloned()
             .unwrap_or_default();
-        println!(
+        crate::say!(
             "dev: ▶ session {label} started (agent {agent}; log {})",
             log_path.display()
         );
 
-        let spawned = tokio::process::Command::new(&self.harness_binary)
+        let mut command = crate::tied::command(&self.harness_binary);
+        command
             .env_clear()
             .envs(std::env::var_os("PATH").map(|p| (std::ffi::OsString::from("PATH"), p)))
             .env("HOME", &dir)
@@ -482,13 +483,13 @@ impl PodRunner {
             .stderr(Stdio::from(log))
             // Its own process group, so that stopping it stops what exec mode started.
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn();
-        let mut child = match spawned {
+            .kill_on_drop(true);
+        // Tied: it dies with the supervisor however that dies.
+        let mut child = match crate::tied::spawn(command).await {
             Ok(child) => child,
             Err(error) => {
                 let message = format!("cannot run {}: {error}", self.harness_binary.display());
-                println!("dev: session {label} cannot start: {message}");
+                crate::say!("dev: session {label} cannot start: {message}");
                 self.set_status(&pod, exited_status(&image, 128, &message, &started_at))
                     .await;
                 self.forget(&uid, &dir);
@@ -512,7 +513,7 @@ impl PodRunner {
                         Ok(token) => {
                             let _ = write_private(&token_file, &token);
                         }
-                        Err(error) => eprintln!("dev: refreshing a session token: {error}"),
+                        Err(error) => crate::say_err!("dev: refreshing a session token: {error}"),
                     }
                 }
             })
@@ -547,7 +548,7 @@ impl PodRunner {
                 self.set_status(&pod, exited_status(&image, code, &message, &started_at))
                     .await;
                 let outcome = self.session_outcome(&namespace, &name).await;
-                println!(
+                crate::say!(
                     "dev: ■ session {label} ended after {took:.1}s: harness exit {code}{outcome}"
                 );
             }
@@ -560,9 +561,9 @@ impl PodRunner {
                     ),
                 )
                 .await;
-                println!("dev: ■ session {label} stopped at its deadline after {took:.1}s");
+                crate::say!("dev: ■ session {label} stopped at its deadline after {took:.1}s");
             }
-            End::Stopped => println!(
+            End::Stopped => crate::say!(
                 "dev: ■ session {label} stopped after {took:.1}s (pod deleted or make dev stopping)"
             ),
         }

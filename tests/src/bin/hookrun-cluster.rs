@@ -4,7 +4,11 @@
 //!   `export KUBECONFIG=...` line;
 //! - `down`: stops every process it started, by pid, and removes its state;
 //! - `run`: the supervisor that `up` and the cluster tests start; it owns the processes
-//!   and stops them on SIGTERM, when one of them dies, or when `--exit-with-pid` exits.
+//!   and stops them on SIGTERM, when one of them dies, or when `--exit-with-pid` exits;
+//!   they die with it if it is killed outright.
+//!
+//! `up` and `run` first stop what an earlier supervisor of the same state directory left
+//! running (recorded in its pid files, matched by binary name).
 
 use std::{
     path::{Path, PathBuf},
@@ -13,7 +17,8 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
-use hookrun_tests::control_plane::{self, ControlPlane};
+use hookrun_tests::control_plane::{self, ControlPlane, SUPERVISOR, SUPERVISOR_PID_FILE};
+use hookrun_tests::{say, say_err, tied};
 
 #[derive(Parser)]
 #[command(
@@ -73,39 +78,35 @@ fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
 fn print_env(state: &Path) {
-    println!("control plane ready; use it with:");
-    println!("  export KUBECONFIG={}", state.join("kubeconfig").display());
+    say!("control plane ready; use it with:");
+    say!("  export KUBECONFIG={}", state.join("kubeconfig").display());
 }
 
 fn up(state: &Path) -> ExitCode {
-    if let Some(pid) = read_pid(&state.join("supervisor.pid"))
-        && alive(pid)
+    if let Some(pid) = read_pid(&state.join(SUPERVISOR_PID_FILE))
+        && tied::runs(pid, SUPERVISOR)
         && state.join("ready").exists()
     {
-        println!("cluster-up: reusing the control plane already running (pid {pid})");
+        say!("cluster-up: reusing the control plane already running (pid {pid})");
         print_env(state);
         return ExitCode::SUCCESS;
     }
+    for (name, pid) in control_plane::stop_stale(state) {
+        say!("cluster-up: stopped {name} (pid {pid}) left running by an earlier control plane");
+    }
     let _ = std::fs::remove_dir_all(state);
     if let Err(error) = std::fs::create_dir_all(state) {
-        eprintln!("cluster-up: cannot create {}: {error}", state.display());
+        say_err!("cluster-up: cannot create {}: {error}", state.display());
         return ExitCode::FAILURE;
     }
     let log_path = state.join("supervisor.log");
     let Ok(log) = std::fs::File::create(&log_path) else {
-        eprintln!("cluster-up: cannot create {}", log_path.display());
+        say_err!("cluster-up: cannot create {}", log_path.display());
         return ExitCode::FAILURE;
     };
     let Ok(exe) = std::env::current_exe() else {
-        eprintln!("cluster-up: cannot find my own executable");
+        say_err!("cluster-up: cannot find my own executable");
         return ExitCode::FAILURE;
     };
     use std::os::unix::process::CommandExt;
@@ -123,23 +124,23 @@ fn up(state: &Path) -> ExitCode {
     let child = match spawned {
         Ok(child) => child,
         Err(error) => {
-            eprintln!("cluster-up: cannot start the supervisor: {error}");
+            say_err!("cluster-up: cannot start the supervisor: {error}");
             return ExitCode::FAILURE;
         }
     };
-    println!(
+    say!(
         "cluster-up: starting etcd, kube-apiserver and kube-controller-manager (pid {})",
         child.id()
     );
     let started = Instant::now();
     while !state.join("ready").exists() {
         if !alive(child.id()) || started.elapsed() > Duration::from_secs(180) {
-            eprintln!(
+            say_err!(
                 "cluster-up: the control plane did not start; log: {}",
                 log_path.display()
             );
             if let Ok(text) = std::fs::read_to_string(&log_path) {
-                eprintln!(
+                say_err!(
                     "{}",
                     text.lines()
                         .rev()
@@ -155,7 +156,7 @@ fn up(state: &Path) -> ExitCode {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!(
+    say!(
         "cluster-up: /readyz answered after {:.1}s",
         started.elapsed().as_secs_f64()
     );
@@ -164,37 +165,20 @@ fn up(state: &Path) -> ExitCode {
 }
 
 fn down(state: &Path) -> ExitCode {
-    let Some(pid) = read_pid(&state.join("supervisor.pid")) else {
-        println!(
-            "cluster-down: no control plane recorded in {}",
+    // The supervisor stops its components on SIGTERM; whatever it could not stop is
+    // stopped by its recorded pid.
+    let stopped = control_plane::stop_stale(state);
+    if stopped.is_empty() {
+        say!(
+            "cluster-down: no control plane running in {}",
             state.display()
         );
-        let _ = std::fs::remove_dir_all(state);
-        return ExitCode::SUCCESS;
-    };
-    signal(pid, "-TERM");
-    let started = Instant::now();
-    while alive(pid) && started.elapsed() < Duration::from_secs(15) {
-        std::thread::sleep(Duration::from_millis(100));
     }
-    // Whatever the supervisor could not stop is stopped by its recorded pid.
-    if let Ok(pids) = std::fs::read_to_string(state.join("pids")) {
-        for line in pids.lines() {
-            if let Some(pid) = line.split_whitespace().nth(1).and_then(|p| p.parse().ok())
-                && alive(pid)
-            {
-                signal(pid, "-KILL");
-            }
-        }
-    }
-    if alive(pid) {
-        signal(pid, "-KILL");
+    for (name, pid) in stopped {
+        say!("cluster-down: stopped {name} (pid {pid})");
     }
     let _ = std::fs::remove_dir_all(state);
-    println!(
-        "cluster-down: stopped (pid {pid}) and removed {}",
-        state.display()
-    );
+    say!("cluster-down: removed {}", state.display());
     ExitCode::SUCCESS
 }
 
@@ -209,26 +193,36 @@ async fn run(
         tools_bin: control_plane::default_tools_bin(),
         controller_manager,
     };
+    for (name, pid) in control_plane::stop_stale(&state) {
+        say_err!(
+            "hookrun-cluster: stopped {name} (pid {pid}) left running by an earlier supervisor"
+        );
+    }
+    if let Err(error) = std::fs::create_dir_all(&state).and_then(|()| {
+        std::fs::write(
+            state.join(SUPERVISOR_PID_FILE),
+            std::process::id().to_string(),
+        )
+    }) {
+        say_err!(
+            "hookrun-cluster: cannot write {}: {error}",
+            state.join(SUPERVISOR_PID_FILE).display()
+        );
+        return ExitCode::FAILURE;
+    }
     let started = Instant::now();
     let mut plane = match ControlPlane::start(config).await {
         Ok(plane) => plane,
         Err(error) => {
-            eprintln!("hookrun-cluster: {error}");
+            say_err!("hookrun-cluster: {error}");
             if remove_state {
                 let _ = std::fs::remove_dir_all(&state);
             }
             return ExitCode::FAILURE;
         }
     };
-    let pids: String = plane
-        .pids()
-        .iter()
-        .map(|(name, pid)| format!("{name} {pid}\n"))
-        .collect();
-    let _ = std::fs::write(state.join("pids"), pids);
-    let _ = std::fs::write(state.join("supervisor.pid"), std::process::id().to_string());
     let _ = std::fs::write(state.join("ready"), plane.server());
-    eprintln!(
+    say_err!(
         "hookrun-cluster: ready at {} after {:.1}s",
         plane.server(),
         started.elapsed().as_secs_f64()
@@ -246,7 +240,7 @@ async fn run(
     {
         Ok(s) => s,
         Err(error) => {
-            eprintln!("hookrun-cluster: cannot listen for SIGTERM: {error}");
+            say_err!("hookrun-cluster: cannot listen for SIGTERM: {error}");
             plane.stop().await;
             return ExitCode::FAILURE;
         }
@@ -256,7 +250,7 @@ async fn run(
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
         () = owner_gone => ExitCode::SUCCESS,
         component = plane.wait_any_exit() => {
-            eprintln!("hookrun-cluster: {component} exited; stopping the rest");
+            say_err!("hookrun-cluster: {component} exited; stopping the rest");
             ExitCode::FAILURE
         }
     };
@@ -265,7 +259,7 @@ async fn run(
     if remove_state {
         let _ = std::fs::remove_dir_all(&state);
     }
-    eprintln!("hookrun-cluster: stopped");
+    say_err!("hookrun-cluster: stopped");
     code
 }
 
@@ -283,7 +277,7 @@ fn main() -> ExitCode {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(error) => {
-                    eprintln!("hookrun-cluster: cannot start the async runtime: {error}");
+                    say_err!("hookrun-cluster: cannot start the async runtime: {error}");
                     return ExitCode::FAILURE;
                 }
             };

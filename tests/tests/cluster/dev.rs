@@ -2,38 +2,28 @@
 //! are built) on free ports with its own control plane; the echo Agent's URL is printed,
 //! a wait-mode call comes back with the title, and Ctrl-C leaves no process behind.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hookrun_tests::{control_plane::workspace_root, door, eventually, kubectl, workspace_binary};
+use hookrun_tests::{
+    control_plane::workspace_root, door, eventually, kubectl, tied, workspace_binary,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| !stat.split(") ").nth(1).is_some_and(|s| s.starts_with('Z')))
         .unwrap_or(false)
-}
-
-/// `name pid` lines of a pid file.
-fn pids_in(path: &Path) -> Vec<(String, u32)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let (name, pid) = line.split_once(' ')?;
-            Some((name.to_owned(), pid.trim().parse().ok()?))
-        })
-        .collect()
 }
 
 /// hookrun-dev in the background, its output collected line by line.
@@ -308,8 +298,8 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
     );
 
     // Everything it started, read while it runs.
-    let mut started = pids_in(&dev.logs.join("dev.pids"));
-    started.extend(pids_in(&dev.state.join("pids")));
+    let mut started = tied::recorded(&dev.logs.join("dev.pids"));
+    started.extend(tied::recorded(&dev.state.join("pids")));
     let names: Vec<&str> = started.iter().map(|(n, _)| n.as_str()).collect();
     for expected in [
         "hookrun-cluster",

@@ -15,5 +15,6 @@ mod security_readapi;
 mod security_replay;
 mod security_secrets;
 mod sessions;
+mod supervisors;
 mod wait;
 mod webhook;

@@ -133,32 +133,12 @@ impl Setup {
 
     /// `kubectl create token <account> <extra args>` in the namespace.
     fn token(&self, account: &str, extra: &[&str]) -> String {
-        let mut args = vec!["create", "token", account];
-        args.extend_from_slice(extra);
-        let output = self.ns.kubectl(&args, None);
-        assert!(
-            output.status.success(),
-            "kubectl create token: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+        self.ns.token(account, extra)
     }
 
     /// A `hookrun`-audience token bound to pod `name` (the projected token of the pod).
     fn pod_token(&self, name: &str, uid: &str) -> String {
-        self.token(
-            "default",
-            &[
-                "--audience",
-                "hookrun",
-                "--bound-object-kind",
-                "Pod",
-                "--bound-object-name",
-                name,
-                "--bound-object-uid",
-                uid,
-            ],
-        )
+        self.ns.pod_token(name, uid)
     }
 
     async fn stored(&self, name: &str) -> Session {

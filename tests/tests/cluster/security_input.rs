@@ -5,22 +5,14 @@
 //! `Error` by the apiserver's runner API and by the operator instead of staying Running.
 
 use hookrun_crds::session::OVERSIZE_MESSAGE;
-use hookrun_crds::{Agent, Session, SessionPhase, SessionSpec, session::SessionEnvVar};
+use hookrun_crds::{Session, SessionPhase, SessionSpec, session::SessionEnvVar};
 use hookrun_tests::door::{Answer, ApiServer, BUDGET, Door, Operator, request, webhook_path};
+use hookrun_tests::fixtures::{agent_namespace, session_count};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-
-async fn count(sessions: &Api<Session>) -> usize {
-    sessions
-        .list(&Default::default())
-        .await
-        .expect("list Sessions")
-        .items
-        .len()
-}
 
 fn env_body(names: &[&str]) -> String {
     let env: Vec<Value> = names
@@ -36,11 +28,7 @@ fn message(answer: &Answer) -> &str {
 
 #[tokio::test]
 async fn webhook_env_is_refused_unless_the_agent_allows_the_name() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
 
     apply_agent(
@@ -88,7 +76,7 @@ async fn webhook_env_is_refused_unless_the_agent_allows_the_name() {
         assert!(message(&answer).contains("TICKET, GITHUB_*"), "{answer:?}");
     }
     assert_eq!(
-        count(&sessions).await,
+        session_count(&sessions).await,
         0,
         "a refused webhook stored a Session"
     );
@@ -140,11 +128,7 @@ async fn the_schema_refuses_allowed_env_that_covers_everything_or_hookrun() {
 
 #[tokio::test]
 async fn parts_over_their_budget_are_413_and_store_nothing() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
 
     apply_agent(
@@ -201,7 +185,7 @@ async fn parts_over_their_budget_are_413_and_store_nothing() {
         assert!(message(&answer).contains(limit), "{answer:?}");
     }
     assert_eq!(
-        count(&sessions).await,
+        session_count(&sessions).await,
         0,
         "an over-budget webhook stored a Session"
     );
@@ -296,10 +280,7 @@ const SPEC_PADDING: usize = 1_400 * 1024;
 
 #[tokio::test]
 async fn a_runner_write_refused_as_too_large_ends_the_session() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, _, sessions) = agent_namespace().await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
 
     let name = "big-wh-00000001";
@@ -325,7 +306,7 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
     // 20 KiB of room: one 8 KiB event fits, a 30 KiB one does not.
     fill_to_the_limit(&sessions, name, base, 20 * 1024).await;
 
-    let token = pod_token(&ns, name, &uid);
+    let token = ns.pod_token(name, &uid);
     let event = |content: String| {
         let body = json!({"type": "agent.message", "content": content}).to_string();
         let auth = format!("Bearer {token}");
@@ -372,10 +353,7 @@ async fn a_runner_write_refused_as_too_large_ends_the_session() {
 
 #[tokio::test]
 async fn an_operator_write_refused_as_too_large_ends_the_session() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, _, _, sessions) = agent_namespace().await;
 
     let name = "big-wh-00000002";
     sessions
@@ -411,30 +389,4 @@ async fn an_operator_write_refused_as_too_large_ends_the_session() {
         "{}",
         operator.log_text()
     );
-}
-
-/// A `hookrun`-audience token bound to pod `name`, as its projected token would be.
-fn pod_token(ns: &TestNamespace, name: &str, uid: &str) -> String {
-    let output = ns.kubectl(
-        &[
-            "create",
-            "token",
-            "default",
-            "--audience",
-            "hookrun",
-            "--bound-object-kind",
-            "Pod",
-            "--bound-object-name",
-            name,
-            "--bound-object-uid",
-            uid,
-        ],
-        None,
-    );
-    assert!(
-        output.status.success(),
-        "kubectl create token: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }

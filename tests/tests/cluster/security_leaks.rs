@@ -16,12 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
-use hookrun_crds::{Agent, Session};
 use hookrun_tests::control_plane::workspace_root;
 use hookrun_tests::door::{self, ApiServer, Operator, is_known, webhook_path};
 use hookrun_tests::fake_model::FakeModel;
+use hookrun_tests::fixtures::agent_namespace;
 use hookrun_tests::pod_runner::PodRunner;
-use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually, workspace_binary};
+use hookrun_tests::{TestNamespace, apply_agent, eventually, workspace_binary};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
@@ -119,11 +119,7 @@ fn kubectl_json(ns: &TestNamespace, args: &[&str]) -> Value {
 
 #[tokio::test]
 async fn no_secret_reaches_logs_metrics_events_statuses_or_answers() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, agents, sessions) = agent_namespace().await;
 
     // The secrets, each with what it is for the failure message.
     let linear_secret = random("lin_wh_", 32);

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use hookrun_crds::{Agent, Session, SessionSpec, session::SessionPhase};
 use hookrun_tests::{
-    Cluster, TestNamespace, apply_agent, cluster,
+    Cluster, TestNamespace, apply_agent,
     door::{self, ApiServer, Operator},
     eventually,
+    fixtures::{agent_namespace, ready_condition},
 };
 use k8s_openapi::{
     api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Condition, jiff::Timestamp,
@@ -29,26 +30,23 @@ async fn operator(cluster: &Cluster, ns: &TestNamespace, flags: &[&str]) -> Oper
     Operator::start(cluster, ns.name(), &args).await
 }
 
-fn ready(agent: &Agent) -> Option<&Condition> {
-    agent
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-}
-
 /// Waits until the Agent's `Ready` condition has `reason`, and returns it.
 async fn ready_reason(agents: &Api<Agent>, name: &str, reason: &str, log: &Operator) -> Condition {
     let found = eventually(BUDGET, || async {
         let agent = agents.get(name).await.ok()?;
-        ready(&agent).filter(|c| c.reason == reason).cloned()
+        ready_condition(&agent)
+            .filter(|c| c.reason == reason)
+            .cloned()
     })
     .await;
     match found {
         Some(condition) => condition,
         None => {
-            let now = agents.get(name).await.ok().and_then(|a| ready(&a).cloned());
+            let now = agents
+                .get(name)
+                .await
+                .ok()
+                .and_then(|a| ready_condition(&a).cloned());
             panic!(
                 "agent {name} never got reason {reason}; Ready is {now:?}\n{}",
                 log.log_text()
@@ -185,11 +183,7 @@ async fn apply_policy_agents(agents: &Api<Agent>) {
 
 #[tokio::test]
 async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, agents, sessions) = agent_namespace().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
     let operator = operator(cluster, &ns, &[]).await;
@@ -275,11 +269,7 @@ async fn agents_outside_the_pod_policy_get_policy_violation_and_no_pod() {
 
 #[tokio::test]
 async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, agents, sessions) = agent_namespace().await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns.name());
     namespace_objects(&ns).await;
     let operator = operator(cluster, &ns, &OPEN_FLAGS).await;
@@ -320,22 +310,16 @@ async fn the_operators_flags_open_the_pod_policy_but_never_secret_env() {
 
 #[tokio::test]
 async fn an_agent_at_its_stored_sessions_cap_is_429_before_any_create() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let _operator = operator(cluster, &ns, &[]).await;
     let apiserver = ApiServer::start(&cluster.kubeconfig_path(), ns.name(), ns.name()).await;
-    apply_agent(
-        &agents,
-        "keeper",
+    let keeper = |cap: u32| {
         json!({"spec": {
             "triggers": [{"webhook": {}}],
-            "session": {"maxStoredSessions": 2}
-        }}),
-    )
-    .await;
+            "session": {"maxStoredSessions": cap}
+        }})
+    };
+    apply_agent(&agents, "keeper", keeper(2)).await;
     let path = door::webhook_path(&agents, ns.name(), "keeper").await;
     assert!(door::is_known(&apiserver.public, &path).await);
 
@@ -384,15 +368,7 @@ async fn an_agent_at_its_stored_sessions_cap_is_429_before_any_create() {
     assert_eq!(stored.items.len(), 2, "no Session was created");
 
     // Raising the cap lets the next one in.
-    apply_agent(
-        &agents,
-        "keeper",
-        json!({"spec": {
-            "triggers": [{"webhook": {}}],
-            "session": {"maxStoredSessions": 3}
-        }}),
-    )
-    .await;
+    apply_agent(&agents, "keeper", keeper(3)).await;
     let admitted = eventually(BUDGET, || async {
         let answer = door::request(
             &apiserver.public,
@@ -422,11 +398,7 @@ async fn finish(sessions: &Api<Session>, name: &str, at: Timestamp) {
 
 #[tokio::test]
 async fn lowering_the_cap_deletes_the_oldest_finished_sessions_first() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let operator = operator(cluster, &ns, &[]).await;
     let agent = |cap: u32| json!({"spec": {"session": {"maxStoredSessions": cap}}});
     apply_agent(&agents, "hoarder", agent(10)).await;

@@ -6,35 +6,17 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
-use hookrun_crds::{Agent, Session};
 use hookrun_tests::door::{BUDGET, Door, webhook_path};
-use hookrun_tests::{TestNamespace, cluster, eventually};
+use hookrun_tests::eventually;
+use hookrun_tests::fixtures::{
+    agent_namespace, apply_webhook_agent, hex_hmac_sha256, session_count,
+};
 use k8s_openapi::api::core::v1::ResourceQuota;
 use kube::Api;
-use serde_json::{Value, json};
-use sha2::Sha256;
+use serde_json::json;
 
 const GITHUB_SECRET: &str = "github-replay-secret";
 const LINEAR_SECRET: &str = "linear-replay-secret";
-
-async fn apply_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
-    hookrun_tests::apply_agent(
-        agents,
-        name,
-        json!({"spec": {
-            "models": ["anthropic/claude-sonnet-4-6"],
-            "triggers": [{"webhook": webhook}],
-        }}),
-    )
-    .await;
-}
-
-fn hex_hmac(secret: &str, body: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
-    mac.update(body.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
 
 fn now_ms() -> u128 {
     SystemTime::now()
@@ -43,29 +25,16 @@ fn now_ms() -> u128 {
         .as_millis()
 }
 
-async fn session_count(sessions: &Api<Session>) -> usize {
-    sessions
-        .list(&Default::default())
-        .await
-        .expect("list Sessions")
-        .items
-        .len()
-}
-
 #[tokio::test]
 async fn a_captured_github_delivery_sent_again_with_fresh_ids_is_the_original_session() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
-    apply_agent(&agents, "gh", json!({"githubSecret": GITHUB_SECRET})).await;
+    apply_webhook_agent(&agents, "gh", json!({"githubSecret": GITHUB_SECRET})).await;
     let path = webhook_path(&agents, ns.name(), "gh").await;
     door.wait_until_known(&path).await;
 
     let body = r#"{"action":"opened","issue":{"number":7,"title":"Crash on start"}}"#;
-    let signature = format!("sha256={}", hex_hmac(GITHUB_SECRET, body));
+    let signature = format!("sha256={}", hex_hmac_sha256(GITHUB_SECRET, body));
     // The signing secret reaches the apiserver through the operator's Secret.
     let first = eventually(BUDGET, || async {
         let answer = door
@@ -105,13 +74,9 @@ async fn a_captured_github_delivery_sent_again_with_fresh_ids_is_the_original_se
 
 #[tokio::test]
 async fn a_linear_redelivery_and_a_250_character_delivery_id_are_one_session() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
-    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let (cluster, ns, _, agents, sessions) = agent_namespace().await;
     let door = Door::start(cluster, &ns).await;
-    apply_agent(
+    apply_webhook_agent(
         &agents,
         "lin",
         json!({"linearSignatureSecret": LINEAR_SECRET}),
@@ -125,7 +90,7 @@ async fn a_linear_redelivery_and_a_250_character_delivery_id_are_one_session() {
         let body = format!(
             r#"{{"action":"create","type":"Issue","data":{{"title":"Crash"}},"webhookTimestamp":{sent_ms}}}"#
         );
-        let signature = hex_hmac(LINEAR_SECRET, &body);
+        let signature = hex_hmac_sha256(LINEAR_SECRET, &body);
         let (door, path, delivery) = (&door, &path, &delivery);
         async move {
             door.post(
@@ -163,13 +128,10 @@ async fn a_linear_redelivery_and_a_250_character_delivery_id_are_one_session() {
 
 #[tokio::test]
 async fn a_session_the_cluster_refuses_is_400_with_the_reason_not_503() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, agents, _) = agent_namespace().await;
     let quotas: Api<ResourceQuota> = Api::namespaced(client, ns.name());
     let door = Door::start(cluster, &ns).await;
-    apply_agent(&agents, "quota", json!({})).await;
+    apply_webhook_agent(&agents, "quota", json!({})).await;
     let path = webhook_path(&agents, ns.name(), "quota").await;
     door.wait_until_known(&path).await;
 

@@ -4,15 +4,16 @@
 //! Secret revokes it. The real `hookrun-operator` and `hookrun-apiserver` run on a
 //! namespace of each test's own.
 
-use hmac::{Hmac, Mac};
 use hookrun_crds::{Agent, names};
 use hookrun_tests::door::{ApiServer, BUDGET, Operator, is_known, request, webhook_path};
-use hookrun_tests::{Cluster, TestNamespace, cluster, eventually};
+use hookrun_tests::fixtures::{
+    agent_namespace, apply_webhook_agent, hex_hmac_sha256, ready_condition,
+};
+use hookrun_tests::{Cluster, TestNamespace, eventually};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 /// A well-formed token of the attacker's choice.
 const FORGED_TOKEN: &str = "forgedforgedforgedforgedforgedforgedforged1";
@@ -30,34 +31,12 @@ async fn start_apiserver(cluster: &Cluster, ns: &TestNamespace, tag: &str) -> Ap
     .await
 }
 
-async fn apply_webhook_agent(agents: &Api<Agent>, name: &str, webhook: Value) {
-    hookrun_tests::apply_agent(
-        agents,
-        name,
-        json!({"spec": {
-            "models": ["anthropic/claude-sonnet-4-6"],
-            "triggers": [{"webhook": webhook}],
-        }}),
-    )
-    .await;
-}
-
-fn ready_condition(agent: &Agent) -> Option<(String, String, String)> {
-    agent
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 /// Waits for the Agent's `Ready` condition to show `status`/`reason`; returns its message.
 async fn wait_for_reason(agents: &Api<Agent>, name: &str, status: &str, reason: &str) -> String {
     eventually(BUDGET, || async {
         let agent = agents.get(name).await.ok()?;
-        let (s, r, message) = ready_condition(&agent)?;
-        (s == status && r == reason).then_some(message)
+        let ready = ready_condition(&agent)?;
+        (ready.status == status && ready.reason == reason).then(|| ready.message.clone())
     })
     .await
     .unwrap_or_else(|| panic!("agent {name} did not reach Ready={status}/{reason}"))
@@ -77,19 +56,8 @@ fn namespace_user_token(ns: &TestNamespace) -> String {
          subjects: [{{kind: ServiceAccount, name: mallory, namespace: {}}}]\n",
         ns.name()
     );
-    let applied = ns.kubectl(&["apply", "-f", "-"], Some(&rbac));
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
-    let token = ns.kubectl(&["create", "token", "mallory"], None);
-    assert!(
-        token.status.success(),
-        "{}",
-        String::from_utf8_lossy(&token.stderr)
-    );
-    String::from_utf8_lossy(&token.stdout).trim().to_owned()
+    ns.apply(&rbac);
+    ns.token("mallory", &[])
 }
 
 /// Creates `secret` as the namespace user holding `token`.
@@ -134,10 +102,7 @@ async fn post_status(address: &str, path: &str) -> u16 {
 
 #[tokio::test]
 async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, _, agents, _) = agent_namespace().await;
     let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "first").await;
 
@@ -218,10 +183,7 @@ async fn forged_managed_secrets_authenticate_nothing_live_or_after_a_restart() {
 
 #[tokio::test]
 async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, agents, _) = agent_namespace().await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns.name());
     let events: Api<Event> = Api::namespaced(client, ns.name());
     let _operator = start_operator(cluster, &ns).await;
@@ -262,7 +224,7 @@ async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
     // Whatever the operator makes of it, once it has said so the Secret must be as it was.
     let reconciled = eventually(BUDGET, || async {
         let agent = agents.get("squatter").await.ok()?;
-        ready_condition(&agent)
+        ready_condition(&agent).cloned()
     })
     .await;
     assert!(
@@ -352,12 +314,6 @@ async fn a_users_secret_with_the_webhook_secret_name_is_never_adopted() {
     );
 }
 
-fn github_signature(secret: &str, body: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
-    mac.update(body.as_bytes());
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
 /// A GitHub delivery (a fresh body each time, so no dedup answers for it), signed with
 /// `secret` when given.
 async fn github_delivery(address: &str, path: &str, secret: Option<&str>, n: u32) -> (u16, Value) {
@@ -368,7 +324,10 @@ async fn github_delivery(address: &str, path: &str, secret: Option<&str>, n: u32
         ("X-GitHub-Delivery", delivery),
     ];
     if let Some(secret) = secret {
-        headers.push(("X-Hub-Signature-256", github_signature(secret, &body)));
+        headers.push((
+            "X-Hub-Signature-256",
+            format!("sha256={}", hex_hmac_sha256(secret, &body)),
+        ));
     }
     let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let answer = request(address, "POST", path, &headers, &body).await;
@@ -377,10 +336,7 @@ async fn github_delivery(address: &str, path: &str, secret: Option<&str>, n: u32
 
 #[tokio::test]
 async fn a_deleted_github_secret_stops_its_signatures_until_it_is_back() {
-    let cluster = cluster().await;
-    let ns = TestNamespace::new(cluster).await;
-    let client = cluster.client().await;
-    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let (cluster, ns, client, agents, _) = agent_namespace().await;
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
     let _operator = start_operator(cluster, &ns).await;
     let apiserver = start_apiserver(cluster, &ns, "gh").await;

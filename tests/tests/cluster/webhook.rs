@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hmac::{Hmac, Mac};
 use hookrun_crds::{Agent, Session, names};
 use hookrun_tests::door::{BUDGET, Door, metrics, request, webhook_path, webhook_path_other_than};
+use hookrun_tests::fixtures::session_count;
 use hookrun_tests::{TestNamespace, cluster, control_plane::workspace_root, eventually};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
@@ -244,15 +245,6 @@ async fn duplicates_make_exactly_one_session_and_a_different_body_is_422() {
         .collect();
     assert_eq!(stored.len(), 1);
     assert_eq!(session_count(&sessions).await, 2);
-}
-
-async fn session_count(sessions: &Api<Session>) -> usize {
-    sessions
-        .list(&Default::default())
-        .await
-        .expect("list")
-        .items
-        .len()
 }
 
 #[tokio::test]

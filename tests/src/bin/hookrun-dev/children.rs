@@ -1,12 +1,14 @@
-//! The long-running processes `make dev` starts (operator, apiserver): each in its own
-//! process group with a log file, recorded by pid so that Ctrl-C — or the next
-//! `make dev`, if this one was killed — stops exactly them.
+//! The long-running processes `make dev` starts (the control plane's supervisor, the
+//! operator, the apiserver): each in its own process group with a log file, tied to
+//! hookrun-dev (the kernel kills them when it dies, however it dies), and recorded by pid
+//! so that Ctrl-C, or the next `make dev`, stops exactly them.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::process::{Child, Command};
+use hookrun_tests::tied;
+use tokio::process::Child;
 
 /// A started binary.
 pub struct Started {
@@ -19,7 +21,7 @@ pub struct Started {
 
 impl Started {
     /// Starts `binary` with `args`, the dev kubeconfig, and its output in `log_dir`.
-    pub fn spawn(
+    pub async fn spawn(
         binary: &Path,
         args: &[String],
         kubeconfig: &Path,
@@ -32,7 +34,8 @@ impl Started {
         let log = log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log)
             .map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let child = Command::new(binary)
+        let mut command = tied::command(binary);
+        command
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env(
@@ -45,8 +48,9 @@ impl Started {
             .stderr(Stdio::from(file))
             // Ctrl-C reaches make dev only; it stops these in order.
             .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
+            .kill_on_drop(true);
+        let child = tied::spawn(command)
+            .await
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         Ok(Self { name, child, log })
     }
@@ -67,7 +71,7 @@ impl Started {
     /// SIGTERM, up to 10 s to finish, then SIGKILL.
     pub async fn stop(mut self) {
         let pid = self.pid();
-        send_signal(pid, "-TERM");
+        tied::signal(pid, "-TERM");
         if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
             .await
             .is_err()
@@ -75,64 +79,4 @@ impl Started {
             let _ = self.child.kill().await;
         }
     }
-}
-
-/// Sends a signal with kill(1) (this crate forbids unsafe code).
-pub fn send_signal(pid: u32, signal: &str) {
-    if pid > 0 {
-        let _ = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Whether `pid` runs the binary `name` (checked through /proc, so a recycled pid of
-/// some other program is never touched).
-fn runs(pid: u32, name: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .ok()
-        .and_then(|cmdline| {
-            let exe = cmdline.split(|b| *b == 0).next()?.to_vec();
-            Some(String::from_utf8_lossy(&exe).ends_with(name))
-        })
-        .unwrap_or(false)
-}
-
-/// Writes `name pid` lines.
-pub fn record(path: &Path, started: &[(&str, u32)]) {
-    let text: String = started
-        .iter()
-        .map(|(name, pid)| format!("{name} {pid}\n"))
-        .collect();
-    let _ = std::fs::write(path, text);
-}
-
-/// Stops what an earlier `make dev` recorded in `path` and left running (it was killed
-/// before it could clean up).
-pub async fn stop_leftovers(path: &Path) {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return;
-    };
-    for line in text.lines() {
-        let mut fields = line.split_whitespace();
-        let (Some(name), Some(pid)) = (fields.next(), fields.next().and_then(|p| p.parse().ok()))
-        else {
-            continue;
-        };
-        if runs(pid, name) {
-            println!("dev: stopping {name} (pid {pid}) left running by an earlier make dev");
-            send_signal(pid, "-TERM");
-            for _ in 0..100 {
-                if !runs(pid, name) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if runs(pid, name) {
-                send_signal(pid, "-KILL");
-            }
-        }
-    }
-    let _ = std::fs::remove_file(path);
 }

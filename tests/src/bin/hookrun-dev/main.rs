@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use hookrun_crds::{Agent, names};
 use hookrun_tests::control_plane::{self, workspace_root};
-use hookrun_tests::door;
+use hookrun_tests::{door, say, say_err, tied};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, ResourceExt};
 use tokio::process::Command;
@@ -56,6 +56,9 @@ struct Cli {
     examples: PathBuf,
 }
 
+/// The pid file of what hookrun-dev started, in the logs directory.
+const DEV_PIDS: &str = "dev.pids";
+
 /// Everything started so far, stopped in reverse order.
 #[derive(Default)]
 struct Stack {
@@ -88,18 +91,26 @@ impl Stack {
         {
             let (name, pid) = (started.name.clone(), started.pid());
             started.stop().await;
-            println!("dev: stopped {name} (pid {pid})");
+            say!("dev: stopped {name} (pid {pid})");
         }
-        let _ = std::fs::remove_file(logs.join("dev.pids"));
+        let _ = std::fs::remove_file(logs.join(DEV_PIDS));
     }
 
     fn record(&self, logs: &Path) {
-        let all: Vec<(&str, u32)> = [&self.cluster, &self.operator, &self.apiserver]
+        let path = logs.join(DEV_PIDS);
+        let _ = std::fs::remove_file(&path);
+        for started in [&self.cluster, &self.operator, &self.apiserver]
             .into_iter()
             .flatten()
-            .map(|s| (s.name.as_str(), s.pid()))
-            .collect();
-        children::record(&logs.join("dev.pids"), &all);
+        {
+            if let Err(error) = tied::record(&path, &started.name, started.pid()) {
+                say_err!(
+                    "dev: cannot record {} in {}: {error}",
+                    started.name,
+                    path.display()
+                );
+            }
+        }
     }
 }
 
@@ -128,13 +139,20 @@ fn port_free(address: SocketAddr, flag: &str) -> Result<(), String> {
     })
 }
 
-/// Whether a control plane started by `make cluster-up` (or an earlier run) answers.
+/// Whether a control plane started by `make cluster-up` runs in `state`.
 fn running_cluster(state: &Path) -> bool {
     state.join("ready").exists()
-        && std::fs::read_to_string(state.join("supervisor.pid"))
+        && std::fs::read_to_string(state.join(control_plane::SUPERVISOR_PID_FILE))
             .ok()
             .and_then(|pid| pid.trim().parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .is_some_and(|pid| tied::runs(pid, control_plane::SUPERVISOR))
+}
+
+/// Says what a cleanup of an earlier run stopped.
+fn report_stale(stopped: &[(String, u32)], by: &str) {
+    for (name, pid) in stopped {
+        say!("dev: stopped {name} (pid {pid}) left running by {by}");
+    }
 }
 
 async fn http_ok(address: SocketAddr, path: &str) -> bool {
@@ -196,7 +214,10 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     let harness_bin = binary("hookrun-harness")?;
     std::fs::create_dir_all(cli.logs.join("sessions"))
         .map_err(|e| format!("cannot create {}: {e}", cli.logs.display()))?;
-    children::stop_leftovers(&cli.logs.join("dev.pids")).await;
+    report_stale(
+        &tied::stop_recorded(&cli.logs.join(DEV_PIDS)),
+        "an earlier make dev",
+    );
     port_free(cli.listen, "--listen")?;
     port_free(cli.runner_listen, "--runner-listen")?;
     port_free(cli.admin_listen, "--admin-listen")?;
@@ -204,15 +225,19 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
 
     let kubeconfig = cli.state.join("kubeconfig");
     if running_cluster(&cli.state) {
-        println!(
+        say!(
             "dev: reusing the control plane already running in {}",
             cli.state.display()
         );
     } else {
+        report_stale(
+            &control_plane::stop_stale(&cli.state),
+            "an earlier control plane",
+        );
         let _ = std::fs::remove_dir_all(&cli.state);
         std::fs::create_dir_all(&cli.state)
             .map_err(|e| format!("cannot create {}: {e}", cli.state.display()))?;
-        println!("dev: starting etcd, kube-apiserver and kube-controller-manager");
+        say!("dev: starting etcd, kube-apiserver and kube-controller-manager");
         let args: Vec<String> = vec![
             "run".into(),
             "--state".into(),
@@ -222,7 +247,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
             "--exit-with-pid".into(),
             std::process::id().to_string(),
         ];
-        let mut cluster = Started::spawn(&cluster_bin, &args, &kubeconfig, &cli.logs)?;
+        let mut cluster = Started::spawn(&cluster_bin, &args, &kubeconfig, &cli.logs).await?;
         let begun = Instant::now();
         while !cli.state.join("ready").exists() {
             if begun.elapsed() > Duration::from_secs(180) {
@@ -240,7 +265,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
                 () = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
         }
-        println!(
+        say!(
             "dev: control plane ready after {:.1}s",
             begun.elapsed().as_secs_f64()
         );
@@ -257,7 +282,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     })
     .await
     .map_err(|_| "installing the CRDs failed".to_string())?;
-    println!("dev: CRDs installed");
+    say!("dev: CRDs installed");
 
     let public = format!("http://{}", cli.listen);
     let runner = format!("http://{}", cli.runner_listen);
@@ -273,12 +298,8 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     ]
     .map(str::to_owned)
     .to_vec();
-    stack.operator = Some(Started::spawn(
-        &operator_bin,
-        &operator_args,
-        &kubeconfig,
-        &cli.logs,
-    )?);
+    stack.operator =
+        Some(Started::spawn(&operator_bin, &operator_args, &kubeconfig, &cli.logs).await?);
     let apiserver_args: Vec<String> = [
         "--listen",
         &cli.listen.to_string(),
@@ -289,12 +310,8 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     ]
     .map(str::to_owned)
     .to_vec();
-    stack.apiserver = Some(Started::spawn(
-        &apiserver_bin,
-        &apiserver_args,
-        &kubeconfig,
-        &cli.logs,
-    )?);
+    stack.apiserver =
+        Some(Started::spawn(&apiserver_bin, &apiserver_args, &kubeconfig, &cli.logs).await?);
     stack.record(&cli.logs);
     for (started, admin) in [
         (stack.operator.as_mut(), cli.operator_admin_listen),
@@ -302,7 +319,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     ] {
         if let Some(started) = started {
             wait_ready(started, admin).await?;
-            println!(
+            say!(
                 "dev: {} ready (pid {}, log {})",
                 started.name,
                 started.pid(),
@@ -319,7 +336,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
     );
     let task = tokio::spawn(runner.clone().run());
     stack.runner = Some((runner, task));
-    println!(
+    say!(
         "dev: local pod runner ready (runs {} as {})",
         cli.harness_image,
         binary("hookrun-harness")?.display()
@@ -336,7 +353,7 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
         .map_err(|e| format!("cannot run kubectl: {e}"))?;
     let text = String::from_utf8_lossy(&applied.stdout);
     for line in text.lines() {
-        println!("dev:   {line}");
+        say!("dev:   {line}");
     }
     if !applied.status.success() {
         return Err(format!(
@@ -387,14 +404,14 @@ async fn print_agents(client: &Client) -> Result<(), String> {
     let mut list = list;
     list.sort_by_key(|a| (a.name_any() != "echo", a.name_any()));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
-    println!();
-    println!("hookrun is running. Webhook URLs of the Agents in examples/ (namespace default):");
+    say!();
+    say!("hookrun is running. Webhook URLs of the Agents in examples/ (namespace default):");
     for agent in &list {
-        println!();
+        say!();
         print_agent(agent, &secrets).await;
     }
-    println!();
-    println!("Sessions appear below as they start and end. Ctrl-C stops everything.");
+    say!();
+    say!("Sessions appear below as they start and end. Ctrl-C stops everything.");
     Ok(())
 }
 
@@ -407,10 +424,10 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
             .map(|c| c.message.clone())
             .unwrap_or_else(|| "no webhook trigger".into());
-        println!("  {name}: no webhook URL ({why})");
+        say!("  {name}: no webhook URL ({why})");
         return;
     };
-    println!("  {name}  {url}");
+    say!("  {name}  {url}");
     let webhook = agent.spec.webhook();
     let schemes: Vec<String> = webhook
         .map(|w| {
@@ -422,20 +439,18 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
         .unwrap_or_default();
     let cidrs = webhook.map(|w| w.allow_cidrs.clone()).unwrap_or_default();
     if !schemes.is_empty() {
-        println!(
+        say!(
             "    signed ({}): a plain curl gets 401; send it from the platform (examples/README.md)",
             schemes.join(", ")
         );
     } else if !cidrs.is_empty() {
-        println!(
+        say!(
             "    only callers from {} are let in: a curl from here gets 403",
             cidrs.join(", ")
         );
     } else {
-        println!(
-            "    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\"}}' {url}"
-        );
-        println!(
+        say!("    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\"}}' {url}");
+        say!(
             "    curl -sS -H 'content-type: application/json' -d '{{\"title\":\"hello\",\"wait\":60}}' {url}"
         );
     }
@@ -451,10 +466,13 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
     {
         let label = format!("{}={}", names::AGENT_ENV_LABEL, names::AGENT_ENV_OPT_IN);
         match secrets.get_opt(&reference.name).await.ok().flatten() {
-            None => println!(
+            None => say!(
                 "    sessions need Secret {:?}: kubectl create secret generic {} --from-literal={}=… \
                  && kubectl label secret {} {label}",
-                reference.name, reference.name, reference.key, reference.name
+                reference.name,
+                reference.name,
+                reference.key,
+                reference.name
             ),
             Some(secret)
                 if secret
@@ -463,9 +481,10 @@ async fn print_agent(agent: &Agent, secrets: &Api<Secret>) {
                     .map(String::as_str)
                     != Some(names::AGENT_ENV_OPT_IN) =>
             {
-                println!(
+                say!(
                     "    Secret {:?} must opt in to Agent env: kubectl label secret {} {label}",
-                    reference.name, reference.name
+                    reference.name,
+                    reference.name
                 )
             }
             Some(_) => {}
@@ -497,7 +516,7 @@ async fn run(cli: Cli) -> ExitCode {
     let client = match started {
         Ok(client) => client,
         Err(error) => {
-            eprintln!("dev: {error}");
+            say_err!("dev: {error}");
             stack.stop(&cli.logs).await;
             return ExitCode::FAILURE;
         }
@@ -507,11 +526,11 @@ async fn run(cli: Cli) -> ExitCode {
         why = interrupted() => Err(format!("{why} while waiting for webhook URLs")),
     };
     if let Err(error) = shown {
-        eprintln!("dev: {error}");
+        say_err!("dev: {error}");
         stack.stop(&cli.logs).await;
         return ExitCode::FAILURE;
     }
-    println!(
+    say!(
         "dev: ready in {:.1}s (kubectl: export KUBECONFIG={}; logs in {})",
         begun.elapsed().as_secs_f64(),
         cli.state.join("kubeconfig").display(),
@@ -525,15 +544,15 @@ async fn run(cli: Cli) -> ExitCode {
             (Some((operator_name, operator)), Some((apiserver_name, apiserver))) => {
                 tokio::select! {
                     why = interrupted() => {
-                        println!("\ndev: {why}: stopping everything make dev started");
+                        say!("\ndev: {why}: stopping everything make dev started");
                         ExitCode::SUCCESS
                     }
                     status = operator.exited() => {
-                        eprintln!("dev: {operator_name} exited ({status}); see {}", operator.log.display());
+                        say_err!("dev: {operator_name} exited ({status}); see {}", operator.log.display());
                         ExitCode::FAILURE
                     }
                     status = apiserver.exited() => {
-                        eprintln!("dev: {apiserver_name} exited ({status}); see {}", apiserver.log.display());
+                        say_err!("dev: {apiserver_name} exited ({status}); see {}", apiserver.log.display());
                         ExitCode::FAILURE
                     }
                 }
@@ -542,7 +561,7 @@ async fn run(cli: Cli) -> ExitCode {
         }
     };
     stack.stop(&cli.logs).await;
-    println!("dev: everything make dev started has stopped");
+    say!("dev: everything make dev started has stopped");
     code
 }
 
@@ -551,7 +570,7 @@ fn main() -> ExitCode {
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(run(cli)),
         Err(error) => {
-            eprintln!("dev: cannot start the async runtime: {error}");
+            say_err!("dev: cannot start the async runtime: {error}");
             ExitCode::FAILURE
         }
     }
