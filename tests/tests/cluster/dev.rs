@@ -422,10 +422,14 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
     assert!(status.success(), "{status}\n{}", dev.output());
     let left: Vec<_> = started.iter().filter(|(_, pid)| alive(*pid)).collect();
     assert!(left.is_empty(), "still running after Ctrl-C: {left:?}");
-    assert!(
+    // The exit can be seen before the output reader has taken the last lines.
+    let said = eventually(Duration::from_secs(10), || async {
         dev.output()
             .contains("everything make dev started has stopped")
-    );
+            .then_some(())
+    })
+    .await;
+    assert!(said.is_some(), "{}", dev.output());
     if let Err(error) = std::fs::remove_dir_all(&dev.dir) {
         eprintln!("cannot remove {}: {error}", dev.dir.display());
     }
