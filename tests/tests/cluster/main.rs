@@ -3,6 +3,7 @@
 
 mod crds;
 mod dev;
+mod drain;
 mod helm;
 mod operator;
 mod runner;
