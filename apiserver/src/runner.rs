@@ -220,11 +220,14 @@ fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<Stri
     }
 }
 
-/// `{"type": "...", "content": "..."}` of `POST /runner/v1/events`.
+/// `{"type": "...", "content": "...", "idempotencyKey"?: "..."}` of
+/// `POST /runner/v1/events`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NewEvent {
     pub type_: String,
     pub content: String,
+    /// The sender's key for this event: a repeat with the same key is stored once.
+    pub key: Option<String>,
 }
 
 /// Parses and checks an event body; errors name the field.
@@ -234,7 +237,20 @@ pub fn parse_event(raw: &[u8]) -> Result<NewEvent, HttpError> {
         .ok_or_else(|| HttpError::bad_request("type is required, e.g. \"agent.message\""))?;
     validate_event_type(&type_).map_err(HttpError::bad_request)?;
     let content = optional_string(&body, "content")?.unwrap_or_default();
-    Ok(NewEvent { type_, content })
+    let key = optional_string(&body, "idempotencyKey")?;
+    if let Some(key) = &key
+        && !hookrun_crds::session::valid_event_key(key)
+    {
+        return Err(HttpError::bad_request(format!(
+            "idempotencyKey must be 1 to {} ASCII letters, digits, '-', '_' or '.'",
+            hookrun_crds::session::MAX_EVENT_KEY_LEN
+        )));
+    }
+    Ok(NewEvent {
+        type_,
+        content,
+        key,
+    })
 }
 
 /// `{"status": "complete"|"error", "response"?, "message"?}` of `POST /runner/v1/complete`.
@@ -305,10 +321,18 @@ async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: B
         let caller = caller(&state, &headers).await?;
         let event = parse_event(&read_body(&headers, body, MAX_BODY_BYTES).await?)?;
         let id = update_status(&state, caller, |_, status| {
+            // A repeat of an event already stored (a retry after a timeout) answers its
+            // id again, even once the Session has finished.
+            if let Some(id) = event.key.as_deref().and_then(|k| status.event_with_key(k)) {
+                return Ok(id);
+            }
             if status.is_finished() {
                 return Err(Finished);
             }
-            Ok(status.push_event(&event.type_, &event.content, now()))
+            Ok(match &event.key {
+                Some(key) => status.push_event_once(&event.type_, &event.content, key, now()),
+                None => status.push_event(&event.type_, &event.content, now()),
+            })
         })
         .await?;
         Ok::<_, HttpError>(Json(json!({"id": id})))
@@ -466,9 +490,17 @@ mod tests {
             parse_event(br#"{"type":"agent.message","content":"hi"}"#),
             Ok(NewEvent {
                 type_: "agent.message".into(),
-                content: "hi".into()
+                content: "hi".into(),
+                key: None,
             })
         );
+        assert_eq!(
+            parse_event(br#"{"type":"agent.message","idempotencyKey":"e-1"}"#).map(|e| e.key),
+            Ok(Some("e-1".to_owned()))
+        );
+        let bad_key = parse_event(br#"{"type":"agent.message","idempotencyKey":"a b"}"#)
+            .expect_err("a bad key");
+        assert!(bad_key.to_string().starts_with("idempotencyKey"), "{bad_key}");
         assert_eq!(
             parse_event(br#"{"type":"note"}"#).map(|e| e.content),
             Ok(String::new())

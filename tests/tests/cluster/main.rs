@@ -4,6 +4,7 @@
 mod crds;
 mod dev;
 mod drain;
+mod event_keys;
 mod helm;
 mod operator;
 mod runner;

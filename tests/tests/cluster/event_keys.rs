@@ -1,0 +1,121 @@
+//! Cluster test of event idempotency on the real `hookrun-apiserver`: a session pod that
+//! posts the same event twice with one `idempotencyKey` (a retry after a lost answer),
+//! through two replicas, finds it stored once and gets the same id both times.
+
+use hookrun_crds::{Session, SessionSpec};
+use hookrun_tests::door::{ApiServer, BUDGET, request};
+use hookrun_tests::{TestNamespace, cluster, eventually};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+#[tokio::test]
+async fn an_event_posted_twice_with_one_key_is_stored_once() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let kubeconfig = cluster.kubeconfig_path();
+    let first = ApiServer::start(&kubeconfig, ns.name(), "keys-1").await;
+    let second = ApiServer::start(&kubeconfig, ns.name(), "keys-2").await;
+    let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
+
+    // Play the operator: a Session, its Pod, and the status naming the pod.
+    let name = "k-wh-1";
+    let session = Session {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        spec: SessionSpec {
+            agent: "k".to_owned(),
+            title: "keys".to_owned(),
+            ..SessionSpec::default()
+        },
+        status: None,
+    };
+    sessions
+        .create(&PostParams::default(), &session)
+        .await
+        .expect("the Session is created");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "agent", "image": "example.invalid/harness:1"}]}
+    }))
+    .expect("a pod");
+    let uid = Api::<Pod>::namespaced(client, ns.name())
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("the Pod is created")
+        .metadata
+        .uid
+        .expect("a uid");
+    let status = json!({"status": {"podName": name, "podUid": uid, "phase": "Running"}});
+    sessions
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("the status is written");
+    let output = ns.kubectl(
+        &[
+            "create",
+            "token",
+            "default",
+            "--audience",
+            "hookrun",
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            name,
+            "--bound-object-uid",
+            &uid,
+        ],
+        None,
+    );
+    assert!(output.status.success(), "kubectl create token");
+    let auth = format!("Bearer {}", String::from_utf8_lossy(&output.stdout).trim());
+
+    let post = |address: String, body: String| {
+        let auth = auth.clone();
+        async move {
+            request(
+                &address,
+                "POST",
+                "/runner/v1/events",
+                &[("Authorization", &auth)],
+                &body,
+            )
+            .await
+        }
+    };
+    let keyed = json!({"type": "agent.message", "content": "once", "idempotencyKey": "e-1"})
+        .to_string();
+    // Each replica answers once it reached the cluster.
+    for runner in [&first.runner, &second.runner] {
+        let ready = eventually(BUDGET, || async {
+            let answer = request(runner, "GET", "/runner/v1/session", &[("Authorization", &auth)], "").await;
+            (answer.status == 200).then_some(())
+        })
+        .await;
+        assert!(ready.is_some(), "the apiserver at {runner} never answered");
+    }
+    let one = post(first.runner.clone(), keyed.clone()).await;
+    let again = post(second.runner.clone(), keyed.clone()).await;
+    let third = post(first.runner.clone(), keyed).await;
+    assert_eq!((one.status, again.status, third.status), (200, 200, 200));
+    assert_eq!(one.json["id"], 1, "{:?}", one.json);
+    assert_eq!(again.json["id"], one.json["id"], "the repeat answers the same id");
+    assert_eq!(third.json["id"], one.json["id"]);
+    let other = json!({"type": "agent.message", "content": "another", "idempotencyKey": "e-2"})
+        .to_string();
+    assert_eq!(post(second.runner.clone(), other).await.json["id"], 2);
+
+    let stored = sessions.get(name).await.expect("the Session");
+    let contents: Vec<String> = stored
+        .status
+        .iter()
+        .flat_map(|s| &s.events)
+        .map(|e| e.content.clone())
+        .collect();
+    assert_eq!(contents, ["once", "another"]);
+}
