@@ -156,7 +156,10 @@ mod tests {
 
     #[test]
     fn the_grace_period_covers_the_drain_and_the_finish() {
-        assert_eq!(grace_needed(Duration::from_secs(15)), Duration::from_secs(30));
+        assert_eq!(
+            grace_needed(Duration::from_secs(15)),
+            Duration::from_secs(30)
+        );
         assert!(grace_needed(Duration::ZERO) > FINISH_BUDGET);
     }
 }

@@ -319,7 +319,8 @@ impl Stream {
     fn take(&mut self, session: &Session) {
         let status = session.status.clone().unwrap_or_default();
         let (events, last) = events_after(&status, self.last_id);
-        self.queued.extend(events.into_iter().map(|(_, event)| event));
+        self.queued
+            .extend(events.into_iter().map(|(_, event)| event));
         self.last_id = last;
         if closed(&status) {
             self.done = true;
@@ -434,7 +435,8 @@ mod tests {
 
     /// What `events` look like on the wire of an SSE answer.
     async fn wire(events: Vec<Event>) -> String {
-        let stream = futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+        let stream =
+            futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
         let body = Sse::new(stream).into_response().into_body();
         let bytes = axum::body::to_bytes(body, usize::MAX)
             .await

@@ -500,7 +500,10 @@ mod tests {
         );
         let bad_key = parse_event(br#"{"type":"agent.message","idempotencyKey":"a b"}"#)
             .expect_err("a bad key");
-        assert!(bad_key.to_string().starts_with("idempotencyKey"), "{bad_key}");
+        assert!(
+            bad_key.to_string().starts_with("idempotencyKey"),
+            "{bad_key}"
+        );
         assert_eq!(
             parse_event(br#"{"type":"note"}"#).map(|e| e.content),
             Ok(String::new())

@@ -439,7 +439,10 @@ mod tests {
         let again = status.push_event_once("agent.message", "hi", "k-1", at());
         assert_eq!((first, again), (1, 1));
         assert_eq!(status.events.len(), 1);
-        assert_eq!(status.push_event_once("agent.message", "hi", "k-2", at()), 2);
+        assert_eq!(
+            status.push_event_once("agent.message", "hi", "k-2", at()),
+            2
+        );
         assert_eq!(status.push_event("agent.message", "no key", at()), 3);
         assert_eq!(status.event_with_key("k-2"), Some(2));
         // The key is counted in the stored size.

@@ -253,7 +253,8 @@ impl RunnerClient {
         // One key per event, resent unchanged on every retry of this post: the apiserver
         // stores the event once even when an earlier attempt's answer was lost.
         let key = event_key();
-        let body = serde_json::json!({"type": "agent.message", "content": content, "idempotencyKey": key});
+        let body =
+            serde_json::json!({"type": "agent.message", "content": content, "idempotencyKey": key});
         let response = self
             .call(Method::POST, "/runner/v1/events", Some(&body))
             .await?;

@@ -477,7 +477,10 @@ async fn a_retried_event_post_resends_the_same_idempotency_key() {
         .collect();
     assert_eq!(keys.len(), 2, "the lost post was retried: {keys:?}");
     assert!(keys[0].as_str().is_some_and(|k| k.len() == 32), "{keys:?}");
-    assert_eq!(keys[0], keys[1], "the retry carries the first attempt's key");
+    assert_eq!(
+        keys[0], keys[1],
+        "the retry carries the first attempt's key"
+    );
 }
 
 #[tokio::test]

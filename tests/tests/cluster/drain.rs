@@ -32,7 +32,12 @@ const GRACE: Duration = Duration::from_secs(18);
 
 /// An HTTP/1.1 exchange on a fresh connection (`Connection: close`) that reports a reset
 /// or an empty reply instead of panicking: `Ok((status, body))` or `Err(what happened)`.
-async fn exchange(address: &str, method: &str, path: &str, body: &str) -> Result<(u16, Value), String> {
+async fn exchange(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, Value), String> {
     let mut stream = TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -111,10 +116,11 @@ impl EventStream {
         let mut filled = false;
         loop {
             let mut line = String::new();
-            let read = tokio::time::timeout(Duration::from_secs(60), self.reader.read_line(&mut line))
-                .await
-                .map_err(|_| "no line within 60 s".to_owned())?
-                .map_err(|e| format!("read (reset?): {e}"))?;
+            let read =
+                tokio::time::timeout(Duration::from_secs(60), self.reader.read_line(&mut line))
+                    .await
+                    .map_err(|_| "no line within 60 s".to_owned())?
+                    .map_err(|e| format!("read (reset?): {e}"))?;
             if read == 0 {
                 return Ok(None);
             }
@@ -223,7 +229,11 @@ async fn sigterm_drains_held_requests_and_streams_without_losing_a_caller() {
         let stream_path = format!("/agents/{name}/stream?namespace={}", ns.name());
         streams.push(EventStream::open(&door.public, &stream_path, &reader).await);
     }
-    let first = streams[0].next().await.expect("readable").expect("the event");
+    let first = streams[0]
+        .next()
+        .await
+        .expect("readable")
+        .expect("the event");
     assert_eq!(first.id, Some(1), "{first:?}");
 
     assert_eq!(readyz(&door.admin).await, Ok(200));
@@ -273,7 +283,11 @@ async fn sigterm_drains_held_requests_and_streams_without_losing_a_caller() {
 
     // Every stream: a final event naming the last id sent, a retry hint, then a clean end.
     for (i, stream) in streams.iter_mut().enumerate() {
-        let last = stream.next().await.expect("readable").expect("a final event");
+        let last = stream
+            .next()
+            .await
+            .expect("readable")
+            .expect("a final event");
         assert_eq!(last.event, "session.reconnect", "stream {i}: {last:?}");
         let expected = if i == 0 { 1 } else { 0 };
         assert_eq!(last.id, Some(expected), "stream {i}: {last:?}");

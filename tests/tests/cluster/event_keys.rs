@@ -88,12 +88,19 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
             .await
         }
     };
-    let keyed = json!({"type": "agent.message", "content": "once", "idempotencyKey": "e-1"})
-        .to_string();
+    let keyed =
+        json!({"type": "agent.message", "content": "once", "idempotencyKey": "e-1"}).to_string();
     // Each replica answers once it reached the cluster.
     for runner in [&first.runner, &second.runner] {
         let ready = eventually(BUDGET, || async {
-            let answer = request(runner, "GET", "/runner/v1/session", &[("Authorization", &auth)], "").await;
+            let answer = request(
+                runner,
+                "GET",
+                "/runner/v1/session",
+                &[("Authorization", &auth)],
+                "",
+            )
+            .await;
             (answer.status == 200).then_some(())
         })
         .await;
@@ -104,10 +111,13 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
     let third = post(first.runner.clone(), keyed).await;
     assert_eq!((one.status, again.status, third.status), (200, 200, 200));
     assert_eq!(one.json["id"], 1, "{:?}", one.json);
-    assert_eq!(again.json["id"], one.json["id"], "the repeat answers the same id");
+    assert_eq!(
+        again.json["id"], one.json["id"],
+        "the repeat answers the same id"
+    );
     assert_eq!(third.json["id"], one.json["id"]);
-    let other = json!({"type": "agent.message", "content": "another", "idempotencyKey": "e-2"})
-        .to_string();
+    let other =
+        json!({"type": "agent.message", "content": "another", "idempotencyKey": "e-2"}).to_string();
     assert_eq!(post(second.runner.clone(), other).await.json["id"], 2);
 
     let stored = sessions.get(name).await.expect("the Session");
