@@ -68,6 +68,35 @@ async fn exchange(
     Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
+/// Sends a keep-alive `GET path` on `stream` and reads its answer (a `Content-Length`
+/// body); returns the head.
+async fn keep_alive_get(stream: &mut BufReader<TcpStream>, address: &str, path: &str) -> String {
+    let head = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    stream
+        .get_mut()
+        .write_all(head.as_bytes())
+        .await
+        .expect("sent");
+    let mut answer_head = String::new();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).await.expect("a header line");
+        if line.trim_end().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().expect("a length");
+        }
+        answer_head.push_str(&line);
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.expect("the body");
+    answer_head
+}
+
 /// `GET /readyz`'s status, or what went wrong.
 async fn readyz(admin: &str) -> Result<u16, String> {
     exchange(admin, "GET", "/readyz", "").await.map(|(s, _)| s)
@@ -236,6 +265,18 @@ async fn sigterm_drains_held_requests_and_streams_without_losing_a_caller() {
         .expect("the event");
     assert_eq!(first.id, Some(1), "{first:?}");
 
+    // A keep-alive connection that stays idle through the drain, and one that is used
+    // during it.
+    let mut idle = BufReader::new(TcpStream::connect(&door.public).await.expect("connects"));
+    let head = keep_alive_get(&mut idle, &door.public, &path).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut busy = BufReader::new(TcpStream::connect(&door.public).await.expect("connects"));
+    let head = keep_alive_get(&mut busy, &door.public, &path).await;
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+
     assert_eq!(readyz(&door.admin).await, Ok(200));
     let signalled = Instant::now();
     door.apiserver.signal("TERM");
@@ -252,6 +293,20 @@ async fn sigterm_drains_held_requests_and_streams_without_losing_a_caller() {
     );
     let ping = exchange(&door.public, "GET", &path, "").await;
     assert_eq!(ping.as_ref().map(|(s, _)| *s), Ok(200), "{ping:?}");
+    // A keep-alive client is answered and told to go elsewhere, then the server closes
+    // that connection cleanly.
+    let head = keep_alive_get(&mut busy, &door.public, &path).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let mut rest = Vec::new();
+    let closed = busy.read_to_end(&mut rest).await;
+    assert!(
+        matches!(closed, Ok(0)),
+        "the draining connection was not closed cleanly: {closed:?}"
+    );
     assert!(
         signalled.elapsed() < DRAIN,
         "the check took longer than the drain period"
@@ -298,6 +353,14 @@ async fn sigterm_drains_held_requests_and_streams_without_losing_a_caller() {
             "stream {i} goes on after its final event"
         );
     }
+
+    // The idle keep-alive connection was closed cleanly (end of stream, no reset).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), idle.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle keep-alive connection was not closed cleanly: {closed:?}"
+    );
 
     // The process exits within the grace period, and cleanly.
     let exit = door.apiserver.wait_exit(GRACE).await;
