@@ -17,6 +17,7 @@ pub(crate) mod http_limits;
 pub mod hub;
 pub mod idempotency;
 pub mod index;
+pub(crate) mod kube_calls;
 pub mod metrics;
 pub mod rate_limit;
 pub mod read;
@@ -345,7 +346,10 @@ pub async fn run(args: Args) -> Result<(), Error> {
     // Building the client reads the kubeconfig or the in-cluster config and contacts
     // nothing: the watches retry while the cluster is unreachable, and the server stays
     // unready meanwhile.
-    let client = kube::Client::try_default().await.map_err(Error::Client)?;
+    let metrics = Arc::new(Metrics::default());
+    let client = kube_calls::counted_client(metrics.clone())
+        .await
+        .map_err(Error::Client)?;
     tokio::spawn(index::run_watches(
         client.clone(),
         args.namespaces.clone(),
@@ -353,7 +357,6 @@ pub async fn run(args: Args) -> Result<(), Error> {
         hub.clone(),
     ));
     let store = KubeSessionStore::new(client.clone());
-    let metrics = Arc::new(Metrics::default());
     let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
         .with_review_limit(args.trusted_proxies.clone(), review_limit);
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));

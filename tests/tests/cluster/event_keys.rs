@@ -3,7 +3,7 @@
 //! through two replicas, finds it stored once and gets the same id both times.
 
 use hookrun_crds::{Session, SessionSpec};
-use hookrun_tests::door::{ApiServer, BUDGET, request};
+use hookrun_tests::door::{ApiServer, BUDGET, metrics, request};
 use hookrun_tests::{TestNamespace, cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -128,4 +128,84 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
         .map(|e| e.content.clone())
         .collect();
     assert_eq!(contents, ["once", "another"]);
+
+    // What one call costs the cluster, from the apiserver's own count of its calls
+    // (review caches warm: the calls above used the same tokens).
+    let reader = format!("Bearer {}", ns.session_reader_token());
+    let read_path = format!("/agents/{name}/events?namespace={}", ns.name());
+    let warm = request(
+        &first.public,
+        "GET",
+        &read_path,
+        &[("Authorization", &reader)],
+        "",
+    )
+    .await;
+    assert_eq!(warm.status, 200, "{:?}", warm.json);
+    let calls = || async { kube_calls(&metrics(&first.admin).await) };
+    let before = calls().await;
+    let read = request(
+        &first.public,
+        "GET",
+        &read_path,
+        &[("Authorization", &reader)],
+        "",
+    )
+    .await;
+    assert_eq!(read.status, 200);
+    let after_read = calls().await;
+    let append =
+        json!({"type": "agent.message", "content": "x", "idempotencyKey": "e-3"}).to_string();
+    assert_eq!(post(first.runner.clone(), append).await.status, 200);
+    let after_append = calls().await;
+    let context = request(
+        &first.runner,
+        "GET",
+        "/runner/v1/session",
+        &[("Authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(context.status, 200);
+    let after_context = calls().await;
+    let delta = |a: &[(String, f64)], b: &[(String, f64)]| -> Vec<String> {
+        b.iter()
+            .filter_map(|(series, n)| {
+                let was = a.iter().find(|(s, _)| s == series).map_or(0.0, |(_, n)| *n);
+                (*n > was).then(|| format!("{series} +{}", n - was))
+            })
+            .collect()
+    };
+    let read_calls = delta(&before, &after_read);
+    let append_calls = delta(&after_read, &after_append);
+    let context_calls = delta(&after_append, &after_context);
+    eprintln!(
+        "kube calls per request: read events {read_calls:?}; runner append {append_calls:?}; \
+         runner context {context_calls:?}"
+    );
+    // An append reads its Session once (the write's own read, for its resourceVersion)
+    // and writes it once; no review is repeated while the caches are warm.
+    assert_eq!(
+        append_calls,
+        [
+            r#"verb="get",resource="sessions" +1"#,
+            r#"verb="patch",resource="sessions/status" +1"#
+        ],
+        "{append_calls:?}"
+    );
+    assert!(
+        read_calls.iter().all(|c| !c.contains("review")),
+        "a warm read repeated a review: {read_calls:?}"
+    );
+}
+
+/// `hookrun_apiserver_kube_requests_total` series (labels, value) in a metrics text.
+fn kube_calls(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("hookrun_apiserver_kube_requests_total{"))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            Some((labels.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
