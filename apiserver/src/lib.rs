@@ -358,7 +358,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
     ));
     let store = KubeSessionStore::new(client.clone());
     let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
-        .with_review_limit(args.trusted_proxies.clone(), review_limit);
+        .with_review_limit(args.trusted_proxies.clone(), review_limit)
+        .with_index(index.clone());
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
         index: index.clone(),

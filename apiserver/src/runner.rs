@@ -22,6 +22,7 @@ use crate::api::{ApiState, MAX_BODY_BYTES, bearer_token};
 use crate::auth::PodIdentity;
 use crate::error::HttpError;
 use crate::http_limits::read_body;
+use crate::index::{AgentKey, RunnerAgent, runner_agent};
 use crate::session_status::StatusError;
 
 /// The longest event type.
@@ -134,12 +135,9 @@ pub(crate) fn merged_env(agent: &[EnvVar], session: &[SessionEnvVar]) -> Vec<(St
 }
 
 /// The runner's view of its Session.
-pub(crate) fn context(session: &Session, agent: Option<&Agent>) -> Value {
-    let spec = agent.map(|a| &a.spec);
-    let agent_env = spec
-        .and_then(|s| s.session.as_ref())
-        .map(|t| t.env.as_slice())
-        .unwrap_or_default();
+pub(crate) fn context(session: &Session, agent: Option<&RunnerAgent>) -> Value {
+    let spec = agent;
+    let agent_env = spec.map(|a| a.env.as_slice()).unwrap_or_default();
     let env: Vec<Value> = merged_env(agent_env, &session.spec.env)
         .into_iter()
         .map(|(name, value)| json!({"name": name, "value": value}))
@@ -165,17 +163,30 @@ async fn session_context(State(state): State<ApiState>, headers: HeaderMap) -> R
     let result = async {
         let caller = caller(&state, &headers).await?;
         let namespace = caller.session.namespace().unwrap_or_default();
-        // A list by name, not a get: the apiserver's RBAC grants list/watch on Agents
-        // (for its index) and nothing more.
-        let selector = format!("metadata.name={}", caller.session.spec.agent);
-        let agent = Api::<Agent>::namespaced(caller.client, &namespace)
-            .list(&ListParams::default().fields(&selector))
-            .await
-            .map_err(|error| HttpError::cluster("read the Agent", &error))?
-            .items
-            .into_iter()
-            .next();
-        Ok::<_, HttpError>(Json(context(&caller.session, agent.as_ref())))
+        let key = AgentKey::new(namespace.clone(), caller.session.spec.agent.clone());
+        // From the watched index once it has listed (no Agent there: none in the
+        // cluster); before that, one list by name (the apiserver's RBAC grants list/watch
+        // on Agents and nothing more).
+        let cached = state.index.as_ref().and_then(|index| {
+            let index = index
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            index.is_synced().then(|| index.runner_agent(&key))
+        });
+        let agent = match cached {
+            Some(agent) => agent,
+            None => {
+                let selector = format!("metadata.name={}", key.name);
+                Api::<Agent>::namespaced(caller.client, &namespace)
+                    .list(&ListParams::default().fields(&selector))
+                    .await
+                    .map_err(|error| HttpError::cluster("read the Agent", &error))?
+                    .items
+                    .first()
+                    .map(|agent| std::sync::Arc::new(runner_agent(agent)))
+            }
+        };
+        Ok::<_, HttpError>(Json(context(&caller.session, agent.as_deref())))
     }
     .await;
     result.into_response()

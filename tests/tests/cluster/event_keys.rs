@@ -1,10 +1,12 @@
 //! Cluster test of event idempotency on the real `hookrun-apiserver`: a session pod that
 //! posts the same event twice with one `idempotencyKey` (a retry after a lost answer),
-//! through two replicas, finds it stored once and gets the same id both times.
+//! through two replicas, finds it stored once and gets the same id both times; and what
+//! a read, an append and a context call cost the cluster, from the apiserver's own count
+//! of its Kubernetes API calls.
 
 use hookrun_crds::{Session, SessionSpec};
 use hookrun_tests::door::{ApiServer, BUDGET, metrics, request};
-use hookrun_tests::{TestNamespace, cluster, eventually};
+use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
@@ -157,6 +159,28 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
     let append =
         json!({"type": "agent.message", "content": "x", "idempotencyKey": "e-3"}).to_string();
     assert_eq!(post(first.runner.clone(), append).await.status, 200);
+    let after_post = calls().await;
+    // The Session's Agent appears: the context shows it once the watch brought it.
+    let agents: Api<hookrun_crds::Agent> = Api::namespaced(cluster.client().await, ns.name());
+    apply_agent(
+        &agents,
+        "k",
+        json!({"spec": {"models": ["anthropic/claude-sonnet-4-6"], "system": "keys system"}}),
+    )
+    .await;
+    let shown = eventually(BUDGET, || async {
+        let answer = request(
+            &first.runner,
+            "GET",
+            "/runner/v1/session",
+            &[("Authorization", &auth)],
+            "",
+        )
+        .await;
+        (answer.json["system"] == "keys system").then_some(())
+    })
+    .await;
+    assert!(shown.is_some(), "the context never showed the Agent");
     let after_append = calls().await;
     let context = request(
         &first.runner,
@@ -174,10 +198,12 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
                 let was = a.iter().find(|(s, _)| s == series).map_or(0.0, |(_, n)| *n);
                 (*n > was).then(|| format!("{series} +{}", n - was))
             })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
             .collect()
     };
     let read_calls = delta(&before, &after_read);
-    let append_calls = delta(&after_read, &after_append);
+    let append_calls = delta(&after_read, &after_post);
     let context_calls = delta(&after_append, &after_context);
     eprintln!(
         "kube calls per request: read events {read_calls:?}; runner append {append_calls:?}; \
@@ -193,6 +219,13 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
         ],
         "{append_calls:?}"
     );
+    // The context reads its Session once; the Agent comes from the watched index.
+    assert_eq!(
+        context_calls,
+        [r#"verb="get",resource="sessions" +1"#],
+        "{context_calls:?}"
+    );
+    assert_eq!(context.json["system"], "keys system");
     assert!(
         read_calls.iter().all(|c| !c.contains("review")),
         "a warm read repeated a review: {read_calls:?}"
