@@ -9,6 +9,7 @@ use kube::Client;
 use crate::auth::Authenticator;
 use crate::client_ip::TrustedProxies;
 use crate::hub::SessionHub;
+use crate::index::SharedIndex;
 use crate::metrics::Metrics;
 use crate::rate_limit::RateLimit;
 use crate::session_status::StatusWriter;
@@ -27,6 +28,8 @@ pub struct ApiState {
     pub(crate) status: Arc<StatusWriter>,
     /// Whose `X-Forwarded-For` names the client whose review attempts are counted.
     pub(crate) trusted_proxies: Arc<TrustedProxies>,
+    /// The watched index, once wired: the runner API reads Agents from it.
+    pub(crate) index: Option<SharedIndex>,
 }
 
 impl ApiState {
@@ -43,7 +46,14 @@ impl ApiState {
             metrics,
             status: Arc::new(StatusWriter::default()),
             trusted_proxies: Arc::new(TrustedProxies::none()),
+            index: None,
         }
+    }
+
+    /// The same state, reading Agents from `index` instead of the cluster.
+    pub(crate) fn with_index(mut self, index: SharedIndex) -> Self {
+        self.index = Some(index);
+        self
     }
 
     /// The same state, with the client address read through `trusted_proxies` and

@@ -5,6 +5,10 @@
 //! nothing for Sessions nobody holds, so memory grows with held requests, not Sessions,
 //! and a request that goes away (its client disconnected) frees its slot when its
 //! [`Subscription`] drops.
+//!
+//! When the server drains, [`SessionHub::flush`] tells every subscription at once (and
+//! every one taken later) to answer with what it has: held requests answer 202 with a
+//! `pollUrl`, streams send a final event to resume from.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -28,9 +32,20 @@ pub(crate) enum Seen {
 type Key = (String, String);
 
 /// Fans Session changes out to the requests waiting on them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SessionHub {
     senders: Mutex<HashMap<Key, watch::Sender<Seen>>>,
+    /// True once the server drains: every held request answers now.
+    flushed: watch::Sender<bool>,
+}
+
+impl Default for SessionHub {
+    fn default() -> Self {
+        Self {
+            senders: Mutex::default(),
+            flushed: watch::channel(false).0,
+        }
+    }
 }
 
 /// One request's view of one Session; dropping it unsubscribes.
@@ -89,8 +104,12 @@ impl SessionHub {
         }
     }
 
-    /// How many Sessions are followed right now (for tests and benches).
-    #[cfg(any(test, feature = "test-support"))]
+    /// Tells every subscription, now and later, to stop waiting (the server drains).
+    pub fn flush(&self) {
+        self.flushed.send_replace(true);
+    }
+
+    /// How many Sessions are followed right now (for metrics and tests).
     pub fn followed(&self) -> usize {
         self.lock().len()
     }
@@ -104,6 +123,16 @@ impl Subscription {
             .as_ref()
             .map(|r| r.borrow().clone())
             .unwrap_or_default()
+    }
+
+    /// A future that resolves once the hub is flushed (at once if it already is); it
+    /// borrows nothing, so it can be awaited beside [`Subscription::changed`].
+    pub(crate) fn flushed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut flushed = self.hub.flushed.subscribe();
+        async move {
+            // Resolves too if the hub is dropped: nobody is left to publish.
+            let _ = flushed.wait_for(|flushed| *flushed).await;
+        }
     }
 
     /// Waits for the next change and returns it; `None` only if the hub itself is gone.
@@ -156,6 +185,22 @@ mod tests {
         }
         hub.publish_deleted(&session("team", "a-wh-1", "a", None));
         assert!(matches!(mine.changed().await, Some(Seen::Deleted)));
+    }
+
+    #[tokio::test]
+    async fn a_flush_wakes_every_subscription_now_and_later() {
+        let hub = SessionHub::new();
+        let early = hub.subscribe("team", "a");
+        let waiting = tokio::spawn(async move { early.flushed().await });
+        hub.flush();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the flush")
+            .expect("the task");
+        let late = hub.subscribe("team", "b");
+        tokio::time::timeout(std::time::Duration::from_secs(5), late.flushed())
+            .await
+            .expect("a subscription taken after the flush resolves at once");
     }
 
     #[test]

@@ -11,11 +11,13 @@ pub(crate) mod auth_limit;
 pub mod body;
 pub mod client_ip;
 pub(crate) mod dns_name;
+pub mod drain;
 pub mod error;
 pub(crate) mod http_limits;
 pub mod hub;
 pub mod idempotency;
 pub mod index;
+pub(crate) mod kube_calls;
 pub mod metrics;
 pub mod rate_limit;
 pub mod read;
@@ -43,6 +45,7 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use crate::client_ip::TrustedProxies;
+use crate::drain::Drain;
 use crate::index::{Index, SharedIndex};
 use crate::metrics::Metrics;
 use crate::rate_limit::{RateLimit, RateLimiter};
@@ -106,6 +109,11 @@ pub struct Args {
     /// Comma-separated namespaces to serve; every namespace when absent.
     #[arg(long, env = "HOOKRUN_NAMESPACES", value_delimiter = ',')]
     pub namespaces: Vec<String>,
+    /// After SIGTERM, how long `/readyz` fails while the server keeps serving, before
+    /// held wait-mode requests get their 202 and the listeners close (`15s`, `0s`; a
+    /// bare number is seconds). The pod's grace period must exceed this plus 15 s.
+    #[arg(long, env = "HOOKRUN_DRAIN_PERIOD", default_value = "15s")]
+    pub drain_period: FlagDuration,
 }
 
 /// What stops the server from starting.
@@ -130,6 +138,8 @@ pub enum Error {
 pub struct AdminState {
     pub(crate) index: SharedIndex,
     pub(crate) metrics: Arc<Metrics>,
+    /// `/readyz` fails once shutdown begins.
+    pub(crate) drain: Drain,
 }
 
 /// The Kubernetes client's log target. At WARN it writes whole response bodies it cannot
@@ -170,6 +180,9 @@ pub fn admin_app(state: AdminState) -> Router {
 }
 
 async fn readyz(State(state): State<AdminState>) -> axum::response::Response {
+    if state.drain.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    }
     let synced = state
         .index
         .read()
@@ -208,7 +221,35 @@ pub async fn serve_public(
     header_read_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let stop = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    serve(listener, app, header_read_timeout, stop, Drain::new()).await;
+}
+
+/// Like [`serve_public`], stopping as `drain` says: while it drains, every answer carries
+/// `Connection: close`; once it closes, no new connection is accepted, and requests in
+/// flight get [`drain::FINISH_BUDGET`] to finish.
+pub async fn serve_draining(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    drain: Drain,
+) {
+    let closing = drain.clone();
+    let stop = async move { closing.reached(drain::Stage::Closing).await };
+    serve(listener, app, header_read_timeout, stop, drain).await;
+}
+
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+    drain: Drain,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -221,15 +262,25 @@ pub async fn serve_public(
                     }
                 };
                 let router = app.clone();
+                let drain = drain.clone();
                 let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                     let refused = http_limits::refuse_long_target(request.uri());
                     request.extensions_mut().insert(ConnectInfo(peer));
                     let router = router.clone();
+                    let drain = drain.clone();
                     async move {
-                        match refused {
-                            Some(response) => Ok(response),
-                            None => router.oneshot(request.map(axum::body::Body::new)).await,
+                        let mut response = match refused {
+                            Some(response) => response,
+                            None => router.oneshot(request.map(axum::body::Body::new)).await?,
+                        };
+                        // Draining: clients open their next request elsewhere.
+                        if drain.is_draining() {
+                            response.headers_mut().insert(
+                                axum::http::header::CONNECTION,
+                                axum::http::HeaderValue::from_static("close"),
+                            );
                         }
+                        Ok::<_, std::convert::Infallible>(response)
                     }
                 });
                 let builder = http_limits::http1_builder(header_read_timeout);
@@ -240,15 +291,18 @@ pub async fn serve_public(
                     }
                 });
             }
-            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+            () = &mut stop => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    if tokio::time::timeout(drain::FINISH_BUDGET, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("connections still open after 10 s; closing them");
+        tracing::warn!(
+            budget_ms = drain::FINISH_BUDGET.as_millis() as u64,
+            "connections still open after the finish budget; closing them"
+        );
     }
 }
 
@@ -289,13 +343,22 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let admin_addr = admin.local_addr().map_err(Error::Serve)?;
 
     let hub = hub::SessionHub::new();
+    let drain = Drain::new();
+    tokio::spawn(
+        drain
+            .clone()
+            .run(shutdown_signal(), args.drain_period.0, hub.clone()),
+    );
     let index: SharedIndex = Arc::new(RwLock::new(Index::new(index::stream_count(
         &args.namespaces,
     ))));
     // Building the client reads the kubeconfig or the in-cluster config and contacts
     // nothing: the watches retry while the cluster is unreachable, and the server stays
     // unready meanwhile.
-    let client = kube::Client::try_default().await.map_err(Error::Client)?;
+    let metrics = Arc::new(Metrics::default());
+    let client = kube_calls::counted_client(metrics.clone())
+        .await
+        .map_err(Error::Client)?;
     tokio::spawn(index::run_watches(
         client.clone(),
         args.namespaces.clone(),
@@ -303,9 +366,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
         hub.clone(),
     ));
     let store = KubeSessionStore::new(client.clone()).with_timeout(args.session_store_timeout.0);
-    let metrics = Arc::new(Metrics::default());
     let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
-        .with_review_limit(args.trusted_proxies.clone(), review_limit);
+        .with_review_limit(args.trusted_proxies.clone(), review_limit)
+        .with_index(index.clone());
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
         index: index.clone(),
@@ -328,30 +391,37 @@ pub async fn run(args: Args) -> Result<(), Error> {
         }
     });
 
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop.send(true);
-    });
     tracing::info!(public = %public_addr, runner = %runner_addr, admin = %admin_addr, "hookrun-apiserver started");
-    let mut admin_stopped = stopped.clone();
-    let admin_server = axum::serve(admin, admin_app(AdminState { index, metrics }))
-        .with_graceful_shutdown(async move {
-            let _ = admin_stopped.wait_for(|stop| *stop).await;
-        });
-    let runner_server = serve_public(
+    let runner_server = serve_draining(
         runner_listener,
         runner::router(api_state.clone()),
         args.header_read_timeout.0,
-        stopped.clone(),
+        drain.clone(),
     );
-    let public_server = serve_public(
+    let public_server = serve_draining(
         public,
         public_app(state, api_state),
         args.header_read_timeout.0,
-        stopped,
+        drain.clone(),
     );
-    let (admin_result, (), ()) = tokio::join!(admin_server, public_server, runner_server);
+    // The admin port answers (`/readyz` 503) until the public and runner ports are done.
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let admin_server = axum::serve(
+        admin,
+        admin_app(AdminState {
+            index,
+            metrics,
+            drain,
+        }),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = finished.await;
+    });
+    let serving = async move {
+        tokio::join!(public_server, runner_server);
+        let _ = done.send(());
+    };
+    let (admin_result, ()) = tokio::join!(admin_server, serving);
     admin_result.map_err(Error::Serve)?;
     tracing::info!("hookrun-apiserver stopped");
     Ok(())
@@ -381,6 +451,7 @@ mod tests {
         let state = AdminState {
             index: Arc::new(RwLock::new(Index::new(1))),
             metrics: Arc::new(Metrics::default()),
+            drain: Drain::new(),
         };
         assert_eq!(get_admin(&state, "/healthz").await.0, StatusCode::OK);
         assert_eq!(
@@ -393,6 +464,14 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .mark_synced();
         assert_eq!(get_admin(&state, "/readyz").await.0, StatusCode::OK);
+        // Shutdown begins: not ready at once, still alive.
+        let serving = state.clone();
+        state.drain.advance(drain::Stage::Draining);
+        assert_eq!(
+            get_admin(&state, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(get_admin(&serving, "/healthz").await.0, StatusCode::OK);
         state
             .metrics
             .observe("/webhooks/{namespace}/{agent}", "GET", "ping", 200, 0.001);
@@ -471,5 +550,10 @@ mod tests {
         assert_ne!(defaults.runner_listen, defaults.listen);
         assert_eq!(defaults.review_limit_burst, 20);
         assert_eq!(defaults.review_limit_per_second, 1.0);
+        assert_eq!(defaults.drain_period.0, Duration::from_secs(15));
+        let drain = Args::try_parse_from(["hookrun-apiserver", "--drain-period", "0s"])
+            .expect("a zero drain period");
+        assert_eq!(drain.drain_period.0, Duration::ZERO);
+        assert!(Args::try_parse_from(["hookrun-apiserver", "--drain-period", "soon"]).is_err());
     }
 }

@@ -57,6 +57,8 @@ pub struct Metrics {
     /// Read requests refused with 429 before a review, their address having spent its
     /// review attempts.
     pub(crate) auth_throttled: Counter,
+    /// This process's calls to the Kubernetes API, by verb and resource.
+    pub(crate) kube_requests: Family<crate::kube_calls::KubeCallLabels, Counter>,
     registry: Registry,
 }
 
@@ -111,12 +113,19 @@ impl Default for Metrics {
             "Read requests refused (429) because their address spent its review attempts",
             auth_throttled.clone(),
         );
+        let kube_requests = Family::<crate::kube_calls::KubeCallLabels, Counter>::default();
+        registry.register(
+            "kube_requests",
+            "Calls this apiserver made to the Kubernetes API, by verb and resource",
+            kube_requests.clone(),
+        );
         Self {
             requests,
             latency,
             waiting,
             auth_reviews,
             auth_throttled,
+            kube_requests,
             registry,
         }
     }
@@ -144,6 +153,11 @@ impl Metrics {
         self.auth_reviews
             .get_or_create(&ReviewLabels { kind })
             .inc();
+    }
+
+    /// Counts one call to the Kubernetes API.
+    pub(crate) fn kube_call(&self, labels: crate::kube_calls::KubeCallLabels) {
+        self.kube_requests.get_or_create(&labels).inc();
     }
 
     /// Counts one answered request. `route` is a route template and `outcome` a code from

@@ -2,15 +2,19 @@
 //! `GET /agents/{session}?namespace=` (where the Session is), `.../events` (its stored
 //! events, optionally of one type) and `.../stream` (Server-Sent Events: the stored
 //! events, then live ones from the [`SessionHub`], until `session.status_closed`).
+//!
+//! A stream resumes after the id in `Last-Event-ID`. When the server drains, each open
+//! stream ends with a `session.reconnect` event carrying the last id it sent and a
+//! `retry:` hint, so clients reconnect (to another replica) and lose nothing.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{Extensions, HeaderMap, HeaderValue, header};
+use axum::http::{Extensions, HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router, middleware};
@@ -223,7 +227,7 @@ async fn session_events(
 }
 
 /// One SSE message: `id`, `event` (the type) and `data` (the event as one line of JSON).
-pub(crate) fn sse_frame(id: u64, event: &SessionEvent) -> String {
+pub(crate) fn sse_event(id: u64, event: &SessionEvent) -> Event {
     // JSON escapes newlines, so `data` is one line; the type has no newline by
     // validation, but a stray one must not split the frame either.
     let type_: String = event
@@ -231,11 +235,35 @@ pub(crate) fn sse_frame(id: u64, event: &SessionEvent) -> String {
         .chars()
         .filter(|c| *c != '\n' && *c != '\r')
         .collect();
-    format!("id: {id}\nevent: {type_}\ndata: {}\n\n", event_json(event))
+    Event::default()
+        .id(id.to_string())
+        .event(type_)
+        .data(event_json(event).to_string())
 }
 
-/// The comment line a quiet stream sends so proxies and clients keep it open.
-pub(crate) const HEARTBEAT_FRAME: &str = ": heartbeat\n\n";
+/// The comment a quiet stream sends so proxies and clients keep it open.
+pub(crate) const HEARTBEAT_TEXT: &str = "heartbeat";
+
+/// The type of the last event of a stream the server closes while draining.
+pub(crate) const RECONNECT: &str = "session.reconnect";
+
+/// How long a client waits before it reconnects after [`RECONNECT`] (the `retry:` hint).
+pub(crate) const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// The last event of a stream closed by a drain: its id is the last one the stream sent
+/// (so `Last-Event-ID` resumes right after it), with a `retry:` hint.
+pub(crate) fn reconnect_event(last_id: u64) -> Event {
+    let data = json!({
+        "type": RECONNECT,
+        "lastEventId": last_id,
+        "content": "the server is shutting down: reconnect with Last-Event-ID to resume",
+    });
+    Event::default()
+        .id(last_id.to_string())
+        .event(RECONNECT)
+        .retry(RECONNECT_AFTER)
+        .data(data.to_string())
+}
 
 /// The id after which a resumed stream continues: `Last-Event-ID`, when it is a number.
 pub(crate) fn last_event_id(headers: &HeaderMap) -> u64 {
@@ -246,12 +274,12 @@ pub(crate) fn last_event_id(headers: &HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
-/// The frames of the events of `status` with ids above `after`; returns them and the
+/// The events of `status` with ids above `after`, with their ids; returns them and the
 /// highest id seen.
-pub(crate) fn frames_after(status: &SessionStatus, after: u64) -> (Vec<String>, u64) {
+pub(crate) fn events_after(status: &SessionStatus, after: u64) -> (Vec<(u64, Event)>, u64) {
     let first = status.first_event_id();
     let mut last = after;
-    let frames = status
+    let events = status
         .events
         .iter()
         .enumerate()
@@ -259,10 +287,10 @@ pub(crate) fn frames_after(status: &SessionStatus, after: u64) -> (Vec<String>, 
         .filter(|(id, _)| *id > after)
         .map(|(id, event)| {
             last = last.max(id);
-            sse_frame(id, event)
+            (id, sse_event(id, event))
         })
         .collect();
-    (frames, last)
+    (events, last)
 }
 
 /// Whether a stream that has sent everything in `status` is over: the Session finished
@@ -275,12 +303,13 @@ fn closed(status: &SessionStatus) -> bool {
             .is_some_and(|e| e.type_ == event_types::STATUS_CLOSED)
 }
 
-/// A stream's state between frames.
+/// A stream's state between events.
 struct Stream {
     subscription: Subscription,
     uid: Option<String>,
+    /// The id of the last event queued (sent or about to be).
     last_id: u64,
-    queued: VecDeque<String>,
+    queued: VecDeque<Event>,
     done: bool,
 }
 
@@ -289,29 +318,39 @@ impl Stream {
     /// Session is closed.
     fn take(&mut self, session: &Session) {
         let status = session.status.clone().unwrap_or_default();
-        let (frames, last) = frames_after(&status, self.last_id);
-        self.queued.extend(frames);
+        let (events, last) = events_after(&status, self.last_id);
+        self.queued
+            .extend(events.into_iter().map(|(_, event)| event));
         self.last_id = last;
         if closed(&status) {
             self.done = true;
         }
     }
 
-    /// The next frame: queued ones first, then whatever the hub brings, with heartbeats
-    /// while nothing happens. `None` ends the stream.
-    async fn next(&mut self) -> Option<String> {
+    /// The next event: queued ones first, then whatever the hub brings; when the server
+    /// drains, [`reconnect_event`]. `None` ends the stream. Heartbeats are the
+    /// [`KeepAlive`]'s.
+    async fn next(&mut self) -> Option<Event> {
         loop {
-            if let Some(frame) = self.queued.pop_front() {
-                return Some(frame);
+            if let Some(event) = self.queued.pop_front() {
+                return Some(event);
             }
             if self.done {
                 return None;
             }
-            match tokio::time::timeout(HEARTBEAT, self.subscription.changed()).await {
-                Err(_quiet) => return Some(HEARTBEAT_FRAME.to_owned()),
-                Ok(None | Some(Seen::Deleted)) => self.done = true,
-                Ok(Some(Seen::Nothing)) => {}
-                Ok(Some(Seen::Session(session))) => {
+            let flushed = self.subscription.flushed();
+            let changed = tokio::select! {
+                biased;
+                () = flushed => {
+                    self.done = true;
+                    return Some(reconnect_event(self.last_id));
+                }
+                changed = self.subscription.changed() => changed,
+            };
+            match changed {
+                None | Some(Seen::Deleted) => self.done = true,
+                Some(Seen::Nothing) => {}
+                Some(Seen::Session(session)) => {
                     // Another Session of the same name (deleted, made again) is not ours.
                     if session.metadata.uid != self.uid {
                         self.done = true;
@@ -363,23 +402,23 @@ async fn session_stream(
         Ok(stream) => stream,
         Err(error) => return error.into_response(),
     };
-    // The stream (and its hub subscription) is dropped when the client goes away.
-    let body = futures::stream::unfold(stream, |mut stream| async move {
-        let frame = stream.next().await?;
-        Some((
-            Ok::<_, std::convert::Infallible>(Bytes::from(frame)),
-            stream,
-        ))
+    sse_response(stream)
+}
+
+/// The SSE answer of an open stream: its events, with a heartbeat comment after
+/// [`HEARTBEAT`] of quiet. The stream (and its hub subscription) is dropped when the
+/// client goes away.
+fn sse_response(stream: Stream) -> Response {
+    let events = futures::stream::unfold(stream, |mut stream| async move {
+        let event = stream.next().await?;
+        Some((Ok::<_, std::convert::Infallible>(event), stream))
     });
-    let mut response = Body::from_stream(body).into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let keep_alive = KeepAlive::new().interval(HEARTBEAT).text(HEARTBEAT_TEXT);
+    let mut response = Sse::new(events).keep_alive(keep_alive).into_response();
     // Proxies such as nginx buffer responses unless told not to.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
@@ -394,6 +433,23 @@ mod tests {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
     }
 
+    /// What `events` look like on the wire of an SSE answer.
+    async fn wire(events: Vec<Event>) -> String {
+        let stream =
+            futures::stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>));
+        let body = Sse::new(stream).into_response().into_body();
+        let bytes = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .expect("a body");
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The wire text of a stream's next event, `None` when it ends.
+    async fn next_on_wire(stream: &mut Stream) -> Option<String> {
+        let event = stream.next().await?;
+        Some(wire(vec![event]).await)
+    }
+
     fn status_with(contents: &[&str]) -> SessionStatus {
         let mut status = SessionStatus::default();
         for content in contents {
@@ -402,10 +458,10 @@ mod tests {
         status
     }
 
-    #[test]
-    fn frames_carry_the_id_the_type_and_one_line_of_json() {
+    #[tokio::test]
+    async fn frames_carry_the_id_the_type_and_one_line_of_json() {
         let status = status_with(&["line one\nline two"]);
-        let frame = sse_frame(7, &status.events[0]);
+        let frame = wire(vec![sse_event(7, &status.events[0])]).await;
         let lines: Vec<&str> = frame.split('\n').collect();
         assert_eq!(lines[0], "id: 7");
         assert_eq!(lines[1], "event: agent.message");
@@ -416,11 +472,23 @@ mod tests {
         assert_eq!(data["type"], "agent.message");
         assert_eq!(data["content"], "line one\nline two");
         assert_eq!(data["timestamp"], "1970-01-01T00:00:00Z");
-        assert!(HEARTBEAT_FRAME.starts_with(':') && HEARTBEAT_FRAME.ends_with("\n\n"));
     }
 
-    #[test]
-    fn last_event_id_resumes_after_that_id() {
+    #[tokio::test]
+    async fn the_reconnect_event_names_the_last_id_and_a_retry_hint() {
+        let frame = wire(vec![reconnect_event(4)]).await;
+        let lines: Vec<&str> = frame.split('\n').collect();
+        assert_eq!(lines[0], "id: 4");
+        assert_eq!(lines[1], "event: session.reconnect");
+        assert_eq!(lines[2], "retry: 1000");
+        let data: serde_json::Value =
+            serde_json::from_str(lines[3].trim_start_matches("data: ")).expect("JSON");
+        assert_eq!(data["lastEventId"], 4);
+        assert_eq!(&lines[4..], ["", ""]);
+    }
+
+    #[tokio::test]
+    async fn last_event_id_resumes_after_that_id() {
         let mut headers = HeaderMap::new();
         assert_eq!(last_event_id(&headers), 0);
         headers.insert("last-event-id", HeaderValue::from_static(" 2 "));
@@ -429,13 +497,16 @@ mod tests {
         assert_eq!(last_event_id(&headers), 0);
 
         let status = status_with(&["a", "b", "c"]);
-        let (frames, last) = frames_after(&status, 2);
+        let (frames, last) = events_after(&status, 2);
         assert_eq!(last, 3);
-        assert_eq!(frames.len(), 1);
-        assert!(frames[0].starts_with("id: 3\n"));
-        let (frames, last) = frames_after(&status, 0);
+        let ids: Vec<u64> = frames.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [3]);
+        let (frames, _) = events_after(&status, 2);
+        let text = wire(frames.into_iter().map(|(_, e)| e).collect()).await;
+        assert!(text.starts_with("id: 3\n"), "{text}");
+        let (frames, last) = events_after(&status, 0);
         assert_eq!((frames.len(), last), (3, 3));
-        let (frames, last) = frames_after(&status, 9);
+        let (frames, last) = events_after(&status, 9);
         assert_eq!((frames.len(), last), (0, 9));
     }
 
@@ -444,11 +515,15 @@ mod tests {
         let mut status = status_with(&["a", "b", "c"]);
         status.events.remove(0);
         status.dropped_events = Some(1);
-        let (frames, _) = frames_after(&status, 0);
-        assert!(frames[0].starts_with("id: 2\n"));
-        let (frames, _) = frames_after(&status, 2);
-        assert_eq!(frames.len(), 1);
-        assert!(frames[0].starts_with("id: 3\n"));
+        let ids = |after| -> Vec<u64> {
+            events_after(&status, after)
+                .0
+                .iter()
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        assert_eq!(ids(0), [2, 3]);
+        assert_eq!(ids(2), [3]);
     }
 
     #[test]
@@ -520,7 +595,7 @@ mod tests {
             request = request.header("authorization", format!("Bearer {token}"));
         }
         app.clone()
-            .oneshot(request.body(Body::empty()).expect("a request"))
+            .oneshot(request.body(axum::body::Body::empty()).expect("a request"))
             .await
             .expect("infallible")
     }
@@ -579,8 +654,7 @@ mod tests {
         };
         stream.take(&session);
         assert!(
-            stream
-                .next()
+            next_on_wire(&mut stream)
                 .await
                 .is_some_and(|f| f.starts_with("id: 2\n"))
         );
@@ -591,32 +665,62 @@ mod tests {
         hub.publish(&session);
         // The same Session published twice: each event is sent once.
         hub.publish(&session);
-        let three = stream.next().await.expect("a frame");
+        let three = next_on_wire(&mut stream).await.expect("a frame");
         assert!(
             three.starts_with("id: 3\nevent: agent.message\n"),
             "{three}"
         );
-        let closing = stream.next().await.expect("a frame");
+        let closing = next_on_wire(&mut stream).await.expect("a frame");
         assert!(
             closing.contains("event: session.status_closed"),
             "{closing}"
         );
-        assert_eq!(stream.next().await, None);
+        assert!(next_on_wire(&mut stream).await.is_none());
+    }
+
+    fn quiet_stream(hub: &std::sync::Arc<SessionHub>, session: &Session, last_id: u64) -> Stream {
+        Stream {
+            subscription: hub.subscribe("team", "s"),
+            uid: session.metadata.uid.clone(),
+            last_id,
+            queued: VecDeque::new(),
+            done: false,
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_stream_sends_heartbeats_and_a_deleted_session_ends_it() {
+        use http_body_util::BodyExt;
         let hub = SessionHub::new();
         let session = crate::index::test_support::session("team", "s", "a", None);
-        let mut stream = Stream {
-            subscription: hub.subscribe("team", "s"),
-            uid: session.metadata.uid.clone(),
-            last_id: 0,
-            queued: VecDeque::new(),
-            done: false,
-        };
-        assert_eq!(stream.next().await.as_deref(), Some(HEARTBEAT_FRAME));
+        let mut body = sse_response(quiet_stream(&hub, &session, 0)).into_body();
+        let frame = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("readable")
+            .into_data()
+            .expect("data");
+        assert_eq!(&frame[..], b": heartbeat\n\n");
         hub.publish_deleted(&session);
-        assert_eq!(stream.next().await, None);
+        assert!(body.frame().await.is_none(), "the stream ends");
+    }
+
+    #[tokio::test]
+    async fn a_drain_ends_a_stream_with_the_reconnect_event() {
+        let hub = SessionHub::new();
+        let session = crate::index::test_support::session("team", "s", "a", None);
+        let mut stream = quiet_stream(&hub, &session, 3);
+        let flusher = hub.clone();
+        tokio::spawn(async move { flusher.flush() });
+        let last = tokio::time::timeout(Duration::from_secs(5), next_on_wire(&mut stream))
+            .await
+            .expect("the flush ends the stream")
+            .expect("the last event");
+        assert!(
+            last.starts_with("id: 3\nevent: session.reconnect\nretry: 1000\n"),
+            "{last}"
+        );
+        assert!(next_on_wire(&mut stream).await.is_none());
     }
 }

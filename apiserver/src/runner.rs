@@ -22,6 +22,7 @@ use crate::api::{ApiState, MAX_BODY_BYTES, bearer_token};
 use crate::auth::PodIdentity;
 use crate::error::HttpError;
 use crate::http_limits::read_body;
+use crate::index::{AgentKey, RunnerAgent, runner_agent};
 use crate::session_status::StatusError;
 
 /// The longest event type.
@@ -134,12 +135,9 @@ pub(crate) fn merged_env(agent: &[EnvVar], session: &[SessionEnvVar]) -> Vec<(St
 }
 
 /// The runner's view of its Session.
-pub(crate) fn context(session: &Session, agent: Option<&Agent>) -> Value {
-    let spec = agent.map(|a| &a.spec);
-    let agent_env = spec
-        .and_then(|s| s.session.as_ref())
-        .map(|t| t.env.as_slice())
-        .unwrap_or_default();
+pub(crate) fn context(session: &Session, agent: Option<&RunnerAgent>) -> Value {
+    let spec = agent;
+    let agent_env = spec.map(|a| a.env.as_slice()).unwrap_or_default();
     let env: Vec<Value> = merged_env(agent_env, &session.spec.env)
         .into_iter()
         .map(|(name, value)| json!({"name": name, "value": value}))
@@ -165,17 +163,30 @@ async fn session_context(State(state): State<ApiState>, headers: HeaderMap) -> R
     let result = async {
         let caller = caller(&state, &headers).await?;
         let namespace = caller.session.namespace().unwrap_or_default();
-        // A list by name, not a get: the apiserver's RBAC grants list/watch on Agents
-        // (for its index) and nothing more.
-        let selector = format!("metadata.name={}", caller.session.spec.agent);
-        let agent = Api::<Agent>::namespaced(caller.client, &namespace)
-            .list(&ListParams::default().fields(&selector))
-            .await
-            .map_err(|error| HttpError::cluster("read the Agent", &error))?
-            .items
-            .into_iter()
-            .next();
-        Ok::<_, HttpError>(Json(context(&caller.session, agent.as_ref())))
+        let key = AgentKey::new(namespace.clone(), caller.session.spec.agent.clone());
+        // From the watched index once it has listed (no Agent there: none in the
+        // cluster); before that, one list by name (the apiserver's RBAC grants list/watch
+        // on Agents and nothing more).
+        let cached = state.index.as_ref().and_then(|index| {
+            let index = index
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            index.is_synced().then(|| index.runner_agent(&key))
+        });
+        let agent = match cached {
+            Some(agent) => agent,
+            None => {
+                let selector = format!("metadata.name={}", key.name);
+                Api::<Agent>::namespaced(caller.client, &namespace)
+                    .list(&ListParams::default().fields(&selector))
+                    .await
+                    .map_err(|error| HttpError::cluster("read the Agent", &error))?
+                    .items
+                    .first()
+                    .map(|agent| std::sync::Arc::new(runner_agent(agent)))
+            }
+        };
+        Ok::<_, HttpError>(Json(context(&caller.session, agent.as_deref())))
     }
     .await;
     result.into_response()
@@ -220,11 +231,14 @@ fn optional_string(body: &Map<String, Value>, field: &str) -> Result<Option<Stri
     }
 }
 
-/// `{"type": "...", "content": "..."}` of `POST /runner/v1/events`.
+/// `{"type": "...", "content": "...", "idempotencyKey"?: "..."}` of
+/// `POST /runner/v1/events`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct NewEvent {
     pub type_: String,
     pub content: String,
+    /// The sender's key for this event: a repeat with the same key is stored once.
+    pub key: Option<String>,
 }
 
 /// Parses and checks an event body; errors name the field.
@@ -234,7 +248,20 @@ pub fn parse_event(raw: &[u8]) -> Result<NewEvent, HttpError> {
         .ok_or_else(|| HttpError::bad_request("type is required, e.g. \"agent.message\""))?;
     validate_event_type(&type_).map_err(HttpError::bad_request)?;
     let content = optional_string(&body, "content")?.unwrap_or_default();
-    Ok(NewEvent { type_, content })
+    let key = optional_string(&body, "idempotencyKey")?;
+    if let Some(key) = &key
+        && !hookrun_crds::session::valid_event_key(key)
+    {
+        return Err(HttpError::bad_request(format!(
+            "idempotencyKey must be 1 to {} ASCII letters, digits, '-', '_' or '.'",
+            hookrun_crds::session::MAX_EVENT_KEY_LEN
+        )));
+    }
+    Ok(NewEvent {
+        type_,
+        content,
+        key,
+    })
 }
 
 /// `{"status": "complete"|"error", "response"?, "message"?}` of `POST /runner/v1/complete`.
@@ -305,10 +332,18 @@ async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: B
         let caller = caller(&state, &headers).await?;
         let event = parse_event(&read_body(&headers, body, MAX_BODY_BYTES).await?)?;
         let id = update_status(&state, caller, |_, status| {
+            // A repeat of an event already stored (a retry after a timeout) answers its
+            // id again, even once the Session has finished.
+            if let Some(id) = event.key.as_deref().and_then(|k| status.event_with_key(k)) {
+                return Ok(id);
+            }
             if status.is_finished() {
                 return Err(Finished);
             }
-            Ok(status.push_event(&event.type_, &event.content, now()))
+            Ok(match &event.key {
+                Some(key) => status.push_event_once(&event.type_, &event.content, key, now()),
+                None => status.push_event(&event.type_, &event.content, now()),
+            })
         })
         .await?;
         Ok::<_, HttpError>(Json(json!({"id": id})))
@@ -466,8 +501,19 @@ mod tests {
             parse_event(br#"{"type":"agent.message","content":"hi"}"#),
             Ok(NewEvent {
                 type_: "agent.message".into(),
-                content: "hi".into()
+                content: "hi".into(),
+                key: None,
             })
+        );
+        assert_eq!(
+            parse_event(br#"{"type":"agent.message","idempotencyKey":"e-1"}"#).map(|e| e.key),
+            Ok(Some("e-1".to_owned()))
+        );
+        let bad_key = parse_event(br#"{"type":"agent.message","idempotencyKey":"a b"}"#)
+            .expect_err("a bad key");
+        assert!(
+            bad_key.to_string().starts_with("idempotencyKey"),
+            "{bad_key}"
         );
         assert_eq!(
             parse_event(br#"{"type":"note"}"#).map(|e| e.content),

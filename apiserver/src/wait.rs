@@ -7,6 +7,10 @@
 //! (fed by the index's Session watch: no polling, no API read while waiting) and its
 //! connection. A client that disconnects makes hyper drop the handler's future, which
 //! drops the subscription, so the hub forgets the Session at once.
+//!
+//! When the server drains, the hub is flushed and every held request answers as if its
+//! budget ran out (202 with a `pollUrl`): the Session runs on, and any replica answers
+//! the poll.
 
 use std::time::Duration;
 
@@ -103,7 +107,14 @@ pub(crate) async fn wait_for_end(waiting: Waiting, metrics: &Metrics) -> Held {
     let _waiting = metrics.waiting();
     let deadline = tokio::time::Instant::now() + budget;
     loop {
-        match tokio::time::timeout_at(deadline, subscription.changed()).await {
+        let flushed = subscription.flushed();
+        let changed = tokio::select! {
+            // The server drains: answer now, as if the budget ran out.
+            biased;
+            () = flushed => return Held::TimedOut(last),
+            changed = tokio::time::timeout_at(deadline, subscription.changed()) => changed,
+        };
+        match changed {
             Err(_elapsed) => return Held::TimedOut(last),
             // The hub is gone only when the server is going down: answer as a timeout.
             Ok(None) => {
@@ -238,6 +249,37 @@ mod tests {
             matches!(held, Held::TimedOut(SessionPhase::Running)),
             "{held:?}"
         );
+        assert_eq!(metrics.waiting.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_flush_answers_a_held_request_as_timed_out_at_once() {
+        let hub = SessionHub::new();
+        let metrics = Metrics::default();
+        let request = |name: &str| HeldRequest {
+            subscription: hub.subscribe("team", name),
+            current: Some(session("team", name, "a", Some(SessionPhase::Running))),
+            budget: Duration::from_secs(3600),
+        };
+        let (held_before, held_after) = (request("before"), request("after"));
+        let publisher = hub.clone();
+        let flushing = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            publisher.flush();
+        });
+        let held = tokio::time::timeout(Duration::from_secs(5), hold(held_before, &metrics))
+            .await
+            .expect("the flush ends the wait");
+        assert!(
+            matches!(held, Held::TimedOut(SessionPhase::Running)),
+            "{held:?}"
+        );
+        flushing.await.expect("the flush");
+        // A request that begins waiting after the flush answers at once too.
+        let held = tokio::time::timeout(Duration::from_secs(5), hold(held_after, &metrics))
+            .await
+            .expect("no wait after the flush");
+        assert!(matches!(held, Held::TimedOut(_)), "{held:?}");
         assert_eq!(metrics.waiting.get(), 0);
     }
 

@@ -158,7 +158,14 @@ pub struct SessionEvent {
     pub content: String,
     /// When it was recorded.
     pub timestamp: Time,
+    /// The idempotency key its sender gave it: a repeat of the same post (a retry after
+    /// a timeout) finds it and is not stored again.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "key")]
+    pub key: Option<String>,
 }
+
+/// The longest idempotency key an event may carry.
+pub const MAX_EVENT_KEY_LEN: usize = 64;
 
 impl SessionEvent {
     /// The bytes this event takes in the stored list, JSON-encoded, with its comma.
@@ -166,8 +173,24 @@ impl SessionEvent {
         // {"type":,"content":,"timestamp":"2006-01-02T15:04:05Z"},
         const FRAME: usize = r#"{"type":,"content":,"timestamp":""},"#.len();
         const TIMESTAMP: usize = "2006-01-02T15:04:05Z".len();
-        FRAME + TIMESTAMP + encoded_str_len(&self.type_) + encoded_str_len(&self.content)
+        // ,"key":
+        const KEY_FRAME: usize = r#","key":"#.len();
+        let key = self
+            .key
+            .as_deref()
+            .map_or(0, |key| KEY_FRAME + encoded_str_len(key));
+        FRAME + TIMESTAMP + encoded_str_len(&self.type_) + encoded_str_len(&self.content) + key
     }
+}
+
+/// Checks an event's idempotency key: 1 to [`MAX_EVENT_KEY_LEN`] ASCII letters, digits,
+/// `-`, `_` or `.`.
+pub fn valid_event_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_EVENT_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// What happened to a session so far.
@@ -254,11 +277,33 @@ impl SessionStatus {
     /// [`MAX_EVENTS_BYTES`], both measured as stored (JSON-encoded). Returns the new
     /// event's id.
     pub fn push_event(&mut self, type_: &str, content: &str, at: Time) -> u64 {
+        self.push_keyed_event(type_, content, None, at)
+    }
+
+    /// The id of the kept event that carries idempotency key `key`.
+    pub fn event_with_key(&self, key: &str) -> Option<u64> {
+        self.events
+            .iter()
+            .position(|e| e.key.as_deref() == Some(key))
+            .map(|i| self.first_event_id() + i as u64)
+    }
+
+    /// [`SessionStatus::push_event`] with the sender's idempotency `key`, unless an event
+    /// with that key is already kept: then nothing changes and its id is returned.
+    pub fn push_event_once(&mut self, type_: &str, content: &str, key: &str, at: Time) -> u64 {
+        match self.event_with_key(key) {
+            Some(id) => id,
+            None => self.push_keyed_event(type_, content, Some(key), at),
+        }
+    }
+
+    fn push_keyed_event(&mut self, type_: &str, content: &str, key: Option<&str>, at: Time) -> u64 {
         let (content, _) = cut_encoded(content, MAX_EVENT_CONTENT_BYTES);
         self.events.push(SessionEvent {
             type_: type_.to_owned(),
             content: content.to_owned(),
             timestamp: at,
+            key: key.map(str::to_owned),
         });
         let mut bytes: usize = self.events.iter().map(SessionEvent::encoded_len).sum();
         let mut drop = 0;
@@ -385,6 +430,28 @@ mod tests {
         );
         let last = status.events.last().expect("an event");
         assert_eq!(last.content.len(), MAX_EVENT_CONTENT_BYTES / 6);
+    }
+
+    #[test]
+    fn an_event_posted_twice_with_one_key_is_kept_once() {
+        let mut status = SessionStatus::default();
+        let first = status.push_event_once("agent.message", "hi", "k-1", at());
+        let again = status.push_event_once("agent.message", "hi", "k-1", at());
+        assert_eq!((first, again), (1, 1));
+        assert_eq!(status.events.len(), 1);
+        assert_eq!(
+            status.push_event_once("agent.message", "hi", "k-2", at()),
+            2
+        );
+        assert_eq!(status.push_event("agent.message", "no key", at()), 3);
+        assert_eq!(status.event_with_key("k-2"), Some(2));
+        // The key is counted in the stored size.
+        let stored = serde_json::to_vec(&status.events[0]).expect("json").len();
+        assert_eq!(status.events[0].encoded_len(), stored + 1);
+        assert!(valid_event_key("0f3a-b_c.d"));
+        for bad in ["", "a b", "é", &"a".repeat(MAX_EVENT_KEY_LEN + 1)] {
+            assert!(!valid_event_key(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -250,7 +250,11 @@ impl RunnerClient {
     /// event id.
     pub async fn post_message(&self, content: &str) -> Result<u64, RunnerError> {
         let content = redact::scrub(content);
-        let body = serde_json::json!({"type": "agent.message", "content": content});
+        // One key per event, resent unchanged on every retry of this post: the apiserver
+        // stores the event once even when an earlier attempt's answer was lost.
+        let key = event_key();
+        let body =
+            serde_json::json!({"type": "agent.message", "content": content, "idempotencyKey": key});
         let response = self
             .call(Method::POST, "/runner/v1/events", Some(&body))
             .await?;
@@ -266,6 +270,12 @@ impl RunnerClient {
             .await?;
         decode::<CompleteAnswer>(&response).map(|answer| answer.phase)
     }
+}
+
+/// A fresh idempotency key for one event: 128 random bits, hex.
+fn event_key() -> String {
+    let bits: u128 = rand::random();
+    format!("{bits:032x}")
 }
 
 fn status_error(response: &HttpResponse) -> RunnerError {

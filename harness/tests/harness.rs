@@ -31,6 +31,8 @@ struct RunnerState {
     refuse: Option<(StatusCode, &'static str)>,
     /// Written into the token file after the context is read: later calls must use it.
     rotate_token_to: Option<(PathBuf, &'static str)>,
+    /// The first event post answers 503, as if its answer was lost.
+    lose_first_event_answer: bool,
 }
 
 struct FakeRunner {
@@ -105,6 +107,14 @@ impl RunnerState {
                     .iter()
                     .filter(|s| s.path == "/runner/v1/events")
                     .count();
+                if self.lose_first_event_answer && posted == 1 {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [("retry-after", "0")],
+                        axum::Json(json!({"error": "unavailable", "message": "try again"})),
+                    )
+                        .into_response();
+                }
                 if self.events_before_finished.is_some_and(|n| posted > n) {
                     return (
                         StatusCode::CONFLICT,
@@ -446,6 +456,30 @@ async fn exec_streams_lines_and_completes_with_the_whole_output() {
     assert_eq!(
         runner.completion(),
         json!({"status": "complete", "response": "one\ntwo\nthree\nhi from the session"})
+    );
+}
+
+#[tokio::test]
+async fn a_retried_event_post_resends_the_same_idempotency_key() {
+    let runner = FakeRunner::start(RunnerState {
+        context: context("hello", &[], json!({"command": ["sh", "-c", "echo one"]})),
+        lose_first_event_answer: true,
+        ..RunnerState::default()
+    })
+    .await;
+    let outcome = hookrun_harness::run(args(&runner, token_file("k1"), "http://127.0.0.1:9")).await;
+    assert_eq!(outcome, Outcome::Completed);
+    let keys: Vec<Value> = runner
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/runner/v1/events")
+        .map(|s| s.body["idempotencyKey"].clone())
+        .collect();
+    assert_eq!(keys.len(), 2, "the lost post was retried: {keys:?}");
+    assert!(keys[0].as_str().is_some_and(|k| k.len() == 32), "{keys:?}");
+    assert_eq!(
+        keys[0], keys[1],
+        "the retry carries the first attempt's key"
     );
 }
 

@@ -16,6 +16,7 @@ use kube::ResourceExt;
 
 mod entries;
 mod reservations;
+mod runner_agents;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;
 mod watch;
@@ -26,6 +27,8 @@ pub(crate) use entries::{
 use entries::{SecretCandidate, secret_key, session_entry};
 pub(crate) use reservations::Reservation;
 use reservations::Reservations;
+pub(crate) use runner_agents::RunnerAgent;
+pub(crate) use runner_agents::runner_agent;
 pub(crate) use watch::{Scope, run_watches, stream_count};
 
 /// An Agent's namespace and name.
@@ -69,6 +72,8 @@ pub struct Index {
     unsynced: usize,
     /// Names held for Session creates of this process, behind their own lock.
     reservations: Mutex<Reservations>,
+    /// What the runner API shows of every Agent, webhook or not.
+    runner_agents: HashMap<AgentKey, Arc<RunnerAgent>>,
 }
 
 /// The index as the server shares it.
@@ -111,6 +116,11 @@ impl Index {
     /// How many of the Agent's Sessions are stored (or reserved), finished ones included.
     pub(crate) fn stored_sessions(&self, key: &AgentKey) -> u32 {
         self.stored.get(key).copied().unwrap_or(0) + self.reservations().count(key)
+    }
+
+    /// What the runner API shows of Agent `key`; `None` when there is no such Agent.
+    pub(crate) fn runner_agent(&self, key: &AgentKey) -> Option<Arc<RunnerAgent>> {
+        self.runner_agents.get(key).cloned()
     }
 
     /// The reservations, locked (always after the index's own lock).
@@ -189,6 +199,8 @@ impl Index {
             return;
         };
         let key = AgentKey::new(namespace, agent.name_any());
+        self.runner_agents
+            .insert(key.clone(), Arc::new(runner_agent(agent)));
         match agent_entry(agent) {
             Some(entry) => {
                 self.agents.insert(key.clone(), Arc::new(entry));
@@ -204,13 +216,21 @@ impl Index {
         if let Some(namespace) = agent.namespace() {
             let key = AgentKey::new(namespace, agent.name_any());
             self.agents.remove(&key);
+            self.runner_agents.remove(&key);
             self.match_secret(&key);
         }
     }
 
     pub(crate) fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
         self.agents.retain(|k, _| !scope.contains(&k.namespace));
+        self.runner_agents
+            .retain(|k, _| !scope.contains(&k.namespace));
         for agent in agents {
+            if let Some(namespace) = agent.namespace() {
+                let key = AgentKey::new(namespace, agent.name_any());
+                self.runner_agents
+                    .insert(key, Arc::new(runner_agent(agent)));
+            }
             if let (Some(namespace), Some(entry)) = (agent.namespace(), agent_entry(agent)) {
                 let key = AgentKey::new(namespace, agent.name_any());
                 self.agents.insert(key, Arc::new(entry));

@@ -3,6 +3,8 @@
 
 mod crds;
 mod dev;
+mod drain;
+mod event_keys;
 mod faults;
 mod helm;
 mod operator;

@@ -307,6 +307,10 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
         &cli.runner_listen.to_string(),
         "--admin-listen",
         &cli.admin_listen.to_string(),
+        // One local replica and no load balancer: nothing to drain towards, so Ctrl-C
+        // answers held requests (202 + pollUrl) and exits at once.
+        "--drain-period",
+        "0s",
     ]
     .map(str::to_owned)
     .to_vec();
