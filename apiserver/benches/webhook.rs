@@ -68,7 +68,11 @@ async fn measure(case: &Case, bare_url: &str, rounds: u64, seconds: u64, c: u64)
                 run.rps,
                 run.p50_ms,
                 run.p99_ms,
-                if run.statuses_ok { "" } else { "  [unexpected answers]" }
+                if run.statuses_ok {
+                    ""
+                } else {
+                    "  [unexpected answers]"
+                }
             );
             if door_turn {
                 door_runs.push(run);
@@ -123,7 +127,10 @@ fn index_of_1000_agents_kib() -> u64 {
         index.apply_secret(&secret(
             "bench-rss",
             &name,
-            &[("token", &format!("token-of-agent-{i:04}-0123456789abcdef0123456789"))],
+            &[(
+                "token",
+                &format!("token-of-agent-{i:04}-0123456789abcdef0123456789"),
+            )],
         ));
     }
     index.mark_synced();

@@ -47,7 +47,6 @@ use serde_json::json;
 /// Set in the environment of the copy of this binary that serves the bare hello-world.
 const BARE_SERVER_ENV: &str = "HOOKRUN_BENCH_BARE_SERVER";
 
-
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     if std::env::var_os(BARE_SERVER_ENV).is_some() {
