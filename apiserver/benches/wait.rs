@@ -11,6 +11,8 @@
 //! `HOOKRUN_WAIT_BENCH_SIZES` (`1000,10000`) and `HOOKRUN_WAIT_BENCH_IDLE_SECONDS` (5)
 //! size it.
 
+#[path = "support/loadgen.rs"]
+mod loadgen;
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
@@ -130,7 +132,8 @@ async fn wait_for(what: &str, budget: Duration, check: impl Fn() -> bool) -> Dur
     started.elapsed()
 }
 
-async fn measure(door: &BenchDoor, count: u64, idle: Duration) {
+/// Measures `count` held requests; the report's table row.
+async fn measure(door: &BenchDoor, count: u64, idle: Duration) -> String {
     let metrics = &door.state.metrics;
     let hub = &door.state.hub;
     assert_eq!(metrics.waiting.get(), 0);
@@ -174,6 +177,12 @@ async fn measure(door: &BenchDoor, count: u64, idle: Duration) {
     let _ = child.wait();
 
     let per_request = (rss_held.saturating_sub(rss_before)) as f64 * 1024.0 / count as f64;
+    let row = format!(
+        "| {count} | {rss_before} → {rss_held} | {:.2} | {:.3} % | {:.0} |\n",
+        per_request / 1024.0,
+        cpu_idle.as_secs_f64() / idle.as_secs_f64() * 100.0,
+        released.as_secs_f64() * 1000.0,
+    );
     println!(
         "{count:>6} held: RSS {rss_before} -> {rss_held} KiB = {:.2} KiB per held request \
          (goal <= 10 KiB); idle CPU {:.1} ms over {} s = {:.3}% of a core; all released \
@@ -184,6 +193,7 @@ async fn measure(door: &BenchDoor, count: u64, idle: Duration) {
         cpu_idle.as_secs_f64() / idle.as_secs_f64() * 100.0,
         released.as_secs_f64() * 1000.0,
     );
+    row
 }
 
 #[tokio::main]
@@ -204,7 +214,17 @@ async fn main() {
     raise_open_files(largest + 1024);
     let door = BenchDoor::start().await;
     println!("wait mode: requests held on loopback, client in a child process\n");
+    let mut section = format!(
+        "## held wait-mode requests\n\n`\"wait\": 600` POSTs held by the door's real HTTP/1 \
+         server (client in a child process); RSS of the server before the client connects and \
+         once all are held; CPU while {} s pass with everything held.\n\n\
+         | held | RSS KiB | KiB per held request (goal ≤ 10) | idle CPU of a core | all released (ms after close) |\n\
+         |---|---|---|---|---|\n",
+        idle.as_secs()
+    );
     for count in sizes {
-        measure(&door, count, idle).await;
+        section.push_str(&measure(&door, count, idle).await);
     }
+    let path = loadgen::write_report_section("wait", &section);
+    println!("\nwritten to {}", path.display());
 }

@@ -7,9 +7,17 @@
 //! The webhook door calls [`record_webhook`] from its handlers (no middleware: a refusal
 //! costs no boxed future); the read and runner routers wrap their routes in
 //! [`api_access_log`].
+//!
+//! Refusals are folded: the first [`FOLD_AFTER`] refusals of one source (client address)
+//! for one reason in an interval of [`FOLD_INTERVAL`] get a line each, at once; the rest
+//! are counted, and one line per source and reason with `folded=<n>` closes the interval.
+//! A flood of bad tokens thus costs a counter increment per request, not a log line.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
@@ -33,20 +41,196 @@ pub(crate) fn route_label(matched: Option<&MatchedPath>, routes: &[&'static str]
         .unwrap_or(UNMATCHED_ROUTE)
 }
 
+/// How long one fold of refusals lasts.
+pub(crate) const FOLD_INTERVAL: Duration = Duration::from_secs(10);
+/// Refusals of one source for one reason logged one by one in an interval, before the
+/// rest are folded.
+pub(crate) const FOLD_AFTER: u64 = 20;
+/// The most (source, reason) pairs followed in one interval; refusals of further pairs
+/// are folded into one line for every other source.
+pub(crate) const MAX_FOLD_KEYS: usize = 4096;
+
+/// One line that closes an interval: `folded` refusals of `source` (every other source
+/// when `None`) for `reason` were counted, not logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Folded {
+    pub(crate) source: Option<IpAddr>,
+    pub(crate) reason: &'static str,
+    pub(crate) status: u16,
+    pub(crate) folded: u64,
+}
+
+/// The refusals of the current interval, by source and reason.
+#[derive(Debug)]
+pub(crate) struct RefusalFolds {
+    interval: Duration,
+    after: u64,
+    max_keys: usize,
+    window: Mutex<Window>,
+    /// Whether a task closes the intervals when no refusal comes to close them.
+    flusher: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Option<Instant>,
+    /// (source, reason) → (status, refusals seen this interval).
+    seen: HashMap<(IpAddr, &'static str), (u16, u64)>,
+    /// Refusals of pairs past `max_keys`, by reason: (status, count).
+    others: HashMap<&'static str, (u16, u64)>,
+}
+
+impl RefusalFolds {
+    pub(crate) fn new(interval: Duration, after: u64, max_keys: usize) -> Self {
+        Self {
+            interval,
+            after,
+            max_keys,
+            window: Mutex::new(Window {
+                started: None,
+                seen: HashMap::new(),
+                others: HashMap::new(),
+            }),
+            flusher: AtomicBool::new(false),
+        }
+    }
+
+    /// Notes one refusal at `now`: whether to log it at once, and the lines of an
+    /// interval that ended before it.
+    pub(crate) fn note(
+        &self,
+        source: IpAddr,
+        reason: &'static str,
+        status: u16,
+        now: Instant,
+    ) -> (bool, Vec<Folded>) {
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        let closed = self.close_if_due(&mut window, now);
+        window.started.get_or_insert(now);
+        let keys = window.seen.len();
+        let log_now = match window.seen.get_mut(&(source, reason)) {
+            Some((_, seen)) => {
+                *seen += 1;
+                *seen <= self.after
+            }
+            None if keys < self.max_keys => {
+                window.seen.insert((source, reason), (status, 1));
+                true
+            }
+            None => {
+                window.others.entry(reason).or_insert((status, 0)).1 += 1;
+                false
+            }
+        };
+        (log_now, closed)
+    }
+
+    /// The lines of the interval when it has ended at `now`, which starts the next one.
+    pub(crate) fn flush(&self, now: Instant) -> Vec<Folded> {
+        let mut window = self.window.lock().unwrap_or_else(PoisonError::into_inner);
+        self.close_if_due(&mut window, now)
+    }
+
+    fn close_if_due(&self, window: &mut Window, now: Instant) -> Vec<Folded> {
+        match window.started {
+            Some(started) if now.saturating_duration_since(started) >= self.interval => {}
+            _ => return Vec::new(),
+        }
+        window.started = None;
+        let after = self.after;
+        let mut lines: Vec<Folded> = window
+            .seen
+            .drain()
+            .filter(|(_, (_, seen))| *seen > after)
+            .map(|((source, reason), (status, seen))| Folded {
+                source: Some(source),
+                reason,
+                status,
+                folded: seen - after,
+            })
+            .collect();
+        lines.extend(
+            window
+                .others
+                .drain()
+                .map(|(reason, (status, folded))| Folded {
+                    source: None,
+                    reason,
+                    status,
+                    folded,
+                }),
+        );
+        lines
+    }
+}
+
+/// The process's folds (the log is process-wide too).
+static REFUSALS: LazyLock<Arc<RefusalFolds>> =
+    LazyLock::new(|| Arc::new(RefusalFolds::new(FOLD_INTERVAL, FOLD_AFTER, MAX_FOLD_KEYS)));
+
+fn log_folded(lines: Vec<Folded>) {
+    for line in lines {
+        let source = line
+            .source
+            .map_or_else(|| "others".to_owned(), |ip| ip.to_string());
+        tracing::info!(
+            source,
+            outcome = line.reason,
+            status = line.status,
+            folded = line.folded,
+            interval_s = FOLD_INTERVAL.as_secs(),
+            "webhook refusals folded"
+        );
+    }
+}
+
+/// Starts the task that closes intervals no refusal closes, once, when a runtime runs.
+fn ensure_flusher(folds: &Arc<RefusalFolds>) {
+    if folds.flusher.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        folds.flusher.store(false, Ordering::Relaxed);
+        return;
+    };
+    let folds = Arc::downgrade(folds);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(FOLD_INTERVAL / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(folds) = folds.upgrade() else { return };
+            log_folded(folds.flush(Instant::now()));
+        }
+    });
+}
+
 /// Logs and counts one answered webhook request. `agent` is named only when the index
 /// knows it: the segments of a path that named none are whatever the client wrote (a
-/// token in the wrong place, kilobytes of junk).
+/// token in the wrong place, kilobytes of junk). Refusals from `source` are folded (see
+/// the module doc).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn record_webhook(
     metrics: &Metrics,
     route: &'static str,
     method: &Method,
     started: Instant,
+    source: IpAddr,
     agent: Option<&AgentKey>,
     outcome: &'static str,
     status: u16,
 ) {
     let elapsed = started.elapsed().as_secs_f64();
     metrics.observe(route, method.as_str(), outcome, status, elapsed);
+    if status >= 400 {
+        let folds = &*REFUSALS;
+        let (log_now, closed) = folds.note(source, outcome, status, Instant::now());
+        log_folded(closed);
+        if !log_now {
+            ensure_flusher(folds);
+            return;
+        }
+    }
     let agent = agent.filter(|_| !UNKNOWN_AGENT_OUTCOMES.contains(&outcome));
     let (namespace, agent) = agent.map_or(("", ""), |k| (k.namespace.as_str(), k.name.as_str()));
     tracing::info!(
@@ -99,6 +283,65 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+
+    #[test]
+    fn repeated_refusals_of_a_source_are_folded_per_reason_and_interval() {
+        let folds = RefusalFolds::new(Duration::from_secs(10), 2, 3);
+        let t0 = Instant::now();
+        let a: IpAddr = [192, 0, 2, 1].into();
+        let b: IpAddr = [192, 0, 2, 2].into();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The first two of `a`'s bad tokens are logged at once, the rest counted.
+        assert_eq!(folds.note(a, "bad_token", 401, at(0)), (true, vec![]));
+        assert_eq!(folds.note(a, "bad_token", 401, at(1)), (true, vec![]));
+        for ms in 2..10 {
+            assert_eq!(folds.note(a, "bad_token", 401, at(ms)), (false, vec![]));
+        }
+        // Another reason, and another source, have folds of their own.
+        assert_eq!(folds.note(a, "not_found", 404, at(10)), (true, vec![]));
+        assert_eq!(folds.note(b, "bad_token", 401, at(11)), (true, vec![]));
+        // Past the key budget, pairs are counted together as every other source.
+        let c: IpAddr = [192, 0, 2, 3].into();
+        assert_eq!(folds.note(c, "bad_token", 401, at(12)), (false, vec![]));
+        assert_eq!(folds.flush(at(9_999)), vec![], "the interval is not over");
+        // The interval's end: one line per folded pair, none for pairs not folded.
+        let mut lines = folds.flush(at(10_000));
+        lines.sort_by_key(|l| l.source);
+        assert_eq!(
+            lines,
+            vec![
+                Folded {
+                    source: None,
+                    reason: "bad_token",
+                    status: 401,
+                    folded: 1
+                },
+                Folded {
+                    source: Some(a),
+                    reason: "bad_token",
+                    status: 401,
+                    folded: 8
+                },
+            ]
+        );
+        assert_eq!(folds.flush(at(30_000)), vec![], "nothing left to say");
+        // A new interval logs the first refusals at once again; a refusal after the end
+        // of an interval closes it.
+        assert_eq!(folds.note(a, "bad_token", 401, at(40_000)), (true, vec![]));
+        assert_eq!(folds.note(a, "bad_token", 401, at(40_001)), (true, vec![]));
+        assert_eq!(folds.note(a, "bad_token", 401, at(40_002)), (false, vec![]));
+        let (log_now, closed) = folds.note(a, "bad_token", 401, at(50_002));
+        assert!(log_now);
+        assert_eq!(
+            closed,
+            vec![Folded {
+                source: Some(a),
+                reason: "bad_token",
+                status: 401,
+                folded: 1
+            }]
+        );
+    }
 
     #[tokio::test]
     async fn route_labels_are_the_known_templates_or_unmatched() {

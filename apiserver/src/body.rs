@@ -1,7 +1,10 @@
 //! The JSON body of a generic webhook (`title`, `env`, `wait`, `idempotency_key`), the
 //! `Prefer: wait=` header, and what a Session keeps of the raw body (digest and a bounded
-//! copy).
+//! copy). A request's body is read once and parsed as JSON at most once
+//! ([`RequestBody`]): the signature schemes, the Slack challenge, the generic fields and
+//! the provider titles all read the same parsed value.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -76,13 +79,63 @@ impl BodyError {
     }
 }
 
+/// A request's raw body and its JSON value, parsed on first use and then shared by every
+/// reader, so a body is parsed at most once however many steps read its fields. Bytes
+/// that are not JSON parse once too: the error is kept.
+pub struct RequestBody<'a> {
+    raw: &'a [u8],
+    json: OnceCell<Result<Value, serde_json::Error>>,
+}
+
+impl<'a> RequestBody<'a> {
+    /// The body as received; nothing is parsed yet.
+    pub fn new(raw: &'a [u8]) -> Self {
+        Self {
+            raw,
+            json: OnceCell::new(),
+        }
+    }
+
+    /// The bytes as received (what signatures cover).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    /// The body as JSON, parsed on the first call.
+    pub fn json(&self) -> Result<&Value, &serde_json::Error> {
+        self.json
+            .get_or_init(|| serde_json::from_slice(self.raw))
+            .as_ref()
+    }
+
+    /// Whether the body has been parsed.
+    #[cfg(test)]
+    pub(crate) fn is_parsed(&self) -> bool {
+        self.json.get().is_some()
+    }
+}
+
+impl std::fmt::Debug for RequestBody<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The content can be anything a caller sent: its size only.
+        f.debug_struct("RequestBody")
+            .field("bytes", &self.raw.len())
+            .finish()
+    }
+}
+
 /// Parses a generic webhook body. An empty (or all-whitespace) body is all defaults;
 /// `null` field values count as absent. The first problem is reported.
 pub fn parse_webhook_body(body: &[u8]) -> Result<WebhookBody, BodyError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    webhook_fields(&RequestBody::new(body))
+}
+
+/// [`parse_webhook_body`] of a body whose JSON other steps read too.
+pub fn webhook_fields(body: &RequestBody<'_>) -> Result<WebhookBody, BodyError> {
+    if body.bytes().iter().all(u8::is_ascii_whitespace) {
         return Ok(WebhookBody::default());
     }
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+    let value = body.json().map_err(|e| {
         BodyError::new(
             "body",
             format!(
@@ -98,10 +151,10 @@ pub fn parse_webhook_body(body: &[u8]) -> Result<WebhookBody, BodyError> {
         ));
     };
     Ok(WebhookBody {
-        title: parse_title(&object)?,
-        env: parse_env(&object)?,
-        wait: parse_wait(&object)?,
-        idempotency_key: match field(&object, "idempotency_key") {
+        title: parse_title(object)?,
+        env: parse_env(object)?,
+        wait: parse_wait(object)?,
+        idempotency_key: match field(object, "idempotency_key") {
             None => None,
             Some(Value::String(key)) => Some(check_idempotency_key("idempotency_key", key)?),
             Some(_) => {
@@ -447,6 +500,29 @@ mod tests {
         assert_eq!(parse_prefer_wait("wait="), None);
         assert_eq!(parse_prefer_wait("handling=lenient"), None);
         assert_eq!(parse_prefer_wait("wait=x, wait=3"), secs(3));
+    }
+
+    #[test]
+    fn a_body_is_parsed_once_and_only_when_read() {
+        let body = RequestBody::new(br#"{"title":"t","webhookTimestamp":5}"#);
+        assert!(!body.is_parsed(), "nothing is parsed before a reader asks");
+        assert_eq!(body.bytes(), br#"{"title":"t","webhookTimestamp":5}"#);
+        assert!(!body.is_parsed());
+        let first = body.json().expect("JSON") as *const Value;
+        assert!(body.is_parsed());
+        let fields = webhook_fields(&body).expect("accepted");
+        assert_eq!(fields.title.as_deref(), Some("t"));
+        // Every later reader gets the same parsed value, not a new parse.
+        assert_eq!(body.json().expect("JSON") as *const Value, first);
+        // Bytes that are not JSON are parsed once too, and the error kept.
+        let junk = RequestBody::new(b"{nope");
+        assert!(junk.json().is_err());
+        assert!(junk.is_parsed());
+        assert_eq!(webhook_fields(&junk).expect_err("refused").field, "body");
+        // An empty body is all defaults without parsing.
+        let empty = RequestBody::new(b"  ");
+        assert_eq!(webhook_fields(&empty), Ok(WebhookBody::default()));
+        assert!(!empty.is_parsed());
     }
 
     #[test]

@@ -157,16 +157,25 @@ pub fn log_filter(filter: &str) -> String {
     format!("{base},{KUBE_CLIENT_TARGET}=error")
 }
 
-/// Structured logs to stderr, filtered by `filter` (see [`log_filter`]).
-pub fn init_tracing(filter: &str) {
+/// Structured logs to stderr, filtered by `filter` (see [`log_filter`]). Lines are
+/// written by a thread of their own: a request formats its line and queues it, and waits
+/// for the terminal or the log collector only when the queue (128,000 lines) is full, so
+/// no line is ever dropped. Keep the guard until the process ends: dropping it flushes.
+#[must_use = "dropping the guard stops the log writer"]
+pub fn init_tracing(filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("hookrun-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only on a terminal: log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 /// The admin router: liveness, readiness (503 until the index has listed once) and

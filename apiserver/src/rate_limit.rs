@@ -149,7 +149,7 @@ pub struct RateLimiter<K> {
     buckets: HashMap<K, TokenBucket>,
 }
 
-impl<K: Eq + Hash> RateLimiter<K> {
+impl<K: Eq + Hash + Clone> RateLimiter<K> {
     /// Every key gets a bucket of this shape.
     pub fn new(limit: RateLimit) -> Self {
         Self {
@@ -163,13 +163,23 @@ impl<K: Eq + Hash> RateLimiter<K> {
         self.limit
     }
 
-    /// Takes one token from `key`'s bucket.
-    pub(crate) fn try_acquire(&mut self, key: K, now: Instant) -> Result<Remaining, RetryAfter> {
-        let limit = self.limit;
-        self.buckets
-            .entry(key)
-            .or_insert_with(|| TokenBucket::new(limit, now))
-            .try_acquire(now)
+    /// Takes one token from `key`'s bucket. The key is copied only for a new bucket.
+    pub(crate) fn try_acquire(&mut self, key: &K, now: Instant) -> Result<Remaining, RetryAfter> {
+        if let Some(bucket) = self.buckets.get_mut(key) {
+            return bucket.try_acquire(now);
+        }
+        let mut bucket = TokenBucket::new(self.limit, now);
+        let taken = bucket.try_acquire(now);
+        self.buckets.insert(key.clone(), bucket);
+        taken
+    }
+
+    /// Puts back a token taken from `key`'s bucket for a request that was refused later
+    /// on; nothing when the bucket is gone (it was full, so nothing is owed).
+    pub(crate) fn give_back(&mut self, key: &K) {
+        if let Some(bucket) = self.buckets.get_mut(key) {
+            bucket.give_back();
+        }
     }
 
     /// Forgets buckets that have refilled completely: a new bucket would be the same, and
@@ -295,15 +305,29 @@ mod tests {
     fn keys_have_separate_buckets_and_full_ones_are_pruned() {
         let t0 = Instant::now();
         let mut limiter = RateLimiter::new(limit(1, 1.0));
-        assert!(limiter.try_acquire("team-a/one", t0).is_ok());
-        assert!(limiter.try_acquire("team-a/one", t0).is_err());
-        assert!(limiter.try_acquire("team-a/two", t0).is_ok());
+        assert!(limiter.try_acquire(&"team-a/one", t0).is_ok());
+        assert!(limiter.try_acquire(&"team-a/one", t0).is_err());
+        assert!(limiter.try_acquire(&"team-a/two", t0).is_ok());
         assert_eq!(limiter.len(), 2);
         limiter.prune(t0 + Duration::from_millis(500));
         assert_eq!(limiter.len(), 2);
         limiter.prune(t0 + Duration::from_secs(1));
         assert!(limiter.is_empty());
         assert_eq!(limiter.limit().capacity(), 1);
+    }
+
+    #[test]
+    fn a_token_given_back_is_taken_again_by_its_key_only() {
+        let t0 = Instant::now();
+        let mut limiter = RateLimiter::new(limit(1, 1.0));
+        assert_eq!(limiter.try_acquire(&"a", t0), Ok(Remaining(0)));
+        assert!(limiter.try_acquire(&"a", t0).is_err());
+        limiter.give_back(&"a");
+        assert_eq!(limiter.try_acquire(&"a", t0), Ok(Remaining(0)));
+        assert!(limiter.try_acquire(&"a", t0).is_err());
+        // A key without a bucket owes nothing: giving back creates none.
+        limiter.give_back(&"b");
+        assert_eq!(limiter.len(), 1);
     }
 
     #[test]

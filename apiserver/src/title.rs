@@ -6,6 +6,8 @@ use hookrun_crds::session::MAX_TITLE_BYTES;
 use http::HeaderMap;
 use serde_json::Value;
 
+use crate::body::RequestBody;
+
 /// The title when neither the caller nor the payload gives one.
 pub(crate) fn default_title(agent: &str) -> String {
     format!("Webhook trigger — {agent}")
@@ -14,15 +16,19 @@ pub(crate) fn default_title(agent: &str) -> String {
 /// The title a provider's payload stands for, when the scheme has a format we know and
 /// the payload fits it; `None` otherwise (the caller then uses `title` or the default).
 /// The result is cut to [`MAX_TITLE_BYTES`].
-pub fn provider_title(scheme: SignatureScheme, headers: &HeaderMap, body: &[u8]) -> Option<String> {
-    let payload: Value = serde_json::from_slice(body).ok()?;
+pub fn provider_title(
+    scheme: SignatureScheme,
+    headers: &HeaderMap,
+    body: &RequestBody<'_>,
+) -> Option<String> {
+    let payload = body.json().ok()?;
     let title = match scheme {
-        SignatureScheme::Linear => linear_title(&payload),
+        SignatureScheme::Linear => linear_title(payload),
         SignatureScheme::Github => {
             let event = headers.get("x-github-event")?.to_str().ok()?;
-            github_title(event, &payload)
+            github_title(event, payload)
         }
-        SignatureScheme::Slack => slack_title(&payload),
+        SignatureScheme::Slack => slack_title(payload),
         SignatureScheme::StandardWebhooks | SignatureScheme::Hmac => None,
     }?;
     Some(cut_title(title))
@@ -383,7 +389,9 @@ mod tests {
     #[test]
     fn provider_title_dispatches_on_scheme() {
         let mut headers = HeaderMap::new();
-        let body = br#"{"action":"opened","issue":{"title":"T"},"repository":{"full_name":"o/r"}}"#;
+        let body = &RequestBody::new(
+            br#"{"action":"opened","issue":{"title":"T"},"repository":{"full_name":"o/r"}}"#,
+        );
         assert_eq!(
             provider_title(SignatureScheme::Github, &headers, body),
             None
@@ -395,7 +403,11 @@ mod tests {
         );
         assert_eq!(provider_title(SignatureScheme::Hmac, &headers, body), None);
         assert_eq!(
-            provider_title(SignatureScheme::Linear, &headers, b"not json"),
+            provider_title(
+                SignatureScheme::Linear,
+                &headers,
+                &RequestBody::new(b"not json")
+            ),
             None
         );
     }
@@ -412,7 +424,7 @@ mod tests {
         let title = provider_title(
             SignatureScheme::Linear,
             &HeaderMap::new(),
-            payload.to_string().as_bytes(),
+            &RequestBody::new(payload.to_string().as_bytes()),
         )
         .expect("a title");
         assert_eq!(title.len(), MAX_TITLE_BYTES);

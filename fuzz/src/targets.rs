@@ -11,7 +11,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use hookrun_apiserver::body::{
-    self, MAX_ENV_ENTRIES, MAX_ENV_VALUE_BYTES, MAX_IDEMPOTENCY_KEY_CHARS, MAX_WAIT, WaitMode,
+    self, MAX_ENV_ENTRIES, MAX_ENV_VALUE_BYTES, MAX_IDEMPOTENCY_KEY_CHARS, MAX_WAIT, RequestBody,
+    WaitMode,
 };
 use hookrun_apiserver::client_ip::{TrustedProxies, resolve_client_ip};
 use hookrun_apiserver::signature::{self, SignedRequest, slack};
@@ -462,9 +463,10 @@ pub fn signature(scheme: SignatureScheme, data: &[u8]) -> String {
     let verifier = signature::verifier(scheme);
     let secret = secret_of(scheme);
     let now = SystemTime::now();
+    let payload = RequestBody::new(body);
     let request = SignedRequest {
         headers: &headers,
-        body,
+        body: &payload,
         now,
     };
     let class = match verifier.verify(&request, &secret) {
@@ -482,7 +484,7 @@ pub fn signature(scheme: SignatureScheme, data: &[u8]) -> String {
         }
     };
     if scheme == SignatureScheme::Slack
-        && let Some(challenge) = slack::url_verification_challenge(body)
+        && let Some(challenge) = slack::url_verification_challenge(&payload)
     {
         assert!(challenge.len() <= body.len());
     }
@@ -490,7 +492,7 @@ pub fn signature(scheme: SignatureScheme, data: &[u8]) -> String {
     match verifier.verify(
         &SignedRequest {
             headers: &headers,
-            body,
+            body: &RequestBody::new(body),
             now,
         },
         &secret,
@@ -614,7 +616,7 @@ pub fn provider_title(data: &[u8]) -> String {
     let (headers, body) = split_request(rest);
     let cut = title::cut_title(String::from_utf8_lossy(body).into_owned());
     assert!(cut.len() <= MAX_TITLE_BYTES);
-    match title::provider_title(scheme, &headers, body) {
+    match title::provider_title(scheme, &headers, &RequestBody::new(body)) {
         Some(title) => {
             assert!(
                 title.len() <= MAX_TITLE_BYTES,

@@ -16,7 +16,8 @@
 //!
 //! Each path is measured against the three servers in turn, rotating the order every
 //! round; the table holds the median of the rounds. It is written to
-//! `target/bench/report.md` (replacing this bench's section, keeping the rest).
+//! `target/bench/report.md` (replacing this bench's section, keeping the rest: see
+//! `loadgen::write_report_section`).
 //!
 //! `HOOKRUN_BENCH_SECONDS` (5), `HOOKRUN_BENCH_CONNECTIONS` (32) and
 //! `HOOKRUN_BENCH_ROUNDS` (3) size the runs.
@@ -40,14 +41,11 @@ use hookrun_tests::{
     eventually, kubectl,
 };
 use kube::Api;
-use loadgen::{Run, env_number, hello_world, post_script, wrk};
+use loadgen::{Run, env_number, hello_world, median, post_script, write_report_section, wrk};
 use serde_json::json;
 
 /// Set in the environment of the copy of this binary that serves the bare hello-world.
 const BARE_SERVER_ENV: &str = "HOOKRUN_BENCH_BARE_SERVER";
-
-const REPORT_BEGIN: &str = "<!-- peer bench: begin -->";
-const REPORT_END: &str = "<!-- peer bench: end -->";
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -365,15 +363,6 @@ struct Case {
 /// Medians over the rounds, per server in [`Server`] order.
 struct Medians([Run; 3]);
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.retain(|v| !v.is_nan());
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 async fn measure(case: &Case, rounds: u64, seconds: u64, connections: u64) -> Medians {
     let order = [Server::Hookrun, Server::Peer, Server::Bare];
     let mut runs: [Vec<Run>; 3] = Default::default();
@@ -423,28 +412,6 @@ fn row(name: &str, values: [f64; 3], decimals: usize, flags: [bool; 3]) -> Strin
         values[0] / values[2],
         values[1] / values[2],
     )
-}
-
-fn write_report(section: &str) -> PathBuf {
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
-    let path = dir.join("report.md");
-    let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let kept = match (existing.find(REPORT_BEGIN), existing.find(REPORT_END)) {
-        (Some(begin), Some(end)) if begin < end => format!(
-            "{}{}",
-            &existing[..begin],
-            existing[end + REPORT_END.len()..].trim_start()
-        ),
-        _ => existing,
-    };
-    let mut text = kept.trim_end().to_owned();
-    if !text.is_empty() {
-        text.push_str("\n\n");
-    }
-    text.push_str(&format!("{REPORT_BEGIN}\n{section}{REPORT_END}\n"));
-    std::fs::write(&path, text).expect("the report is written");
-    path
 }
 
 async fn bench() {
@@ -551,7 +518,7 @@ async fn bench() {
         "\n(!) marks a median over runs where wrk saw unexpected answers or socket errors \
          (timeouts count).\n",
     );
-    let path = write_report(&section);
+    let path = write_report_section("peer", &section);
     println!("\n{section}\nwritten to {}", path.display());
 
     // The Receiver carries a finalizer: delete it while its controller runs.

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)] // Each bench reads a different part.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use axum::{Router, routing::get};
@@ -104,4 +105,50 @@ pub fn post_script(body: &str, headers: &[(&str, &str)], expect_error: bool) -> 
         script.push_str("-- expect non-2xx\n");
     }
     script
+}
+
+/// The median of `values` (NaN ones left out); NaN when none is left.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.retain(|v| !v.is_nan());
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The workspace's `target/bench/report.md`.
+/// It lives in the workspace's own `target/`, wherever `CARGO_TARGET_DIR` puts the build.
+pub fn report_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench")
+        .join("report.md")
+}
+
+/// Writes `section` as `name`'s section of `target/bench/report.md`: it replaces the
+/// section this bench wrote before (between its markers) and keeps every other bench's,
+/// so each bench of `make bench` adds its own part and reruns do not pile up.
+pub fn write_report_section(name: &str, section: &str) -> PathBuf {
+    let begin = format!("<!-- {name} bench: begin -->");
+    let end = format!("<!-- {name} bench: end -->");
+    let path = report_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).expect("target/bench");
+    }
+    let existing = std::fs::read_to_string(&path).unwrap_or_default();
+    let kept = match (existing.find(&begin), existing.find(&end)) {
+        (Some(b), Some(e)) if b < e => format!(
+            "{}{}",
+            &existing[..b],
+            existing[e + end.len()..].trim_start()
+        ),
+        _ => existing,
+    };
+    let mut text = kept.trim_end().to_owned();
+    if !text.is_empty() {
+        text.push_str("\n\n");
+    }
+    text.push_str(&format!("{begin}\n{section}{end}\n"));
+    std::fs::write(&path, text).expect("the report is written");
+    path
 }

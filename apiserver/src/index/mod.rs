@@ -32,7 +32,6 @@ pub(crate) use runner_agents::runner_agent;
 pub(crate) use watch::{Scope, run_watches, stream_count};
 
 /// An Agent's namespace and name.
-/// An Agent's namespace and name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentKey {
     pub(crate) namespace: String,
@@ -45,6 +44,59 @@ impl AgentKey {
             namespace: namespace.into(),
             name: name.into(),
         }
+    }
+}
+
+/// A namespace and a name, owned ([`AgentKey`]) or borrowed ([`KeyRef`]): maps keyed by
+/// [`AgentKey`] are looked up with a borrowed pair through `&dyn KeyParts`, so a lookup
+/// allocates nothing. Both hash and compare as the pair of strings, as the derived
+/// `Hash` and `Eq` of [`AgentKey`] do.
+pub(crate) trait KeyParts {
+    fn parts(&self) -> (&str, &str);
+}
+
+/// A borrowed namespace and name, to look up a map keyed by [`AgentKey`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyRef<'a>(pub(crate) &'a str, pub(crate) &'a str);
+
+impl KeyParts for AgentKey {
+    fn parts(&self) -> (&str, &str) {
+        (&self.namespace, &self.name)
+    }
+}
+
+impl KeyParts for KeyRef<'_> {
+    fn parts(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for AgentKey {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (namespace, name) = self.parts();
+        namespace.hash(state);
+        name.hash(state);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl<'a> KeyRef<'a> {
+    /// The pair as a map key.
+    pub(crate) fn key(&self) -> &(dyn KeyParts + 'a) {
+        self
     }
 }
 
@@ -140,10 +192,10 @@ impl Index {
     /// The payload digest stored on a Session, when the index knows the Session from
     /// the cluster or created it: `Some(None)` for a Session without one.
     pub(crate) fn session_digest(&self, namespace: &str, name: &str) -> Option<Option<String>> {
-        let key = AgentKey::new(namespace, name);
-        match self.sessions.get(&key) {
+        let key = KeyRef(namespace, name);
+        match self.sessions.get(key.key()) {
             Some(session) => Some(session.payload_digest.clone()),
-            None => self.reservations().created_digest(&key),
+            None => self.reservations().created_digest(key.key()),
         }
     }
 
@@ -157,9 +209,9 @@ impl Index {
         name: &str,
         max_concurrent: Option<u32>,
     ) -> Reservation {
-        let key = AgentKey::new(agent.namespace.clone(), name);
+        let key = KeyRef(&agent.namespace, name);
         let mut reservations = self.reservations();
-        if self.sessions.contains_key(&key) || reservations.contains(&key) {
+        if self.sessions.contains_key(key.key()) || reservations.contains(key.key()) {
             return Reservation::Shared;
         }
         let max_stored = self
@@ -177,7 +229,7 @@ impl Index {
         {
             return Reservation::Full { max };
         }
-        reservations.insert(key, agent);
+        reservations.insert(AgentKey::new(agent.namespace.clone(), name), agent);
         Reservation::Reserved
     }
 
@@ -185,13 +237,13 @@ impl Index {
     /// from the index before the watch reports it.
     pub(crate) fn confirm(&self, namespace: &str, name: &str, digest: &str) {
         self.reservations()
-            .confirm(&AgentKey::new(namespace, name), digest);
+            .confirm(KeyRef(namespace, name).key(), digest);
     }
 
     /// Gives back a reservation whose create failed, unless the watch has replaced it
     /// with the real Session meanwhile.
     pub(crate) fn release(&self, namespace: &str, name: &str) {
-        self.reservations().release(&AgentKey::new(namespace, name));
+        self.reservations().release(KeyRef(namespace, name).key());
     }
 
     pub fn apply_agent(&mut self, agent: &Agent) {

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 
-use super::AgentKey;
 use super::watch::Scope;
+use super::{AgentKey, KeyParts};
 
 /// The answer to [`Index::reserve`](super::Index::reserve).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,7 +44,7 @@ impl Reservations {
     }
 
     /// Whether the Session `key` is held.
-    pub(super) fn contains(&self, key: &AgentKey) -> bool {
+    pub(super) fn contains(&self, key: &dyn KeyParts) -> bool {
         self.held.contains_key(key)
     }
 
@@ -64,7 +64,7 @@ impl Reservations {
     }
 
     /// Marks the held `key` as created with `digest`.
-    pub(super) fn confirm(&mut self, key: &AgentKey, digest: &str) {
+    pub(super) fn confirm(&mut self, key: &dyn KeyParts, digest: &str) {
         if let Some(held) = self.held.get_mut(key)
             && held.created.is_none()
         {
@@ -73,20 +73,20 @@ impl Reservations {
     }
 
     /// The digest of a held Session that was created: `Some(Some(digest))`.
-    pub(super) fn created_digest(&self, key: &AgentKey) -> Option<Option<String>> {
+    pub(super) fn created_digest(&self, key: &dyn KeyParts) -> Option<Option<String>> {
         self.held.get(key).and_then(|h| h.created.clone()).map(Some)
     }
 
     /// Gives back `key` if its create is still in flight (a created one waits for the
     /// watch).
-    pub(super) fn release(&mut self, key: &AgentKey) {
+    pub(super) fn release(&mut self, key: &dyn KeyParts) {
         if self.held.get(key).is_some_and(|h| h.created.is_none()) {
             self.remove(key);
         }
     }
 
     /// Drops `key`, whatever its state: the watch delivered or deleted the Session.
-    pub(super) fn remove(&mut self, key: &AgentKey) {
+    pub(super) fn remove(&mut self, key: &dyn KeyParts) {
         if let Some(held) = self.held.remove(key) {
             self.forget(&held.agent);
         }

@@ -414,3 +414,23 @@ fn a_reserved_name_is_dropped_by_its_delete_and_by_a_relist() {
     );
     assert_eq!(index.session_digest("ns", "s2"), None);
 }
+
+#[test]
+fn borrowed_keys_find_what_owned_keys_stored() {
+    use std::hash::{BuildHasher, RandomState};
+    let hasher = RandomState::new();
+    let owned = AgentKey::new("ns", "name");
+    let borrowed = KeyRef("ns", "name");
+    // `Borrow` requires the same hash and equality as the owned key.
+    assert_eq!(
+        hasher.hash_one(&owned),
+        hasher.hash_one(borrowed.key()),
+        "a borrowed pair hashes as the owned key"
+    );
+    let mut map = HashMap::new();
+    map.insert(owned.clone(), 7);
+    assert_eq!(map.get(borrowed.key()), Some(&7));
+    // The split between namespace and name matters, as for the owned key.
+    assert_eq!(map.get(KeyRef("nsn", "ame").key()), None);
+    assert_eq!(map.get(KeyRef("ns", "nam").key()), None);
+}

@@ -29,7 +29,7 @@ impl Verifier for Github {
         request: &SignedRequest<'_>,
         secret: &[u8],
     ) -> Result<Verified, SignatureError> {
-        SIGNATURE.verify(request.headers, secret, &[request.body])?;
+        SIGNATURE.verify(request.headers, secret, &[request.body.bytes()])?;
         Ok(Verified {
             dedup_key: delivery_id(SCHEME, request.headers, DELIVERY)?,
             source: self.source(),
@@ -54,7 +54,7 @@ mod tests {
         let headers = headers(pairs);
         let request = SignedRequest {
             headers: &headers,
-            body,
+            body: &crate::body::RequestBody::new(body),
             now: at_ms(0),
         };
         Github.verify(&request, DOC_SECRET)

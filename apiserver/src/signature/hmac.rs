@@ -27,7 +27,7 @@ impl Verifier for GenericHmac {
         request: &SignedRequest<'_>,
         secret: &[u8],
     ) -> Result<Verified, SignatureError> {
-        SIGNATURE.verify(request.headers, secret, &[request.body])?;
+        SIGNATURE.verify(request.headers, secret, &[request.body.bytes()])?;
         Ok(Verified {
             dedup_key: None,
             source: self.source(),
@@ -50,7 +50,7 @@ mod tests {
         let headers = headers(pairs);
         let request = SignedRequest {
             headers: &headers,
-            body,
+            body: &crate::body::RequestBody::new(body),
             now: at_ms(0),
         };
         GenericHmac.verify(&request, SECRET)

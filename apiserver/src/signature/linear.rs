@@ -2,6 +2,8 @@
 //! `webhookTimestamp` (milliseconds) must be within 60 s, and `Linear-Delivery` names the
 //! delivery.
 
+use crate::body::RequestBody;
+
 use super::{
     SignatureError, SignedRequest, Verified, Verifier, check_window, delivery_id, required_header,
     verify_hex,
@@ -33,7 +35,7 @@ impl Verifier for Linear {
         secret: &[u8],
     ) -> Result<Verified, SignatureError> {
         let presented = required_header(SCHEME, request.headers, SIGNATURE, EXPECTED_SIGNATURE)?;
-        let matches = verify_hex(secret, &[request.body], presented).map_err(|()| {
+        let matches = verify_hex(secret, &[request.body.bytes()], presented).map_err(|()| {
             SignatureError::MalformedHeader {
                 scheme: SCHEME,
                 header: SIGNATURE,
@@ -65,9 +67,8 @@ impl Verifier for Linear {
 
 /// The body's `webhookTimestamp` in milliseconds: an integer, or a number with no
 /// fractional part.
-fn webhook_timestamp(body: &[u8]) -> Option<i128> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let ts = value.get(TIMESTAMP)?;
+fn webhook_timestamp(body: &RequestBody<'_>) -> Option<i128> {
+    let ts = body.json().ok()?.get(TIMESTAMP)?;
     if let Some(i) = ts.as_i64() {
         return Some(i128::from(i));
     }
@@ -94,7 +95,7 @@ mod tests {
         let headers = headers(pairs);
         let request = SignedRequest {
             headers: &headers,
-            body: body.as_bytes(),
+            body: &RequestBody::new(body.as_bytes()),
             now: at_ms(now_ms),
         };
         Linear.verify(&request, SECRET)
@@ -179,7 +180,7 @@ mod tests {
         let headers = headers(&[("linear-signature", SIGNATURE_HEX)]);
         let request = SignedRequest {
             headers: &headers,
-            body: BODY.as_bytes(),
+            body: &RequestBody::new(BODY.as_bytes()),
             now: at_ms(SENT_MS),
         };
         let err = Linear.verify(&request, b"other").expect_err("wrong secret");
@@ -199,10 +200,22 @@ mod tests {
 
     #[test]
     fn timestamp_forms() {
-        assert_eq!(webhook_timestamp(br#"{"webhookTimestamp":5}"#), Some(5));
-        assert_eq!(webhook_timestamp(br#"{"webhookTimestamp":5.0}"#), Some(5));
-        assert_eq!(webhook_timestamp(br#"{"webhookTimestamp":5.5}"#), None);
-        assert_eq!(webhook_timestamp(br#"{"webhookTimestamp":"5"}"#), None);
-        assert_eq!(webhook_timestamp(b"not json"), None);
+        assert_eq!(
+            webhook_timestamp(&RequestBody::new(br#"{"webhookTimestamp":5}"#)),
+            Some(5)
+        );
+        assert_eq!(
+            webhook_timestamp(&RequestBody::new(br#"{"webhookTimestamp":5.0}"#)),
+            Some(5)
+        );
+        assert_eq!(
+            webhook_timestamp(&RequestBody::new(br#"{"webhookTimestamp":5.5}"#)),
+            None
+        );
+        assert_eq!(
+            webhook_timestamp(&RequestBody::new(br#"{"webhookTimestamp":"5"}"#)),
+            None
+        );
+        assert_eq!(webhook_timestamp(&RequestBody::new(b"not json")), None);
     }
 }

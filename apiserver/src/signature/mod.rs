@@ -31,8 +31,8 @@ pub(crate) const MAX_DELIVERY_ID_LEN: usize = 256;
 pub struct SignedRequest<'a> {
     /// The request's headers.
     pub headers: &'a HeaderMap,
-    /// The raw body, exactly as received.
-    pub body: &'a [u8],
+    /// The body, exactly as received, and its JSON value once someone parsed it.
+    pub body: &'a crate::body::RequestBody<'a>,
     /// The server's clock, for replay windows.
     pub now: SystemTime,
 }

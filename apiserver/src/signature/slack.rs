@@ -41,7 +41,7 @@ impl Verifier for Slack {
     ) -> Result<Verified, SignatureError> {
         let (seconds, timestamp) =
             seconds_header(SCHEME, request.headers, TIMESTAMP, EXPECTED_TIMESTAMP)?;
-        let parts: [&[u8]; 4] = [b"v0:", timestamp.as_bytes(), b":", request.body];
+        let parts: [&[u8]; 4] = [b"v0:", timestamp.as_bytes(), b":", request.body.bytes()];
         SIGNATURE.verify(request.headers, secret, &parts)?;
         check_window(
             SCHEME,
@@ -55,7 +55,7 @@ impl Verifier for Slack {
         Ok(Verified {
             dedup_key: Some(format!(
                 "sha256:{}",
-                hex::encode(Sha256::digest(request.body))
+                hex::encode(Sha256::digest(request.body.bytes()))
             )),
             source: self.source(),
         })
@@ -64,8 +64,8 @@ impl Verifier for Slack {
 
 /// The `challenge` of a Slack `url_verification` request, which must be answered with
 /// it instead of opening a Session; `None` for every other body.
-pub fn url_verification_challenge(body: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+pub fn url_verification_challenge(body: &crate::body::RequestBody<'_>) -> Option<String> {
+    let value = body.json().ok()?;
     if value.get("type")?.as_str()? != "url_verification" {
         return None;
     }
@@ -90,7 +90,7 @@ mod tests {
         let headers = headers(pairs);
         let request = SignedRequest {
             headers: &headers,
-            body: body.as_bytes(),
+            body: &crate::body::RequestBody::new(body.as_bytes()),
             now: at_ms(now_s * 1000),
         };
         Slack.verify(&request, SECRET)
@@ -183,10 +183,16 @@ mod tests {
     fn url_verification() {
         let body = br#"{"token":"t","challenge":"3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P","type":"url_verification"}"#;
         assert_eq!(
-            url_verification_challenge(body).as_deref(),
+            url_verification_challenge(&crate::body::RequestBody::new(body)).as_deref(),
             Some("3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P")
         );
-        assert_eq!(url_verification_challenge(BODY.as_bytes()), None);
-        assert_eq!(url_verification_challenge(b"token=x&text=y"), None);
+        assert_eq!(
+            url_verification_challenge(&crate::body::RequestBody::new(BODY.as_bytes())),
+            None
+        );
+        assert_eq!(
+            url_verification_challenge(&crate::body::RequestBody::new(b"token=x&text=y")),
+            None
+        );
     }
 }

@@ -65,7 +65,7 @@ impl Verifier for StandardWebhooks {
             b".",
             timestamp.as_bytes(),
             b".",
-            request.body,
+            request.body.bytes(),
         ];
         let expected = hmac_sha256(&key, &parts).finalize().into_bytes();
         // Every candidate is compared, in constant time, so timing says nothing about
@@ -159,7 +159,7 @@ mod tests {
         ]);
         let request = SignedRequest {
             headers: &headers,
-            body: body.as_bytes(),
+            body: &crate::body::RequestBody::new(body.as_bytes()),
             now: at_ms(now_s * 1000),
         };
         StandardWebhooks.verify(&request, secret)
@@ -256,7 +256,7 @@ mod tests {
         let headers = headers(&[("webhook-timestamp", TS), ("webhook-signature", SIGNATURE)]);
         let request = SignedRequest {
             headers: &headers,
-            body: BODY.as_bytes(),
+            body: &crate::body::RequestBody::new(BODY.as_bytes()),
             now: at_ms(SENT * 1000),
         };
         let err = StandardWebhooks

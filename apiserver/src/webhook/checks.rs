@@ -8,6 +8,7 @@ use axum::http::HeaderMap;
 use hookrun_crds::agent::SignatureScheme;
 use subtle::ConstantTimeEq;
 
+use crate::body::RequestBody;
 use crate::client_ip;
 use crate::error::HttpError;
 use crate::index::{AgentKey, SecretEntry, WebhookTarget};
@@ -117,7 +118,7 @@ pub(super) fn verify_signature(
     target: &WebhookTarget,
     candidates: &[SignatureScheme],
     headers: &HeaderMap,
-    body: &[u8],
+    body: &RequestBody<'_>,
 ) -> Result<Option<(SignatureScheme, Verified)>, HttpError> {
     let request = SignedRequest {
         headers,

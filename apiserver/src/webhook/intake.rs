@@ -15,7 +15,7 @@ use hookrun_crds::{Session, SessionSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde_json::json;
 
-use crate::body::{self, BodyError, WaitMode};
+use crate::body::{self, BodyError, RequestBody, WaitMode};
 use crate::error::HttpError;
 use crate::http_limits;
 use crate::idempotency;
@@ -64,18 +64,22 @@ pub(super) async fn accept(
     body: Body,
 ) -> Result<Accepted, HttpError> {
     let target = authenticate(state, key, token, peer, headers)?;
+    // The Agent's bucket is checked as soon as the token is known, before the body is
+    // read or its signature computed; a later refusal gives the token back.
+    let mut rate = RateToken::take(state, key)?;
     let candidates = signature_candidates(&target, headers)?;
     let raw = http_limits::read_body(headers, body, state.max_body_bytes).await?;
-    let verified = verify_signature(&target, &candidates, headers, &raw)?;
+    let request_body = RequestBody::new(&raw);
+    let verified = verify_signature(&target, &candidates, headers, &request_body)?;
 
     if let Some((SignatureScheme::Slack, _)) = verified
-        && let Some(challenge) = signature::slack::url_verification_challenge(&raw)
+        && let Some(challenge) = signature::slack::url_verification_challenge(&request_body)
     {
         let response = Json(json!({"challenge": challenge})).into_response();
         return Ok(Accepted::Now((response, "challenge")));
     }
 
-    let parsed = body::parse_webhook_body(&raw).map_err(HttpError::BadBody)?;
+    let parsed = body::webhook_fields(&request_body).map_err(HttpError::BadBody)?;
     let input = &target.agent.input;
     input.check_env(&parsed.env).map_err(HttpError::BadBody)?;
     let wait = match parsed.wait {
@@ -126,32 +130,35 @@ pub(super) async fn accept(
         signed_key,
     )
     .map_err(HttpError::Idempotency)?;
+    // The keyed name is hashed once, for the replay lookup and for the create.
+    let keyed_name = key_choice
+        .as_ref()
+        .map(|chosen| idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value));
 
-    if let Some(chosen) = &key_choice {
-        let name = idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value);
+    if let (Some(chosen), Some(name)) = (&key_choice, &keyed_name) {
         let known = state
             .index
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .session_digest(&key.namespace, &name);
+            .session_digest(&key.namespace, name);
         if let Some(stored) = known {
             idempotency::replay_or_conflict(chosen.source, stored.as_deref(), &digest)
                 .map_err(HttpError::Idempotency)?;
             // A replay is a request like any other: it costs the Agent's rate limit, so
             // a captured request cannot be answered (or held) without bound.
-            let rate = Some(take_rate(state, key)?);
+            let rate = Some(rate.keep());
             let Some(budget) = budget else {
-                return Ok(Accepted::Now(created(key, &name, true, rate)));
+                return Ok(Accepted::Now(created(key, name, true, rate)));
             };
             // Wait on the original Session: follow it first, then read where it is.
-            let subscription = state.hub.subscribe(&key.namespace, &name);
+            let subscription = state.hub.subscribe(&key.namespace, name);
             let current = state
                 .sessions
-                .get(&key.namespace, &name)
+                .get(&key.namespace, name)
                 .await
                 .map_err(|error| store_failure(key, &error))?;
             return Ok(Accepted::Hold(Box::new(Hold {
-                name,
+                name: name.clone(),
                 replayed: true,
                 rate,
                 waiting: wait::begin(wait::HeldRequest {
@@ -163,19 +170,19 @@ pub(super) async fn accept(
         }
     }
 
-    let verified_scheme = verified.as_ref().map(|(s, _)| *s);
-    let title = match parsed.title.clone() {
-        Some(title) => title,
-        None => input.fit_title(
-            verified_scheme
-                .and_then(|s| title::provider_title(s, headers, &raw))
-                .unwrap_or_else(|| title::default_title(&key.name)),
-        ),
-    };
     let payload = body::payload_text(&raw);
     input
         .check_parts(parsed.title.as_deref(), &payload, &parsed.env)
         .map_err(HttpError::OverBudget)?;
+    let verified_scheme = verified.as_ref().map(|(s, _)| *s);
+    let title = match parsed.title {
+        Some(title) => title,
+        None => input.fit_title(
+            verified_scheme
+                .and_then(|s| title::provider_title(s, headers, &request_body))
+                .unwrap_or_else(|| title::default_title(&key.name)),
+        ),
+    };
     let trigger = SessionTrigger {
         source: verified
             .as_ref()
@@ -190,34 +197,27 @@ pub(super) async fn accept(
     let spec = SessionSpec {
         agent: key.name.clone(),
         title,
-        env: parsed.env.clone(),
+        env: parsed.env,
         trigger: Some(trigger),
     };
     tracing::debug!(agent = %key.name, ?wait, "storing a webhook Session");
 
-    let keyed_name = key_choice
-        .as_ref()
-        .map(|chosen| idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value));
     let max = target.agent.max_concurrent;
     let mut name = keyed_name
         .clone()
         .unwrap_or_else(|| idempotency::random_session_name(&key.name));
-    // The whole object as it will be sent; names drawn again on a collision are as long.
+    // The whole object as it will be sent, built once: a name drawn again on a collision
+    // is as long and replaces the old one in place.
+    let mut session = build_session(key, &target, &name, spec);
     input
         .budgets
-        .check_session(&build_session(key, &target, &name, spec.clone()))
+        .check_session(&session)
         .map_err(HttpError::OverBudget)?;
     let mut reservation = reserve(state, key, &name, max)?;
-    let rate = match take_rate(state, key) {
-        Ok(rate) => Some(rate),
-        Err(error) => {
-            release(state, key, &name, reservation);
-            return Err(error);
-        }
-    };
+    // From here on the request counts against the Agent's rate, whatever the cluster says.
+    let rate = Some(rate.keep());
     let mut attempts = 1;
     loop {
-        let session = build_session(key, &target, &name, spec.clone());
         // A waiting caller follows the Session before it exists, so no change is missed.
         let subscription = budget.map(|_| state.hub.subscribe(&key.namespace, &name));
         match state.sessions.create(&session).await {
@@ -279,12 +279,52 @@ pub(super) async fn accept(
                 release(state, key, &name, reservation);
                 attempts += 1;
                 name = idempotency::random_session_name(&key.name);
+                session.metadata.name = Some(name.clone());
                 reservation = reserve(state, key, &name, max)?;
             }
             Err(error) => {
                 release(state, key, &name, reservation);
                 return Err(store_failure(key, &error));
             }
+        }
+    }
+}
+
+/// A token taken from the Agent's bucket for a request still being checked: dropped
+/// without [`RateToken::keep`] (a later check refused the request, or the request was
+/// cancelled before its Session create), it goes back to the bucket.
+struct RateToken<'a> {
+    state: &'a AppState,
+    key: &'a AgentKey,
+    /// `(limit, remaining)` for the headers; `None` once kept.
+    taken: Option<(u32, u32)>,
+}
+
+impl<'a> RateToken<'a> {
+    /// Takes a token from the Agent's bucket, or 429.
+    fn take(state: &'a AppState, key: &'a AgentKey) -> Result<Self, HttpError> {
+        let taken = take_rate(state, key)?;
+        Ok(Self {
+            state,
+            key,
+            taken: Some(taken),
+        })
+    }
+
+    /// The request counts: the token stays spent. `(limit, remaining)` for the headers.
+    fn keep(&mut self) -> (u32, u32) {
+        self.taken.take().unwrap_or_default()
+    }
+}
+
+impl Drop for RateToken<'_> {
+    fn drop(&mut self) {
+        if self.taken.is_some() {
+            self.state
+                .rate_limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .give_back(self.key);
         }
     }
 }
@@ -327,7 +367,7 @@ fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), HttpError> 
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let limit = limiter.limit().capacity();
     let remaining = limiter
-        .try_acquire(key.clone(), Instant::now())
+        .try_acquire(key, Instant::now())
         .map_err(|retry| HttpError::RateLimited { retry, limit })?;
     Ok((limit, remaining.0))
 }

@@ -7,13 +7,15 @@
 //! address, token, signature) → [`intake`] (body, idempotency, limits, the Session
 //! create) → [`hold`] (a wait-mode request held until its Session finishes).
 //!
-//! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 401
-//! missing signature → 413 body → 401 bad signature → 400 body (env names outside the
-//! Agent's `allowedEnv` included) → 422 idempotency conflict → 413 a part over its
-//! storage budget → 429 stored Sessions, concurrency or rate (replays included) → 400
-//! when the cluster refuses the Session itself, 503 when it cannot store it. The
-//! signature is checked after the body is read (it signs the body), so an oversized body
-//! with a wrong signature is 413.
+//! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 429
+//! rate (replays included) → 401 missing signature → 413 body → 401 bad signature → 400
+//! body (env names outside the Agent's `allowedEnv` included) → 422 idempotency conflict
+//! → 413 a part over its storage budget → 429 stored Sessions or concurrency → 400 when
+//! the cluster refuses the Session itself, 503 when it cannot store it. The rate token is
+//! taken as soon as the token is known, so a client over its rate costs no body read or
+//! HMAC; a request refused by a later check gives it back. The signature is checked after
+//! the body is read (it signs the body), so an oversized body with a wrong signature is
+//! 413.
 
 use std::sync::{Arc, Mutex};
 

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, State};
@@ -60,6 +61,7 @@ fn record(
     route: &'static str,
     method: &Method,
     started: Instant,
+    peer: SocketAddr,
     agent: Option<&AgentKey>,
     (response, outcome): Answered,
 ) -> Response {
@@ -69,6 +71,7 @@ fn record(
         route,
         method,
         started,
+        peer.ip(),
         agent,
         outcome,
         status,
@@ -81,21 +84,44 @@ fn refused(error: HttpError) -> Answered {
     (error.into_response(), code)
 }
 
-async fn not_found(State(state): State<AppState>, method: Method) -> Response {
+/// The client's address; unspecified when the server gave none (a test's `oneshot`).
+fn peer_of(peer: Option<Extension<ConnectInfo<SocketAddr>>>) -> SocketAddr {
+    peer.map_or(
+        SocketAddr::from(([0, 0, 0, 0], 0)),
+        |Extension(ConnectInfo(peer))| peer,
+    )
+}
+
+async fn not_found(
+    State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    method: Method,
+) -> Response {
     let started = Instant::now();
     let answered = refused(HttpError::NotFound);
-    record(&state, UNMATCHED_ROUTE, &method, started, None, answered)
+    let peer = peer_of(peer);
+    record(
+        &state,
+        UNMATCHED_ROUTE,
+        &method,
+        started,
+        peer,
+        None,
+        answered,
+    )
 }
 
 async fn method_not_allowed(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     matched: Option<MatchedPath>,
     method: Method,
 ) -> Response {
     let started = Instant::now();
     let answered = refused(HttpError::MethodNotAllowed);
     let route = route_label(matched.as_ref());
-    record(&state, route, &method, started, None, answered)
+    let peer = peer_of(peer);
+    record(&state, route, &method, started, peer, None, answered)
 }
 
 /// The two door routes' path: the token rides in it, or in `Authorization: Bearer`.
@@ -142,13 +168,23 @@ async fn ping_handler(
     let route = route_label(matched.as_ref());
     let knock = match knock {
         Ok(knock) => knock,
-        Err(error) => return record(&state, route, &method, started, None, refused(error)),
+        Err(error) => {
+            return record(&state, route, &method, started, peer, None, refused(error));
+        }
     };
     let answered = match ping(&state, &knock.key, knock.token.as_deref(), peer, &headers) {
         Ok(()) => (ping_ok(), "ping"),
         Err(error) => refused(error),
     };
-    record(&state, route, &method, started, Some(&knock.key), answered)
+    record(
+        &state,
+        route,
+        &method,
+        started,
+        peer,
+        Some(&knock.key),
+        answered,
+    )
 }
 
 /// `{"ok": true}`.
@@ -172,7 +208,9 @@ async fn post_handler(
     let route = route_label(matched.as_ref());
     let knock = match knock {
         Ok(knock) => knock,
-        Err(error) => return record(&state, route, &method, started, None, refused(error)),
+        Err(error) => {
+            return record(&state, route, &method, started, peer, None, refused(error));
+        }
     };
     // Boxed, so its state (the body, the Session it built) is freed once it is done and
     // is not part of a held request's memory.
@@ -192,5 +230,13 @@ async fn post_handler(
         Ok(Accepted::Hold(hold)) => Box::pin(hold.answer(&state, &knock.key)).await,
         Err(error) => refused(error),
     };
-    record(&state, route, &method, started, Some(&knock.key), answered)
+    record(
+        &state,
+        route,
+        &method,
+        started,
+        peer,
+        Some(&knock.key),
+        answered,
+    )
 }

@@ -558,6 +558,38 @@ async fn rate_and_concurrency_limits_are_429() {
 }
 
 #[tokio::test]
+async fn the_rate_limit_is_checked_before_the_body_and_refunded_when_a_later_check_refuses() {
+    let f = fixture_with(index(), 64, 1);
+    // Refused after the token was taken: a bad body, a body over the limit, a missing
+    // signature, an over-budget env. Each gives its token back.
+    let bad_json = f.post(&url("plain", TOKEN), &[], "{not json").await;
+    assert_error(&bad_json, StatusCode::BAD_REQUEST, "bad_body");
+    let too_large = f.post(&url("plain", TOKEN), &[], &"x".repeat(65)).await;
+    assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let env = f
+        .post(
+            &url("plain", TOKEN),
+            &[],
+            r#"{"env":[{"name":"NOT_ALLOWED","value":"x"}]}"#,
+        )
+        .await;
+    assert_error(&env, StatusCode::BAD_REQUEST, "bad_body");
+    let unsigned = f.post(&url("linear", TOKEN), &[], "{}").await;
+    assert_eq!(unsigned.status, StatusCode::UNAUTHORIZED);
+    // So the one token of the bucket is still there.
+    let ok = f.post(&url("plain", TOKEN), &[], "{}").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.json);
+    assert_eq!(ok.headers["x-ratelimit-remaining"], "0");
+    // Once it is spent, the bucket answers before the body is read or checked: even a
+    // body over the limit is 429, not 413.
+    let spent = f.post(&url("plain", TOKEN), &[], &"x".repeat(65)).await;
+    assert_error(&spent, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    // A wrong token is refused before the bucket: 401, whatever the bucket holds.
+    let wrong = f.post(&url("plain", "nope"), &[], "{}").await;
+    assert_error(&wrong, StatusCode::UNAUTHORIZED, "bad_token");
+}
+
+#[tokio::test]
 async fn a_store_that_is_down_is_503_never_2xx() {
     let f = fixture();
     f.store.set_unavailable(true);
