@@ -10,19 +10,24 @@
 
 pub mod phase;
 pub mod pod;
+pub mod queue;
 pub mod retention;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
-use futures::{Future, StreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
-use hookrun_crds::{Agent, Session, SessionStatus, names};
-use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
+use k8s_openapi::{
+    api::core::v1::{Container, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::Time,
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
@@ -39,6 +44,7 @@ use serde_json::json;
 use self::{
     phase::{Decision, Limits, Observed, Transition},
     pod::PodSettings,
+    queue::{Admission, PodSeen, SessionSeen, Starting},
 };
 use crate::{
     agent_controller::{FIELD_MANAGER, backoff},
@@ -61,6 +67,9 @@ const STATUS_WRITE: ConflictRetry = ConflictRetry {
 };
 /// How often a Session that needs nothing is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(3600);
+/// How often a `Queued` Session is looked at again even when no pod of its Agent ends
+/// (a cache-only look; pod and Agent changes normally wake it at once).
+const QUEUED_RESYNC: Duration = Duration::from_secs(30);
 
 /// What every reconcile of one watch scope shares.
 pub struct Context {
@@ -79,6 +88,9 @@ pub struct Context {
     sessions: Store<Session>,
     /// Consecutive failures per Session, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<Session>, u32>>,
+    /// Pods being created, not yet in the pod cache: with the caches, the count of each
+    /// Agent's `maxConcurrent` slots. Decisions are taken under this lock.
+    starting: Mutex<Starting>,
 }
 
 /// The Session controller for one namespace (`None`: all namespaces), using `agents`
@@ -110,10 +122,22 @@ pub fn run(
             pods,
             watcher::Config::default()
                 .labels(names::SESSION_LABEL)
-                .any_semantic(),
-        ),
+                .any_semantic()
+                .page_size(LIST_PAGE),
+        )
+        .modify(slim_pod),
     )
     .default_backoff()
+    // A deleted pod is marked so, so that the mapper below knows its slot is free.
+    .map_ok(|event| match event {
+        watcher::Event::Delete(mut pod) => {
+            pod.metadata
+                .deletion_timestamp
+                .get_or_insert_with(|| Time(Timestamp::now()));
+            watcher::Event::Delete(pod)
+        }
+        other => other,
+    })
     .touched_objects();
     let (session_store, session_writer) = reflector::store();
     let agents_api: Api<Agent> = match namespace {
@@ -131,6 +155,7 @@ pub fn run(
         pods: pod_store,
         sessions: session_store.clone(),
         failures: Mutex::default(),
+        starting: Mutex::default(),
     });
     // An Agent whose maxStoredSessions drops below what it stores brings its oldest
     // finished Sessions to a reconcile, which deletes them.
@@ -142,21 +167,61 @@ pub fn run(
             &agent.name_any(),
         );
         let sessions: Vec<&Session> = sessions.iter().map(|s| &**s).collect();
+        // A raised maxConcurrent may let waiting Sessions start.
+        let waiting = sessions.iter().copied().filter(|s| waits_for_pod(s));
         retention::over_cap(&sessions, agent.spec.max_stored_sessions())
             .into_iter()
+            .chain(waiting)
             .map(ObjectRef::from_obj)
             .collect::<Vec<_>>()
     };
+    // A pod change brings its Session; a pod that ended or went also brings the Sessions
+    // of the same Agent that wait for a slot.
+    let owners = session_store.clone();
+    let pod_changes = move |pod: Pod| {
+        let Some(namespace) = pod.metadata.namespace.as_deref() else {
+            return Vec::new();
+        };
+        let Some(owner) = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true) && o.kind == Session::kind(&()))
+        else {
+            return Vec::new();
+        };
+        let owner_ref = ObjectRef::new(&owner.name).within(namespace);
+        let freed = pod.metadata.deletion_timestamp.is_some()
+            || PodSeen::of_phase(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
+                == PodSeen::Ended;
+        let mut refs = Vec::new();
+        if freed && let Some(session) = owners.get(&owner_ref) {
+            refs.extend(
+                sessions_of(&owners, namespace, &session.spec.agent)
+                    .iter()
+                    .filter(|s| waits_for_pod(s))
+                    .map(|s| ObjectRef::from_obj(&**s)),
+            );
+        }
+        refs.push(owner_ref);
+        refs
+    };
     let session_events = reflector::reflector(
         session_writer,
-        watcher(sessions, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(slim),
+        watcher(
+            sessions,
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE),
+        )
+        .default_backoff()
+        .modify(slim),
     )
     .touched_objects();
     let controller = Controller::for_stream(session_events, session_store)
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
-        .owns_stream(pod_events)
+        .watches_stream(pod_events, pod_changes)
         .watches(
             agents_api,
             watcher::Config::default().any_semantic(),
@@ -174,17 +239,88 @@ pub fn run(
     (store, runner)
 }
 
-/// Keeps in the cache only what the decisions read: events, answer, title and payload
-/// can reach hundreds of KiB per Session, and writes read the Session afresh anyway.
+/// Objects per page of the caches' initial lists: a page is held whole while it is
+/// decoded, so smaller pages keep the start (and every relist) from peaking.
+const LIST_PAGE: u32 = 100;
+
+/// Keeps in the cache only what the decisions read: events, answer, title, payload and
+/// env can reach hundreds of KiB per Session, and the writes that need them (the pod's
+/// build, status changes) read the Session afresh.
 fn slim(session: &mut Session) {
     session.metadata.managed_fields = None;
-    session.spec.title.clear();
+    session.metadata.annotations = None;
+    session.spec.title = String::new();
+    session.spec.env = Vec::new();
     session.spec.trigger = None;
     if let Some(status) = session.status.as_mut() {
-        status.events.clear();
+        status.events = Vec::new();
         status.response = None;
         status.message = None;
     }
+}
+
+/// Keeps in the pod cache only what [`phase::decide`] and the slot count read: identity,
+/// owner, phase and the agent container's state; of the spec only the agent container's
+/// image and the deadline, which failure messages name.
+fn slim_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.generate_name = None;
+    meta.finalizers = None;
+    pod.spec = pod.spec.take().map(|spec| PodSpec {
+        active_deadline_seconds: spec.active_deadline_seconds,
+        containers: spec
+            .containers
+            .into_iter()
+            .filter(|c| c.name == pod::CONTAINER)
+            .map(|c| Container {
+                name: c.name,
+                image: c.image,
+                ..Container::default()
+            })
+            .collect(),
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|status| PodStatus {
+        phase: status.phase,
+        reason: status.reason,
+        message: status.message,
+        conditions: status.conditions.map(|conditions| {
+            conditions
+                .into_iter()
+                .filter(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    reason: c.reason,
+                    message: c.message,
+                    ..PodCondition::default()
+                })
+                .collect()
+        }),
+        container_statuses: status.container_statuses.map(|containers| {
+            containers
+                .into_iter()
+                .filter(|c| c.name == pod::CONTAINER)
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    state: c.state,
+                    ..ContainerStatus::default()
+                })
+                .collect()
+        }),
+        ..PodStatus::default()
+    });
+}
+
+/// Whether a cached Session still waits for its pod (new, or `Queued`).
+fn waits_for_pod(session: &Session) -> bool {
+    session.metadata.deletion_timestamp.is_none()
+        && session
+            .status
+            .as_ref()
+            .is_none_or(|s| !s.is_finished() && s.pod_name.is_none())
 }
 
 async fn reconcile(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
@@ -311,28 +447,52 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             Ok(Action::requeue(RESYNC))
         }
         Decision::CreatePod => {
-            // The cache may lag behind a status that already names a pod; a pod is
-            // never created twice for one Session, so ask the API before creating.
-            let Some(live) = sessions.get_opt(&name).await? else {
-                return Ok(Action::await_change());
-            };
-            if live.uid().as_deref() != Some(uid.as_str())
-                || observe(live.status.as_ref(), None) != Decision::CreatePod
-            {
-                // The watch brings the newer Session.
-                return Ok(Action::await_change());
-            }
+            // Failing the Session or creating its pod first reads it live (see
+            // `read_if_podless`); waiting in the queue reads only the caches.
             let Some(agent) = agent else {
+                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await?
+                else {
+                    return Ok(Action::await_change());
+                };
                 let transition = phase::agent_not_found(&session.spec.agent);
-                write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                write_transition_from(ctx, &sessions, session, &uid, &transition, None, Some(live))
+                    .await?;
                 return Ok(Action::await_change());
             };
             let violations = ctx.guard.violations(&agent).await;
             if !violations.is_empty() {
+                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await?
+                else {
+                    return Ok(Action::await_change());
+                };
                 let transition = phase::policy_violation(pod_policy::describe(&violations));
-                write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                write_transition_from(ctx, &sessions, session, &uid, &transition, None, Some(live))
+                    .await?;
                 return Ok(Action::await_change());
             }
+            // Slots are counted from the pod cache: it must hold every pod first.
+            if ctx.pods.wait_until_ready().await.is_err() {
+                return Ok(Action::await_change());
+            }
+            let admission = admit(ctx, session, &agent);
+            if let Some(message) = admission.message() {
+                tracing::debug!(session = %name, namespace = %namespace, agent = %session.spec.agent, ?admission, "session waits for a slot");
+                if session.status.as_ref().and_then(|s| s.phase) != Some(SessionPhase::Queued) {
+                    let transition = Transition::Queue { message };
+                    write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                }
+                return Ok(Action::requeue(QUEUED_RESYNC));
+            }
+            // From here the slot is held; it is given back unless a pod gets created.
+            let slot = SlotClaim {
+                ctx,
+                agent: agent_key(&namespace, &session.spec.agent),
+                session: name.clone(),
+                kept: false,
+            };
+            let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await? else {
+                return Ok(Action::await_change());
+            };
             let created = match create_pod(ctx, &pods, &live, &agent).await {
                 Err(Error::Kube(kube::Error::Api(refusal))) => {
                     let age = session_age(&live);
@@ -360,10 +520,19 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
                 }
                 other => other?,
             };
+            slot.keep();
             match observe(live.status.as_ref(), Some(&created)) {
                 Decision::Write(transition) => {
-                    write_transition(ctx, &sessions, session, &uid, &transition, Some(&created))
-                        .await?;
+                    write_transition_from(
+                        ctx,
+                        &sessions,
+                        session,
+                        &uid,
+                        &transition,
+                        Some(&created),
+                        Some(live),
+                    )
+                    .await?;
                 }
                 other => {
                     tracing::debug!(session = %name, decision = ?other, "after creating the pod")
@@ -372,6 +541,119 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             Ok(Action::requeue(RESYNC))
         }
     }
+}
+
+/// `namespace/agent`: the key of an Agent's slots.
+fn agent_key(namespace: &str, agent: &str) -> String {
+    format!("{namespace}/{agent}")
+}
+
+/// `spec.session.maxConcurrent` of `agent`, if it sets one.
+fn max_concurrent(agent: &Agent) -> Option<u32> {
+    agent
+        .spec
+        .session
+        .as_ref()
+        .and_then(|s| s.max_concurrent)
+        .map(|n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+}
+
+/// Whether `session` may create its pod now under its Agent's `maxConcurrent`, counted
+/// from the Session and pod caches and the starts in flight; a start is recorded. The
+/// caches are read under the same lock, so every decision sees at least what the one
+/// before it saw.
+fn admit(ctx: &Context, session: &Session, agent: &Agent) -> Admission {
+    let max = max_concurrent(agent);
+    if max.is_none() {
+        return Admission::Start;
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    let mut starting = ctx
+        .starting
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let sessions = sessions_of(&ctx.sessions, &namespace, &session.spec.agent);
+    let seen: Vec<SessionSeen<'_>> = sessions
+        .iter()
+        .map(|s| {
+            let name = s.metadata.name.as_deref().unwrap_or_default();
+            let pod = match ctx.pods.get(&ObjectRef::new(name).within(&namespace)) {
+                None => PodSeen::None,
+                Some(pod) => {
+                    PodSeen::of_phase(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
+                }
+            };
+            let status = s.status.as_ref();
+            SessionSeen {
+                name,
+                created_ms: s
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(i64::MAX, |t| t.0.as_millisecond()),
+                finished: status.is_some_and(SessionStatus::is_finished),
+                deleting: s.metadata.deletion_timestamp.is_some(),
+                names_pod: status.is_some_and(|s| s.pod_name.is_some()),
+                pod,
+            }
+        })
+        .collect();
+    starting.admit(
+        &agent_key(&namespace, &session.spec.agent),
+        &session.name_any(),
+        &seen,
+        max,
+        Instant::now(),
+    )
+}
+
+/// A `maxConcurrent` slot taken for one Session's pod: given back when dropped, unless
+/// the pod was created (then the pod cache takes over the count).
+struct SlotClaim<'a> {
+    ctx: &'a Context,
+    agent: String,
+    session: String,
+    kept: bool,
+}
+
+impl SlotClaim<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for SlotClaim<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.ctx
+                .starting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .release(&self.agent, &self.session);
+        }
+    }
+}
+
+/// Reads the Session live and returns it when it still has no pod and should get one.
+///
+/// A live read, kept on purpose: the cache may lag behind a status that already names a
+/// pod (one that ran and was deleted since), and acting on that stale view would create
+/// a second pod for the Session (running it twice) or fail a Session that runs. `None`
+/// when it is gone or has moved on (its watch event brings the newer Session).
+async fn read_if_podless(
+    sessions: &Api<Session>,
+    name: &str,
+    uid: &str,
+    observe: impl Fn(Option<&SessionStatus>, Option<&Pod>) -> Decision,
+) -> Result<Option<Session>> {
+    let Some(live) = sessions.get_opt(name).await? else {
+        return Ok(None);
+    };
+    if live.uid().as_deref() != Some(uid) || observe(live.status.as_ref(), None) != Decision::CreatePod
+    {
+        return Ok(None);
+    }
+    Ok(Some(live))
 }
 
 /// How long ago the Session was created (whole seconds: the API stamps no finer).
@@ -417,10 +699,28 @@ pub async fn update_status(
     uid: &str,
     transition: &Transition,
 ) -> Result<bool> {
+    update_status_from(sessions, name, uid, transition, None).await
+}
+
+/// Like [`update_status`], with the first attempt on `read` (a Session just read live)
+/// instead of a fresh read.
+pub async fn update_status_from(
+    sessions: &Api<Session>,
+    name: &str,
+    uid: &str,
+    transition: &Transition,
+    read: Option<Session>,
+) -> Result<bool> {
+    let first = Mutex::new(read);
     STATUS_WRITE
         .run(is_conflict, tokio::time::sleep, |_| async {
-            let Some(session) = sessions.get_opt(name).await? else {
-                return Ok(false);
+            let read = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let session = match read {
+                Some(session) => session,
+                None => match sessions.get_opt(name).await? {
+                    Some(session) => session,
+                    None => return Ok(false),
+                },
             };
             if session.uid().as_deref() != Some(uid) {
                 return Ok(false);
@@ -531,8 +831,22 @@ async fn write_transition(
     transition: &Transition,
     pod: Option<&Pod>,
 ) -> Result<()> {
+    write_transition_from(ctx, sessions, session, uid, transition, pod, None).await
+}
+
+/// Like [`write_transition`], with the first attempt on `read`, the Session as just read
+/// live (no second read).
+async fn write_transition_from(
+    ctx: &Context,
+    sessions: &Api<Session>,
+    session: &Session,
+    uid: &str,
+    transition: &Transition,
+    pod: Option<&Pod>,
+    read: Option<Session>,
+) -> Result<()> {
     let name = session.name_any();
-    let changed = update_status(sessions, &name, uid, transition).await?;
+    let changed = update_status_from(sessions, &name, uid, transition, read).await?;
     if changed {
         ctx.metrics.wrote(CONTROLLER, "status_patch");
         ctx.metrics
