@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{Future, StreamExt, TryStreamExt};
+use futures::{Future, FutureExt, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
@@ -91,6 +91,10 @@ pub struct Context {
     /// Pods being created, not yet in the pod cache: with the caches, the count of each
     /// Agent's `maxConcurrent` slots. Decisions are taken under this lock.
     starting: Mutex<Starting>,
+    /// Pods this process recorded in a Session's status (Session uid → pod uid) that the
+    /// Session cache does not show yet, so that a reconcile on the stale cache does not
+    /// read the Session again only to find the record there.
+    recorded: Mutex<HashMap<String, String>>,
 }
 
 /// The Session controller for one namespace (`None`: all namespaces), using `agents`
@@ -156,6 +160,7 @@ pub fn run(
         sessions: session_store.clone(),
         failures: Mutex::default(),
         starting: Mutex::default(),
+        recorded: Mutex::default(),
     });
     // An Agent whose maxStoredSessions drops below what it stores brings its oldest
     // finished Sessions to a reconcile, which deletes them.
@@ -386,10 +391,14 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
     let name = session.name_any();
+    let uid = session.uid().ok_or(Error::MissingObjectKey("uid"))?;
     if session.meta().deletion_timestamp.is_some() {
+        ctx.recorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&uid);
         return Ok(Action::await_change());
     }
-    let uid = session.uid().ok_or(Error::MissingObjectKey("uid"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut pod = ctx
         .pods
@@ -423,7 +432,20 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
         delete_over_cap(ctx, &sessions, agent).await?;
     }
 
-    match observe(session.status.as_ref(), pod.as_ref()) {
+    let decision = observe(session.status.as_ref(), pod.as_ref());
+    {
+        let mut recorded = ctx.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Decision::Write(Transition::PodCreated { uid: pod_uid, .. }) = &decision
+            && recorded.get(&uid) == Some(pod_uid)
+        {
+            // Written already; the watch brings it.
+            return Ok(Action::requeue(RESYNC));
+        }
+        if session.status.as_ref().is_some_and(|s| s.pod_uid.is_some()) {
+            recorded.remove(&uid);
+        }
+    }
+    match decision {
         Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
         Decision::Wait(Some(after)) => {
             // A little after the moment, so that it has passed when we look.
@@ -470,9 +492,10 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
                     .await?;
                 return Ok(Action::await_change());
             }
-            // Slots are counted from the pod cache: it must hold every pod first.
-            if ctx.pods.wait_until_ready().await.is_err() {
-                return Ok(Action::await_change());
+            // Slots are counted from the pod cache: it must hold every pod first. Not
+            // awaited here, so that a reconcile never holds its slot for the pod list.
+            if ctx.pods.wait_until_ready().now_or_never().is_none() {
+                return Ok(Action::requeue(Duration::from_millis(200)));
             }
             let admission = admit(ctx, session, &agent);
             if let Some(message) = admission.message() {
@@ -533,6 +556,12 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
                         Some(live),
                     )
                     .await?;
+                    if let Transition::PodCreated { uid: pod_uid, .. } = &transition {
+                        ctx.recorded
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(uid.clone(), pod_uid.clone());
+                    }
                 }
                 other => {
                     tracing::debug!(session = %name, decision = ?other, "after creating the pod")
