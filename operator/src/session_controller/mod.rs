@@ -8,6 +8,7 @@
 //! retrying on a conflict, so that appends by the apiserver are never lost and each
 //! `session.*` event is written once.
 
+pub mod cache;
 pub mod phase;
 pub mod pod;
 pub mod queue;
@@ -24,7 +25,7 @@ use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
 use k8s_openapi::{
-    api::core::v1::{Container, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus},
+    api::core::v1::Pod,
     apimachinery::pkg::apis::meta::v1::Time,
     jiff::Timestamp,
 };
@@ -42,6 +43,7 @@ use kube::{
 use serde_json::json;
 
 use self::{
+    cache::{CachedPod, CachedSession},
     phase::{Decision, Limits, Observed, Transition},
     pod::PodSettings,
     queue::{Admission, PodSeen, SessionSeen, Starting},
@@ -83,11 +85,11 @@ pub struct Context {
     /// The Agent controller's cache of this scope.
     agents: Store<Agent>,
     /// Session pods, from the controller's own watch.
-    pods: Store<Pod>,
+    pods: Store<CachedPod>,
     /// The controller's own (slimmed) cache of Sessions.
-    sessions: Store<Session>,
+    sessions: Store<CachedSession>,
     /// Consecutive failures per Session, for the error backoff.
-    failures: Mutex<HashMap<ObjectRef<Session>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<CachedSession>, u32>>,
     /// Pods being created, not yet in the pod cache: with the caches, the count of each
     /// Agent's `maxConcurrent` slots. Decisions are taken under this lock.
     starting: Mutex<Starting>,
@@ -111,8 +113,8 @@ pub fn run(
     metrics: Metrics,
     recorder: Recorder,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) -> (Store<Session>, impl Future<Output = ()> + Send) {
-    let (sessions, pods): (Api<Session>, Api<Pod>) = match namespace {
+) -> (Store<CachedSession>, impl Future<Output = ()> + Send) {
+    let (sessions, pods): (Api<CachedSession>, Api<CachedPod>) = match namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -129,7 +131,7 @@ pub fn run(
                 .any_semantic()
                 .page_size(LIST_PAGE),
         )
-        .modify(slim_pod),
+        .modify(CachedPod::trim),
     )
     .default_backoff()
     // A deleted pod is marked so, so that the mapper below knows its slot is free.
@@ -171,7 +173,7 @@ pub fn run(
             &agent.namespace().unwrap_or_default(),
             &agent.name_any(),
         );
-        let sessions: Vec<&Session> = sessions.iter().map(|s| &**s).collect();
+        let sessions: Vec<&CachedSession> = sessions.iter().map(|s| &**s).collect();
         // A raised maxConcurrent may let waiting Sessions start.
         let waiting = sessions.iter().copied().filter(|s| waits_for_pod(s));
         retention::over_cap(&sessions, agent.spec.max_stored_sessions())
@@ -183,7 +185,7 @@ pub fn run(
     // A pod change brings its Session; a pod that ended or went also brings the Sessions
     // of the same Agent that wait for a slot.
     let owners = session_store.clone();
-    let pod_changes = move |pod: Pod| {
+    let pod_changes = move |pod: CachedPod| {
         let Some(namespace) = pod.metadata.namespace.as_deref() else {
             return Vec::new();
         };
@@ -198,8 +200,7 @@ pub fn run(
         };
         let owner_ref = ObjectRef::new(&owner.name).within(namespace);
         let freed = pod.metadata.deletion_timestamp.is_some()
-            || PodSeen::of_phase(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
-                == PodSeen::Ended;
+            || PodSeen::of_phase(pod.phase()) == PodSeen::Ended;
         let mut refs = Vec::new();
         if freed && let Some(session) = owners.get(&owner_ref) {
             refs.extend(
@@ -220,8 +221,7 @@ pub fn run(
                 .any_semantic()
                 .page_size(LIST_PAGE),
         )
-        .default_backoff()
-        .modify(slim),
+        .default_backoff(),
     )
     .touched_objects();
     let controller = Controller::for_stream(session_events, session_store)
@@ -237,8 +237,14 @@ pub fn run(
     let runner = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "session controller event");
+            match result {
+                // A watch that fails is retried with backoff; say so, since decisions
+                // wait for its cache.
+                Err(controller::Error::QueueError(error)) => {
+                    tracing::warn!(%error, "a watch of the session controller failed; retrying")
+                }
+                Err(error) => tracing::debug!(%error, "session controller event"),
+                Ok(_) => {}
             }
         });
     (store, runner)
@@ -246,81 +252,10 @@ pub fn run(
 
 /// Objects per page of the caches' initial lists: a page is held whole while it is
 /// decoded, so smaller pages keep the start (and every relist) from peaking.
-const LIST_PAGE: u32 = 100;
-
-/// Keeps in the cache only what the decisions read: events, answer, title, payload and
-/// env can reach hundreds of KiB per Session, and the writes that need them (the pod's
-/// build, status changes) read the Session afresh.
-fn slim(session: &mut Session) {
-    session.metadata.managed_fields = None;
-    session.metadata.annotations = None;
-    session.spec.title = String::new();
-    session.spec.env = Vec::new();
-    session.spec.trigger = None;
-    if let Some(status) = session.status.as_mut() {
-        status.events = Vec::new();
-        status.response = None;
-        status.message = None;
-    }
-}
-
-/// Keeps in the pod cache only what [`phase::decide`] and the slot count read: identity,
-/// owner, phase and the agent container's state; of the spec only the agent container's
-/// image and the deadline, which failure messages name.
-fn slim_pod(pod: &mut Pod) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.annotations = None;
-    meta.generate_name = None;
-    meta.finalizers = None;
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        active_deadline_seconds: spec.active_deadline_seconds,
-        containers: spec
-            .containers
-            .into_iter()
-            .filter(|c| c.name == pod::CONTAINER)
-            .map(|c| Container {
-                name: c.name,
-                image: c.image,
-                ..Container::default()
-            })
-            .collect(),
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        reason: status.reason,
-        message: status.message,
-        conditions: status.conditions.map(|conditions| {
-            conditions
-                .into_iter()
-                .filter(|c| c.type_ == "PodScheduled" && c.status == "False")
-                .map(|c| PodCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    reason: c.reason,
-                    message: c.message,
-                    ..PodCondition::default()
-                })
-                .collect()
-        }),
-        container_statuses: status.container_statuses.map(|containers| {
-            containers
-                .into_iter()
-                .filter(|c| c.name == pod::CONTAINER)
-                .map(|c| ContainerStatus {
-                    name: c.name,
-                    state: c.state,
-                    ..ContainerStatus::default()
-                })
-                .collect()
-        }),
-        ..PodStatus::default()
-    });
-}
+const LIST_PAGE: u32 = 25;
 
 /// Whether a cached Session still waits for its pod (new, or `Queued`).
-fn waits_for_pod(session: &Session) -> bool {
+fn waits_for_pod(session: &CachedSession) -> bool {
     session.metadata.deletion_timestamp.is_none()
         && session
             .status
@@ -328,7 +263,7 @@ fn waits_for_pod(session: &Session) -> bool {
             .is_none_or(|s| !s.is_finished() && s.pod_name.is_none())
 }
 
-async fn reconcile(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile(session: Arc<CachedSession>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     let result = reconcile_session(&session, &ctx).await;
     if result.is_ok()
@@ -350,7 +285,11 @@ async fn find_agent(ctx: &Context, namespace: &str, name: &str) -> Result<Option
 }
 
 /// The cached Sessions of one Agent.
-fn sessions_of(store: &Store<Session>, namespace: &str, agent: &str) -> Vec<Arc<Session>> {
+fn sessions_of(
+    store: &Store<CachedSession>,
+    namespace: &str,
+    agent: &str,
+) -> Vec<Arc<CachedSession>> {
     store
         .state()
         .into_iter()
@@ -362,7 +301,7 @@ fn sessions_of(store: &Store<Session>, namespace: &str, agent: &str) -> Vec<Arc<
 async fn delete_over_cap(ctx: &Context, sessions: &Api<Session>, agent: &Agent) -> Result<()> {
     let namespace = agent.namespace().unwrap_or_default();
     let cached = sessions_of(&ctx.sessions, &namespace, &agent.name_any());
-    let cached: Vec<&Session> = cached.iter().map(|s| &**s).collect();
+    let cached: Vec<&CachedSession> = cached.iter().map(|s| &**s).collect();
     let cap = agent.spec.max_stored_sessions();
     for session in retention::over_cap(&cached, cap) {
         let Some(uid) = session.uid() else {
@@ -386,7 +325,7 @@ fn ttl_of(agent: Option<&Agent>) -> Duration {
         .unwrap_or(DEFAULT_TTL)
 }
 
-async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
+async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Action> {
     let namespace = session
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
@@ -403,7 +342,7 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
     let mut pod = ctx
         .pods
         .get(&ObjectRef::new(&name).within(&namespace))
-        .map(|p| (*p).clone());
+        .map(|p| p.to_pod());
     let named_pod = session.status.as_ref().and_then(|s| s.pod_name.as_ref());
     if pod.is_none() && named_pod.is_some() {
         // The status names a pod the cache lacks: ask before calling it gone.
@@ -494,7 +433,10 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             }
             // Slots are counted from the pod cache: it must hold every pod first. Not
             // awaited here, so that a reconcile never holds its slot for the pod list.
-            if ctx.pods.wait_until_ready().now_or_never().is_none() {
+            if max_concurrent(&agent).is_some()
+                && ctx.pods.wait_until_ready().now_or_never().is_none()
+            {
+                tracing::debug!(session = %name, "the pod cache has not listed yet");
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
             let admission = admit(ctx, session, &agent);
@@ -591,7 +533,7 @@ fn max_concurrent(agent: &Agent) -> Option<u32> {
 /// from the Session and pod caches and the starts in flight; a start is recorded. The
 /// caches are read under the same lock, so every decision sees at least what the one
 /// before it saw.
-fn admit(ctx: &Context, session: &Session, agent: &Agent) -> Admission {
+fn admit(ctx: &Context, session: &CachedSession, agent: &Agent) -> Admission {
     let max = max_concurrent(agent);
     if max.is_none() {
         return Admission::Start;
@@ -608,9 +550,7 @@ fn admit(ctx: &Context, session: &Session, agent: &Agent) -> Admission {
             let name = s.metadata.name.as_deref().unwrap_or_default();
             let pod = match ctx.pods.get(&ObjectRef::new(name).within(&namespace)) {
                 None => PodSeen::None,
-                Some(pod) => {
-                    PodSeen::of_phase(pod.status.as_ref().and_then(|s| s.phase.as_deref()))
-                }
+                Some(pod) => PodSeen::of_phase(pod.phase()),
             };
             let status = s.status.as_ref();
             SessionSeen {
@@ -855,7 +795,7 @@ pub async fn finish_oversize(
 async fn write_transition(
     ctx: &Context,
     sessions: &Api<Session>,
-    session: &Session,
+    session: &CachedSession,
     uid: &str,
     transition: &Transition,
     pod: Option<&Pod>,
@@ -868,7 +808,7 @@ async fn write_transition(
 async fn write_transition_from(
     ctx: &Context,
     sessions: &Api<Session>,
-    session: &Session,
+    session: &CachedSession,
     uid: &str,
     transition: &Transition,
     pod: Option<&Pod>,
@@ -934,7 +874,7 @@ async fn delete_pod(ctx: &Context, pod: &Pod) -> Result<()> {
 async fn delete_session(
     ctx: &Context,
     sessions: &Api<Session>,
-    session: &Session,
+    session: &CachedSession,
     uid: &str,
     why: &str,
 ) -> Result<()> {
@@ -955,7 +895,13 @@ async fn delete_session(
 }
 
 /// Publishes an Event about a Session; one that cannot be written is logged, not retried.
-async fn publish(ctx: &Context, session: &Session, type_: EventType, reason: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    session: &CachedSession,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_owned(),
@@ -972,7 +918,7 @@ async fn publish(ctx: &Context, session: &Session, type_: EventType, reason: &st
 }
 
 /// Requeues a failed reconcile with a per-Session exponential backoff.
-fn error_policy(session: Arc<Session>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(session: Arc<CachedSession>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_failed(CONTROLLER, error.metric_label());
     let attempts = ctx.failures.lock().map_or(1, |mut failures| {

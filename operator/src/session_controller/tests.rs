@@ -21,8 +21,9 @@ use k8s_openapi::{
 
 use super::{
     phase::{self, Decision, FailReason, Limits, Observed, Transition},
+    cache::{CachedPod, CachedSession},
     pod::{self, PodSettings},
-    slim_pod, ttl_of,
+    ttl_of,
 };
 
 const UID: &str = "session-uid";
@@ -838,21 +839,28 @@ fn the_cached_session_keeps_what_the_decisions_read() {
     let mut status = recorded(SessionPhase::Running);
     status.push_event(event_types::AGENT_MESSAGE, &"x".repeat(10_000), time(1));
     status.finish(SessionPhase::Complete, Some("answer"), None, time(2));
-    let mut cached = session(&[("A", "b")]);
-    cached.status = Some(status.clone());
-    super::slim(&mut cached);
+    let mut whole = session(&[("A", "b")]);
+    whole.status = Some(status.clone());
+    whole.metadata.annotations = Some([("a".to_owned(), "b".repeat(1024))].into());
+    let json = serde_json::to_vec(&whole).expect("JSON");
+    let cached: CachedSession = serde_json::from_slice(&json).expect("a cached Session");
     let slim = cached.status.clone().expect("status");
     assert!(slim.events.is_empty());
     assert_eq!(slim.response, None);
-    assert!(cached.spec.title.is_empty());
     assert_eq!(cached.spec.agent, "my-agent");
-    assert!(cached.spec.env.is_empty(), "the pod is built from a live read");
+    assert_eq!(cached.metadata.uid, whole.metadata.uid);
+    assert_eq!(cached.metadata.annotations, None);
+    assert_eq!(slim.completion_time, status.completion_time);
     for now in [3, 100] {
         assert_eq!(
             decide_at(Some(&slim), None, now),
             decide_at(Some(&status), None, now)
         );
     }
+    let fresh: CachedSession =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "s"}, "spec": {"agent": "a"}}))
+            .expect("a Session without status");
+    assert!(fresh.status.is_none());
 }
 
 #[test]
@@ -931,12 +939,24 @@ fn the_cached_pod_decides_like_the_whole_pod() {
             }]);
         }
         whole.metadata.annotations = Some([("a".to_owned(), "b".repeat(1024))].into());
-        let mut cached = whole.clone();
-        slim_pod(&mut cached);
+        let json = serde_json::to_vec(&whole).expect("JSON");
+        let mut cached: CachedPod = serde_json::from_slice(&json).expect("a cached pod");
+        cached.trim();
+        let cached = cached.to_pod();
         assert!(cached.metadata.annotations.is_none());
-        let spec = cached.spec.as_ref().expect("a spec");
-        assert_eq!(spec.containers.len(), 1);
-        assert!(spec.containers[0].env.is_none());
+        let owner = |pod: &Pod| {
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .map(|o| (o.uid.clone(), o.controller))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(owner(&cached), owner(&whole));
+        if let Some(spec) = cached.spec.as_ref() {
+            assert_eq!(spec.containers.len(), 1);
+            assert!(spec.containers[0].env.is_none());
+        }
         for status in [SessionPhase::Pending, SessionPhase::Running] {
             for now in [1, 10_000] {
                 assert_eq!(
