@@ -298,9 +298,7 @@ async fn session_to_pod(client: &Client, namespace: &str, count: u64) -> f64 {
     assert!(settled.is_some(), "not every Session recorded its pod");
     let gets = session_gets(client).await - gets_before;
     let per_pod = gets / pods as f64;
-    println!(
-        "live Session GETs per created pod: {per_pod:.2} ({gets:.0} GETs for {pods} pods)"
-    );
+    println!("live Session GETs per created pod: {per_pod:.2} ({gets:.0} GETs for {pods} pods)");
     per_pod
 }
 
@@ -403,7 +401,10 @@ async fn finish_pod(sessions: &Api<Session>, pods: &Api<Pod>, name: &str) {
 /// Waits until the operator reports ready and its Session controller is idle.
 async fn ready_and_settled(operator: &Operator) {
     let ready = eventually(Duration::from_secs(120), || async {
-        (door::request(&operator.admin, "GET", "/readyz", &[], "").await.status == 200)
+        (door::request(&operator.admin, "GET", "/readyz", &[], "")
+            .await
+            .status
+            == 200)
             .then_some(())
     })
     .await;
@@ -428,7 +429,11 @@ fn rss_mib(operator: &Operator) -> f64 {
 }
 
 /// Part 7: memory per cached Session+Pod.
-async fn cache_footprint(client: &Client, kubeconfig: &std::path::Path, count: u64) -> CacheFigures {
+async fn cache_footprint(
+    client: &Client,
+    kubeconfig: &std::path::Path,
+    count: u64,
+) -> CacheFigures {
     let ns = TestNamespace::new(cluster().await).await;
     let namespace = ns.name();
     let agents: Api<Agent> = Api::namespaced(client.clone(), namespace);

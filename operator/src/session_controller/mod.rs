@@ -24,11 +24,7 @@ use futures::{Future, FutureExt, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
-use k8s_openapi::{
-    api::core::v1::Pod,
-    apimachinery::pkg::apis::meta::v1::Time,
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
@@ -411,8 +407,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             // Failing the Session or creating its pod first reads it live (see
             // `read_if_podless`); waiting in the queue reads only the caches.
             let Some(agent) = agent else {
-                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await?
-                else {
+                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await? else {
                     return Ok(Action::await_change());
                 };
                 let transition = phase::agent_not_found(&session.spec.agent);
@@ -422,8 +417,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             };
             let violations = ctx.guard.violations(&agent).await;
             if !violations.is_empty() {
-                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await?
-                else {
+                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await? else {
                     return Ok(Action::await_change());
                 };
                 let transition = phase::policy_violation(pod_policy::describe(&violations));
@@ -539,10 +533,7 @@ fn admit(ctx: &Context, session: &CachedSession, agent: &Agent) -> Admission {
         return Admission::Start;
     }
     let namespace = session.namespace().unwrap_or_default();
-    let mut starting = ctx
-        .starting
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    let mut starting = ctx.starting.lock().unwrap_or_else(PoisonError::into_inner);
     let sessions = sessions_of(&ctx.sessions, &namespace, &session.spec.agent);
     let seen: Vec<SessionSeen<'_>> = sessions
         .iter()
@@ -618,7 +609,8 @@ async fn read_if_podless(
     let Some(live) = sessions.get_opt(name).await? else {
         return Ok(None);
     };
-    if live.uid().as_deref() != Some(uid) || observe(live.status.as_ref(), None) != Decision::CreatePod
+    if live.uid().as_deref() != Some(uid)
+        || observe(live.status.as_ref(), None) != Decision::CreatePod
     {
         return Ok(None);
     }

@@ -85,7 +85,11 @@ pub enum Admission {
     /// Create its pod now (the slot is recorded in [`Starting`]).
     Start,
     /// Wait: `running` Sessions take slots of `max`, `ahead` older ones wait too.
-    Queue { running: usize, max: u32, ahead: usize },
+    Queue {
+        running: usize,
+        max: u32,
+        ahead: usize,
+    },
 }
 
 impl Admission {
@@ -151,9 +155,9 @@ impl Starting {
         let starts = self.by_agent.entry(agent.to_owned()).or_default();
         starts.retain(|name, since| {
             now.saturating_duration_since(*since) < STARTING_FOR_AT_MOST
-                && sessions.iter().any(|s| {
-                    s.name == name && s.pod == PodSeen::None && !s.finished && !s.deleting
-                })
+                && sessions
+                    .iter()
+                    .any(|s| s.name == name && s.pod == PodSeen::None && !s.finished && !s.deleting)
         });
         if starts.contains_key(me) {
             return Admission::Start;
@@ -253,7 +257,10 @@ mod tests {
             }
         );
         let message = admission.message().expect("a message");
-        assert!(message.contains("runs 2 Sessions and allows 2 at once"), "{message}");
+        assert!(
+            message.contains("runs 2 Sessions and allows 2 at once"),
+            "{message}"
+        );
         assert!(message.contains("spec.session.maxConcurrent"), "{message}");
         assert_eq!(starting.len(AGENT), 0);
     }
@@ -314,16 +321,25 @@ mod tests {
         ];
         let mut starting = Starting::default();
         let now = Instant::now();
-        let admit = |starting: &mut Starting, me| starting.admit(AGENT, me, &sessions, Some(2), now);
+        let admit =
+            |starting: &mut Starting, me| starting.admit(AGENT, me, &sessions, Some(2), now);
         assert!(matches!(
             admit(&mut starting, "young"),
             Admission::Queue { ahead: 2, .. }
         ));
-        assert_eq!(admit(&mut starting, "middle"), Admission::Start, "one older waits, one slot is left");
+        assert_eq!(
+            admit(&mut starting, "middle"),
+            Admission::Start,
+            "one older waits, one slot is left"
+        );
         assert_eq!(admit(&mut starting, "old"), Admission::Start);
         assert!(matches!(
             admit(&mut starting, "young"),
-            Admission::Queue { running: 2, ahead: 0, .. }
+            Admission::Queue {
+                running: 2,
+                ahead: 0,
+                ..
+            }
         ));
     }
 
@@ -362,7 +378,11 @@ mod tests {
             starting.admit(AGENT, "w2", &shown, Some(1), now),
             Admission::Queue { running: 1, .. }
         ));
-        assert_eq!(starting.len(AGENT), 0, "the cache took over from the record");
+        assert_eq!(
+            starting.len(AGENT),
+            0,
+            "the cache took over from the record"
+        );
         let ended = [
             SessionSeen {
                 finished: true,
@@ -402,7 +422,11 @@ mod tests {
         // w1 is older and still waits, so w2 stays behind it.
         assert!(matches!(
             starting.admit(AGENT, "w2", &sessions, Some(1), now),
-            Admission::Queue { running: 0, ahead: 1, .. }
+            Admission::Queue {
+                running: 0,
+                ahead: 1,
+                ..
+            }
         ));
         assert_eq!(
             starting.admit(AGENT, "w1", &sessions, Some(1), now),
@@ -418,7 +442,11 @@ mod tests {
         ];
         assert!(matches!(
             starting.admit(AGENT, "w2", &only_w2, Some(1), later),
-            Admission::Queue { running: 0, ahead: 1, .. }
+            Admission::Queue {
+                running: 0,
+                ahead: 1,
+                ..
+            }
         ));
     }
 

@@ -20,8 +20,8 @@ use k8s_openapi::{
 };
 
 use super::{
-    phase::{self, Decision, FailReason, Limits, Observed, Transition},
     cache::{CachedPod, CachedSession},
+    phase::{self, Decision, FailReason, Limits, Observed, Transition},
     pod::{self, PodSettings},
     ttl_of,
 };
@@ -857,9 +857,10 @@ fn the_cached_session_keeps_what_the_decisions_read() {
             decide_at(Some(&status), None, now)
         );
     }
-    let fresh: CachedSession =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "s"}, "spec": {"agent": "a"}}))
-            .expect("a Session without status");
+    let fresh: CachedSession = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "s"}, "spec": {"agent": "a"}}),
+    )
+    .expect("a Session without status");
     assert!(fresh.status.is_none());
 }
 
@@ -978,7 +979,12 @@ fn a_queued_session_records_why_once_and_its_pod_clears_it() {
     let mut status = SessionStatus::default();
     assert!(phase::apply(&queue, &mut status, time(1)));
     assert_eq!(status.phase(), SessionPhase::Queued);
-    assert!(status.message.as_deref().is_some_and(|m| m.contains("allows 2")));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("allows 2"))
+    );
     assert!(!phase::apply(&queue, &mut status, time(2)), "written once");
     // Still no pod: it is created when a slot frees.
     assert_eq!(decide_at(Some(&status), None, 3), Decision::CreatePod);
@@ -989,7 +995,10 @@ fn a_queued_session_records_why_once_and_its_pod_clears_it() {
     assert!(phase::apply(&created, &mut status, time(4)));
     assert_eq!(status.phase(), SessionPhase::Pending);
     assert_eq!(status.message, None);
-    assert!(!phase::apply(&queue, &mut status, time(5)), "a started Session is never queued again");
+    assert!(
+        !phase::apply(&queue, &mut status, time(5)),
+        "a started Session is never queued again"
+    );
     assert_eq!(
         decide_at(Some(&status), Some(&pod_in("Running")), 6),
         Decision::Write(Transition::Running)

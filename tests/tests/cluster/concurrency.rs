@@ -177,7 +177,11 @@ async fn max_concurrent_holds_across_two_apiservers_and_queued_sessions_start_in
         }
     });
     let accepted: BTreeSet<String> = join_all(posts).await.into_iter().collect();
-    assert_eq!(accepted.len(), WEBHOOKS, "each webhook made its own Session");
+    assert_eq!(
+        accepted.len(),
+        WEBHOOKS,
+        "each webhook made its own Session"
+    );
 
     // Every accepted Session runs to the end.
     let complete = eventually(Duration::from_secs(180), || async {
@@ -236,7 +240,10 @@ async fn max_concurrent_holds_across_two_apiservers_and_queued_sessions_start_in
          nothing waited"
     );
     for (name, message) in &seen.queued {
-        assert!(accepted.contains(name), "{name} was queued but never accepted");
+        assert!(
+            accepted.contains(name),
+            "{name} was queued but never accepted"
+        );
         assert!(
             message.contains("spec.session.maxConcurrent") && message.contains("allows 2"),
             "{name}: {message}"
