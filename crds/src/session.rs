@@ -62,6 +62,12 @@ pub mod event_types {
         type_ = "string",
         json_path = ".status.podName",
         priority = "1"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = "1"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -132,6 +138,9 @@ pub enum SessionPhase {
     /// Stored, its pod not running yet.
     #[default]
     Pending,
+    /// Stored, waiting for its pod: the Agent already runs `spec.session.maxConcurrent`
+    /// Sessions. Started oldest first when a slot frees; `status.message` says why.
+    Queued,
     /// The pod runs.
     Running,
     /// The agent finished and answered.
@@ -197,7 +206,7 @@ pub fn valid_event_key(key: &str) -> bool {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionStatus {
-    /// `Pending`, `Running`, `Complete` or `Error`.
+    /// `Pending`, `Queued`, `Running`, `Complete` or `Error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<SessionPhase>,
     /// The pod running this session.
@@ -221,7 +230,7 @@ pub struct SessionStatus {
     /// How many older events were dropped to keep the list bounded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped_events: Option<i64>,
-    /// Why the session failed, when it did.
+    /// Why the session failed, when it did; why it waits, while it is `Queued`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -243,6 +252,7 @@ impl SessionPhase {
     pub fn as_str(self) -> &'static str {
         match self {
             SessionPhase::Pending => "Pending",
+            SessionPhase::Queued => "Queued",
             SessionPhase::Running => "Running",
             SessionPhase::Complete => "Complete",
             SessionPhase::Error => "Error",

@@ -27,10 +27,10 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, PartialObjectMeta, Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::{self, Action},
         events::{Event, EventType, Recorder},
-        reflector::{ObjectRef, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -122,9 +122,16 @@ pub fn run(
             Api::all(ctx.client.clone()),
         ),
     };
-    let controller = Controller::new(agents, watcher::Config::default().any_semantic())
+    let (store, writer) = reflector::store();
+    let agent_events = reflector::reflector(
+        writer,
+        watcher(agents, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(slim),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(agent_events, store.clone())
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
-    let store = controller.store();
     let agent_index = store.clone();
     let env_index = store.clone();
     // Referenced Secrets are watched by metadata only (no data of the cluster's other
@@ -175,6 +182,18 @@ pub fn run(
             }
         });
     (store, runner)
+}
+
+/// The annotation `kubectl apply` keeps a whole copy of the last applied manifest in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Keeps in the cache what reconciling reads: the spec, status and own annotations; not
+/// the managed fields or kubectl's copy of the manifest, which double an Agent's size.
+fn slim(agent: &mut Agent) {
+    agent.metadata.managed_fields = None;
+    if let Some(annotations) = agent.metadata.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
 }
 
 fn references_secret(agent: &Agent, secret: &str) -> bool {

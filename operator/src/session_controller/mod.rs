@@ -8,20 +8,22 @@
 //! retrying on a conflict, so that appends by the apiserver are never lost and each
 //! `session.*` event is written once.
 
+pub mod cache;
 pub mod phase;
 pub mod pod;
+pub mod queue;
 pub mod retention;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
-use futures::{Future, StreamExt};
+use futures::{Future, FutureExt, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
-use hookrun_crds::{Agent, Session, SessionStatus, names};
+use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
 use k8s_openapi::{api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -37,8 +39,10 @@ use kube::{
 use serde_json::json;
 
 use self::{
+    cache::{CachedPod, CachedSession},
     phase::{Decision, Limits, Observed, Transition},
     pod::PodSettings,
+    queue::{Admission, PodSeen, SessionSeen, Starting},
 };
 use crate::{
     agent_controller::{FIELD_MANAGER, backoff},
@@ -61,6 +65,9 @@ const STATUS_WRITE: ConflictRetry = ConflictRetry {
 };
 /// How often a Session that needs nothing is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(3600);
+/// How often a `Queued` Session is looked at again even when no pod of its Agent ends
+/// (a cache-only look; pod and Agent changes normally wake it at once).
+const QUEUED_RESYNC: Duration = Duration::from_secs(30);
 
 /// What every reconcile of one watch scope shares.
 pub struct Context {
@@ -74,11 +81,18 @@ pub struct Context {
     /// The Agent controller's cache of this scope.
     agents: Store<Agent>,
     /// Session pods, from the controller's own watch.
-    pods: Store<Pod>,
+    pods: Store<CachedPod>,
     /// The controller's own (slimmed) cache of Sessions.
-    sessions: Store<Session>,
+    sessions: Store<CachedSession>,
     /// Consecutive failures per Session, for the error backoff.
-    failures: Mutex<HashMap<ObjectRef<Session>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<CachedSession>, u32>>,
+    /// Pods being created, not yet in the pod cache: with the caches, the count of each
+    /// Agent's `maxConcurrent` slots. Decisions are taken under this lock.
+    starting: Mutex<Starting>,
+    /// Pods this process recorded in a Session's status (Session uid → pod uid) that the
+    /// Session cache does not show yet, so that a reconcile on the stale cache does not
+    /// read the Session again only to find the record there.
+    recorded: Mutex<HashMap<String, String>>,
 }
 
 /// The Session controller for one namespace (`None`: all namespaces), using `agents`
@@ -95,8 +109,8 @@ pub fn run(
     metrics: Metrics,
     recorder: Recorder,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
-) -> (Store<Session>, impl Future<Output = ()> + Send) {
-    let (sessions, pods): (Api<Session>, Api<Pod>) = match namespace {
+) -> (Store<CachedSession>, impl Future<Output = ()> + Send) {
+    let (sessions, pods): (Api<CachedSession>, Api<CachedPod>) = match namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -110,10 +124,22 @@ pub fn run(
             pods,
             watcher::Config::default()
                 .labels(names::SESSION_LABEL)
-                .any_semantic(),
-        ),
+                .any_semantic()
+                .page_size(LIST_PAGE),
+        )
+        .modify(CachedPod::trim),
     )
     .default_backoff()
+    // A deleted pod is marked so, so that the mapper below knows its slot is free.
+    .map_ok(|event| match event {
+        watcher::Event::Delete(mut pod) => {
+            pod.metadata
+                .deletion_timestamp
+                .get_or_insert_with(|| Time(Timestamp::now()));
+            watcher::Event::Delete(pod)
+        }
+        other => other,
+    })
     .touched_objects();
     let (session_store, session_writer) = reflector::store();
     let agents_api: Api<Agent> = match namespace {
@@ -131,6 +157,8 @@ pub fn run(
         pods: pod_store,
         sessions: session_store.clone(),
         failures: Mutex::default(),
+        starting: Mutex::default(),
+        recorded: Mutex::default(),
     });
     // An Agent whose maxStoredSessions drops below what it stores brings its oldest
     // finished Sessions to a reconcile, which deletes them.
@@ -141,22 +169,60 @@ pub fn run(
             &agent.namespace().unwrap_or_default(),
             &agent.name_any(),
         );
-        let sessions: Vec<&Session> = sessions.iter().map(|s| &**s).collect();
+        let sessions: Vec<&CachedSession> = sessions.iter().map(|s| &**s).collect();
+        // A raised maxConcurrent may let waiting Sessions start.
+        let waiting = sessions.iter().copied().filter(|s| waits_for_pod(s));
         retention::over_cap(&sessions, agent.spec.max_stored_sessions())
             .into_iter()
+            .chain(waiting)
             .map(ObjectRef::from_obj)
             .collect::<Vec<_>>()
     };
+    // A pod change brings its Session; a pod that ended or went also brings the Sessions
+    // of the same Agent that wait for a slot.
+    let owners = session_store.clone();
+    let pod_changes = move |pod: CachedPod| {
+        let Some(namespace) = pod.metadata.namespace.as_deref() else {
+            return Vec::new();
+        };
+        let Some(owner) = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true) && o.kind == Session::kind(&()))
+        else {
+            return Vec::new();
+        };
+        let owner_ref = ObjectRef::new(&owner.name).within(namespace);
+        let freed = pod.metadata.deletion_timestamp.is_some()
+            || PodSeen::of_phase(pod.phase()) == PodSeen::Ended;
+        let mut refs = Vec::new();
+        if freed && let Some(session) = owners.get(&owner_ref) {
+            refs.extend(
+                sessions_of(&owners, namespace, &session.spec.agent)
+                    .iter()
+                    .filter(|s| waits_for_pod(s))
+                    .map(|s| ObjectRef::from_obj(&**s)),
+            );
+        }
+        refs.push(owner_ref);
+        refs
+    };
     let session_events = reflector::reflector(
         session_writer,
-        watcher(sessions, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(slim),
+        watcher(
+            sessions,
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE),
+        )
+        .default_backoff(),
     )
     .touched_objects();
     let controller = Controller::for_stream(session_events, session_store)
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
-        .owns_stream(pod_events)
+        .watches_stream(pod_events, pod_changes)
         .watches(
             agents_api,
             watcher::Config::default().any_semantic(),
@@ -167,27 +233,33 @@ pub fn run(
     let runner = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "session controller event");
+            match result {
+                // A watch that fails is retried with backoff; say so, since decisions
+                // wait for its cache.
+                Err(controller::Error::QueueError(error)) => {
+                    tracing::warn!(%error, "a watch of the session controller failed; retrying")
+                }
+                Err(error) => tracing::debug!(%error, "session controller event"),
+                Ok(_) => {}
             }
         });
     (store, runner)
 }
 
-/// Keeps in the cache only what the decisions read: events, answer, title and payload
-/// can reach hundreds of KiB per Session, and writes read the Session afresh anyway.
-fn slim(session: &mut Session) {
-    session.metadata.managed_fields = None;
-    session.spec.title.clear();
-    session.spec.trigger = None;
-    if let Some(status) = session.status.as_mut() {
-        status.events.clear();
-        status.response = None;
-        status.message = None;
-    }
+/// Objects per page of the caches' initial lists: a page is held whole while it is
+/// decoded, so smaller pages keep the start (and every relist) from peaking.
+const LIST_PAGE: u32 = 25;
+
+/// Whether a cached Session still waits for its pod (new, or `Queued`).
+fn waits_for_pod(session: &CachedSession) -> bool {
+    session.metadata.deletion_timestamp.is_none()
+        && session
+            .status
+            .as_ref()
+            .is_none_or(|s| !s.is_finished() && s.pod_name.is_none())
 }
 
-async fn reconcile(session: Arc<Session>, ctx: Arc<Context>) -> Result<Action> {
+async fn reconcile(session: Arc<CachedSession>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
     let result = reconcile_session(&session, &ctx).await;
     if result.is_ok()
@@ -209,7 +281,11 @@ async fn find_agent(ctx: &Context, namespace: &str, name: &str) -> Result<Option
 }
 
 /// The cached Sessions of one Agent.
-fn sessions_of(store: &Store<Session>, namespace: &str, agent: &str) -> Vec<Arc<Session>> {
+fn sessions_of(
+    store: &Store<CachedSession>,
+    namespace: &str,
+    agent: &str,
+) -> Vec<Arc<CachedSession>> {
     store
         .state()
         .into_iter()
@@ -221,7 +297,7 @@ fn sessions_of(store: &Store<Session>, namespace: &str, agent: &str) -> Vec<Arc<
 async fn delete_over_cap(ctx: &Context, sessions: &Api<Session>, agent: &Agent) -> Result<()> {
     let namespace = agent.namespace().unwrap_or_default();
     let cached = sessions_of(&ctx.sessions, &namespace, &agent.name_any());
-    let cached: Vec<&Session> = cached.iter().map(|s| &**s).collect();
+    let cached: Vec<&CachedSession> = cached.iter().map(|s| &**s).collect();
     let cap = agent.spec.max_stored_sessions();
     for session in retention::over_cap(&cached, cap) {
         let Some(uid) = session.uid() else {
@@ -245,20 +321,24 @@ fn ttl_of(agent: Option<&Agent>) -> Duration {
         .unwrap_or(DEFAULT_TTL)
 }
 
-async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
+async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Action> {
     let namespace = session
         .namespace()
         .ok_or(Error::MissingObjectKey("namespace"))?;
     let name = session.name_any();
+    let uid = session.uid().ok_or(Error::MissingObjectKey("uid"))?;
     if session.meta().deletion_timestamp.is_some() {
+        ctx.recorded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&uid);
         return Ok(Action::await_change());
     }
-    let uid = session.uid().ok_or(Error::MissingObjectKey("uid"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut pod = ctx
         .pods
         .get(&ObjectRef::new(&name).within(&namespace))
-        .map(|p| (*p).clone());
+        .map(|p| p.to_pod());
     let named_pod = session.status.as_ref().and_then(|s| s.pod_name.as_ref());
     if pod.is_none() && named_pod.is_some() {
         // The status names a pod the cache lacks: ask before calling it gone.
@@ -287,7 +367,20 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
         delete_over_cap(ctx, &sessions, agent).await?;
     }
 
-    match observe(session.status.as_ref(), pod.as_ref()) {
+    let decision = observe(session.status.as_ref(), pod.as_ref());
+    {
+        let mut recorded = ctx.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Decision::Write(Transition::PodCreated { uid: pod_uid, .. }) = &decision
+            && recorded.get(&uid) == Some(pod_uid)
+        {
+            // Written already; the watch brings it.
+            return Ok(Action::requeue(RESYNC));
+        }
+        if session.status.as_ref().is_some_and(|s| s.pod_uid.is_some()) {
+            recorded.remove(&uid);
+        }
+    }
+    match decision {
         Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
         Decision::Wait(Some(after)) => {
             // A little after the moment, so that it has passed when we look.
@@ -311,28 +404,54 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             Ok(Action::requeue(RESYNC))
         }
         Decision::CreatePod => {
-            // The cache may lag behind a status that already names a pod; a pod is
-            // never created twice for one Session, so ask the API before creating.
-            let Some(live) = sessions.get_opt(&name).await? else {
-                return Ok(Action::await_change());
-            };
-            if live.uid().as_deref() != Some(uid.as_str())
-                || observe(live.status.as_ref(), None) != Decision::CreatePod
-            {
-                // The watch brings the newer Session.
-                return Ok(Action::await_change());
-            }
+            // Failing the Session or creating its pod first reads it live (see
+            // `read_if_podless`); waiting in the queue reads only the caches.
             let Some(agent) = agent else {
+                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await? else {
+                    return Ok(Action::await_change());
+                };
                 let transition = phase::agent_not_found(&session.spec.agent);
-                write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                write_transition_from(ctx, &sessions, session, &uid, &transition, None, Some(live))
+                    .await?;
                 return Ok(Action::await_change());
             };
             let violations = ctx.guard.violations(&agent).await;
             if !violations.is_empty() {
+                let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await? else {
+                    return Ok(Action::await_change());
+                };
                 let transition = phase::policy_violation(pod_policy::describe(&violations));
-                write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                write_transition_from(ctx, &sessions, session, &uid, &transition, None, Some(live))
+                    .await?;
                 return Ok(Action::await_change());
             }
+            // Slots are counted from the pod cache: it must hold every pod first. Not
+            // awaited here, so that a reconcile never holds its slot for the pod list.
+            if max_concurrent(&agent).is_some()
+                && ctx.pods.wait_until_ready().now_or_never().is_none()
+            {
+                tracing::debug!(session = %name, "the pod cache has not listed yet");
+                return Ok(Action::requeue(Duration::from_millis(200)));
+            }
+            let admission = admit(ctx, session, &agent);
+            if let Some(message) = admission.message() {
+                tracing::debug!(session = %name, namespace = %namespace, agent = %session.spec.agent, ?admission, "session waits for a slot");
+                if session.status.as_ref().and_then(|s| s.phase) != Some(SessionPhase::Queued) {
+                    let transition = Transition::Queue { message };
+                    write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
+                }
+                return Ok(Action::requeue(QUEUED_RESYNC));
+            }
+            // From here the slot is held; it is given back unless a pod gets created.
+            let slot = SlotClaim {
+                ctx,
+                agent: agent_key(&namespace, &session.spec.agent),
+                session: name.clone(),
+                kept: false,
+            };
+            let Some(live) = read_if_podless(&sessions, &name, &uid, observe).await? else {
+                return Ok(Action::await_change());
+            };
             let created = match create_pod(ctx, &pods, &live, &agent).await {
                 Err(Error::Kube(kube::Error::Api(refusal))) => {
                     let age = session_age(&live);
@@ -360,10 +479,25 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
                 }
                 other => other?,
             };
+            slot.keep();
             match observe(live.status.as_ref(), Some(&created)) {
                 Decision::Write(transition) => {
-                    write_transition(ctx, &sessions, session, &uid, &transition, Some(&created))
-                        .await?;
+                    write_transition_from(
+                        ctx,
+                        &sessions,
+                        session,
+                        &uid,
+                        &transition,
+                        Some(&created),
+                        Some(live),
+                    )
+                    .await?;
+                    if let Transition::PodCreated { uid: pod_uid, .. } = &transition {
+                        ctx.recorded
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(uid.clone(), pod_uid.clone());
+                    }
                 }
                 other => {
                     tracing::debug!(session = %name, decision = ?other, "after creating the pod")
@@ -372,6 +506,115 @@ async fn reconcile_session(session: &Session, ctx: &Context) -> Result<Action> {
             Ok(Action::requeue(RESYNC))
         }
     }
+}
+
+/// `namespace/agent`: the key of an Agent's slots.
+fn agent_key(namespace: &str, agent: &str) -> String {
+    format!("{namespace}/{agent}")
+}
+
+/// `spec.session.maxConcurrent` of `agent`, if it sets one.
+fn max_concurrent(agent: &Agent) -> Option<u32> {
+    agent
+        .spec
+        .session
+        .as_ref()
+        .and_then(|s| s.max_concurrent)
+        .map(|n| u32::try_from(n.max(0)).unwrap_or(u32::MAX))
+}
+
+/// Whether `session` may create its pod now under its Agent's `maxConcurrent`, counted
+/// from the Session and pod caches and the starts in flight; a start is recorded. The
+/// caches are read under the same lock, so every decision sees at least what the one
+/// before it saw.
+fn admit(ctx: &Context, session: &CachedSession, agent: &Agent) -> Admission {
+    let max = max_concurrent(agent);
+    if max.is_none() {
+        return Admission::Start;
+    }
+    let namespace = session.namespace().unwrap_or_default();
+    let mut starting = ctx.starting.lock().unwrap_or_else(PoisonError::into_inner);
+    let sessions = sessions_of(&ctx.sessions, &namespace, &session.spec.agent);
+    let seen: Vec<SessionSeen<'_>> = sessions
+        .iter()
+        .map(|s| {
+            let name = s.metadata.name.as_deref().unwrap_or_default();
+            let pod = match ctx.pods.get(&ObjectRef::new(name).within(&namespace)) {
+                None => PodSeen::None,
+                Some(pod) => PodSeen::of_phase(pod.phase()),
+            };
+            let status = s.status.as_ref();
+            SessionSeen {
+                name,
+                created_ms: s
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(i64::MAX, |t| t.0.as_millisecond()),
+                finished: status.is_some_and(SessionStatus::is_finished),
+                deleting: s.metadata.deletion_timestamp.is_some(),
+                names_pod: status.is_some_and(|s| s.pod_name.is_some()),
+                pod,
+            }
+        })
+        .collect();
+    starting.admit(
+        &agent_key(&namespace, &session.spec.agent),
+        &session.name_any(),
+        &seen,
+        max,
+        Instant::now(),
+    )
+}
+
+/// A `maxConcurrent` slot taken for one Session's pod: given back when dropped, unless
+/// the pod was created (then the pod cache takes over the count).
+struct SlotClaim<'a> {
+    ctx: &'a Context,
+    agent: String,
+    session: String,
+    kept: bool,
+}
+
+impl SlotClaim<'_> {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for SlotClaim<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.ctx
+                .starting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .release(&self.agent, &self.session);
+        }
+    }
+}
+
+/// Reads the Session live and returns it when it still has no pod and should get one.
+///
+/// A live read, kept on purpose: the cache may lag behind a status that already names a
+/// pod (one that ran and was deleted since), and acting on that stale view would create
+/// a second pod for the Session (running it twice) or fail a Session that runs. `None`
+/// when it is gone or has moved on (its watch event brings the newer Session).
+async fn read_if_podless(
+    sessions: &Api<Session>,
+    name: &str,
+    uid: &str,
+    observe: impl Fn(Option<&SessionStatus>, Option<&Pod>) -> Decision,
+) -> Result<Option<Session>> {
+    let Some(live) = sessions.get_opt(name).await? else {
+        return Ok(None);
+    };
+    if live.uid().as_deref() != Some(uid)
+        || observe(live.status.as_ref(), None) != Decision::CreatePod
+    {
+        return Ok(None);
+    }
+    Ok(Some(live))
 }
 
 /// How long ago the Session was created (whole seconds: the API stamps no finer).
@@ -417,10 +660,28 @@ pub async fn update_status(
     uid: &str,
     transition: &Transition,
 ) -> Result<bool> {
+    update_status_from(sessions, name, uid, transition, None).await
+}
+
+/// Like [`update_status`], with the first attempt on `read` (a Session just read live)
+/// instead of a fresh read.
+pub async fn update_status_from(
+    sessions: &Api<Session>,
+    name: &str,
+    uid: &str,
+    transition: &Transition,
+    read: Option<Session>,
+) -> Result<bool> {
+    let first = Mutex::new(read);
     STATUS_WRITE
         .run(is_conflict, tokio::time::sleep, |_| async {
-            let Some(session) = sessions.get_opt(name).await? else {
-                return Ok(false);
+            let read = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let session = match read {
+                Some(session) => session,
+                None => match sessions.get_opt(name).await? {
+                    Some(session) => session,
+                    None => return Ok(false),
+                },
             };
             if session.uid().as_deref() != Some(uid) {
                 return Ok(false);
@@ -526,13 +787,27 @@ pub async fn finish_oversize(
 async fn write_transition(
     ctx: &Context,
     sessions: &Api<Session>,
-    session: &Session,
+    session: &CachedSession,
     uid: &str,
     transition: &Transition,
     pod: Option<&Pod>,
 ) -> Result<()> {
+    write_transition_from(ctx, sessions, session, uid, transition, pod, None).await
+}
+
+/// Like [`write_transition`], with the first attempt on `read`, the Session as just read
+/// live (no second read).
+async fn write_transition_from(
+    ctx: &Context,
+    sessions: &Api<Session>,
+    session: &CachedSession,
+    uid: &str,
+    transition: &Transition,
+    pod: Option<&Pod>,
+    read: Option<Session>,
+) -> Result<()> {
     let name = session.name_any();
-    let changed = update_status(sessions, &name, uid, transition).await?;
+    let changed = update_status_from(sessions, &name, uid, transition, read).await?;
     if changed {
         ctx.metrics.wrote(CONTROLLER, "status_patch");
         ctx.metrics
@@ -591,7 +866,7 @@ async fn delete_pod(ctx: &Context, pod: &Pod) -> Result<()> {
 async fn delete_session(
     ctx: &Context,
     sessions: &Api<Session>,
-    session: &Session,
+    session: &CachedSession,
     uid: &str,
     why: &str,
 ) -> Result<()> {
@@ -612,7 +887,13 @@ async fn delete_session(
 }
 
 /// Publishes an Event about a Session; one that cannot be written is logged, not retried.
-async fn publish(ctx: &Context, session: &Session, type_: EventType, reason: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    session: &CachedSession,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_owned(),
@@ -629,7 +910,7 @@ async fn publish(ctx: &Context, session: &Session, type_: EventType, reason: &st
 }
 
 /// Requeues a failed reconcile with a per-Session exponential backoff.
-fn error_policy(session: Arc<Session>, error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(session: Arc<CachedSession>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .reconcile_failed(CONTROLLER, error.metric_label());
     let attempts = ctx.failures.lock().map_or(1, |mut failures| {

@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use hookrun_crds::{
+    budget::cut_encoded,
     duration::FlagDuration,
-    session::{SessionPhase, SessionStatus},
+    session::{MAX_MESSAGE_BYTES, SessionPhase, SessionStatus},
 };
 use k8s_openapi::{
     api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStateWaiting, Pod},
@@ -35,6 +36,8 @@ pub enum Decision {
 /// A change of a Session's status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Transition {
+    /// The Agent runs its most Sessions at once: phase `Queued`, `message` saying why.
+    Queue { message: String },
     /// The pod was created: record its name and uid, phase `Pending`.
     PodCreated { name: String, uid: String },
     /// The pod runs.
@@ -97,6 +100,7 @@ impl Transition {
     /// The phase this transition leads to.
     pub fn phase(&self) -> SessionPhase {
         match self {
+            Transition::Queue { .. } => SessionPhase::Queued,
             Transition::PodCreated { .. } => SessionPhase::Pending,
             Transition::Running => SessionPhase::Running,
             Transition::Complete => SessionPhase::Complete,
@@ -107,6 +111,7 @@ impl Transition {
     /// A low-cardinality label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            Transition::Queue { .. } => "MaxConcurrent",
             Transition::PodCreated { .. } => "PodCreated",
             Transition::Running => "PodRunning",
             Transition::Complete => "PodSucceeded",
@@ -440,7 +445,25 @@ pub fn apply(transition: &Transition, status: &mut SessionStatus, at: Time) -> b
             }
             status.pod_name = Some(name.clone());
             status.pod_uid = Some(uid.clone());
-            status.phase.get_or_insert(SessionPhase::Pending);
+            if status.phase.is_none_or(|p| p == SessionPhase::Queued) {
+                if status.phase.is_some() {
+                    // The message said why it waited.
+                    status.message = None;
+                }
+                status.phase = Some(SessionPhase::Pending);
+            }
+            true
+        }
+        Transition::Queue { message } => {
+            // Written once: while it waits, the message is not rewritten as counts move.
+            if status.is_finished()
+                || status.pod_name.is_some()
+                || status.phase == Some(SessionPhase::Queued)
+            {
+                return false;
+            }
+            status.phase = Some(SessionPhase::Queued);
+            status.message = Some(cut_encoded(message, MAX_MESSAGE_BYTES).0.to_owned());
             true
         }
         Transition::Running => status.mark_running(at),

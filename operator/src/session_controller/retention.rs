@@ -7,47 +7,72 @@
 
 use std::cmp::Ordering;
 
-use hookrun_crds::Session;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use hookrun_crds::{Session, SessionStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+use super::cache::CachedSession;
+
+/// A stored Session as retention sees it: its metadata and status.
+pub trait Stored {
+    fn stored_meta(&self) -> &ObjectMeta;
+    fn stored_status(&self) -> Option<&SessionStatus>;
+}
+
+impl Stored for Session {
+    fn stored_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn stored_status(&self) -> Option<&SessionStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl Stored for CachedSession {
+    fn stored_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn stored_status(&self) -> Option<&SessionStatus> {
+        self.status.as_ref()
+    }
+}
 
 /// The Sessions to delete so that at most `cap` of `sessions` (the Sessions of one
 /// Agent) are stored: finished ones, the earliest finished first. A Session that has not
 /// finished is never chosen, so fewer may be chosen than the excess. Sessions already
 /// being deleted neither count nor are chosen.
-pub fn over_cap<'a>(sessions: &[&'a Session], cap: u32) -> Vec<&'a Session> {
-    let stored: Vec<&Session> = sessions
+pub fn over_cap<'a, S: Stored>(sessions: &[&'a S], cap: u32) -> Vec<&'a S> {
+    let stored: Vec<&S> = sessions
         .iter()
         .copied()
-        .filter(|s| s.metadata.deletion_timestamp.is_none())
+        .filter(|s| s.stored_meta().deletion_timestamp.is_none())
         .collect();
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
     let excess = stored.len().saturating_sub(cap);
     if excess == 0 {
         return Vec::new();
     }
-    let mut finished: Vec<&Session> = stored
+    let mut finished: Vec<&S> = stored
         .into_iter()
-        .filter(|s| s.status.as_ref().is_some_and(|st| st.is_finished()))
+        .filter(|s| s.stored_status().is_some_and(|st| st.is_finished()))
         .collect();
-    finished.sort_by(|a, b| oldest_first(a, b));
+    finished.sort_by(|a, b| oldest_first(*a, *b));
     finished.truncate(excess);
     finished
 }
 
 /// When a finished Session finished (its creation when it carries no completion time).
-fn finished_at(session: &Session) -> Option<&Time> {
+fn finished_at<S: Stored>(session: &S) -> Option<&Time> {
     session
-        .status
-        .as_ref()
+        .stored_status()
         .and_then(|s| s.completion_time.as_ref())
-        .or(session.metadata.creation_timestamp.as_ref())
+        .or(session.stored_meta().creation_timestamp.as_ref())
 }
 
-fn oldest_first(a: &Session, b: &Session) -> Ordering {
-    let key = |s: &Session| {
+fn oldest_first<S: Stored>(a: &S, b: &S) -> Ordering {
+    let key = |s: &S| {
         (
             finished_at(s).map(|t| t.0.as_millisecond()),
-            s.metadata
+            s.stored_meta()
                 .creation_timestamp
                 .as_ref()
                 .map(|t| t.0.as_millisecond()),
@@ -55,7 +80,7 @@ fn oldest_first(a: &Session, b: &Session) -> Ordering {
     };
     key(a)
         .cmp(&key(b))
-        .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+        .then_with(|| a.stored_meta().name.cmp(&b.stored_meta().name))
 }
 
 #[cfg(test)]
@@ -102,7 +127,7 @@ mod tests {
         let b = session("b", Some(SessionPhase::Error), Some(2));
         assert!(over_cap(&[&a, &b], 2).is_empty());
         assert!(over_cap(&[&a, &b], 5).is_empty());
-        assert!(over_cap(&[], 1).is_empty());
+        assert!(over_cap::<Session>(&[], 1).is_empty());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use k8s_openapi::{
 };
 
 use super::{
+    cache::{CachedPod, CachedSession},
     phase::{self, Decision, FailReason, Limits, Observed, Transition},
     pod::{self, PodSettings},
     ttl_of,
@@ -838,21 +839,29 @@ fn the_cached_session_keeps_what_the_decisions_read() {
     let mut status = recorded(SessionPhase::Running);
     status.push_event(event_types::AGENT_MESSAGE, &"x".repeat(10_000), time(1));
     status.finish(SessionPhase::Complete, Some("answer"), None, time(2));
-    let mut cached = session(&[("A", "b")]);
-    cached.status = Some(status.clone());
-    super::slim(&mut cached);
+    let mut whole = session(&[("A", "b")]);
+    whole.status = Some(status.clone());
+    whole.metadata.annotations = Some([("a".to_owned(), "b".repeat(1024))].into());
+    let json = serde_json::to_vec(&whole).expect("JSON");
+    let cached: CachedSession = serde_json::from_slice(&json).expect("a cached Session");
     let slim = cached.status.clone().expect("status");
     assert!(slim.events.is_empty());
     assert_eq!(slim.response, None);
-    assert!(cached.spec.title.is_empty());
     assert_eq!(cached.spec.agent, "my-agent");
-    assert_eq!(cached.spec.env.len(), 1);
+    assert_eq!(cached.metadata.uid, whole.metadata.uid);
+    assert_eq!(cached.metadata.annotations, None);
+    assert_eq!(slim.completion_time, status.completion_time);
     for now in [3, 100] {
         assert_eq!(
             decide_at(Some(&slim), None, now),
             decide_at(Some(&status), None, now)
         );
     }
+    let fresh: CachedSession = serde_json::from_value(
+        serde_json::json!({"metadata": {"name": "s"}, "spec": {"agent": "a"}}),
+    )
+    .expect("a Session without status");
+    assert!(fresh.status.is_none());
 }
 
 #[test]
@@ -887,4 +896,114 @@ fn a_refused_pod_fails_at_once_when_invalid_and_after_the_timeout_when_forbidden
             None
         );
     }
+}
+
+#[test]
+fn the_cached_pod_decides_like_the_whole_pod() {
+    let terminated = ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: 2,
+            reason: Some("Error".into()),
+            message: Some("bad".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut deadline = pod_in("Failed");
+    if let Some(status) = deadline.status.as_mut() {
+        status.reason = Some("DeadlineExceeded".into());
+    }
+    let pods = [
+        pod_in("Pending"),
+        pod_in("Running"),
+        pod_in("Succeeded"),
+        with_container_state(pod_in("Failed"), terminated),
+        deadline,
+        waiting(pod_in("Pending"), "ImagePullBackOff"),
+        waiting(pod_in("Pending"), "InvalidImageName"),
+        waiting(pod_in("Pending"), "CreateContainerConfigError"),
+        unschedulable(pod_in("Pending")),
+    ];
+    for whole in pods {
+        let mut whole = whole;
+        // What the cache drops: other containers, volumes, env, annotations, fields.
+        if let Some(spec) = whole.spec.as_mut() {
+            spec.containers.push(k8s_openapi::api::core::v1::Container {
+                name: "sidecar".into(),
+                image: Some("other:1".into()),
+                ..Default::default()
+            });
+            spec.containers[0].env = Some(vec![EnvVar {
+                name: "BIG".into(),
+                value: Some("x".repeat(4096)),
+                ..Default::default()
+            }]);
+        }
+        whole.metadata.annotations = Some([("a".to_owned(), "b".repeat(1024))].into());
+        let json = serde_json::to_vec(&whole).expect("JSON");
+        let mut cached: CachedPod = serde_json::from_slice(&json).expect("a cached pod");
+        cached.trim();
+        let cached = cached.to_pod();
+        assert!(cached.metadata.annotations.is_none());
+        let owner = |pod: &Pod| {
+            pod.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .map(|o| (o.uid.clone(), o.controller))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(owner(&cached), owner(&whole));
+        if let Some(spec) = cached.spec.as_ref() {
+            assert_eq!(spec.containers.len(), 1);
+            assert!(spec.containers[0].env.is_none());
+        }
+        for status in [SessionPhase::Pending, SessionPhase::Running] {
+            for now in [1, 10_000] {
+                assert_eq!(
+                    decide_at(Some(&recorded(status)), Some(&cached), now),
+                    decide_at(Some(&recorded(status)), Some(&whole), now),
+                    "{whole:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_queued_session_records_why_once_and_its_pod_clears_it() {
+    let queue = Transition::Queue {
+        message: "queued: the Agent runs 2 Sessions and allows 2 at once".into(),
+    };
+    assert_eq!(queue.phase(), SessionPhase::Queued);
+    let mut status = SessionStatus::default();
+    assert!(phase::apply(&queue, &mut status, time(1)));
+    assert_eq!(status.phase(), SessionPhase::Queued);
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("allows 2"))
+    );
+    assert!(!phase::apply(&queue, &mut status, time(2)), "written once");
+    // Still no pod: it is created when a slot frees.
+    assert_eq!(decide_at(Some(&status), None, 3), Decision::CreatePod);
+    let created = Transition::PodCreated {
+        name: "my-agent-wh-0a1b2c3d".into(),
+        uid: POD_UID.into(),
+    };
+    assert!(phase::apply(&created, &mut status, time(4)));
+    assert_eq!(status.phase(), SessionPhase::Pending);
+    assert_eq!(status.message, None);
+    assert!(
+        !phase::apply(&queue, &mut status, time(5)),
+        "a started Session is never queued again"
+    );
+    assert_eq!(
+        decide_at(Some(&status), Some(&pod_in("Running")), 6),
+        Decision::Write(Transition::Running)
+    );
+    let mut finished = recorded(SessionPhase::Running);
+    finished.finish(SessionPhase::Complete, Some("done"), None, time(7));
+    assert!(!phase::apply(&queue, &mut finished, time(8)));
 }

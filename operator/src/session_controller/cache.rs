@@ -1,0 +1,305 @@
+//! What the Session controller's caches keep of Sessions and their pods: the few fields
+//! its decisions and its slot count read, decoded straight from the API's JSON, so that
+//! neither a whole object nor its managed fields, title, payload, env, events or pod
+//! spec is ever built, kept or copied. Pure: no client.
+//!
+//! [`CachedSession`] and [`CachedPod`] are `kube::Resource`s of the real kinds, so they
+//! are listed and watched like `Session` and `Pod`; [`CachedPod::to_pod`] and
+//! [`CachedSession::status`] give the decisions the types they take.
+
+use std::borrow::Cow;
+
+use hookrun_crds::{Session, SessionPhase, SessionStatus};
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::core::v1::{
+        Container, ContainerState, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+};
+use kube::Resource;
+use serde::{Deserialize, Deserializer};
+
+use super::pod::CONTAINER;
+
+/// The metadata the caches keep: identity, times, owners; not labels, annotations or
+/// managed fields.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    /// The watch resumes from the last object's version.
+    resource_version: Option<String>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+    owner_references: Option<Vec<OwnerReference>>,
+}
+
+fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let meta = LeanMeta::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        creation_timestamp: meta.creation_timestamp,
+        deletion_timestamp: meta.deletion_timestamp,
+        owner_references: meta.owner_references.filter(|o| !o.is_empty()),
+        ..ObjectMeta::default()
+    })
+}
+
+/// A Session as the cache keeps it: its Agent and the status fields that say where it
+/// is (phase, pod, times). Writes read the whole Session live.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CachedSession {
+    #[serde(deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    pub spec: CachedSessionSpec,
+    #[serde(default, deserialize_with = "lean_status")]
+    pub status: Option<SessionStatus>,
+}
+
+/// The part of a Session's spec the cache keeps.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CachedSessionSpec {
+    /// The Agent (same namespace) the Session runs.
+    #[serde(default)]
+    pub agent: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanSessionStatus {
+    phase: Option<SessionPhase>,
+    pod_name: Option<String>,
+    pod_uid: Option<String>,
+    start_time: Option<Time>,
+    completion_time: Option<Time>,
+}
+
+fn lean_status<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<SessionStatus>, D::Error> {
+    Ok(
+        Option::<LeanSessionStatus>::deserialize(deserializer)?.map(|s| {
+            // A finished Session is only timed for its TTL: its pod no longer matters.
+            let finished = s.phase.is_some_and(SessionPhase::is_finished);
+            SessionStatus {
+                phase: s.phase,
+                pod_name: s.pod_name.filter(|_| !finished),
+                pod_uid: s.pod_uid.filter(|_| !finished),
+                start_time: s.start_time.filter(|_| !finished),
+                completion_time: s.completion_time,
+                ..SessionStatus::default()
+            }
+        }),
+    )
+}
+
+impl CachedSession {
+    /// The kept status (events, answer and message are not kept).
+    pub fn status(&self) -> Option<&SessionStatus> {
+        self.status.as_ref()
+    }
+}
+
+impl Resource for CachedSession {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Session::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        Session::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        Session::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Session::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// A session pod as the cache keeps it: identity, owner, phase, the agent container's
+/// state and the scheduling condition; of the spec only the agent container's image and
+/// the deadline, which failure messages name.
+#[derive(Clone, Debug, Deserialize)]
+pub struct CachedPod {
+    #[serde(deserialize_with = "lean_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<LeanPodSpec>,
+    #[serde(default)]
+    status: Option<LeanPodStatus>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanPodSpec {
+    active_deadline_seconds: Option<i64>,
+    #[serde(default, deserialize_with = "agent_image")]
+    containers: Option<String>,
+}
+
+/// The image of the agent container, from the list of containers.
+fn agent_image<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: String,
+        image: Option<String>,
+    }
+    Ok(Option::<Vec<Named>>::deserialize(deserializer)?
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == CONTAINER)
+        .and_then(|c| c.image))
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanPodStatus {
+    phase: Option<String>,
+    reason: Option<String>,
+    message: Option<String>,
+    #[serde(default, deserialize_with = "unscheduled")]
+    conditions: Option<LeanCondition>,
+    #[serde(default, deserialize_with = "agent_state")]
+    container_statuses: Option<ContainerState>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct LeanCondition {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+    reason: Option<String>,
+    message: Option<String>,
+}
+
+/// The `PodScheduled=False` condition, if there is one.
+fn unscheduled<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<LeanCondition>, D::Error> {
+    Ok(Option::<Vec<LeanCondition>>::deserialize(deserializer)?
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False"))
+}
+
+/// The state of the agent container, from the list of container statuses.
+fn agent_state<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<ContainerState>, D::Error> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: String,
+        state: Option<ContainerState>,
+    }
+    Ok(Option::<Vec<Named>>::deserialize(deserializer)?
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.name == CONTAINER)
+        .and_then(|c| c.state))
+}
+
+impl CachedPod {
+    /// Drops what no decision reads in the pod's phase: a running or succeeded pod needs
+    /// neither its image, deadline, conditions nor container state (pending and failed
+    /// pods name them in failure messages). Of its controller reference, the uid and
+    /// name are kept.
+    pub fn trim(&mut self) {
+        if matches!(self.phase(), Some("Running" | "Succeeded")) {
+            self.spec = None;
+            if let Some(status) = self.status.as_mut() {
+                status.reason = None;
+                status.message = None;
+                status.conditions = None;
+                status.container_statuses = None;
+            }
+        }
+        if let Some(owners) = self.metadata.owner_references.as_mut() {
+            owners.retain(|o| o.controller == Some(true));
+            for owner in owners.iter_mut() {
+                owner.api_version = String::new();
+                owner.block_owner_deletion = None;
+            }
+        }
+    }
+
+    /// `status.phase`.
+    pub fn phase(&self) -> Option<&str> {
+        self.status.as_ref()?.phase.as_deref()
+    }
+
+    /// The pod with what the cache keeps, for the decisions that take a `Pod`.
+    pub fn to_pod(&self) -> Pod {
+        Pod {
+            metadata: self.metadata.clone(),
+            spec: self.spec.as_ref().map(|spec| PodSpec {
+                active_deadline_seconds: spec.active_deadline_seconds,
+                containers: vec![Container {
+                    name: CONTAINER.to_owned(),
+                    image: spec.containers.clone(),
+                    ..Container::default()
+                }],
+                ..PodSpec::default()
+            }),
+            status: self.status.as_ref().map(|status| PodStatus {
+                phase: status.phase.clone(),
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+                conditions: status.conditions.as_ref().map(|c| {
+                    vec![PodCondition {
+                        type_: c.type_.clone(),
+                        status: c.status.clone(),
+                        reason: c.reason.clone(),
+                        message: c.message.clone(),
+                        ..PodCondition::default()
+                    }]
+                }),
+                container_statuses: status.container_statuses.as_ref().map(|state| {
+                    vec![ContainerStatus {
+                        name: CONTAINER.to_owned(),
+                        state: Some(state.clone()),
+                        ..ContainerStatus::default()
+                    }]
+                }),
+                ..PodStatus::default()
+            }),
+        }
+    }
+}
+
+impl Resource for CachedPod {
+    type DynamicType = ();
+    type Scope = NamespaceResourceScope;
+
+    fn kind(dt: &()) -> Cow<'_, str> {
+        Pod::kind(dt)
+    }
+    fn group(dt: &()) -> Cow<'_, str> {
+        Pod::group(dt)
+    }
+    fn version(dt: &()) -> Cow<'_, str> {
+        Pod::version(dt)
+    }
+    fn plural(dt: &()) -> Cow<'_, str> {
+        Pod::plural(dt)
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
