@@ -321,10 +321,16 @@ async fn update_status<T>(
     );
     state
         .status
-        .update(&caller.sessions, &name, Some(caller.session), edit, |written| {
-            // A read after this write through this process sees it.
-            state.hub.read_cache.store_read(written);
-        })
+        .update(
+            &caller.sessions,
+            &name,
+            Some(caller.session),
+            edit,
+            |written| {
+                // A read after this write through this process sees it.
+                state.hub.read_cache.store_read(written);
+            },
+        )
         .await
         .map_err(|e| status_error(e, &namespace, &name))
 }

@@ -245,9 +245,15 @@ mod tests {
     fn the_watch_replaces_only_sessions_that_were_read() {
         let cache = SessionCache::new(DEFAULT_READ_CACHE_BYTES);
         cache.observe(&at("5", SessionPhase::Running));
-        assert!(cache.get("ns", "s").is_none(), "an unread Session is not added");
+        assert!(
+            cache.get("ns", "s").is_none(),
+            "an unread Session is not added"
+        );
         cache.store_read(&at("5", SessionPhase::Running));
-        assert!(cache.get("ns", "s").is_none(), "a read without a mark is not added");
+        assert!(
+            cache.get("ns", "s").is_none(),
+            "a read without a mark is not added"
+        );
 
         cache.begin_read("ns", "s");
         cache.store_read(&at("5", SessionPhase::Running));
@@ -291,10 +297,17 @@ mod tests {
         cache.begin_read("ns", "s");
         cache.observe_deleted(&at("6", SessionPhase::Complete));
         cache.store_read(&at("5", SessionPhase::Running));
-        assert!(cache.get("ns", "s").is_none(), "a deleted Session is not stored");
+        assert!(
+            cache.get("ns", "s").is_none(),
+            "a deleted Session is not stored"
+        );
         cache.begin_read("ns", "s");
         cache.store_read(&at("9", SessionPhase::Running));
-        assert_eq!(phase(&cache), Some(SessionPhase::Running), "read again later");
+        assert_eq!(
+            phase(&cache),
+            Some(SessionPhase::Running),
+            "read again later"
+        );
 
         cache.begin_read("ns", "gone");
         cache.forget_read("ns", "gone");

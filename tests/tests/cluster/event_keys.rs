@@ -166,7 +166,11 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
     let after_post = calls().await;
     // A read right after the append sees it, from the cache, at no cost.
     let fresh = read_events().await;
-    assert_eq!(fresh.json["count"], 3, "a stale read after the append: {:?}", fresh.json);
+    assert_eq!(
+        fresh.json["count"], 3,
+        "a stale read after the append: {:?}",
+        fresh.json
+    );
     assert_eq!(fresh.json["events"][2]["content"], "x");
     let after_fresh = calls().await;
     // The Session's Agent appears: the context shows it once the watch brought it.
@@ -221,8 +225,14 @@ async fn an_event_posted_twice_with_one_key_is_stored_once() {
     );
     // Repeated reads of a Session come from the read cache, and the caller's review
     // from the review cache: no Kubernetes API call at all.
-    assert!(read_calls.is_empty(), "repeated reads called the cluster: {read_calls:?}");
-    assert!(fresh_calls.is_empty(), "the read after the append: {fresh_calls:?}");
+    assert!(
+        read_calls.is_empty(),
+        "repeated reads called the cluster: {read_calls:?}"
+    );
+    assert!(
+        fresh_calls.is_empty(),
+        "the read after the append: {fresh_calls:?}"
+    );
     // An append of a cached Session writes it once (the cached Session gives the
     // write's resourceVersion); no read, no review while the caches are warm.
     assert_eq!(
