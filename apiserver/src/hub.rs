@@ -227,6 +227,33 @@ mod tests {
     }
 
     #[test]
+    fn watch_events_keep_the_read_cache_current_and_a_relist_empties_it() {
+        let hub = SessionHub::new();
+        let at = |version: &str, phase| {
+            let mut s = session("team", "s", "a", Some(phase));
+            s.metadata.resource_version = Some(version.into());
+            s
+        };
+        let phase = |hub: &SessionHub| {
+            hub.read_cache
+                .get("team", "s")
+                .and_then(|s| s.status.as_ref()?.phase)
+        };
+        hub.publish(&at("1", SessionPhase::Running));
+        assert_eq!(phase(&hub), None, "nobody read it: not held");
+        hub.read_cache.begin_read("team", "s");
+        hub.read_cache.store_read(&at("1", SessionPhase::Running));
+        hub.publish(&at("2", SessionPhase::Complete));
+        assert_eq!(phase(&hub), Some(SessionPhase::Complete));
+        hub.relisting();
+        assert_eq!(phase(&hub), None);
+        hub.read_cache.begin_read("team", "s");
+        hub.read_cache.store_read(&at("2", SessionPhase::Complete));
+        hub.publish_deleted(&at("3", SessionPhase::Complete));
+        assert_eq!(phase(&hub), None);
+    }
+
+    #[test]
     fn dropping_the_last_subscription_forgets_the_session() {
         let hub = SessionHub::new();
         let first = hub.subscribe("team", "s");
