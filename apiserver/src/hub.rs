@@ -17,6 +17,8 @@ use hookrun_crds::Session;
 use kube::ResourceExt;
 use tokio::sync::watch;
 
+use crate::session_cache::{DEFAULT_READ_CACHE_BYTES, SessionCache};
+
 /// What the hub last saw of one Session.
 #[derive(Clone, Debug, Default)]
 pub(crate) enum Seen {
@@ -37,14 +39,14 @@ pub struct SessionHub {
     senders: Mutex<HashMap<Key, watch::Sender<Seen>>>,
     /// True once the server drains: every held request answers now.
     flushed: watch::Sender<bool>,
+    /// The Sessions the read and runner APIs are reading, kept current by the same
+    /// watch events.
+    pub(crate) read_cache: SessionCache,
 }
 
 impl Default for SessionHub {
     fn default() -> Self {
-        Self {
-            senders: Mutex::default(),
-            flushed: watch::channel(false).0,
-        }
+        Self::with_cache(DEFAULT_READ_CACHE_BYTES)
     }
 }
 
@@ -60,6 +62,19 @@ impl SessionHub {
     /// An empty hub, shared by the watch that feeds it and the requests that read it.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// An empty hub whose read cache holds at most `read_cache_bytes` bytes of Sessions.
+    pub fn with_read_cache_bytes(read_cache_bytes: u64) -> Arc<Self> {
+        Arc::new(Self::with_cache(read_cache_bytes))
+    }
+
+    fn with_cache(read_cache_bytes: u64) -> Self {
+        Self {
+            senders: Mutex::default(),
+            flushed: watch::channel(false).0,
+            read_cache: SessionCache::new(read_cache_bytes),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, watch::Sender<Seen>>> {
@@ -84,6 +99,7 @@ impl SessionHub {
 
     /// Passes a changed Session to whoever follows it.
     pub(crate) fn publish(&self, session: &Session) {
+        self.read_cache.observe(session);
         let Some(namespace) = session.namespace() else {
             return;
         };
@@ -95,6 +111,7 @@ impl SessionHub {
 
     /// Tells whoever follows `session` that it is gone.
     pub(crate) fn publish_deleted(&self, session: &Session) {
+        self.read_cache.observe_deleted(session);
         let Some(namespace) = session.namespace() else {
             return;
         };
@@ -102,6 +119,12 @@ impl SessionHub {
         if let Some(sender) = senders.get(&(namespace, session.name_any())) {
             sender.send_replace(Seen::Deleted);
         }
+    }
+
+    /// The watch starts listing Sessions again: deletes during a gap may have been
+    /// missed, so the read cache starts over.
+    pub(crate) fn relisting(&self) {
+        self.read_cache.clear();
     }
 
     /// Tells every subscription, now and later, to stop waiting (the server drains).
@@ -201,6 +224,33 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(5), late.flushed())
             .await
             .expect("a subscription taken after the flush resolves at once");
+    }
+
+    #[test]
+    fn watch_events_keep_the_read_cache_current_and_a_relist_empties_it() {
+        let hub = SessionHub::new();
+        let at = |version: &str, phase| {
+            let mut s = session("team", "s", "a", Some(phase));
+            s.metadata.resource_version = Some(version.into());
+            s
+        };
+        let phase = |hub: &SessionHub| {
+            hub.read_cache
+                .get("team", "s")
+                .and_then(|s| s.status.as_ref()?.phase)
+        };
+        hub.publish(&at("1", SessionPhase::Running));
+        assert_eq!(phase(&hub), None, "nobody read it: not held");
+        hub.read_cache.begin_read("team", "s");
+        hub.read_cache.store_read(&at("1", SessionPhase::Running));
+        hub.publish(&at("2", SessionPhase::Complete));
+        assert_eq!(phase(&hub), Some(SessionPhase::Complete));
+        hub.relisting();
+        assert_eq!(phase(&hub), None);
+        hub.read_cache.begin_read("team", "s");
+        hub.read_cache.store_read(&at("2", SessionPhase::Complete));
+        hub.publish_deleted(&at("3", SessionPhase::Complete));
+        assert_eq!(phase(&hub), None);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod rate_limit;
 pub mod read;
 pub mod runner;
+pub(crate) mod session_cache;
 pub(crate) mod session_status;
 pub mod signature;
 pub mod store;
@@ -114,6 +115,11 @@ pub struct Args {
     /// bare number is seconds). The pod's grace period must exceed this plus 15 s.
     #[arg(long, env = "HOOKRUN_DRAIN_PERIOD", default_value = "15s")]
     pub drain_period: FlagDuration,
+    /// Bytes of whole Sessions the read and runner APIs keep while they are being read
+    /// (recently read ones, kept current by the Session watch); 0 reads the cluster
+    /// every time.
+    #[arg(long, env = "HOOKRUN_READ_CACHE_BYTES", default_value_t = session_cache::DEFAULT_READ_CACHE_BYTES)]
+    pub read_cache_bytes: u64,
 }
 
 /// What stops the server from starting.
@@ -351,7 +357,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let runner_addr = runner_listener.local_addr().map_err(Error::Serve)?;
     let admin_addr = admin.local_addr().map_err(Error::Serve)?;
 
-    let hub = hub::SessionHub::new();
+    let hub = hub::SessionHub::with_read_cache_bytes(args.read_cache_bytes);
     let drain = Drain::new();
     tokio::spawn(
         drain

@@ -146,11 +146,44 @@ async fn authorized_session(
 }
 
 async fn read_session(state: &ApiState, namespace: &str, name: &str) -> Result<Session, HttpError> {
-    Api::<Session>::namespaced(state.client.clone(), namespace)
-        .get_opt(name)
+    cached_session(state, namespace, name)
         .await
         .map_err(|error| HttpError::cluster("read the Session", &error))?
         .ok_or_else(|| HttpError::session_not_found(namespace, name))
+}
+
+/// The Session `namespace/name` for the read and runner APIs: from the hub's read cache
+/// once the index has synced (the watch keeps it current). A live read remains where
+/// the cache cannot answer: before the first sync (the watch may not have delivered
+/// the Session yet, so nothing is stored), and on a miss (read once, then held; the
+/// pending mark lets events during the read land). Writes read live again after a 409
+/// (see [`crate::session_status`]), since a conflict means the read was stale.
+pub(crate) async fn cached_session(
+    state: &ApiState,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Session>, kube::Error> {
+    let api = Api::<Session>::namespaced(state.client.clone(), namespace);
+    let synced = state.index.as_ref().is_some_and(|index| {
+        index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_synced()
+    });
+    if !synced {
+        return api.get_opt(name).await;
+    }
+    let cache = &state.hub.read_cache;
+    if let Some(session) = cache.get(namespace, name) {
+        return Ok(Some(Session::clone(&session)));
+    }
+    cache.begin_read(namespace, name);
+    let read = api.get_opt(name).await;
+    match &read {
+        Ok(Some(session)) => cache.store_read(session),
+        Ok(None) | Err(_) => cache.forget_read(namespace, name),
+    }
+    read
 }
 
 /// The answer of `GET /agents/{session}`.

@@ -98,8 +98,7 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, HttpErr
              the runner API",
         )
     };
-    let session = sessions
-        .get_opt(&pod.pod_name)
+    let session = crate::read::cached_session(state, &pod.namespace, &pod.pod_name)
         .await
         .map_err(|error| HttpError::cluster("read the Session", &error))?
         .ok_or_else(not_yours)?;
@@ -322,7 +321,16 @@ async fn update_status<T>(
     );
     state
         .status
-        .update(&caller.sessions, &name, Some(caller.session), edit)
+        .update(
+            &caller.sessions,
+            &name,
+            Some(caller.session),
+            edit,
+            |written| {
+                // A read after this write through this process sees it.
+                state.hub.read_cache.store_read(written);
+            },
+        )
         .await
         .map_err(|e| status_error(e, &namespace, &name))
 }

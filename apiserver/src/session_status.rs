@@ -97,13 +97,15 @@ impl StatusWriter {
     /// Changes the status of Session `name` with `edit` and writes it, retrying on
     /// conflicts. `edit` sees the current Session and a copy of its status; when it
     /// leaves the status as it was, nothing is written. `current` is a Session already
-    /// read (saves the first read); a stale one only costs a retry.
+    /// read (saves the first read); a stale one only costs a retry. `written` sees the
+    /// Session each successful write returns.
     pub(crate) async fn update<T, E>(
         &self,
         api: &Api<Session>,
         name: &str,
         current: Option<Session>,
         mut edit: impl FnMut(&Session, &mut SessionStatus) -> Result<T, E>,
+        written: impl Fn(&Session),
     ) -> Result<T, StatusError<E>> {
         // The collection URL names the namespace: one lock per Session.
         let key = (api.resource_url().to_owned(), name.to_owned());
@@ -145,7 +147,10 @@ impl StatusWriter {
                         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
                     {
-                        Ok(_) => Ok(value),
+                        Ok(session) => {
+                            written(&session);
+                            Ok(value)
+                        }
                         Err(kube::Error::Api(status)) if status.code == 409 => {
                             Err(StatusError::Conflict)
                         }

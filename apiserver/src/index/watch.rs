@@ -47,6 +47,8 @@ trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debu
     fn publish(_hub: &SessionHub, _object: &Self) {}
     /// Tells `hub` that `object` is gone (Sessions only).
     fn publish_deleted(_hub: &SessionHub, _object: &Self) {}
+    /// Tells `hub` that a relist begins (Sessions only).
+    fn relisting(_hub: &SessionHub) {}
 }
 
 impl Indexed for Agent {
@@ -101,6 +103,9 @@ impl Indexed for Session {
     fn publish_deleted(hub: &SessionHub, object: &Self) {
         hub.publish_deleted(object);
     }
+    fn relisting(hub: &SessionHub) {
+        hub.relisting();
+    }
 }
 
 /// What an event changed, to tell the hub once the index lock is released.
@@ -132,6 +137,7 @@ async fn feed<K: Indexed>(
         let changed = match event {
             Event::Init => {
                 buffer.clear();
+                K::relisting(&hub);
                 Changed::Nothing
             }
             // Followers of a listed Session learn of it now; the index keeps its entry
