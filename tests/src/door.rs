@@ -494,3 +494,56 @@ pub async fn webhook_path_other_than(
     .unwrap_or_else(|| panic!("agent {name} got no webhook URL"));
     names::webhook_path(ns, name, &token)
 }
+
+/// Who holds the operator's Lease in `leases`' namespace, if anyone.
+pub async fn lease_holder(
+    leases: &Api<k8s_openapi::api::coordination::v1::Lease>,
+) -> Option<String> {
+    leases
+        .get_opt("hookrun-operator")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+/// Two operators electing a leader in `namespace` with leases of `lease` (e.g. "4s"),
+/// each telling Agents its own public URL: the first, once it holds the Lease, then the
+/// second, standing by.
+pub async fn elected_pair(
+    cluster: &Cluster,
+    namespace: &str,
+    lease: &str,
+    leader_url: &str,
+    standby_url: &str,
+) -> (Operator, Operator) {
+    let leases = Api::namespaced(cluster.client().await, namespace);
+    let election = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-lease-duration",
+        lease,
+    ];
+    let leader = Operator::start(
+        cluster,
+        namespace,
+        &[&["--public-url", leader_url][..], &election].concat(),
+    )
+    .await;
+    let leader_pid = format!("-{}", leader.pid());
+    eventually(BUDGET, || async {
+        lease_holder(&leases)
+            .await
+            .filter(|h| h.ends_with(&leader_pid))
+    })
+    .await
+    .expect("the first operator leads");
+    let standby = Operator::start(
+        cluster,
+        namespace,
+        &[&["--public-url", standby_url][..], &election].concat(),
+    )
+    .await;
+    (leader, standby)
+}

@@ -15,7 +15,8 @@ use futures::StreamExt;
 use hookrun_crds::{Agent, Session, names};
 use hookrun_tests::control_plane::{self, ControlPlane, default_tools_bin, workspace_root};
 use hookrun_tests::door::{
-    Answer, ApiServer, BUDGET, Door, Operator, get, is_known, request, webhook_path,
+    Answer, ApiServer, BUDGET, Door, Operator, elected_pair, get, is_known, lease_holder, request,
+    webhook_path,
 };
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually, install_crds};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -498,15 +499,6 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
     plane.stop().await;
 }
 
-async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("hookrun-operator")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
-}
-
 #[tokio::test]
 async fn a_killed_leader_is_replaced_within_the_lease_and_its_successor_acts() {
     const FIRST: &str = "https://first-leader.example.test/";
@@ -517,33 +509,7 @@ async fn a_killed_leader_is_replaced_within_the_lease_and_its_successor_acts() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let leases: Api<Lease> = Api::namespaced(client, ns.name());
-    let election = [
-        "--leader-elect",
-        "--leader-election-namespace",
-        ns.name(),
-        "--leader-election-lease-duration",
-        "4s",
-    ];
-    let first = Operator::start(
-        cluster,
-        ns.name(),
-        &[&["--public-url", FIRST][..], &election].concat(),
-    )
-    .await;
-    let first_pid = format!("-{}", first.pid());
-    eventually(BUDGET, || async {
-        lease_holder(&leases)
-            .await
-            .filter(|h| h.ends_with(&first_pid))
-    })
-    .await
-    .expect("the first operator leads");
-    let second = Operator::start(
-        cluster,
-        ns.name(),
-        &[&["--public-url", SECOND][..], &election].concat(),
-    )
-    .await;
+    let (first, second) = elected_pair(cluster, ns.name(), "4s", FIRST, SECOND).await;
     let second_pid = format!("-{}", second.pid());
     apply_agent(&agents, "before", steady_agent()).await;
     let url = |name: &'static str| {

@@ -10,7 +10,7 @@ use hookrun_crds::{
 };
 use hookrun_tests::{
     TestNamespace, apply_agent, cluster,
-    door::{Operator, get},
+    door::{Operator, elected_pair, get, lease_holder},
     eventually,
 };
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
@@ -521,15 +521,6 @@ async fn with_leader_election_only_one_operator_writes() {
     );
 }
 
-async fn lease_holder(leases: &Api<Lease>) -> Option<String> {
-    leases
-        .get_opt("hookrun-operator")
-        .await
-        .ok()??
-        .spec?
-        .holder_identity
-}
-
 #[tokio::test]
 async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
     const OLD: &str = "https://old-leader.example.test/";
@@ -542,33 +533,7 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let leases: Api<Lease> = Api::namespaced(client, ns.name());
-    let election = [
-        "--leader-elect",
-        "--leader-election-namespace",
-        ns.name(),
-        "--leader-election-lease-duration",
-        "3s",
-    ];
-    let old = Operator::start(
-        cluster,
-        ns.name(),
-        &[&["--public-url", OLD][..], &election].concat(),
-    )
-    .await;
-    let old_pid = format!("-{}", old.pid());
-    eventually(BUDGET, || async {
-        lease_holder(&leases)
-            .await
-            .filter(|h| h.ends_with(&old_pid))
-    })
-    .await
-    .expect("the first operator leads");
-    let new = Operator::start(
-        cluster,
-        ns.name(),
-        &[&["--public-url", NEW][..], &election].concat(),
-    )
-    .await;
+    let (old, new) = elected_pair(cluster, ns.name(), "3s", OLD, NEW).await;
     let new_pid = format!("-{}", new.pid());
     let urls = |agents: &Api<Agent>| {
         let agents = agents.clone();
