@@ -71,6 +71,37 @@ pub fn hex_hmac_sha256(secret: &str, body: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
+/// Changes the Session's status as the runner API would: `change` is applied to the
+/// status as read, and the write is retried on a conflict.
+pub async fn update_session_status(
+    sessions: &Api<Session>,
+    name: &str,
+    change: impl Fn(&mut hookrun_crds::session::SessionStatus),
+) {
+    for _ in 0..10 {
+        let session = sessions.get(name).await.expect("the Session reads");
+        let mut status = session.status.clone().unwrap_or_default();
+        change(&mut status);
+        let patch = json!({
+            "metadata": {"resourceVersion": session.metadata.resource_version},
+            "status": status,
+        });
+        match sessions
+            .patch_status(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => panic!("the status patch failed: {e}"),
+        }
+    }
+    panic!("the status patch kept conflicting");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

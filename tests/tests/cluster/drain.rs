@@ -11,10 +11,12 @@ use futures::future::join_all;
 use hookrun_crds::session::event_types;
 use hookrun_crds::{Agent, Session};
 use hookrun_tests::door::{ApiServer, BUDGET, Door, metric, metrics, request, webhook_path};
-use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
+use hookrun_tests::{
+    TestNamespace, apply_agent, cluster, eventually, fixtures::update_session_status,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -178,25 +180,11 @@ impl EventStream {
 
 /// Adds one `agent.message` to a Session's status, as the runner API would.
 async fn add_event(sessions: &Api<Session>, name: &str, content: &str) {
-    for _ in 0..10 {
-        let session = sessions.get(name).await.expect("the Session reads");
-        let mut status = session.status.clone().unwrap_or_default();
+    update_session_status(sessions, name, |status| {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         status.push_event(event_types::AGENT_MESSAGE, content, now);
-        let patch = json!({
-            "metadata": {"resourceVersion": session.metadata.resource_version},
-            "status": status,
-        });
-        match sessions
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => panic!("the status patch failed: {e}"),
-        }
-    }
-    panic!("the status patch kept conflicting");
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use hookrun_crds::session::event_types;
 use hookrun_crds::{Session, SessionPhase};
 use hookrun_tests::door::{BUDGET, Door, metric, metrics, request, webhook_path};
-use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually};
+use hookrun_tests::{
+    TestNamespace, apply_agent, cluster, eventually, fixtures::update_session_status,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use serde_json::json;
 
 /// The door, an Agent with a webhook, and its path once the apiserver knows its token.
@@ -33,26 +35,12 @@ async fn door_with_agent(ns: &TestNamespace) -> (Door, String) {
 
 /// Finishes the Session as the harness would through the runner API.
 async fn finish(sessions: &Api<Session>, name: &str, response: &str) {
-    for _ in 0..10 {
-        let session = sessions.get(name).await.expect("the Session reads");
-        let mut status = session.status.clone().unwrap_or_default();
+    update_session_status(sessions, name, |status| {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
         status.push_event(event_types::AGENT_MESSAGE, response, now.clone());
         assert!(status.finish(SessionPhase::Complete, Some(response), None, now));
-        let patch = json!({
-            "metadata": {"resourceVersion": session.metadata.resource_version},
-            "status": status,
-        });
-        match sessions
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return,
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => panic!("the status patch failed: {e}"),
-        }
-    }
-    panic!("the status patch kept conflicting");
+    })
+    .await;
 }
 
 #[tokio::test]
