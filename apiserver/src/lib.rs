@@ -165,14 +165,22 @@ pub fn log_filter(filter: &str) -> String {
 
 /// Structured logs to stderr, filtered by `filter` (see [`log_filter`]). Lines are
 /// written by a thread of their own: a request formats its line and queues it, and waits
-/// for the terminal or the log collector only when the queue (128,000 lines) is full, so
-/// no line is ever dropped. Keep the guard until the process ends: dropping it flushes.
+/// for the terminal or the log collector only when the queue ([`LOG_QUEUE_LINES`]) is
+/// full, so no line is ever dropped. Keep the guard until the process ends: dropping it
+/// flushes.
+/// Lines the log queue holds before a request waits for the writer. The queue's slots are
+/// allocated and touched at start (32 bytes each): the library's default of 128,000
+/// lines is 4 MiB of resident memory in an idle process. 8,192 lines (256 KiB) absorb a
+/// burst of refusals, which are folded per source anyway.
+pub const LOG_QUEUE_LINES: usize = 8192;
+
 #[must_use = "dropping the guard stops the log writer"]
 pub fn init_tracing(filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("hookrun-log")
         .finish(std::io::stderr());
     tracing_subscriber::fmt()
