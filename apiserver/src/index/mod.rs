@@ -273,20 +273,21 @@ impl Index {
         }
     }
 
-    pub(crate) fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
+    #[cfg(test)]
+    fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
+        self.reset_listed_agents(scope, agents.iter().filter_map(listed_agent).collect());
+    }
+
+    /// Replaces the Agents of `scope` with a relist's, already reduced to their entries.
+    fn reset_listed_agents(&mut self, scope: &Scope, listed: Vec<ListedAgent>) {
         self.agents.retain(|k, _| !scope.contains(&k.namespace));
         self.runner_agents
             .retain(|k, _| !scope.contains(&k.namespace));
-        for agent in agents {
-            if let Some(namespace) = agent.namespace() {
-                let key = AgentKey::new(namespace, agent.name_any());
-                self.runner_agents
-                    .insert(key, Arc::new(runner_agent(agent)));
+        for ListedAgent { key, runner, entry } in listed {
+            if let Some(entry) = entry {
+                self.agents.insert(key.clone(), Arc::new(entry));
             }
-            if let (Some(namespace), Some(entry)) = (agent.namespace(), agent_entry(agent)) {
-                let key = AgentKey::new(namespace, agent.name_any());
-                self.agents.insert(key, Arc::new(entry));
-            }
+            self.runner_agents.insert(key, Arc::new(runner));
         }
         self.match_secrets_in(scope);
     }
@@ -321,15 +322,16 @@ impl Index {
         }
     }
 
-    pub(crate) fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
+    #[cfg(test)]
+    fn reset_secrets(&mut self, scope: &Scope, secrets: &[Secret]) {
+        self.reset_listed_secrets(scope, secrets.iter().filter_map(listed_secret).collect());
+    }
+
+    /// Replaces the token Secrets of `scope` with a relist's, already reduced to their
+    /// entries.
+    fn reset_listed_secrets(&mut self, scope: &Scope, listed: Vec<ListedSecret>) {
         self.candidates.retain(|k, _| !scope.contains(&k.namespace));
-        for secret in secrets {
-            if let (Some(key), Some(owner)) = (secret_key(secret), secret_owner(secret)) {
-                let entry = Arc::new(secret_entry(secret));
-                self.candidates
-                    .insert(key, SecretCandidate { owner, entry });
-            }
-        }
+        self.candidates.extend(listed);
         self.match_secrets_in(scope);
     }
 
@@ -442,3 +444,34 @@ fn decrement(counts: &mut HashMap<AgentKey, u32>, agent: &AgentKey) {
 
 #[cfg(test)]
 mod tests;
+
+/// What a relist keeps of an Agent until the list is complete: its index entries, not
+/// the object (a thousand Agents with their managed fields, held at once, would be most
+/// of an idle apiserver's memory).
+struct ListedAgent {
+    key: AgentKey,
+    runner: RunnerAgent,
+    entry: Option<AgentEntry>,
+}
+
+fn listed_agent(agent: &Agent) -> Option<ListedAgent> {
+    Some(ListedAgent {
+        key: AgentKey::new(agent.namespace()?, agent.name_any()),
+        runner: runner_agent(agent),
+        entry: agent_entry(agent),
+    })
+}
+
+/// What a relist keeps of a token Secret: its key and candidate entry.
+type ListedSecret = (AgentKey, SecretCandidate);
+
+fn listed_secret(secret: &Secret) -> Option<ListedSecret> {
+    let entry = Arc::new(secret_entry(secret));
+    Some((
+        secret_key(secret)?,
+        SecretCandidate {
+            owner: secret_owner(secret)?,
+            entry,
+        },
+    ))
+}

@@ -13,7 +13,7 @@ use kube::runtime::{WatchStreamExt, watcher::Event};
 use kube::{Api, Client, Resource};
 
 use super::entries::{SessionEntry, session_entry};
-use super::{AgentKey, Index, SharedIndex};
+use super::{AgentKey, Index, ListedAgent, ListedSecret, SharedIndex, listed_agent, listed_secret};
 use crate::hub::SessionHub;
 
 /// Which watch stream a reset came from: every namespace, or one.
@@ -35,9 +35,9 @@ impl Scope {
 /// The watch streams of one kind: how each event lands in the index, and what held
 /// requests learn of it.
 trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debug + 'static {
-    /// What a relist keeps of each object until the list is complete: Sessions only
-    /// their small index entry, since a history of thousands near their size budget
-    /// would otherwise be held whole at once.
+    /// What a relist keeps of each object until the list is complete: only its small
+    /// index entry, since thousands of objects (Sessions near their size budget, Agents
+    /// with their managed fields) would otherwise be held whole at once.
     type Listed: Send;
     fn listed(object: Self) -> Self::Listed;
     fn apply(index: &mut Index, object: &Self);
@@ -52,9 +52,9 @@ trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debu
 }
 
 impl Indexed for Agent {
-    type Listed = Self;
-    fn listed(object: Self) -> Self {
-        object
+    type Listed = Option<ListedAgent>;
+    fn listed(object: Self) -> Self::Listed {
+        listed_agent(&object)
     }
     fn apply(index: &mut Index, object: &Self) {
         index.apply_agent(object);
@@ -62,15 +62,15 @@ impl Indexed for Agent {
     fn delete(index: &mut Index, object: &Self) {
         index.delete_agent(object);
     }
-    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self>) {
-        index.reset_agents(scope, &listed);
+    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self::Listed>) {
+        index.reset_listed_agents(scope, listed.into_iter().flatten().collect());
     }
 }
 
 impl Indexed for Secret {
-    type Listed = Self;
-    fn listed(object: Self) -> Self {
-        object
+    type Listed = Option<ListedSecret>;
+    fn listed(object: Self) -> Self::Listed {
+        listed_secret(&object)
     }
     fn apply(index: &mut Index, object: &Self) {
         index.apply_secret(object);
@@ -78,8 +78,8 @@ impl Indexed for Secret {
     fn delete(index: &mut Index, object: &Self) {
         index.delete_secret(object);
     }
-    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self>) {
-        index.reset_secrets(scope, &listed);
+    fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self::Listed>) {
+        index.reset_listed_secrets(scope, listed.into_iter().flatten().collect());
     }
 }
 
