@@ -1,7 +1,7 @@
 //! What both apiserver benches share: the door's real router and HTTP/1 server over an
 //! index built in memory (Agents `plain` and `linear` in namespace `bench`), a Session
-//! store that keeps nothing (the cluster's storage is not the door's cost) and no rate
-//! limit.
+//! store that keeps nothing (the cluster's storage is not the door's cost), a task that
+//! drops created Sessions' reservations as the watch would, and no rate limit.
 
 use std::{
     net::SocketAddr,
@@ -73,6 +73,19 @@ impl BenchDoor {
             metrics: Arc::new(Metrics::default()),
             hub,
         };
+        // Plays the watch: a created Session's reservation is dropped when the watch
+        // delivers it, which this store never does.
+        let index = state.index.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                index
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .forget_created_reservations();
+            }
+        });
         let (stop, stopped) = watch::channel(false);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a port");
         let addr = listener.local_addr().expect("an address");

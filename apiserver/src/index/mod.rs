@@ -233,6 +233,14 @@ impl Index {
         Reservation::Reserved
     }
 
+    /// Drops the reservations of created Sessions, as the watch would on delivering
+    /// them: for benches whose store keeps nothing, so reservations do not pile up to
+    /// the Agent's cap on stored Sessions.
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn forget_created_reservations(&self) {
+        self.reservations().forget_created();
+    }
+
     /// Marks a reserved Session as created with `digest`, so a duplicate is answered
     /// from the index before the watch reports it.
     pub(crate) fn confirm(&self, namespace: &str, name: &str, digest: &str) {

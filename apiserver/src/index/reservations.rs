@@ -48,6 +48,23 @@ impl Reservations {
         self.held.contains_key(key)
     }
 
+    /// Drops every name whose create succeeded, as the watch does when it delivers
+    /// the Sessions (benches, whose store keeps nothing and has no watch).
+    #[cfg(any(test, feature = "test-support"))]
+    pub(super) fn forget_created(&mut self) {
+        let created: Vec<AgentKey> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.created.is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in created {
+            if let Some(held) = self.held.remove(&key) {
+                self.forget(&held.agent);
+            }
+        }
+    }
+
     /// Holds `key` for `agent`.
     pub(super) fn insert(&mut self, key: AgentKey, agent: &AgentKey) {
         *self.per_agent.entry(agent.clone()).or_default() += 1;
