@@ -128,7 +128,10 @@ pub const MAX_SKIPPED_RECORDS: usize = 10;
 pub struct ScheduleTrigger {
     /// The trigger's name, unique within the Agent: lower-case letters, digits and `-`
     /// (1 to 24 characters). Sessions it starts carry `schedule/<name>` as their source.
-    #[schemars(length(min = 1, max = 24), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 24),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// A cron pattern: 5 fields (minute hour day-of-month month day-of-week), 6 with a
     /// leading seconds field, or a macro (`@hourly`, `@daily`, `@weekly`, `@monthly`,

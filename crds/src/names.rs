@@ -197,13 +197,31 @@ mod tests {
     #[test]
     fn scheduled_names_are_stable_valid_and_distinct() {
         let a = scheduled_session_name("nightly", "report", 1_800_000_000);
-        assert_eq!(a, scheduled_session_name("nightly", "report", 1_800_000_000));
-        assert!(a.starts_with("nightly-sc-") && a.len() == "nightly-sc-".len() + 10, "{a}");
-        assert_ne!(a, scheduled_session_name("nightly", "report", 1_800_000_001));
-        assert_ne!(a, scheduled_session_name("nightly", "triage", 1_800_000_000));
-        assert_ne!(a, scheduled_session_name("nightly-x", "report", 1_800_000_000));
+        assert_eq!(
+            a,
+            scheduled_session_name("nightly", "report", 1_800_000_000)
+        );
+        assert!(
+            a.starts_with("nightly-sc-") && a.len() == "nightly-sc-".len() + 10,
+            "{a}"
+        );
+        assert_ne!(
+            a,
+            scheduled_session_name("nightly", "report", 1_800_000_001)
+        );
+        assert_ne!(
+            a,
+            scheduled_session_name("nightly", "triage", 1_800_000_000)
+        );
+        assert_ne!(
+            a,
+            scheduled_session_name("nightly-x", "report", 1_800_000_000)
+        );
         let long = scheduled_session_name(&"a".repeat(253), "report", 0);
-        assert!(long.len() <= MAX_LABEL_LEN && is_dns_label_like(&long), "{long}");
+        assert!(
+            long.len() <= MAX_LABEL_LEN && is_dns_label_like(&long),
+            "{long}"
+        );
     }
 
     #[test]

@@ -261,7 +261,8 @@ pub async fn run(args: Args) -> Result<()> {
         runners.push(futures::future::join(runner, session_runner));
     }
     // The scheduler runs here, past the election: only the leader starts scheduled Sessions.
-    let scheduler = schedule::controller::Scheduler::new(client.clone(), stores.clone(), metrics.clone());
+    let scheduler =
+        schedule::controller::Scheduler::new(client.clone(), stores.clone(), metrics.clone());
     let scheduler = scheduler.run(stopped(stop_rx.clone()));
     tracing::info!(namespaces = ?args.namespaces, public_url = %args.public_url, runner_url = %args.runner_url, "agent and session controllers starting");
     let readiness = {

@@ -160,9 +160,7 @@ pub fn desired_status(
         Outcome::PolicyViolation { status_url, .. } => status_url.clone(),
         Outcome::SecretRefMissing { .. }
         | Outcome::InvalidSpec { .. }
-        | Outcome::InvalidSchedule { .. } => {
-            existing.and_then(|s| s.webhook_url.clone())
-        }
+        | Outcome::InvalidSchedule { .. } => existing.and_then(|s| s.webhook_url.clone()),
     };
     // Replace `Ready` where it stands, so that the list's order never causes a write.
     let ready = ready_condition(existing_conditions, outcome, generation, now);

@@ -24,9 +24,7 @@ use kube::{
 };
 use serde_json::json;
 
-use super::{
-    Schedule, SkipReason, decided_through, format_time, record_skip,
-};
+use super::{Schedule, SkipReason, decided_through, format_time, record_skip};
 use crate::{
     error::{Error, Result},
     metrics::Metrics,
@@ -149,7 +147,10 @@ impl Scheduler {
             .map(|t| t.with_timezone(&Utc))
             .min();
         if statuses != previous
-            || agent.status.as_ref().and_then(|s| s.next_schedule_time.clone())
+            || agent
+                .status
+                .as_ref()
+                .and_then(|s| s.next_schedule_time.clone())
                 != next.map(format_time)
         {
             let api: Api<Agent> = Api::namespaced(self.client.clone(), &namespace);
@@ -327,7 +328,10 @@ pub fn scheduled_session(
             namespace: agent.namespace(),
             labels: Some(
                 [
-                    (names::AGENT_LABEL.to_owned(), names::label_value(&agent_name)),
+                    (
+                        names::AGENT_LABEL.to_owned(),
+                        names::label_value(&agent_name),
+                    ),
                     (
                         names::MANAGED_BY_LABEL.to_owned(),
                         names::MANAGED_BY.to_owned(),

@@ -188,7 +188,8 @@ impl Schedule {
                 let before_latest = self
                     .latest_at_or_before(latest - chrono::Duration::seconds(1))
                     .unwrap_or(latest);
-                plan.skipped.push((SkipReason::Missed, before_latest, missed));
+                plan.skipped
+                    .push((SkipReason::Missed, before_latest, missed));
             }
             let late = (now - latest).num_seconds();
             match deadline {

@@ -25,7 +25,9 @@ fn local(zone: &str, y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTi
 }
 
 fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    Utc.with_ymd_and_hms(y, mo, d, h, mi, s)
+        .single()
+        .expect("a UTC time")
 }
 
 fn slots(schedule: &Schedule, from: DateTime<Utc>, n: usize) -> Vec<DateTime<Utc>> {
@@ -44,15 +46,15 @@ fn spring_gap_skips_the_missing_slot_once_new_york() {
     let s = schedule("30 2 * * *", Some("America/New_York"));
     let next = s
         .next_after(local("America/New_York", 2026, 3, 7, 3, 0, 0))
-        .unwrap();
+        .expect("present");
     assert_eq!(next.slot, local("America/New_York", 2026, 3, 9, 2, 30, 0));
     assert_eq!(
         next.gaps,
         vec![
             NaiveDate::from_ymd_opt(2026, 3, 8)
-                .unwrap()
+                .expect("present")
                 .and_hms_opt(2, 30, 0)
-                .unwrap()
+                .expect("present")
         ]
     );
     assert_eq!(
@@ -87,7 +89,7 @@ fn autumn_repeated_hour_fires_once_new_york() {
     assert_eq!(got[1], local("America/New_York", 2026, 11, 2, 1, 30, 0));
     // Asked from between the two 01:30s, the second one is not a slot.
     let between = utc(2026, 11, 1, 6, 0, 0);
-    assert_eq!(s.next_after(between).unwrap().slot, got[1]);
+    assert_eq!(s.next_after(between).expect("present").slot, got[1]);
 }
 
 #[test]
@@ -113,12 +115,27 @@ fn autumn_repeated_hour_fires_once_berlin_every_quarter() {
 #[test]
 fn macros_and_seconds() {
     let from = utc(2026, 1, 1, 10, 20, 30);
-    assert_eq!(slots(&schedule("@hourly", None), from, 1), vec![utc(2026, 1, 1, 11, 0, 0)]);
-    assert_eq!(slots(&schedule("@daily", None), from, 1), vec![utc(2026, 1, 2, 0, 0, 0)]);
+    assert_eq!(
+        slots(&schedule("@hourly", None), from, 1),
+        vec![utc(2026, 1, 1, 11, 0, 0)]
+    );
+    assert_eq!(
+        slots(&schedule("@daily", None), from, 1),
+        vec![utc(2026, 1, 2, 0, 0, 0)]
+    );
     // 2026-01-04 is a Sunday.
-    assert_eq!(slots(&schedule("@weekly", None), from, 1), vec![utc(2026, 1, 4, 0, 0, 0)]);
-    assert_eq!(slots(&schedule("@monthly", None), from, 1), vec![utc(2026, 2, 1, 0, 0, 0)]);
-    assert_eq!(slots(&schedule("@yearly", None), from, 1), vec![utc(2027, 1, 1, 0, 0, 0)]);
+    assert_eq!(
+        slots(&schedule("@weekly", None), from, 1),
+        vec![utc(2026, 1, 4, 0, 0, 0)]
+    );
+    assert_eq!(
+        slots(&schedule("@monthly", None), from, 1),
+        vec![utc(2026, 2, 1, 0, 0, 0)]
+    );
+    assert_eq!(
+        slots(&schedule("@yearly", None), from, 1),
+        vec![utc(2027, 1, 1, 0, 0, 0)]
+    );
     assert_eq!(
         slots(&schedule("*/2 * * * * *", None), from, 3),
         vec![
@@ -144,19 +161,35 @@ fn bad_patterns_and_zones_name_the_field() {
     let mut spec: AgentSpec = serde_yaml::from_str(
         "triggers:\n- schedule: {name: a, cron: '61 * * * *'}\n- schedule: {name: b, cron: '@daily', timeZone: Mars/Olympus}\n- schedule: {name: c, cron: '* * * * * * 2030'}\n",
     )
-    .unwrap();
-    let message = check_schedules(&spec).unwrap_err();
-    assert!(message.contains("spec.triggers[0].schedule.cron"), "{message}");
-    assert!(message.contains("spec.triggers[1].schedule.timeZone"), "{message}");
+    .expect("present");
+    let message = check_schedules(&spec).expect_err("invalid");
+    assert!(
+        message.contains("spec.triggers[0].schedule.cron"),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.triggers[1].schedule.timeZone"),
+        "{message}"
+    );
     assert!(message.contains("\"Mars/Olympus\""), "{message}");
-    assert!(message.contains("spec.triggers[2].schedule.cron"), "{message}");
-    spec.triggers[0].schedule.as_mut().unwrap().cron = "0 3 * * MON-FRI".to_owned();
-    spec.triggers[1].schedule.as_mut().unwrap().time_zone = Some("Europe/Paris".to_owned());
-    spec.triggers[2].schedule.as_mut().unwrap().cron = "0 0 3 * * *".to_owned();
+    assert!(
+        message.contains("spec.triggers[2].schedule.cron"),
+        "{message}"
+    );
+    spec.triggers[0].schedule.as_mut().expect("present").cron = "0 3 * * MON-FRI".to_owned();
+    spec.triggers[1]
+        .schedule
+        .as_mut()
+        .expect("present")
+        .time_zone = Some("Europe/Paris".to_owned());
+    spec.triggers[2].schedule.as_mut().expect("present").cron = "0 0 3 * * *".to_owned();
     assert_eq!(check_schedules(&spec), Ok(()));
-    spec.triggers[2].schedule.as_mut().unwrap().name = "a".to_owned();
-    let message = check_schedules(&spec).unwrap_err();
-    assert!(message.contains("spec.triggers[2].schedule.name"), "{message}");
+    spec.triggers[2].schedule.as_mut().expect("present").name = "a".to_owned();
+    let message = check_schedules(&spec).expect_err("invalid");
+    assert!(
+        message.contains("spec.triggers[2].schedule.name"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -214,14 +247,33 @@ fn a_long_outage_is_summed_up_not_walked() {
 #[test]
 fn status_records_merge_and_stay_bounded() {
     let mut status = ScheduleStatus::default();
-    record_skip(&mut status, SkipReason::Forbid, format_time(utc(2026, 1, 1, 0, 0, 2)), 1);
-    record_skip(&mut status, SkipReason::Forbid, format_time(utc(2026, 1, 1, 0, 0, 4)), 1);
+    record_skip(
+        &mut status,
+        SkipReason::Forbid,
+        format_time(utc(2026, 1, 1, 0, 0, 2)),
+        1,
+    );
+    record_skip(
+        &mut status,
+        SkipReason::Forbid,
+        format_time(utc(2026, 1, 1, 0, 0, 4)),
+        1,
+    );
     assert_eq!(status.skipped.len(), 1);
     assert_eq!(status.skipped[0].count, 2);
     assert_eq!(status.skipped[0].time, "2026-01-01T00:00:04Z");
     for i in 0..30 {
-        let reason = if i % 2 == 0 { SkipReason::Suspended } else { SkipReason::Forbid };
-        record_skip(&mut status, reason, format_time(utc(2026, 1, 1, 0, 1, i)), 1);
+        let reason = if i % 2 == 0 {
+            SkipReason::Suspended
+        } else {
+            SkipReason::Forbid
+        };
+        record_skip(
+            &mut status,
+            reason,
+            format_time(utc(2026, 1, 1, 0, 1, i)),
+            1,
+        );
     }
     assert_eq!(status.skipped.len(), MAX_SKIPPED_RECORDS);
     assert_eq!(decided_through(&status), Some(utc(2026, 1, 1, 0, 1, 29)));

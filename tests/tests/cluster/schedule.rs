@@ -73,7 +73,12 @@ fn assert_one_per_slot(runs: &[(DateTime<Utc>, Session)], agent: &str) {
 }
 
 fn schedule_status(agent: &Agent) -> Option<&hookrun_crds::agent::ScheduleStatus> {
-    agent.status.as_ref()?.schedules.iter().find(|s| s.name == TRIGGER)
+    agent
+        .status
+        .as_ref()?
+        .schedules
+        .iter()
+        .find(|s| s.name == TRIGGER)
 }
 
 fn skipped(agent: &Agent, reason: &str) -> i64 {
@@ -92,7 +97,12 @@ fn skipped(agent: &Agent, reason: &str) -> i64 {
 async fn every_two_seconds_one_session_per_slot() {
     let (cluster, ns, _client, agents, sessions) = agent_namespace().await;
     let mut operator = Operator::start(cluster, ns.name(), &[]).await;
-    apply_agent(&agents, "clock", scheduled_agent(json!({"cron": EVERY_TWO_SECONDS}))).await;
+    apply_agent(
+        &agents,
+        "clock",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS})),
+    )
+    .await;
     eventually(BUDGET, || async {
         (!scheduled(&sessions, "clock").await.is_empty()).then_some(())
     })
@@ -119,19 +129,38 @@ async fn every_two_seconds_one_session_per_slot() {
     let (last_slot, last) = runs.last().expect("runs");
     assert_eq!(
         status.last_schedule_time.as_deref(),
-        Some(last_slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).as_str())
+        Some(
+            last_slot
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                .as_str()
+        )
     );
-    assert_eq!(status.last_session_name.as_deref(), Some(last.name_any().as_str()));
+    assert_eq!(
+        status.last_session_name.as_deref(),
+        Some(last.name_any().as_str())
+    );
     assert!(status.next_schedule_time.is_some());
-    assert!(agent.status.as_ref().and_then(|s| s.next_schedule_time.as_ref()).is_some());
+    assert!(
+        agent
+            .status
+            .as_ref()
+            .and_then(|s| s.next_schedule_time.as_ref())
+            .is_some()
+    );
     // `kubectl get agents -o wide` shows the next run.
     let wide = ns.kubectl(&["get", "agents", "-o", "wide"], None);
     let text = String::from_utf8_lossy(&wide.stdout);
     assert!(text.contains("NEXT RUN"), "{text}");
-    assert!(text.contains(status.next_schedule_time.as_deref().unwrap_or("?")), "{text}");
+    assert!(
+        text.contains(status.next_schedule_time.as_deref().unwrap_or("?")),
+        "{text}"
+    );
     // Scheduled Sessions look like webhook Sessions: same labels, owned by the Agent.
     let labels = last.labels();
-    assert_eq!(labels.get(names::AGENT_LABEL).map(String::as_str), Some("clock"));
+    assert_eq!(
+        labels.get(names::AGENT_LABEL).map(String::as_str),
+        Some("clock")
+    );
     assert_eq!(
         last.owner_references().first().map(|o| o.uid.as_str()),
         agent.uid().as_deref()
@@ -142,7 +171,12 @@ async fn every_two_seconds_one_session_per_slot() {
 async fn operator_down_six_seconds_runs_one_catch_up_not_three() {
     let (cluster, ns, _client, agents, sessions) = agent_namespace().await;
     let mut operator = Operator::start(cluster, ns.name(), &[]).await;
-    apply_agent(&agents, "outage", scheduled_agent(json!({"cron": EVERY_TWO_SECONDS}))).await;
+    apply_agent(
+        &agents,
+        "outage",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS})),
+    )
+    .await;
     eventually(BUDGET, || async {
         (scheduled(&sessions, "outage").await.len() >= 2).then_some(())
     })
@@ -183,7 +217,11 @@ async fn operator_down_six_seconds_runs_one_catch_up_not_three() {
         .filter(|(slot, _)| *slot > last_before && *slot <= restarted_at)
         .map(|(slot, _)| *slot)
         .collect();
-    assert_eq!(during.len(), 1, "one catch-up run for the outage: {during:?}");
+    assert_eq!(
+        during.len(),
+        1,
+        "one catch-up run for the outage: {during:?}"
+    );
     let agent = agents.get("outage").await.expect("the Agent");
     assert!(
         skipped(&agent, "Missed") >= 2,
@@ -204,7 +242,12 @@ async fn two_elected_operators_never_run_a_slot_twice() {
         "https://standby.example.test/",
     )
     .await;
-    apply_agent(&agents, "pair", scheduled_agent(json!({"cron": EVERY_TWO_SECONDS}))).await;
+    apply_agent(
+        &agents,
+        "pair",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS})),
+    )
+    .await;
     eventually(BUDGET, || async {
         (scheduled(&sessions, "pair").await.len() >= 2).then_some(())
     })
@@ -258,7 +301,10 @@ async fn forbid_skips_slots_while_a_session_runs() {
     )
     .await;
     let first = eventually(BUDGET, || async {
-        scheduled(&sessions, "solo").await.first().map(|(_, s)| s.name_any())
+        scheduled(&sessions, "solo")
+            .await
+            .first()
+            .map(|(_, s)| s.name_any())
     })
     .await
     .expect("the first slot runs");
@@ -316,7 +362,12 @@ async fn forbid_skips_slots_while_a_session_runs() {
 async fn suspend_stops_runs_without_catching_up() {
     let (cluster, ns, _client, agents, sessions) = agent_namespace().await;
     let mut operator = Operator::start(cluster, ns.name(), &[]).await;
-    apply_agent(&agents, "pause", scheduled_agent(json!({"cron": EVERY_TWO_SECONDS}))).await;
+    apply_agent(
+        &agents,
+        "pause",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS})),
+    )
+    .await;
     eventually(BUDGET, || async {
         (!scheduled(&sessions, "pause").await.is_empty()).then_some(())
     })
@@ -341,12 +392,24 @@ async fn suspend_stops_runs_without_catching_up() {
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(scheduled(&sessions, "pause").await.len(), count);
     let agent = agents.get("pause").await.expect("the Agent");
-    assert!(skipped(&agent, "Suspended") >= 3, "{:?}", schedule_status(&agent));
-    assert_eq!(schedule_status(&agent).and_then(|s| s.next_schedule_time.clone()), None);
+    assert!(
+        skipped(&agent, "Suspended") >= 3,
+        "{:?}",
+        schedule_status(&agent)
+    );
+    assert_eq!(
+        schedule_status(&agent).and_then(|s| s.next_schedule_time.clone()),
+        None
+    );
     assert!(started.elapsed() >= Duration::from_secs(6));
 
     let resumed_at = Utc::now();
-    apply_agent(&agents, "pause", scheduled_agent(json!({"cron": EVERY_TWO_SECONDS}))).await;
+    apply_agent(
+        &agents,
+        "pause",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS})),
+    )
+    .await;
     eventually(BUDGET, || async {
         (scheduled(&sessions, "pause").await.len() > count).then_some(())
     })
@@ -357,7 +420,8 @@ async fn suspend_stops_runs_without_catching_up() {
     assert_one_per_slot(&runs, "pause");
     assert!(
         runs.iter()
-            .all(|(slot, _)| *slot <= suspended_at || *slot >= resumed_at - chrono::Duration::seconds(1)),
+            .all(|(slot, _)| *slot <= suspended_at
+                || *slot >= resumed_at - chrono::Duration::seconds(1)),
         "a slot of the suspended time was caught up: {runs:?}"
     );
 }
@@ -367,7 +431,11 @@ async fn an_invalid_cron_or_zone_is_reported_on_the_agent() {
     let (cluster, ns, _client, agents, sessions) = agent_namespace().await;
     let _operator = Operator::start(cluster, ns.name(), &[]).await;
     for (name, schedule, field) in [
-        ("bad-cron", json!({"cron": "61 * * * *"}), "spec.triggers[0].schedule.cron"),
+        (
+            "bad-cron",
+            json!({"cron": "61 * * * *"}),
+            "spec.triggers[0].schedule.cron",
+        ),
         (
             "bad-zone",
             json!({"cron": "@daily", "timeZone": "Mars/Olympus_Mons"}),
@@ -386,7 +454,12 @@ async fn an_invalid_cron_or_zone_is_reported_on_the_agent() {
         assert!(condition.message.contains(field), "{}", condition.message);
     }
     // Fixed, it becomes ready and runs.
-    apply_agent(&agents, "bad-cron", scheduled_agent(json!({"cron": EVERY_TWO_SECONDS}))).await;
+    apply_agent(
+        &agents,
+        "bad-cron",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS})),
+    )
+    .await;
     eventually(BUDGET, || async {
         let agent = agents.get("bad-cron").await.ok()?;
         (ready_condition(&agent)?.status == "True").then_some(())
