@@ -71,7 +71,13 @@ impl Scheduler {
                 .agents
                 .iter()
                 .flat_map(Store::state)
-                .filter(|a| a.spec.schedules().next().is_some())
+                // Agents whose last schedule trigger went still get their status cleared.
+                .filter(|a| {
+                    a.spec.schedules().next().is_some()
+                        || a.status.as_ref().is_some_and(|s| {
+                            !s.schedules.is_empty() || s.next_schedule_time.is_some()
+                        })
+                })
                 .collect();
             let mut seen = Vec::with_capacity(agents.len());
             for agent in agents {

@@ -472,4 +472,17 @@ async fn an_invalid_cron_or_zone_is_reported_on_the_agent() {
     .await
     .expect("the fixed schedule runs");
     assert!(scheduled(&sessions, "bad-zone").await.is_empty());
+    // Without schedule triggers, the schedule status goes.
+    apply_agent(
+        &agents,
+        "bad-cron",
+        json!({"spec": {"models": ["anthropic/claude-sonnet-4-6"], "triggers": [{"webhook": {}}]}}),
+    )
+    .await;
+    eventually(BUDGET, || async {
+        let status = agents.get("bad-cron").await.ok()?.status?;
+        (status.schedules.is_empty() && status.next_schedule_time.is_none()).then_some(())
+    })
+    .await
+    .expect("the schedule status is cleared");
 }
