@@ -486,3 +486,43 @@ async fn an_invalid_cron_or_zone_is_reported_on_the_agent() {
     .await
     .expect("the schedule status is cleared");
 }
+
+#[tokio::test]
+async fn replace_ends_the_running_session_before_the_next() {
+    let (cluster, ns, _client, agents, sessions) = agent_namespace().await;
+    let mut operator = Operator::start(cluster, ns.name(), &[]).await;
+    apply_agent(
+        &agents,
+        "fresh",
+        scheduled_agent(json!({"cron": EVERY_TWO_SECONDS, "concurrencyPolicy": "Replace"})),
+    )
+    .await;
+    let first = eventually(BUDGET, || async {
+        scheduled(&sessions, "fresh")
+            .await
+            .first()
+            .map(|(slot, s)| (*slot, s.name_any()))
+    })
+    .await
+    .expect("the first slot runs");
+    // No kubelet runs its pod: it stays unfinished, so the next slot replaces it.
+    eventually(BUDGET, || async {
+        let runs = scheduled(&sessions, "fresh").await;
+        let gone = runs.iter().all(|(_, s)| s.name_any() != first.1);
+        (gone && runs.iter().any(|(slot, _)| *slot > first.0)).then_some(())
+    })
+    .await
+    .expect("the running Session is deleted and a later slot runs");
+    operator.process.terminate(BUDGET).await;
+    let runs: Vec<_> = scheduled(&sessions, "fresh")
+        .await
+        .into_iter()
+        .filter(|(_, s)| s.metadata.deletion_timestamp.is_none())
+        .collect();
+    assert_eq!(
+        runs.len(),
+        1,
+        "only the latest slot's Session is left: {runs:?}"
+    );
+    assert_one_per_slot(&runs, "fresh");
+}
