@@ -62,6 +62,12 @@ pub const MAX_ALLOWED_ENV: usize = 64;
         type_ = "string",
         json_path = ".status.webhookUrl",
         priority = "1"
+    ),
+    printcolumn(
+        name = "Next Run",
+        type_ = "string",
+        json_path = ".status.nextScheduleTime",
+        priority = "1"
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -77,12 +83,15 @@ pub struct AgentSpec {
     #[schemars(length(max = 262144))]
     pub system: Option<String>,
 
-    /// How sessions of this agent are started. Today: `webhook`.
+    /// How sessions of this agent are started: a `webhook` and any number of `schedule`s.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     #[schemars(extend("x-kubernetes-validations" = [{
         "rule": "self.filter(t, has(t.webhook)).size() <= 1",
         "message": "at most one webhook trigger: an Agent has one URL"
+    }, {
+        "rule": "self.all(a, !has(a.schedule) || self.filter(b, has(b.schedule) && b.schedule.name == a.schedule.name).size() == 1)",
+        "message": "schedule trigger names must be unique within an Agent"
     }]))]
     pub triggers: Vec<Trigger>,
 
@@ -103,6 +112,69 @@ pub struct Trigger {
     /// A secret webhook URL: anyone holding it can start a session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookTrigger>,
+    /// A clock: the operator starts a session at every slot of a cron schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleTrigger>,
+}
+
+/// The longest schedule trigger name (it appears in Session trigger metadata and status).
+pub const MAX_SCHEDULE_NAME_LEN: usize = 24;
+/// How many skipped-slot records one schedule trigger's status keeps.
+pub const MAX_SKIPPED_RECORDS: usize = 10;
+
+/// A schedule trigger: CronJob's semantics, one Session per slot.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleTrigger {
+    /// The trigger's name, unique within the Agent: lower-case letters, digits and `-`
+    /// (1 to 24 characters). Sessions it starts carry `schedule/<name>` as their source.
+    #[schemars(
+        length(min = 1, max = 24),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// A cron pattern: 5 fields (minute hour day-of-month month day-of-week), 6 with a
+    /// leading seconds field, or a macro (`@hourly`, `@daily`, `@weekly`, `@monthly`,
+    /// `@yearly`).
+    #[schemars(length(min = 1, max = 256))]
+    pub cron: String,
+    /// The IANA time zone the pattern is read in (`Europe/Paris`); UTC when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: Option<String>,
+    /// The initial prompt of each Session; a default naming the trigger and slot when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16384))]
+    pub title: Option<String>,
+    /// Environment variables set on each Session (over the Agent's `spec.session.env`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<crate::session::SessionEnvVar>,
+    /// `Allow` (default): slots run whatever else runs. `Forbid`: a slot is skipped while
+    /// a Session of this trigger still runs. `Replace`: the running one is ended first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_policy: Option<ConcurrencyPolicy>,
+    /// A slot missed (operator down) by more than this many seconds is skipped instead of
+    /// run late. Without it a missed slot always runs once, late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31536000))]
+    pub starting_deadline_seconds: Option<i64>,
+    /// Stops new runs; slots passed while suspended are skipped, not caught up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+/// What a schedule trigger does when a slot comes while its previous Session still runs.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ConcurrencyPolicy {
+    /// Start the new Session anyway.
+    #[default]
+    Allow,
+    /// Skip the slot (recorded in status).
+    Forbid,
+    /// End the running Session, then start the new one.
+    Replace,
 }
 
 /// The webhook trigger: the operator mints a token and publishes the URL in
@@ -403,12 +475,62 @@ pub struct AgentStatus {
     /// `Ready` and its reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The earliest next slot of the Agent's schedule triggers (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// One entry per schedule trigger, written by the elected operator's scheduler.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleStatus>,
+}
+
+/// What a schedule trigger did last and will do next.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    /// The trigger's name.
+    pub name: String,
+    /// The slot of the last Session started (RFC 3339, UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_schedule_time: Option<String>,
+    /// The next slot (RFC 3339, UTC); absent while suspended or invalid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_schedule_time: Option<String>,
+    /// The Session started for `lastScheduleTime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_session_name: Option<String>,
+    /// The most recent skipped slots, oldest first; a run of skips for the same reason is
+    /// one record with a count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedSlot>,
+}
+
+/// Slots a schedule trigger did not run, and why.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedSlot {
+    /// The last skipped slot of this record (RFC 3339, UTC), or for a local time that
+    /// does not exist, that local time and its zone.
+    pub time: String,
+    /// `Missed` (the operator was down: only the latest missed slot runs),
+    /// `MissedDeadline` (later than `startingDeadlineSeconds`), `Forbid` (the previous
+    /// Session still ran), `Suspended`, or `NonexistentLocalTime` (a DST gap).
+    pub reason: String,
+    /// How many slots this record stands for.
+    pub count: i64,
 }
 
 impl AgentSpec {
     /// The agent's webhook trigger, if it has one (the first one wins).
     pub fn webhook(&self) -> Option<&WebhookTrigger> {
         self.triggers.iter().find_map(|t| t.webhook.as_ref())
+    }
+
+    /// The agent's schedule triggers with their index in `spec.triggers`.
+    pub fn schedules(&self) -> impl Iterator<Item = (usize, &ScheduleTrigger)> {
+        self.triggers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.schedule.as_ref().map(|s| (i, s)))
     }
 
     /// `spec.session.maxStoredSessions`, or its default; a value outside its range is

@@ -9,6 +9,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "hookrun";
 /// The label naming the Agent an object belongs to (hashed when the name is too long).
 pub const AGENT_LABEL: &str = "hookrun.dev/agent";
+/// The label naming the schedule trigger that started a Session.
+pub const SCHEDULE_LABEL: &str = "hookrun.dev/schedule";
 /// The label naming the Session a pod belongs to.
 pub const SESSION_LABEL: &str = "hookrun.dev/session";
 /// Label selector for the Secrets the operator manages.
@@ -114,6 +116,16 @@ pub fn session_name(agent: &str, suffix: &str) -> String {
     fit(agent, &tail, MAX_LABEL_LEN)
 }
 
+/// The name of the Session a schedule trigger starts for one slot:
+/// `<agent>-sc-<10 hex>`, the hex a hash of (agent, trigger, slot in Unix seconds). The
+/// same slot always gets the same name, so that creating it twice fails with
+/// AlreadyExists, whichever operator tries.
+pub fn scheduled_session_name(agent: &str, trigger: &str, slot_unix_seconds: i64) -> String {
+    let digest = Sha256::digest(format!("{agent}\0{trigger}\0{slot_unix_seconds}").as_bytes());
+    let tail = format!("-sc-{}", &hex::encode(digest)[..10]);
+    fit(agent, &tail, MAX_LABEL_LEN)
+}
+
 /// The path of an Agent's webhook: `/webhooks/<namespace>/<agent>/<token>`.
 pub fn webhook_path(namespace: &str, agent: &str, token: &str) -> String {
     format!("/webhooks/{namespace}/{agent}/{token}")
@@ -180,6 +192,36 @@ mod tests {
         let name = format!("{}-{}", "a".repeat(49), "b".repeat(60));
         let label = label_value(&name);
         assert!(is_dns_label_like(&label), "{label}");
+    }
+
+    #[test]
+    fn scheduled_names_are_stable_valid_and_distinct() {
+        let a = scheduled_session_name("nightly", "report", 1_800_000_000);
+        assert_eq!(
+            a,
+            scheduled_session_name("nightly", "report", 1_800_000_000)
+        );
+        assert!(
+            a.starts_with("nightly-sc-") && a.len() == "nightly-sc-".len() + 10,
+            "{a}"
+        );
+        assert_ne!(
+            a,
+            scheduled_session_name("nightly", "report", 1_800_000_001)
+        );
+        assert_ne!(
+            a,
+            scheduled_session_name("nightly", "triage", 1_800_000_000)
+        );
+        assert_ne!(
+            a,
+            scheduled_session_name("nightly-x", "report", 1_800_000_000)
+        );
+        let long = scheduled_session_name(&"a".repeat(253), "report", 0);
+        assert!(
+            long.len() <= MAX_LABEL_LEN && is_dns_label_like(&long),
+            "{long}"
+        );
     }
 
     #[test]

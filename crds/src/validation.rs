@@ -462,9 +462,11 @@ session:
             triggers: vec![
                 Trigger {
                     webhook: Some(WebhookTrigger::default()),
+                    ..Default::default()
                 },
                 Trigger {
                     webhook: Some(WebhookTrigger::default()),
+                    ..Default::default()
                 },
             ],
             ..Default::default()

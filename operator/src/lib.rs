@@ -9,6 +9,7 @@ pub mod leader;
 pub mod metrics;
 pub mod pod_policy;
 pub mod policy_guard;
+pub mod schedule;
 pub mod session_controller;
 
 use std::{
@@ -259,6 +260,10 @@ pub async fn run(args: Args) -> Result<()> {
         session_stores.push(sessions);
         runners.push(futures::future::join(runner, session_runner));
     }
+    // The scheduler runs here, past the election: only the leader starts scheduled Sessions.
+    let scheduler =
+        schedule::controller::Scheduler::new(client.clone(), stores.clone(), metrics.clone());
+    let scheduler = scheduler.run(stopped(stop_rx.clone()));
     tracing::info!(namespaces = ?args.namespaces, public_url = %args.public_url, runner_url = %args.runner_url, "agent and session controllers starting");
     let readiness = {
         let ready = ready.clone();
@@ -277,7 +282,7 @@ pub async fn run(args: Args) -> Result<()> {
             ready.store(true, Ordering::Release);
         }
     };
-    tokio::join!(join_all(runners), readiness);
+    tokio::join!(join_all(runners), readiness, scheduler);
 
     let _ = stop_tx.send(true);
     if let Some(elector) = &elector

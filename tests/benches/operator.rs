@@ -85,6 +85,7 @@ fn agent(name: &str) -> Agent {
             models: vec!["anthropic/claude-sonnet-4-6".into()],
             triggers: vec![Trigger {
                 webhook: Some(WebhookTrigger::default()),
+                ..Default::default()
             }],
             ..Default::default()
         },

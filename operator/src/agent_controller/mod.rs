@@ -252,11 +252,17 @@ async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
 
     let spec_check = validate_agent_spec(&agent.spec)
         .map_err(|errors| errors.to_string())
-        .and_then(|()| rotation_grace(agent));
+        .and_then(|()| rotation_grace(agent))
+        .map_err(|message| Outcome::InvalidSpec { message })
+        .and_then(|grace| {
+            crate::schedule::check_schedules(&agent.spec)
+                .map(|()| grace)
+                .map_err(|message| Outcome::InvalidSchedule { message })
+        });
     let outcome = match (spec_check, agent.spec.webhook()) {
-        (Err(message), _) => {
+        (Err(outcome), _) => {
             action = Action::await_change();
-            Outcome::InvalidSpec { message }
+            outcome
         }
         (Ok(_), None) => {
             remove_secret(agent, ctx, &secrets, &secret_name).await?;
@@ -520,11 +526,14 @@ async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result
         source,
     })?;
     let mut body = body;
-    // A merge patch leaves out what it does not name: clear the URL explicitly.
-    if desired.webhook_url.is_none()
-        && let Some(map) = body.as_object_mut()
-    {
-        map.insert("webhookUrl".to_owned(), serde_json::Value::Null);
+    if let Some(map) = body.as_object_mut() {
+        // A merge patch leaves out what it does not name: clear the URL explicitly.
+        if desired.webhook_url.is_none() {
+            map.insert("webhookUrl".to_owned(), serde_json::Value::Null);
+        }
+        // The scheduler writes these; a copy from this cache could be older than its write.
+        map.remove("schedules");
+        map.remove("nextScheduleTime");
     }
     api.patch_status(
         &agent.name_any(),

@@ -17,6 +17,7 @@ pub enum ReadyReason {
     NoWebhookTrigger,
     SecretRefMissing,
     InvalidSpec,
+    InvalidSchedule,
     SecretNameTaken,
     PolicyViolation,
 }
@@ -29,6 +30,7 @@ impl ReadyReason {
             ReadyReason::NoWebhookTrigger => "NoWebhookTrigger",
             ReadyReason::SecretRefMissing => "SecretRefMissing",
             ReadyReason::InvalidSpec => "InvalidSpec",
+            ReadyReason::InvalidSchedule => "InvalidSchedule",
             ReadyReason::SecretNameTaken => "SecretNameTaken",
             ReadyReason::PolicyViolation => "PolicyViolation",
         }
@@ -58,6 +60,8 @@ pub enum Outcome {
     SecretRefMissing { message: String },
     /// The spec fails validation; the message names the fields.
     InvalidSpec { message: String },
+    /// A schedule trigger's cron or time zone cannot be read; the message names the field.
+    InvalidSchedule { message: String },
     /// A Secret the operator did not create has the managed Secret's name.
     SecretNameTaken { secret_name: String },
     /// The spec asks for pods outside the operator's pod policy; the message names the
@@ -76,6 +80,7 @@ impl Outcome {
             Outcome::NoWebhookTrigger => ReadyReason::NoWebhookTrigger,
             Outcome::SecretRefMissing { .. } => ReadyReason::SecretRefMissing,
             Outcome::InvalidSpec { .. } => ReadyReason::InvalidSpec,
+            Outcome::InvalidSchedule { .. } => ReadyReason::InvalidSchedule,
             Outcome::SecretNameTaken { .. } => ReadyReason::SecretNameTaken,
             Outcome::PolicyViolation { .. } => ReadyReason::PolicyViolation,
         }
@@ -96,6 +101,9 @@ impl Outcome {
             }
             Outcome::SecretRefMissing { message } => message.clone(),
             Outcome::InvalidSpec { message } => format!("the spec is invalid: {message}"),
+            Outcome::InvalidSchedule { message } => {
+                format!("a schedule trigger is invalid and does not run: {message}")
+            }
             Outcome::SecretNameTaken { secret_name } => format!(
                 "Secret {secret_name:?} already exists and was not created by hookrun (it lacks \
                  the label {}={}); the operator leaves it alone: rename or delete it so the \
@@ -150,9 +158,9 @@ pub fn desired_status(
         // The name is somebody else's: no Secret of ours carries a URL.
         Outcome::NoWebhookTrigger | Outcome::SecretNameTaken { .. } => None,
         Outcome::PolicyViolation { status_url, .. } => status_url.clone(),
-        Outcome::SecretRefMissing { .. } | Outcome::InvalidSpec { .. } => {
-            existing.and_then(|s| s.webhook_url.clone())
-        }
+        Outcome::SecretRefMissing { .. }
+        | Outcome::InvalidSpec { .. }
+        | Outcome::InvalidSchedule { .. } => existing.and_then(|s| s.webhook_url.clone()),
     };
     // Replace `Ready` where it stands, so that the list's order never causes a write.
     let ready = ready_condition(existing_conditions, outcome, generation, now);
@@ -165,6 +173,9 @@ pub fn desired_status(
         webhook_url,
         observed_generation: generation,
         conditions,
+        // The scheduler owns these; kept as they are so that they never cause a write.
+        next_schedule_time: existing.and_then(|s| s.next_schedule_time.clone()),
+        schedules: existing.map(|s| s.schedules.clone()).unwrap_or_default(),
     }
 }
 

@@ -10,6 +10,7 @@ mod faults;
 mod helm;
 mod operator;
 mod runner;
+mod schedule;
 mod security_input;
 mod security_leaks;
 mod security_logs;
