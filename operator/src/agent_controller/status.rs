@@ -19,6 +19,7 @@ pub enum ReadyReason {
     InvalidSpec,
     SecretNameTaken,
     PolicyViolation,
+    InvalidExpression,
 }
 
 impl ReadyReason {
@@ -31,6 +32,7 @@ impl ReadyReason {
             ReadyReason::InvalidSpec => "InvalidSpec",
             ReadyReason::SecretNameTaken => "SecretNameTaken",
             ReadyReason::PolicyViolation => "PolicyViolation",
+            ReadyReason::InvalidExpression => "InvalidExpression",
         }
     }
 
@@ -67,6 +69,13 @@ pub enum Outcome {
         message: String,
         status_url: Option<String>,
     },
+    /// A CEL expression of the webhook trigger does not compile; the message names the
+    /// field, the parser's message and position. The URL stays published: the webhook
+    /// answers 500 `agent_misconfigured` naming the field until it is fixed.
+    InvalidExpression {
+        message: String,
+        status_url: Option<String>,
+    },
 }
 
 impl Outcome {
@@ -78,6 +87,7 @@ impl Outcome {
             Outcome::InvalidSpec { .. } => ReadyReason::InvalidSpec,
             Outcome::SecretNameTaken { .. } => ReadyReason::SecretNameTaken,
             Outcome::PolicyViolation { .. } => ReadyReason::PolicyViolation,
+            Outcome::InvalidExpression { .. } => ReadyReason::InvalidExpression,
         }
     }
 
@@ -104,6 +114,10 @@ impl Outcome {
                 hookrun_crds::names::MANAGED_BY
             ),
             Outcome::PolicyViolation { message, .. } => message.clone(),
+            Outcome::InvalidExpression { message, .. } => format!(
+                "an expression does not compile: {message}; until it is fixed the webhook \
+                 answers 500 agent_misconfigured"
+            ),
         }
     }
 }
@@ -149,7 +163,8 @@ pub fn desired_status(
         Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
         // The name is somebody else's: no Secret of ours carries a URL.
         Outcome::NoWebhookTrigger | Outcome::SecretNameTaken { .. } => None,
-        Outcome::PolicyViolation { status_url, .. } => status_url.clone(),
+        Outcome::PolicyViolation { status_url, .. }
+        | Outcome::InvalidExpression { status_url, .. } => status_url.clone(),
         Outcome::SecretRefMissing { .. } | Outcome::InvalidSpec { .. } => {
             existing.and_then(|s| s.webhook_url.clone())
         }
