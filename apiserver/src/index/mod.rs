@@ -22,8 +22,11 @@ pub mod test_support;
 mod watch;
 
 pub(crate) use entries::{
-    AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry, secret_entry, secret_owner,
+    AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry_after, secret_entry,
+    secret_owner,
 };
+#[cfg(test)]
+pub(crate) use entries::agent_entry;
 use entries::{SecretCandidate, secret_key, session_entry};
 pub(crate) use reservations::Reservation;
 use reservations::Reservations;
@@ -253,7 +256,8 @@ impl Index {
         let key = AgentKey::new(namespace, agent.name_any());
         self.runner_agents
             .insert(key.clone(), Arc::new(runner_agent(agent)));
-        match agent_entry(agent) {
+        let previous = self.agents.get(&key).cloned();
+        match agent_entry_after(agent, previous.as_deref()) {
             Some(entry) => {
                 self.agents.insert(key.clone(), Arc::new(entry));
             }
@@ -274,7 +278,13 @@ impl Index {
     }
 
     pub(crate) fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
-        self.agents.retain(|k, _| !scope.contains(&k.namespace));
+        // A relist compiles only the Agents whose generation changed.
+        let previous_agents = std::mem::take(&mut self.agents);
+        self.agents = previous_agents
+            .iter()
+            .filter(|(k, _)| !scope.contains(&k.namespace))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         self.runner_agents
             .retain(|k, _| !scope.contains(&k.namespace));
         for agent in agents {
@@ -283,9 +293,12 @@ impl Index {
                 self.runner_agents
                     .insert(key, Arc::new(runner_agent(agent)));
             }
-            if let (Some(namespace), Some(entry)) = (agent.namespace(), agent_entry(agent)) {
+            if let Some(namespace) = agent.namespace() {
                 let key = AgentKey::new(namespace, agent.name_any());
-                self.agents.insert(key, Arc::new(entry));
+                let previous = previous_agents.get(&key).cloned();
+                if let Some(entry) = agent_entry_after(agent, previous.as_deref()) {
+                    self.agents.insert(key, Arc::new(entry));
+                }
             }
         }
         self.match_secrets_in(scope);
