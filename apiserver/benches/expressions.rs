@@ -70,7 +70,8 @@ fn payload() -> String {
         "sender": user("octocat"),
     });
     let size = body.to_string().len();
-    body["issue"]["body"] = json!("Steps to reproduce: run it without a config. ".repeat((10 * 1024 - size) / 45));
+    body["issue"]["body"] =
+        json!("Steps to reproduce: run it without a config. ".repeat((10 * 1024 - size) / 45));
     body.to_string()
 }
 
@@ -84,12 +85,18 @@ fn in_process(payload: &str) -> (f64, f64) {
     let trigger = serde_json::from_value(webhook()).expect("a trigger");
     let compiled = compile_trigger("spec.triggers[0].webhook", &trigger, &[]).expect("compiles");
     let body: Value = serde_json::from_str(payload).expect("JSON");
-    let headers = [("x-github-event", "issue_comment"), ("content-type", "application/json")];
+    let headers = [
+        ("x-github-event", "issue_comment"),
+        ("content-type", "application/json"),
+    ];
     let mut times = Vec::with_capacity(20_000);
     for _ in 0..20_000 {
         let started = Instant::now();
         let variables = Variables::new(&body, headers, "none", NS, "mapped");
-        let pass = compiled.filter.as_ref().map(|f| f.evaluate_bool(&variables));
+        let pass = compiled
+            .filter
+            .as_ref()
+            .map(|f| f.evaluate_bool(&variables));
         assert_eq!(pass, Some(Ok(true)));
         let title = compiled.title.as_ref().map(|t| t.evaluate_text(&variables));
         assert!(matches!(title, Some(Ok(_))));
@@ -123,17 +130,28 @@ async fn main() {
         }
     }
     let script = post_script(&payload, &[("X-GitHub-Event", "issue_comment")], false);
-    let url = |name: &str| format!("http://{}{}", door.addr, door.path(name, door.token.expose()));
+    let url = |name: &str| {
+        format!(
+            "http://{}{}",
+            door.addr,
+            door.path(name, door.token.expose())
+        )
+    };
     let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut ok = true;
     for round in 0..rounds {
         let mut pair = [None, None];
         for step in 0..2 {
             let mapped_turn = (round + step) % 2 == 0;
-            let (target, script) = (url(if mapped_turn { "mapped" } else { "unmapped" }), script.clone());
-            let run = tokio::task::spawn_blocking(move || wrk(&target, Some(&script), seconds, connections))
-                .await
-                .expect("wrk");
+            let (target, script) = (
+                url(if mapped_turn { "mapped" } else { "unmapped" }),
+                script.clone(),
+            );
+            let run = tokio::task::spawn_blocking(move || {
+                wrk(&target, Some(&script), seconds, connections)
+            })
+            .await
+            .expect("wrk");
             ok &= run.statuses_ok;
             println!(
                 "  accepted 10 KiB GitHub POST {:<8} {:>9.0} req/s  p99 {:>6.2} ms",

@@ -67,7 +67,9 @@ pub fn compile(field: &str, source: &str) -> Result<Expression, FieldError> {
         message,
     };
     if source.trim().is_empty() {
-        return Err(error("must not be empty: write a CEL expression".to_owned()));
+        return Err(error(
+            "must not be empty: write a CEL expression".to_owned(),
+        ));
     }
     if source.len() > MAX_EXPRESSION_BYTES {
         return Err(error(format!(

@@ -245,15 +245,40 @@ pub const ALL: &[Target] = &[
         run: cel_expression,
         seeds: || {
             vec![
-                format!("{}\n{}", "body.action == 'created' && body.comment.body.contains('@' + agent.name)", r#"{"action":"created","comment":{"body":"@bot hi"}}"#).into_bytes(),
-                b"body.l.exists(x, x == 'b') || size(body.l + body.l) > 3\n{\"l\":[\"a\",\"b\"]}".to_vec(),
+                format!(
+                    "{}\n{}",
+                    "body.action == 'created' && body.comment.body.contains('@' + agent.name)",
+                    r#"{"action":"created","comment":{"body":"@bot hi"}}"#
+                )
+                .into_bytes(),
+                b"body.l.exists(x, x == 'b') || size(body.l + body.l) > 3\n{\"l\":[\"a\",\"b\"]}"
+                    .to_vec(),
                 b"headers['x-github-event'] + string(body.n)\n{\"n\":1}".to_vec(),
             ]
         },
         dictionary: &[
-            "body", "headers", "provider", "agent", ".exists(x, ", ".map(x, ", ".all(x, ",
-            ".filter(x, ", "has(", "size(", "string(", " + ", " && ", " || ", " == ", " ? ",
-            "[", "]", "{", "}", "'", "\"",
+            "body",
+            "headers",
+            "provider",
+            "agent",
+            ".exists(x, ",
+            ".map(x, ",
+            ".all(x, ",
+            ".filter(x, ",
+            "has(",
+            "size(",
+            "string(",
+            " + ",
+            " && ",
+            " || ",
+            " == ",
+            " ? ",
+            "[",
+            "]",
+            "{",
+            "}",
+            "'",
+            "\"",
         ],
     },
 ];
@@ -867,7 +892,10 @@ pub fn cel_expression(data: &[u8]) -> String {
         "evaluation took {:?}",
         started.elapsed()
     );
-    for message in [filter.as_ref().err(), text.as_ref().err()].into_iter().flatten() {
+    for message in [filter.as_ref().err(), text.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
         assert_bounded(message, "evaluate");
     }
     match (filter, text) {

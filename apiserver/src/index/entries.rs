@@ -9,9 +9,9 @@ use std::time::SystemTime;
 
 use hookrun_crds::agent::SignatureScheme;
 use hookrun_crds::expression::{self, TriggerExpressions};
-use hookrun_crds::validation::FieldError;
 use hookrun_crds::names::{self, secret_keys};
 use hookrun_crds::session::SessionPhase;
+use hookrun_crds::validation::FieldError;
 use hookrun_crds::{Agent, Session};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Secret;
@@ -90,7 +90,10 @@ pub(crate) fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
 
 /// [`agent_entry`], taking the compiled expressions of `previous` when it was built from
 /// the same generation: a status write or a relist compiles nothing.
-pub(crate) fn agent_entry_after(agent: &Agent, previous: Option<&AgentEntry>) -> Option<AgentEntry> {
+pub(crate) fn agent_entry_after(
+    agent: &Agent,
+    previous: Option<&AgentEntry>,
+) -> Option<AgentEntry> {
     let webhook = agent.spec.webhook()?;
     let generation = agent.metadata.generation;
     let expressions = match previous {

@@ -21,12 +21,12 @@ mod runner_agents;
 pub mod test_support;
 mod watch;
 
+#[cfg(test)]
+pub(crate) use entries::agent_entry;
 pub(crate) use entries::{
     AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry_after, secret_entry,
     secret_owner,
 };
-#[cfg(test)]
-pub(crate) use entries::agent_entry;
 use entries::{SecretCandidate, secret_key, session_entry};
 pub(crate) use reservations::Reservation;
 use reservations::Reservations;

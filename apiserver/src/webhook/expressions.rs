@@ -78,7 +78,11 @@ pub(super) fn decide(
         match title.evaluate_text(&variables) {
             Ok(text) if !text.trim().is_empty() => mapped.title = Some(text),
             result => {
-                state.metrics.title_fallbacks.get_or_create(&labels(key)).inc();
+                state
+                    .metrics
+                    .title_fallbacks
+                    .get_or_create(&labels(key))
+                    .inc();
                 tracing::debug!(agent = %key.name, namespace = %key.namespace, error = result.err().as_deref(), "title expression fell back to the built-in title");
             }
         }
@@ -146,7 +150,10 @@ fn filtered(key: &AgentKey, error: Option<String>) -> Answered {
     if let Some(error) = error {
         body["filterError"] = Value::String(error);
     }
-    ((StatusCode::ACCEPTED, Json(body)).into_response(), "filtered")
+    (
+        (StatusCode::ACCEPTED, Json(body)).into_response(),
+        "filtered",
+    )
 }
 
 /// Puts the mapped variables into `env`: a mapped variable replaces one the caller sent.

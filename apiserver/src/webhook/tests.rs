@@ -1629,7 +1629,10 @@ mod expressions {
             let delivery = format!("d-{i}");
             let answer = github(&f, &comment(text, &delivery), &delivery).await;
             assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
-            assert_eq!(answer.json, json!({"filtered": true, "agentDefinition": "triage"}));
+            assert_eq!(
+                answer.json,
+                json!({"filtered": true, "agentDefinition": "triage"})
+            );
         }
         assert!(f.store.sessions().is_empty());
         let metrics = f.state.metrics.encode();
@@ -1646,15 +1649,27 @@ mod expressions {
         assert_eq!(sessions.len(), 1);
         let spec = &sessions[0].spec;
         assert_eq!(spec.title, "octo/hello#42: Crash on start");
-        let env: Vec<_> = spec.env.iter().map(|e| (e.name.as_str(), e.value.as_str())).collect();
-        assert_eq!(env, [("REPO", "octo/hello"), ("ISSUE", "42")], "MISSING stays unset");
+        let env: Vec<_> = spec
+            .env
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [("REPO", "octo/hello"), ("ISSUE", "42")],
+            "MISSING stays unset"
+        );
     }
 
     #[tokio::test]
     async fn wait_mode_on_a_filtered_event_gets_the_same_202() {
         let f = fixture_with(expression_index(), 1024 * 1024, 10);
         let answer = f
-            .post(&url("strict", TOKEN), &[], r#"{"kind":"build","title":"t","wait":30}"#)
+            .post(
+                &url("strict", TOKEN),
+                &[],
+                r#"{"kind":"build","title":"t","wait":30}"#,
+            )
             .await;
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
         assert_eq!(answer.json["filtered"], true);
@@ -1664,11 +1679,15 @@ mod expressions {
     #[tokio::test]
     async fn a_filter_error_is_filtered_unless_the_agent_accepts_it() {
         let f = fixture_with(expression_index(), 1024 * 1024, 10);
-        let answer = f.post(&url("strict", TOKEN), &[], r#"{"title":"no kind"}"#).await;
+        let answer = f
+            .post(&url("strict", TOKEN), &[], r#"{"title":"no kind"}"#)
+            .await;
         assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
         assert_eq!(answer.json["filtered"], true);
         assert!(
-            answer.json["filterError"].as_str().is_some_and(|e| e.contains("kind")),
+            answer.json["filterError"]
+                .as_str()
+                .is_some_and(|e| e.contains("kind")),
             "{}",
             answer.json
         );
@@ -1678,7 +1697,10 @@ mod expressions {
         // back to the built-in title, counted.
         let answer = f.post(&url("lenient", TOKEN), &[], r#"{"other":1}"#).await;
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
-        assert_eq!(f.store.sessions()[0].spec.title, crate::title::default_title("lenient"));
+        assert_eq!(
+            f.store.sessions()[0].spec.title,
+            crate::title::default_title("lenient")
+        );
         let metrics = f.state.metrics.encode();
         assert!(
             metrics.contains(
@@ -1692,28 +1714,57 @@ mod expressions {
     async fn an_expression_that_does_not_compile_is_500_naming_the_field() {
         let f = fixture_with(expression_index(), 1024 * 1024, 10);
         let answer = f.post(&url("broken", TOKEN), &[], r#"{"title":"t"}"#).await;
-        assert_error(&answer, StatusCode::INTERNAL_SERVER_ERROR, "agent_misconfigured");
+        assert_error(
+            &answer,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "agent_misconfigured",
+        );
         let message = answer.json["message"].as_str().unwrap_or_default();
-        assert!(message.contains("spec.triggers[0].webhook.title"), "{message}");
+        assert!(
+            message.contains("spec.triggers[0].webhook.title"),
+            "{message}"
+        );
         assert!(f.store.sessions().is_empty());
     }
 
     #[test]
     fn expressions_are_compiled_once_per_generation() {
         let mut index = Index::new(1);
-        let mut a = agent(NS, "gen", json!({"triggers": [{"webhook": {"filter": "true"}}]}));
+        let mut a = agent(
+            NS,
+            "gen",
+            json!({"triggers": [{"webhook": {"filter": "true"}}]}),
+        );
         a.metadata.generation = Some(1);
         index.apply_agent(&a);
         let key = crate::index::AgentKey::new(NS, "gen");
-        let first = index.target(&key).expect("an entry").agent.expressions.clone().expect("ok");
+        let first = index
+            .target(&key)
+            .expect("an entry")
+            .agent
+            .expressions
+            .clone()
+            .expect("ok");
         // A status write: same generation, the compiled programs are shared, not rebuilt.
         index.apply_agent(&a);
-        let again = index.target(&key).expect("an entry").agent.expressions.clone().expect("ok");
+        let again = index
+            .target(&key)
+            .expect("an entry")
+            .agent
+            .expressions
+            .clone()
+            .expect("ok");
         assert!(Arc::ptr_eq(&first, &again));
         a.metadata.generation = Some(2);
         a.spec.triggers[0].webhook.as_mut().expect("webhook").filter = Some("false".into());
         index.apply_agent(&a);
-        let changed = index.target(&key).expect("an entry").agent.expressions.clone().expect("ok");
+        let changed = index
+            .target(&key)
+            .expect("an entry")
+            .agent
+            .expressions
+            .clone()
+            .expect("ok");
         assert!(!Arc::ptr_eq(&first, &changed));
         assert_eq!(changed.filter.as_ref().map(|f| f.source()), Some("false"));
     }

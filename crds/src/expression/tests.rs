@@ -5,7 +5,13 @@ use serde_json::json;
 use super::*;
 
 fn vars(body: Json, headers: &[(&str, &str)], provider: &str) -> Variables {
-    Variables::new(&body, headers.iter().copied(), provider, "team-a", "triage-bot")
+    Variables::new(
+        &body,
+        headers.iter().copied(),
+        provider,
+        "team-a",
+        "triage-bot",
+    )
 }
 
 fn expr(source: &str) -> Expression {
@@ -19,11 +25,25 @@ fn every_variable_is_readable() {
         &[("X-GitHub-Event", "issue_comment")],
         "github",
     );
-    assert_eq!(expr("body.action == 'created' && body.n == 3 && size(body.list) == 2").evaluate_bool(&v), Ok(true));
-    assert_eq!(expr("headers['x-github-event'] == 'issue_comment'").evaluate_bool(&v), Ok(true));
+    assert_eq!(
+        expr("body.action == 'created' && body.n == 3 && size(body.list) == 2").evaluate_bool(&v),
+        Ok(true)
+    );
+    assert_eq!(
+        expr("headers['x-github-event'] == 'issue_comment'").evaluate_bool(&v),
+        Ok(true)
+    );
     assert_eq!(expr("provider == 'github'").evaluate_bool(&v), Ok(true));
-    assert_eq!(expr("agent.name == 'triage-bot' && agent.namespace == 'team-a'").evaluate_bool(&v), Ok(true));
-    assert_eq!(expr("agent.name + '/' + string(body.n)").evaluate_text(&v).as_deref(), Ok("triage-bot/3"));
+    assert_eq!(
+        expr("agent.name == 'triage-bot' && agent.namespace == 'team-a'").evaluate_bool(&v),
+        Ok(true)
+    );
+    assert_eq!(
+        expr("agent.name + '/' + string(body.n)")
+            .evaluate_text(&v)
+            .as_deref(),
+        Ok("triage-bot/3")
+    );
     assert_eq!(expr("body.n").evaluate_text(&v).as_deref(), Ok("3"));
 }
 
@@ -45,9 +65,13 @@ fn compile_errors_name_the_field_and_the_position() {
 #[test]
 fn runtime_errors_are_errors_not_values() {
     let v = vars(json!({"action": "opened"}), &[], "none");
-    let missing = expr("body.comment.body.contains('x')").evaluate_bool(&v).expect_err("missing field");
+    let missing = expr("body.comment.body.contains('x')")
+        .evaluate_bool(&v)
+        .expect_err("missing field");
     assert!(missing.contains("comment"), "{missing}");
-    let wrong_type = expr("body.action > 3").evaluate_bool(&v).expect_err("wrong type");
+    let wrong_type = expr("body.action > 3")
+        .evaluate_bool(&v)
+        .expect_err("wrong type");
     assert!(!wrong_type.is_empty());
     let not_bool = expr("body.action").evaluate_bool(&v).expect_err("a string");
     assert!(not_bool.contains("not a bool"), "{not_bool}");
@@ -62,21 +86,35 @@ fn the_shape_is_bounded_at_compile_time() {
     let err = compile("f", "[[1]].map(x, x.map(y, y))").expect_err("nested in the step");
     assert!(err.message.contains("nests"), "{err}");
     // Side by side and over a comprehension's result is fine.
-    compile("f", "body.a.map(x, x).filter(y, y > 0).size() > 0")
-        .expect("siblings compile");
+    compile("f", "body.a.map(x, x).filter(y, y > 0).size() > 0").expect("siblings compile");
     let many = vec!["body.a.exists(x, x == 1)"; MAX_COMPREHENSIONS + 1].join(" || ");
-    assert!(compile("f", &many).expect_err("too many").message.contains("comprehensions"));
+    assert!(
+        compile("f", &many)
+            .expect_err("too many")
+            .message
+            .contains("comprehensions")
+    );
     let adds = vec!["body.s"; MAX_ADDITIONS + 2].join(" + ");
-    assert!(compile("f", &adds).expect_err("too many").message.contains("+ operators"));
+    assert!(
+        compile("f", &adds)
+            .expect_err("too many")
+            .message
+            .contains("+ operators")
+    );
 }
 
 #[test]
 fn bodies_with_too_many_values_are_an_error() {
     let body = Json::Array(vec![json!(0); MAX_BODY_VALUES]);
-    let err = expr("true").evaluate_bool(&vars(body, &[], "none")).expect_err("too large");
+    let err = expr("true")
+        .evaluate_bool(&vars(body, &[], "none"))
+        .expect_err("too large");
     assert!(err.contains("JSON values"), "{err}");
     let body = Json::Array(vec![json!(0); MAX_BODY_VALUES - 1]);
-    assert_eq!(expr("size(body) > 0").evaluate_bool(&vars(body, &[], "none")), Ok(true));
+    assert_eq!(
+        expr("size(body) > 0").evaluate_bool(&vars(body, &[], "none")),
+        Ok(true)
+    );
 }
 
 #[test]
@@ -126,12 +164,22 @@ pub(crate) const GITHUB_TITLE: &str =
 #[test]
 fn provider_examples() {
     let github = |comment: &str, event: &str| {
-        vars(github_issue_comment(comment), &[("x-github-event", event)], "github")
+        vars(
+            github_issue_comment(comment),
+            &[("x-github-event", event)],
+            "github",
+        )
     };
     let mention = github("@triage-bot please look", "issue_comment");
     assert_eq!(expr(GITHUB_FILTER).evaluate_bool(&mention), Ok(true));
-    assert_eq!(expr(GITHUB_FILTER).evaluate_bool(&github("thanks", "issue_comment")), Ok(false));
-    assert_eq!(expr(GITHUB_FILTER).evaluate_bool(&github("@triage-bot", "issues")), Ok(false));
+    assert_eq!(
+        expr(GITHUB_FILTER).evaluate_bool(&github("thanks", "issue_comment")),
+        Ok(false)
+    );
+    assert_eq!(
+        expr(GITHUB_FILTER).evaluate_bool(&github("@triage-bot", "issues")),
+        Ok(false)
+    );
     assert_eq!(
         expr(GITHUB_TITLE).evaluate_text(&mention).as_deref(),
         Ok("octo/hello#42: Crash on start")
@@ -139,22 +187,35 @@ fn provider_examples() {
 
     // Linear: only Project create.
     let linear = |kind: &str, action: &str| {
-        vars(json!({"action": action, "type": kind, "data": {"id": "p1", "name": "Q3 launch"},
-                    "url": "https://linear.app/x/project/q3", "webhookTimestamp": 1}), &[], "linear")
+        vars(
+            json!({"action": action, "type": kind, "data": {"id": "p1", "name": "Q3 launch"},
+                    "url": "https://linear.app/x/project/q3", "webhookTimestamp": 1}),
+            &[],
+            "linear",
+        )
     };
     let filter = expr("body.type == 'Project' && body.action == 'create'");
     assert_eq!(filter.evaluate_bool(&linear("Project", "create")), Ok(true));
-    assert_eq!(filter.evaluate_bool(&linear("Project", "update")), Ok(false));
+    assert_eq!(
+        filter.evaluate_bool(&linear("Project", "update")),
+        Ok(false)
+    );
     assert_eq!(filter.evaluate_bool(&linear("Issue", "create")), Ok(false));
     assert_eq!(
-        expr("'New Linear project: ' + body.data.name").evaluate_text(&linear("Project", "create")).as_deref(),
+        expr("'New Linear project: ' + body.data.name")
+            .evaluate_text(&linear("Project", "create"))
+            .as_deref(),
         Ok("New Linear project: Q3 launch")
     );
 
     // Slack: only app_mention.
     let slack = |kind: &str| {
-        vars(json!({"type": "event_callback", "team_id": "T1",
-                    "event": {"type": kind, "user": "U1", "text": "<@U0BOT> summarize", "channel": "C1"}}), &[], "slack")
+        vars(
+            json!({"type": "event_callback", "team_id": "T1",
+                    "event": {"type": kind, "user": "U1", "text": "<@U0BOT> summarize", "channel": "C1"}}),
+            &[],
+            "slack",
+        )
     };
     let filter = expr("body.type == 'event_callback' && body.event.type == 'app_mention'");
     assert_eq!(filter.evaluate_bool(&slack("app_mention")), Ok(true));
@@ -162,8 +223,14 @@ fn provider_examples() {
 
     // Generic: a field the sender chooses, with has() for optional fields.
     let generic = expr("has(body.severity) && body.severity in ['high', 'critical']");
-    assert_eq!(generic.evaluate_bool(&vars(json!({"severity": "high"}), &[], "none")), Ok(true));
-    assert_eq!(generic.evaluate_bool(&vars(json!({"title": "x"}), &[], "none")), Ok(false));
+    assert_eq!(
+        generic.evaluate_bool(&vars(json!({"severity": "high"}), &[], "none")),
+        Ok(true)
+    );
+    assert_eq!(
+        generic.evaluate_bool(&vars(json!({"title": "x"}), &[], "none")),
+        Ok(false)
+    );
 }
 
 /// The worst cases constructed within the compile-time and body limits: every allowed
@@ -175,7 +242,10 @@ fn worst_cases_stay_bounded() {
     let big = vars(json!({"l": list}), &[], "none");
     let comprehensions = vec!["body.l.exists(x, x == 'zz')"; MAX_COMPREHENSIONS].join(" || ");
     let mapped = vec!["body.l.map(x, x + x).size()"; MAX_COMPREHENSIONS].join(" + ");
-    let concat = format!("size({}) > 0", vec!["body.l"; MAX_ADDITIONS + 1].join(" + "));
+    let concat = format!(
+        "size({}) > 0",
+        vec!["body.l"; MAX_ADDITIONS + 1].join(" + ")
+    );
     let long = vars(json!({"s": "a".repeat(200 * 1024)}), &[], "none");
     let scans = vec!["body.s.contains('b')"; 100].join(" || ");
     let mut worst = Duration::ZERO;

@@ -704,16 +704,34 @@ fn a_bad_expression_is_reported_with_its_field_and_position_and_keeps_the_url() 
     let outcome = super::expression_outcome(&bad, ready("u"));
     assert_eq!(outcome.reason(), status::ReadyReason::InvalidExpression);
     let s = status::desired_status(None, &outcome, Some(2), now());
-    assert_eq!(s.webhook_url.as_deref(), Some("u"), "the door answers 500, not 401");
+    assert_eq!(
+        s.webhook_url.as_deref(),
+        Some("u"),
+        "the door answers 500, not 401"
+    );
     let condition = &s.conditions[0];
     assert_eq!(condition.status, "False");
     assert_eq!(condition.reason, "InvalidExpression");
-    assert!(condition.message.contains("spec.triggers[0].webhook.filter"), "{}", condition.message);
-    assert!(condition.message.contains("line 1, column"), "{}", condition.message);
+    assert!(
+        condition
+            .message
+            .contains("spec.triggers[0].webhook.filter"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains("line 1, column"),
+        "{}",
+        condition.message
+    );
 
     let own = agent_with(serde_json::json!({"env": [{"name": "OWN", "expression": "'y'"}]}));
     let outcome = super::expression_outcome(&own, ready("u"));
-    assert!(outcome.message().contains("spec.triggers[0].webhook.env[0].name"));
+    assert!(
+        outcome
+            .message()
+            .contains("spec.triggers[0].webhook.env[0].name")
+    );
 
     let good = agent_with(serde_json::json!({
         "filter": "body.action == 'created'",

@@ -41,7 +41,11 @@ async fn filters_titles_and_env_come_from_the_agents_expressions() {
         assert_eq!(answer.json["filtered"], true, "{answer:?}");
         assert_eq!(answer.json["agentDefinition"], "deployer", "{answer:?}");
     }
-    assert_eq!(session_count(&sessions).await, 0, "a filtered event stored a Session");
+    assert_eq!(
+        session_count(&sessions).await,
+        0,
+        "a filtered event stored a Session"
+    );
 
     let answer = door
         .post(
@@ -73,11 +77,17 @@ async fn filters_titles_and_env_come_from_the_agents_expressions() {
     .expect("the Agent became InvalidExpression");
     assert_eq!(condition.status, "False");
     assert!(
-        condition.message.contains("spec.triggers[0].webhook.filter"),
+        condition
+            .message
+            .contains("spec.triggers[0].webhook.filter"),
         "{}",
         condition.message
     );
-    assert!(condition.message.contains("line 1, column"), "{}", condition.message);
+    assert!(
+        condition.message.contains("line 1, column"),
+        "{}",
+        condition.message
+    );
     let deploy = json!({"kind": "deploy", "service": "api", "n": 2}).to_string();
     let refused = eventually(BUDGET, || async {
         let answer = door.post(&path, &[], &deploy).await;
