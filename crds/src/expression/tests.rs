@@ -87,14 +87,14 @@ fn the_shape_is_bounded_at_compile_time() {
     assert!(err.message.contains("nests"), "{err}");
     // Side by side and over a comprehension's result is fine.
     compile("f", "body.a.map(x, x).filter(y, y > 0).size() > 0").expect("siblings compile");
-    let many = vec!["body.a.exists(x, x == 1)"; MAX_COMPREHENSIONS + 1].join(" || ");
+    let many = ["body.a.exists(x, x == 1)"; MAX_COMPREHENSIONS + 1].join(" || ");
     assert!(
         compile("f", &many)
             .expect_err("too many")
             .message
             .contains("comprehensions")
     );
-    let adds = vec!["body.s"; MAX_ADDITIONS + 2].join(" + ");
+    let adds = ["body.s"; MAX_ADDITIONS + 2].join(" + ");
     assert!(
         compile("f", &adds)
             .expect_err("too many")
@@ -240,14 +240,11 @@ fn provider_examples() {
 fn worst_cases_stay_bounded() {
     let list = Json::Array(vec![json!("ab"); MAX_BODY_VALUES - 2]);
     let big = vars(json!({"l": list}), &[], "none");
-    let comprehensions = vec!["body.l.exists(x, x == 'zz')"; MAX_COMPREHENSIONS].join(" || ");
-    let mapped = vec!["body.l.map(x, x + x).size()"; MAX_COMPREHENSIONS].join(" + ");
-    let concat = format!(
-        "size({}) > 0",
-        vec!["body.l"; MAX_ADDITIONS + 1].join(" + ")
-    );
+    let comprehensions = ["body.l.exists(x, x == 'zz')"; MAX_COMPREHENSIONS].join(" || ");
+    let mapped = ["body.l.map(x, x + x).size()"; MAX_COMPREHENSIONS].join(" + ");
+    let concat = format!("size({}) > 0", ["body.l"; MAX_ADDITIONS + 1].join(" + "));
     let long = vars(json!({"s": "a".repeat(200 * 1024)}), &[], "none");
-    let scans = vec!["body.s.contains('b')"; 100].join(" || ");
+    let scans = ["body.s.contains('b')"; 100].join(" || ");
     let mut worst = Duration::ZERO;
     for (name, source, v) in [
         ("comprehensions", comprehensions.as_str(), &big),
