@@ -262,3 +262,31 @@ fn worst_cases_stay_bounded() {
     // Generous for unoptimised test builds; the bench measures release builds.
     assert!(worst < Duration::from_secs(2), "{worst:?}");
 }
+
+/// The GitHub example's expressions compile and filter to comments mentioning it.
+#[test]
+fn the_github_example_filters_to_mentions() {
+    let text = include_str!("../../../examples/github-agent.yaml");
+    let agent: crate::Agent = text
+        .split("\n---\n")
+        .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+        .find(|doc| doc["kind"] == "Agent")
+        .and_then(|doc| serde_yaml::from_value(doc).ok())
+        .expect("an Agent in the example");
+    let webhook = agent.spec.webhook().expect("a webhook trigger");
+    let compiled = compile_trigger("spec.triggers[0].webhook", webhook, &[]).expect("compiles");
+    let filter = compiled.filter.expect("a filter");
+    let run = |comment: &str| {
+        let v = Variables::new(
+            &github_issue_comment(comment),
+            [("x-github-event", "issue_comment")],
+            "github",
+            "team-a",
+            "github-reviewer",
+        );
+        filter.evaluate_bool(&v)
+    };
+    assert_eq!(run("@github-reviewer please review"), Ok(true));
+    assert_eq!(run("looks good"), Ok(false));
+    assert_eq!(compiled.env.len(), 2);
+}
