@@ -251,14 +251,12 @@ pub fn compile_trigger(
     })
 }
 
-/// What an expression can read: `body`, `headers`, `provider` and `agent`.
+/// What an expression can read: `body`, `headers`, `provider` and `agent`, bound once
+/// per request and shared by every expression evaluated on it.
 pub struct Variables {
-    body: Value,
-    headers: Value,
-    provider: Value,
-    agent: Value,
-    /// Why `body` cannot be given to expressions (too many values), if so.
-    body_refused: Option<String>,
+    /// The bound variables, or why `body` cannot be given to expressions (too many
+    /// values).
+    context: Result<Context<'static, 'static>, String>,
 }
 
 impl Variables {
@@ -273,15 +271,13 @@ impl Variables {
         name: &str,
     ) -> Self {
         let mut budget = MAX_BODY_VALUES;
-        let (body, body_refused) = match json_to_cel(body, &mut budget) {
-            Some(value) => (value, None),
-            None => (
-                Value::Null,
-                Some(format!(
+        let Some(body) = json_to_cel(body, &mut budget) else {
+            return Self {
+                context: Err(format!(
                     "the body has more than {MAX_BODY_VALUES} JSON values: expressions are \
                      evaluated only on smaller bodies"
                 )),
-            ),
+            };
         };
         let headers: HashMap<Key, Value> = headers
             .into_iter()
@@ -292,25 +288,14 @@ impl Variables {
             (Key::from("namespace".to_owned()), Value::from(namespace)),
         ]
         .into();
-        Self {
-            body,
-            headers: Value::from(headers),
-            provider: Value::from(provider),
-            agent: Value::from(agent),
-            body_refused,
-        }
-    }
-
-    fn context(&self) -> Result<Context<'_, 'static>, String> {
-        if let Some(why) = &self.body_refused {
-            return Err(why.clone());
-        }
         let mut context = Context::with_env(ENV.clone());
-        context.add_variable_from_value("body", self.body.clone());
-        context.add_variable_from_value("headers", self.headers.clone());
-        context.add_variable_from_value("provider", self.provider.clone());
-        context.add_variable_from_value("agent", self.agent.clone());
-        Ok(context)
+        context.add_variable_from_value("body", body);
+        context.add_variable_from_value("headers", Value::from(headers));
+        context.add_variable_from_value("provider", Value::from(provider));
+        context.add_variable_from_value("agent", Value::from(agent));
+        Self {
+            context: Ok(context),
+        }
     }
 }
 
@@ -331,9 +316,9 @@ impl Expression {
     }
 
     fn run(&self, variables: &Variables) -> Result<Value, String> {
-        let context = variables.context()?;
+        let context = variables.context.as_ref().map_err(Clone::clone)?;
         self.program
-            .execute(&context)
+            .execute(context)
             .map_err(|e| short(e.to_string()))
     }
 
