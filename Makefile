@@ -61,6 +61,7 @@ bench: tools peer-tools
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p hookrun-tests --bench operator
 	$(CARGO) bench -p hookrun-apiserver --bench webhook
+	$(CARGO) bench -p hookrun-apiserver --bench expressions
 	$(CARGO) bench -p hookrun-apiserver --bench wait
 	$(CARGO) bench -p hookrun-tests --bench peer
 	HOOKRUN_SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) bench -p hookrun-tests --bench faults

@@ -62,6 +62,13 @@ pub enum HttpError {
     SigningSecretPending,
     #[error("the Agent's webhook is misconfigured: {0}")]
     Misconfigured(SignatureError),
+    /// An expression of the Agent's webhook trigger does not compile (the Agent's Ready
+    /// condition says so too): nothing passes until it is fixed.
+    #[error(
+        "the Agent's webhook is misconfigured: {0}; fix the expression (see the Agent's \
+         Ready condition)"
+    )]
+    BadExpression(hookrun_crds::validation::FieldError),
     #[error("the body is larger than {limit} bytes: send at most {limit} bytes")]
     TooLarge { limit: usize },
     #[error(transparent)]
@@ -168,7 +175,7 @@ impl HttpError {
             HttpError::MissingSignature { .. } => "missing_signature",
             HttpError::Signature(e) => e.code(),
             HttpError::SigningSecretPending => "signing_secret_pending",
-            HttpError::Misconfigured(_) => "agent_misconfigured",
+            HttpError::Misconfigured(_) | HttpError::BadExpression(_) => "agent_misconfigured",
             HttpError::TooLarge { .. } => "body_too_large",
             HttpError::OverBudget(e) => match e.part {
                 BudgetPart::Title => "title_too_large",
@@ -219,7 +226,9 @@ impl HttpError {
             | HttpError::MissingSignature { .. }
             | HttpError::Signature(_)
             | HttpError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            HttpError::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            HttpError::Misconfigured(_) | HttpError::BadExpression(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             HttpError::TooLarge { .. }
             | HttpError::OverBudget(_)
             | HttpError::StatusTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,

@@ -19,6 +19,14 @@ pub(crate) struct RequestLabels {
     pub(crate) status: u16,
 }
 
+/// Labels of the per-Agent counters of the webhook expressions. Only Agents that exist
+/// and whose token was presented are counted, so the set is the cluster's Agents.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct AgentLabels {
+    pub(crate) namespace: String,
+    pub(crate) agent: String,
+}
+
 /// Labels of the latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct RouteLabels {
@@ -59,6 +67,10 @@ pub struct Metrics {
     pub(crate) auth_throttled: Counter,
     /// This process's calls to the Kubernetes API, by verb and resource.
     pub(crate) kube_requests: Family<crate::kube_calls::KubeCallLabels, Counter>,
+    /// Signed webhooks the Agent's filter turned away (202, nothing stored).
+    pub(crate) filtered: Family<AgentLabels, Counter>,
+    /// Title expressions that failed and fell back to the built-in title.
+    pub(crate) title_fallbacks: Family<AgentLabels, Counter>,
     registry: Registry,
 }
 
@@ -119,6 +131,18 @@ impl Default for Metrics {
             "Calls this apiserver made to the Kubernetes API, by verb and resource",
             kube_requests.clone(),
         );
+        let filtered = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "webhooks_filtered",
+            "Signed webhooks the Agent's filter expression turned away, by Agent",
+            filtered.clone(),
+        );
+        let title_fallbacks = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "title_expression_fallbacks",
+            "Title expressions that failed at run time and fell back to the built-in title, by Agent",
+            title_fallbacks.clone(),
+        );
         Self {
             requests,
             latency,
@@ -126,6 +150,8 @@ impl Default for Metrics {
             auth_reviews,
             auth_throttled,
             kube_requests,
+            filtered,
+            title_fallbacks,
             registry,
         }
     }

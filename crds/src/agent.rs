@@ -286,6 +286,60 @@ pub struct WebhookTrigger {
     /// (defaults: title 16 KiB, payload 64 KiB, env 16 KiB, whole Session 128 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<WebhookLimits>,
+
+    /// A CEL expression returning a bool, evaluated on each signed request before
+    /// anything is stored: false answers 202 `{"filtered": true}` and starts nothing.
+    /// Variables: `body` (the JSON payload, or a form's fields), `headers` (lower-cased
+    /// names), `provider` (the verified signature scheme, or `none`) and `agent`
+    /// (`name`, `namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub filter: Option<String>,
+
+    /// A CEL expression returning a string, used as the Session's title instead of the
+    /// built-in one when the caller sends none; an error falls back to the built-in title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub title: Option<String>,
+
+    /// Session variables mapped from the payload by CEL expressions, under the same name
+    /// rules and env budget as a webhook's own `env`. An expression that errors or
+    /// returns null leaves its variable unset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<EnvExpression>,
+
+    /// What a filter that fails at run time (a missing field, a wrong type) means:
+    /// `Reject` (the default) answers 202 filtered with the error, `Accept` lets the
+    /// request through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_error_policy: Option<FilterErrorPolicy>,
+}
+
+/// One session variable mapped from the payload.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvExpression {
+    /// The variable's name: letters, digits and `_`, not starting with a digit, not
+    /// `HOOKRUN_*`, and not one `spec.session.env` sets.
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub name: String,
+    /// A CEL expression returning the value (a string; numbers and bools become text).
+    #[schemars(length(min = 1, max = 4096))]
+    pub expression: String,
+}
+
+/// What a filter that fails at run time means.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FilterErrorPolicy {
+    /// The request is filtered (202, nothing stored) and the answer carries the error.
+    #[default]
+    Reject,
+    /// The request goes through as if the filter had returned true.
+    Accept,
 }
 
 /// Storage budgets of one webhook's Sessions, each in bytes of the JSON that reaches

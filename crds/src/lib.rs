@@ -11,6 +11,7 @@ pub mod agent;
 pub mod budget;
 pub mod crd;
 pub mod duration;
+pub mod expression;
 pub mod names;
 pub mod retry;
 pub mod session;

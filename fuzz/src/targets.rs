@@ -240,6 +240,47 @@ pub const ALL: &[Target] = &[
             "\"code\"",
         ],
     },
+    Target {
+        name: "cel_expression",
+        run: cel_expression,
+        seeds: || {
+            vec![
+                format!(
+                    "{}\n{}",
+                    "body.action == 'created' && body.comment.body.contains('@' + agent.name)",
+                    r#"{"action":"created","comment":{"body":"@bot hi"}}"#
+                )
+                .into_bytes(),
+                b"body.l.exists(x, x == 'b') || size(body.l + body.l) > 3\n{\"l\":[\"a\",\"b\"]}"
+                    .to_vec(),
+                b"headers['x-github-event'] + string(body.n)\n{\"n\":1}".to_vec(),
+            ]
+        },
+        dictionary: &[
+            "body",
+            "headers",
+            "provider",
+            "agent",
+            ".exists(x, ",
+            ".map(x, ",
+            ".all(x, ",
+            ".filter(x, ",
+            "has(",
+            "size(",
+            "string(",
+            " + ",
+            " && ",
+            " || ",
+            " == ",
+            " ? ",
+            "[",
+            "]",
+            "{",
+            "}",
+            "'",
+            "\"",
+        ],
+    },
 ];
 
 /// The target called `name`.
@@ -813,6 +854,55 @@ fn signed_seeds(scheme: SignatureScheme) -> Vec<Vec<u8>> {
     }
     // A correctly signed seed with a stale signature: the fuzzer starts from real shapes.
     vec![format!("{head}\n{body}").into_bytes(), body.into_bytes()]
+}
+
+/// A webhook trigger's CEL expression (the first line) compiled and evaluated on a body
+/// (the rest, JSON or else null): compiling never panics and its errors name the field
+/// and stay short; an expression that compiles evaluates, within the bound, to a value or
+/// a short error.
+pub fn cel_expression(data: &[u8]) -> String {
+    use hookrun_crds::expression::{MAX_EXPRESSION_BYTES, Variables, compile};
+    let text = String::from_utf8_lossy(data);
+    let (source, body) = text.split_once('\n').unwrap_or((&text, ""));
+    let field = "spec.triggers[0].webhook.filter";
+    let expression = match compile(field, source) {
+        Ok(expression) => expression,
+        Err(error) => {
+            assert_eq!(error.field, field);
+            assert_bounded(&error.message, "compile");
+            return class_of(error.message.split(':').next().unwrap_or_default());
+        }
+    };
+    assert!(source.len() <= MAX_EXPRESSION_BYTES);
+    let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let variables = Variables::new(
+        &body,
+        [("x-github-event", "issue_comment")],
+        "github",
+        "team-a",
+        "bot",
+    );
+    let started = std::time::Instant::now();
+    let filter = expression.evaluate_bool(&variables);
+    let text = expression.evaluate_text(&variables);
+    // Generous for loaded test machines; the bound measured on release builds is far
+    // below it (docs/security.md).
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "evaluation took {:?}",
+        started.elapsed()
+    );
+    for message in [filter.as_ref().err(), text.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
+        assert_bounded(message, "evaluate");
+    }
+    match (filter, text) {
+        (Ok(b), _) => format!("ok:bool:{b}"),
+        (_, Ok(_)) => "ok:text".to_owned(),
+        (Err(_), Err(_)) => "err:evaluate".to_owned(),
+    }
 }
 
 /// Runs every committed regression input of every target (`fuzz/regressions/<target>/`).

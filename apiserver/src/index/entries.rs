@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use hookrun_crds::agent::SignatureScheme;
+use hookrun_crds::expression::{self, TriggerExpressions};
 use hookrun_crds::names::{self, secret_keys};
 use hookrun_crds::session::SessionPhase;
+use hookrun_crds::validation::FieldError;
 use hookrun_crds::{Agent, Session};
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Secret;
@@ -34,6 +36,12 @@ pub(crate) struct AgentEntry {
     pub(crate) input: crate::webhook_input::InputPolicy,
     /// `spec.session.maxStoredSessions` (or its default).
     pub(crate) max_stored: u32,
+    /// The generation the entry was built from: its expressions are compiled once per
+    /// generation.
+    pub(crate) generation: Option<i64>,
+    /// The trigger's CEL expressions, compiled; the first compile error (field and
+    /// message) when one does not compile, so that the door answers 500 naming it.
+    pub(crate) expressions: Result<Arc<TriggerExpressions>, FieldError>,
 }
 
 /// A token digest that stops being accepted at `expires_at`.
@@ -75,8 +83,25 @@ pub(crate) struct WebhookTarget {
 /// The webhook entry of an Agent, `None` when it has no webhook trigger. `allowCIDRs`
 /// entries that do not parse are dropped with a warning (the operator's validation
 /// refuses them, so this only happens for Agents it has not validated yet).
+#[cfg(test)]
 pub(crate) fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
+    agent_entry_after(agent, None)
+}
+
+/// [`agent_entry`], taking the compiled expressions of `previous` when it was built from
+/// the same generation: a status write or a relist compiles nothing.
+pub(crate) fn agent_entry_after(
+    agent: &Agent,
+    previous: Option<&AgentEntry>,
+) -> Option<AgentEntry> {
     let webhook = agent.spec.webhook()?;
+    let generation = agent.metadata.generation;
+    let expressions = match previous {
+        Some(previous) if generation.is_some() && previous.generation == generation => {
+            previous.expressions.clone()
+        }
+        _ => compile_expressions(agent, webhook),
+    };
     let allow_cidrs = webhook
         .allow_cidrs
         .iter()
@@ -103,7 +128,37 @@ pub(crate) fn agent_entry(agent: &Agent) -> Option<AgentEntry> {
             .map(|m| u32::try_from(m.max(0)).unwrap_or(u32::MAX)),
         input: crate::webhook_input::InputPolicy::of(&agent.spec),
         max_stored: agent.spec.max_stored_sessions(),
+        generation,
+        expressions,
     })
+}
+
+/// Compiles the trigger's expressions, with the field path the operator reports.
+fn compile_expressions(
+    agent: &Agent,
+    webhook: &hookrun_crds::agent::WebhookTrigger,
+) -> Result<Arc<TriggerExpressions>, FieldError> {
+    let index = agent
+        .spec
+        .triggers
+        .iter()
+        .position(|t| t.webhook.is_some())
+        .unwrap_or(0);
+    let agent_env: Vec<String> = agent
+        .spec
+        .session
+        .as_ref()
+        .map(|s| s.env.iter().map(|e| e.name.clone()).collect())
+        .unwrap_or_default();
+    let compiled = expression::compile_trigger(
+        &format!("spec.triggers[{index}].webhook"),
+        webhook,
+        &agent_env,
+    );
+    if let Err(error) = &compiled {
+        tracing::warn!(agent = %agent.name_any(), field = %error.field, "a webhook expression does not compile");
+    }
+    compiled.map(Arc::new)
 }
 
 /// A CIDR, or a bare address as a host network.

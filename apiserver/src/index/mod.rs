@@ -21,8 +21,11 @@ mod runner_agents;
 pub mod test_support;
 mod watch;
 
+#[cfg(test)]
+pub(crate) use entries::agent_entry;
 pub(crate) use entries::{
-    AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry, secret_entry, secret_owner,
+    AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry_after, secret_entry,
+    secret_owner,
 };
 use entries::{SecretCandidate, secret_key, session_entry};
 pub(crate) use reservations::Reservation;
@@ -261,7 +264,8 @@ impl Index {
         let key = AgentKey::new(namespace, agent.name_any());
         self.runner_agents
             .insert(key.clone(), Arc::new(runner_agent(agent)));
-        match agent_entry(agent) {
+        let previous = self.agents.get(&key).cloned();
+        match agent_entry_after(agent, previous.as_deref()) {
             Some(entry) => {
                 self.agents.insert(key.clone(), Arc::new(entry));
             }
@@ -283,7 +287,8 @@ impl Index {
 
     #[cfg(test)]
     fn reset_agents(&mut self, scope: &Scope, agents: &[Agent]) {
-        self.reset_listed_agents(scope, agents.iter().filter_map(listed_agent).collect());
+        let listed = agents.iter().filter_map(|a| self.listed_agent(a)).collect();
+        self.reset_listed_agents(scope, listed);
     }
 
     /// Replaces the Agents of `scope` with a relist's, already reduced to their entries.
@@ -341,6 +346,19 @@ impl Index {
         self.candidates.retain(|k, _| !scope.contains(&k.namespace));
         self.candidates.extend(listed);
         self.match_secrets_in(scope);
+    }
+
+    /// What a relist keeps of `agent`: its entries, with the compiled expressions of the
+    /// entry this index holds when the generation is unchanged (a relist compiles only
+    /// the Agents whose generation changed).
+    fn listed_agent(&self, agent: &Agent) -> Option<ListedAgent> {
+        let key = AgentKey::new(agent.namespace()?, agent.name_any());
+        let entry = agent_entry_after(agent, self.agents.get(&key).map(|e| e.as_ref()));
+        Some(ListedAgent {
+            runner: runner_agent(agent),
+            key,
+            entry,
+        })
     }
 
     /// Sets the Secret the Agent `key` accepts: the candidate under the operator's name
@@ -460,14 +478,6 @@ struct ListedAgent {
     key: AgentKey,
     runner: RunnerAgent,
     entry: Option<AgentEntry>,
-}
-
-fn listed_agent(agent: &Agent) -> Option<ListedAgent> {
-    Some(ListedAgent {
-        key: AgentKey::new(agent.namespace()?, agent.name_any()),
-        runner: runner_agent(agent),
-        entry: agent_entry(agent),
-    })
 }
 
 /// What a relist keeps of a token Secret: its key and candidate entry.

@@ -13,7 +13,7 @@ use kube::runtime::{WatchStreamExt, watcher::Event};
 use kube::{Api, Client, Resource};
 
 use super::entries::{SessionEntry, session_entry};
-use super::{AgentKey, Index, ListedAgent, ListedSecret, SharedIndex, listed_agent, listed_secret};
+use super::{AgentKey, Index, ListedAgent, ListedSecret, SharedIndex, listed_secret};
 use crate::hub::SessionHub;
 
 /// Which watch stream a reset came from: every namespace, or one.
@@ -39,7 +39,7 @@ trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debu
     /// index entry, since thousands of objects (Sessions near their size budget, Agents
     /// with their managed fields) would otherwise be held whole at once.
     type Listed: Send;
-    fn listed(object: Self) -> Self::Listed;
+    fn listed(index: &Index, object: Self) -> Self::Listed;
     fn apply(index: &mut Index, object: &Self);
     fn delete(index: &mut Index, object: &Self);
     fn reset(index: &mut Index, scope: &Scope, listed: Vec<Self::Listed>);
@@ -53,8 +53,8 @@ trait Indexed: Resource<DynamicType = ()> + Clone + Send + Sync + std::fmt::Debu
 
 impl Indexed for Agent {
     type Listed = Option<ListedAgent>;
-    fn listed(object: Self) -> Self::Listed {
-        listed_agent(&object)
+    fn listed(index: &Index, object: Self) -> Self::Listed {
+        index.listed_agent(&object)
     }
     fn apply(index: &mut Index, object: &Self) {
         index.apply_agent(object);
@@ -69,7 +69,7 @@ impl Indexed for Agent {
 
 impl Indexed for Secret {
     type Listed = Option<ListedSecret>;
-    fn listed(object: Self) -> Self::Listed {
+    fn listed(_index: &Index, object: Self) -> Self::Listed {
         listed_secret(&object)
     }
     fn apply(index: &mut Index, object: &Self) {
@@ -85,7 +85,7 @@ impl Indexed for Secret {
 
 impl Indexed for Session {
     type Listed = Option<(AgentKey, SessionEntry)>;
-    fn listed(object: Self) -> Self::Listed {
+    fn listed(_index: &Index, object: Self) -> Self::Listed {
         session_entry(&object)
     }
     fn apply(index: &mut Index, object: &Self) {
@@ -144,7 +144,11 @@ async fn feed<K: Indexed>(
             // until the list is complete.
             Event::InitApply(object) => {
                 K::publish(&hub, &object);
-                buffer.push(K::listed(object));
+                let listed = K::listed(
+                    &index.read().unwrap_or_else(PoisonError::into_inner),
+                    object,
+                );
+                buffer.push(listed);
                 Changed::Nothing
             }
             // Never held across an await: each arm locks, changes and unlocks.

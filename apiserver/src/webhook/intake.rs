@@ -28,6 +28,7 @@ use crate::wait;
 
 use super::AppState;
 use super::checks::{authenticate, signature_candidates, verify_signature};
+use super::expressions::{self, Decision};
 use super::hold::Hold;
 use super::routes::Answered;
 
@@ -79,9 +80,26 @@ pub(super) async fn accept(
         return Ok(Accepted::Now((response, "challenge")));
     }
 
-    let parsed = body::webhook_fields(&request_body).map_err(HttpError::BadBody)?;
+    let payload = body::payload_text(&raw);
+    let provider = verified.as_ref().map(|(_, v)| v.source);
+    let mapped = match expressions::decide(
+        state,
+        key,
+        &target,
+        headers,
+        &request_body,
+        &payload,
+        provider,
+    )? {
+        // The rate token goes back as `rate` drops: a filtered event costs none.
+        Decision::Filtered(answered) => return Ok(Accepted::Now(answered)),
+        Decision::Pass(mapped) => mapped,
+    };
+
+    let mut parsed = body::webhook_fields(&request_body).map_err(HttpError::BadBody)?;
     let input = &target.agent.input;
     input.check_env(&parsed.env).map_err(HttpError::BadBody)?;
+    expressions::merge_env(&mut parsed.env, mapped.env);
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
             .and_then(body::parse_prefer_wait)
@@ -170,7 +188,6 @@ pub(super) async fn accept(
         }
     }
 
-    let payload = body::payload_text(&raw);
     input
         .check_parts(parsed.title.as_deref(), &payload, &parsed.env)
         .map_err(HttpError::OverBudget)?;
@@ -178,8 +195,11 @@ pub(super) async fn accept(
     let title = match parsed.title {
         Some(title) => title,
         None => input.fit_title(
-            verified_scheme
-                .and_then(|s| title::provider_title(s, headers, &request_body))
+            mapped
+                .title
+                .or_else(|| {
+                    verified_scheme.and_then(|s| title::provider_title(s, headers, &request_body))
+                })
                 .unwrap_or_else(|| title::default_title(&key.name)),
         ),
     };

@@ -8,7 +8,9 @@
 //! create) → [`hold`] (a wait-mode request held until its Session finishes).
 //!
 //! Order of checks: 404 unknown Agent or no webhook → 403 address → 401 token → 429
-//! rate (replays included) → 401 missing signature → 413 body → 401 bad signature → 400
+//! rate (replays included) → 401 missing signature → 413 body → 401 bad signature → 500
+//! an expression that does not compile → 413 payload budget (with expressions) → 202
+//! filtered (the rate token given back, no API call) → 400
 //! body (env names outside the Agent's `allowedEnv` included) → 422 idempotency conflict
 //! → 413 a part over its storage budget → 429 stored Sessions or concurrency → 400 when
 //! the cluster refuses the Session itself, 503 when it cannot store it. The rate token is
@@ -27,6 +29,7 @@ use crate::rate_limit::RateLimiter;
 use crate::store::SessionStore;
 
 mod checks;
+mod expressions;
 mod hold;
 mod intake;
 mod routes;

@@ -1536,3 +1536,236 @@ async fn an_agent_that_stores_its_most_sessions_is_429_before_any_create() {
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
     assert_eq!(f.store.sessions().len(), 1);
 }
+
+/// The trigger's CEL expressions at the door.
+mod expressions {
+    use super::*;
+
+    const GITHUB_FILTER: &str = "headers['x-github-event'] == 'issue_comment' && \
+        body.action == 'created' && body.comment.body.contains('@' + agent.name)";
+
+    fn expression_index() -> Index {
+        let mut index = Index::new(1);
+        let agents = [
+            agent(
+                NS,
+                "triage",
+                json!({"triggers": [{"webhook": {
+                    "githubSecret": "x",
+                    "filter": GITHUB_FILTER,
+                    "title": "body.repository.full_name + '#' + string(body.issue.number) + ': ' + body.issue.title",
+                    "env": [
+                        {"name": "REPO", "expression": "body.repository.full_name"},
+                        {"name": "ISSUE", "expression": "body.issue.number"},
+                        {"name": "MISSING", "expression": "body.nothing.here"},
+                    ],
+                }}]}),
+            ),
+            agent(
+                NS,
+                "strict",
+                json!({"triggers": [{"webhook": {"filter": "body.kind == 'deploy'"}}]}),
+            ),
+            agent(
+                NS,
+                "lenient",
+                json!({"triggers": [{"webhook": {
+                    "filter": "body.kind == 'deploy'",
+                    "filterErrorPolicy": "Accept",
+                    "title": "body.summary",
+                }}]}),
+            ),
+            agent(
+                NS,
+                "broken",
+                json!({"triggers": [{"webhook": {"title": "body.x +"}}]}),
+            ),
+        ];
+        for a in &agents {
+            index.apply_agent(a);
+        }
+        index.apply_secret(&secret(
+            NS,
+            "triage",
+            &[("token", TOKEN), ("github-secret", GITHUB_SECRET)],
+        ));
+        for name in ["strict", "lenient", "broken"] {
+            index.apply_secret(&secret(NS, name, &[("token", TOKEN)]));
+        }
+        index.mark_synced();
+        index
+    }
+
+    fn comment(text: &str, delivery: &str) -> String {
+        json!({
+            "action": "created",
+            "issue": {"number": 42, "title": "Crash on start"},
+            "comment": {"body": text, "delivery": delivery},
+            "repository": {"full_name": "octo/hello"},
+        })
+        .to_string()
+    }
+
+    async fn github(f: &Fixture, body: &str, delivery: &str) -> Answer {
+        let signature = github_signature(body);
+        f.post(
+            &url("triage", TOKEN),
+            &[
+                ("x-hub-signature-256", &signature),
+                ("x-github-event", "issue_comment"),
+                ("x-github-delivery", delivery),
+                ("content-type", "application/json"),
+            ],
+            body,
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_filtered_event_is_202_stores_nothing_and_costs_no_rate_token() {
+        // A burst of one: if filtered events took tokens, the passing event would be 429.
+        let f = fixture_with(expression_index(), 1024 * 1024, 1);
+        for (i, text) in ["thanks!", "lgtm", "+1"].into_iter().enumerate() {
+            let delivery = format!("d-{i}");
+            let answer = github(&f, &comment(text, &delivery), &delivery).await;
+            assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+            assert_eq!(
+                answer.json,
+                json!({"filtered": true, "agentDefinition": "triage"})
+            );
+        }
+        assert!(f.store.sessions().is_empty());
+        let metrics = f.state.metrics.encode();
+        assert!(
+            metrics.contains(
+                r#"hookrun_apiserver_webhooks_filtered_total{namespace="team",agent="triage"} 3"#
+            ),
+            "{metrics}"
+        );
+
+        let answer = github(&f, &comment("@triage please look", "d-9"), "d-9").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        let sessions = f.store.sessions();
+        assert_eq!(sessions.len(), 1);
+        let spec = &sessions[0].spec;
+        assert_eq!(spec.title, "octo/hello#42: Crash on start");
+        let env: Vec<_> = spec
+            .env
+            .iter()
+            .map(|e| (e.name.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(
+            env,
+            [("REPO", "octo/hello"), ("ISSUE", "42")],
+            "MISSING stays unset"
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_mode_on_a_filtered_event_gets_the_same_202() {
+        let f = fixture_with(expression_index(), 1024 * 1024, 10);
+        let answer = f
+            .post(
+                &url("strict", TOKEN),
+                &[],
+                r#"{"kind":"build","title":"t","wait":30}"#,
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+        assert_eq!(answer.json["filtered"], true);
+        assert!(f.store.sessions().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_filter_error_is_filtered_unless_the_agent_accepts_it() {
+        let f = fixture_with(expression_index(), 1024 * 1024, 10);
+        let answer = f
+            .post(&url("strict", TOKEN), &[], r#"{"title":"no kind"}"#)
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+        assert_eq!(answer.json["filtered"], true);
+        assert!(
+            answer.json["filterError"]
+                .as_str()
+                .is_some_and(|e| e.contains("kind")),
+            "{}",
+            answer.json
+        );
+        assert!(f.store.sessions().is_empty());
+
+        // Accept: the error lets it through; the title expression fails too and falls
+        // back to the built-in title, counted.
+        let answer = f.post(&url("lenient", TOKEN), &[], r#"{"other":1}"#).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.json);
+        assert_eq!(
+            f.store.sessions()[0].spec.title,
+            crate::title::default_title("lenient")
+        );
+        let metrics = f.state.metrics.encode();
+        assert!(
+            metrics.contains(
+                r#"hookrun_apiserver_title_expression_fallbacks_total{namespace="team",agent="lenient"} 1"#
+            ),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expression_that_does_not_compile_is_500_naming_the_field() {
+        let f = fixture_with(expression_index(), 1024 * 1024, 10);
+        let answer = f.post(&url("broken", TOKEN), &[], r#"{"title":"t"}"#).await;
+        assert_error(
+            &answer,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "agent_misconfigured",
+        );
+        let message = answer.json["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("spec.triggers[0].webhook.title"),
+            "{message}"
+        );
+        assert!(f.store.sessions().is_empty());
+    }
+
+    #[test]
+    fn expressions_are_compiled_once_per_generation() {
+        let mut index = Index::new(1);
+        let mut a = agent(
+            NS,
+            "gen",
+            json!({"triggers": [{"webhook": {"filter": "true"}}]}),
+        );
+        a.metadata.generation = Some(1);
+        index.apply_agent(&a);
+        let key = crate::index::AgentKey::new(NS, "gen");
+        let first = index
+            .target(&key)
+            .expect("an entry")
+            .agent
+            .expressions
+            .clone()
+            .expect("ok");
+        // A status write: same generation, the compiled programs are shared, not rebuilt.
+        index.apply_agent(&a);
+        let again = index
+            .target(&key)
+            .expect("an entry")
+            .agent
+            .expressions
+            .clone()
+            .expect("ok");
+        assert!(Arc::ptr_eq(&first, &again));
+        a.metadata.generation = Some(2);
+        a.spec.triggers[0].webhook.as_mut().expect("webhook").filter = Some("false".into());
+        index.apply_agent(&a);
+        let changed = index
+            .target(&key)
+            .expect("an entry")
+            .agent
+            .expressions
+            .clone()
+            .expect("ok");
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert_eq!(changed.filter.as_ref().map(|f| f.source()), Some("false"));
+    }
+}

@@ -330,8 +330,43 @@ async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
         },
         other => other,
     };
+    let outcome = expression_outcome(agent, outcome);
     write_status(agent, ctx, &outcome).await?;
     Ok(action)
+}
+
+/// A webhook whose expressions do not compile is not ready: the URL stays published (so
+/// the door can answer its callers that the Agent is misconfigured) and the condition
+/// names the field and the parser's message.
+fn expression_outcome(agent: &Agent, outcome: Outcome) -> Outcome {
+    let status_url = match &outcome {
+        Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
+        // What keeps the webhook from working at all is reported first.
+        _ => return outcome,
+    };
+    match check_expressions(agent) {
+        Ok(()) => outcome,
+        Err(message) => Outcome::InvalidExpression {
+            message,
+            status_url,
+        },
+    }
+}
+
+/// Compiles the webhook trigger's expressions as the apiserver will.
+pub(crate) fn check_expressions(agent: &Agent) -> Result<(), String> {
+    let Some(webhook) = agent.spec.webhook() else {
+        return Ok(());
+    };
+    let agent_env: Vec<String> = agent
+        .spec
+        .session
+        .as_ref()
+        .map(|s| s.env.iter().map(|e| e.name.clone()).collect())
+        .unwrap_or_default();
+    hookrun_crds::expression::compile_trigger(&webhook_path(agent), webhook, &agent_env)
+        .map(drop)
+        .map_err(|error| error.to_string())
 }
 
 fn secret_ref_missing(agent: &str, missing: &MissingRef) -> Outcome {

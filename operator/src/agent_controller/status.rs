@@ -20,6 +20,7 @@ pub enum ReadyReason {
     InvalidSchedule,
     SecretNameTaken,
     PolicyViolation,
+    InvalidExpression,
 }
 
 impl ReadyReason {
@@ -33,6 +34,7 @@ impl ReadyReason {
             ReadyReason::InvalidSchedule => "InvalidSchedule",
             ReadyReason::SecretNameTaken => "SecretNameTaken",
             ReadyReason::PolicyViolation => "PolicyViolation",
+            ReadyReason::InvalidExpression => "InvalidExpression",
         }
     }
 
@@ -71,6 +73,13 @@ pub enum Outcome {
         message: String,
         status_url: Option<String>,
     },
+    /// A CEL expression of the webhook trigger does not compile; the message names the
+    /// field, the parser's message and position. The URL stays published: the webhook
+    /// answers 500 `agent_misconfigured` naming the field until it is fixed.
+    InvalidExpression {
+        message: String,
+        status_url: Option<String>,
+    },
 }
 
 impl Outcome {
@@ -83,6 +92,7 @@ impl Outcome {
             Outcome::InvalidSchedule { .. } => ReadyReason::InvalidSchedule,
             Outcome::SecretNameTaken { .. } => ReadyReason::SecretNameTaken,
             Outcome::PolicyViolation { .. } => ReadyReason::PolicyViolation,
+            Outcome::InvalidExpression { .. } => ReadyReason::InvalidExpression,
         }
     }
 
@@ -112,6 +122,10 @@ impl Outcome {
                 hookrun_crds::names::MANAGED_BY
             ),
             Outcome::PolicyViolation { message, .. } => message.clone(),
+            Outcome::InvalidExpression { message, .. } => format!(
+                "an expression does not compile: {message}; until it is fixed the webhook \
+                 answers 500 agent_misconfigured"
+            ),
         }
     }
 }
@@ -157,7 +171,8 @@ pub fn desired_status(
         Outcome::WebhookReady { status_url, .. } => Some(status_url.clone()),
         // The name is somebody else's: no Secret of ours carries a URL.
         Outcome::NoWebhookTrigger | Outcome::SecretNameTaken { .. } => None,
-        Outcome::PolicyViolation { status_url, .. } => status_url.clone(),
+        Outcome::PolicyViolation { status_url, .. }
+        | Outcome::InvalidExpression { status_url, .. } => status_url.clone(),
         Outcome::SecretRefMissing { .. }
         | Outcome::InvalidSpec { .. }
         | Outcome::InvalidSchedule { .. } => existing.and_then(|s| s.webhook_url.clone()),

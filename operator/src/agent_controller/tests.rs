@@ -684,3 +684,59 @@ fn a_lagging_cache_does_not_cause_a_second_status_write() {
         Some(&cached)
     );
 }
+
+fn agent_with(webhook: serde_json::Value) -> Agent {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "hookrun.dev/v1alpha1",
+        "kind": "Agent",
+        "metadata": {"name": "my-agent", "namespace": "team-a"},
+        "spec": {
+            "triggers": [{"webhook": webhook}],
+            "session": {"env": [{"name": "OWN", "value": "x"}]},
+        },
+    }))
+    .expect("an Agent")
+}
+
+#[test]
+fn a_bad_expression_is_reported_with_its_field_and_position_and_keeps_the_url() {
+    let bad = agent_with(serde_json::json!({"filter": "body.action == 'created' &&"}));
+    let outcome = super::expression_outcome(&bad, ready("u"));
+    assert_eq!(outcome.reason(), status::ReadyReason::InvalidExpression);
+    let s = status::desired_status(None, &outcome, Some(2), now());
+    assert_eq!(
+        s.webhook_url.as_deref(),
+        Some("u"),
+        "the door answers 500, not 401"
+    );
+    let condition = &s.conditions[0];
+    assert_eq!(condition.status, "False");
+    assert_eq!(condition.reason, "InvalidExpression");
+    assert!(
+        condition
+            .message
+            .contains("spec.triggers[0].webhook.filter"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains("line 1, column"),
+        "{}",
+        condition.message
+    );
+
+    let own = agent_with(serde_json::json!({"env": [{"name": "OWN", "expression": "'y'"}]}));
+    let outcome = super::expression_outcome(&own, ready("u"));
+    assert!(
+        outcome
+            .message()
+            .contains("spec.triggers[0].webhook.env[0].name")
+    );
+
+    let good = agent_with(serde_json::json!({
+        "filter": "body.action == 'created'",
+        "title": "body.issue.title",
+        "env": [{"name": "REPO", "expression": "body.repository.full_name"}],
+    }));
+    assert_eq!(super::expression_outcome(&good, ready("u")), ready("u"));
+}

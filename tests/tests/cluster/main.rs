@@ -20,5 +20,6 @@ mod security_replay;
 mod security_secrets;
 mod sessions;
 mod supervisors;
+mod triggers;
 mod wait;
 mod webhook;
