@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{Future, FutureExt, StreamExt, TryStreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
@@ -39,13 +39,13 @@ use kube::{
 use serde_json::json;
 
 use self::{
-    cache::{CachedPod, CachedSession},
+    cache::{CachedPod, CachedSession, PodIndex},
     phase::{Decision, Limits, Observed, Transition},
     pod::PodSettings,
     queue::{Admission, PodSeen, SessionSeen, Starting},
 };
 use crate::{
-    agent_controller::{FIELD_MANAGER, backoff},
+    agent_controller::{FIELD_MANAGER, LIST_PAGE, backoff},
     error::{Error, Result},
     metrics::Metrics,
     pod_policy,
@@ -81,7 +81,7 @@ pub struct Context {
     /// The Agent controller's cache of this scope.
     agents: Store<Agent>,
     /// Session pods, from the controller's own watch.
-    pods: Store<CachedPod>,
+    pods: Arc<PodIndex>,
     /// The controller's own (slimmed) cache of Sessions.
     sessions: Store<CachedSession>,
     /// Consecutive failures per Session, for the error backoff.
@@ -117,20 +117,23 @@ pub fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let (pod_store, pod_writer) = reflector::store();
-    let pod_events = reflector::reflector(
-        pod_writer,
-        watcher(
-            pods,
-            watcher::Config::default()
-                .labels(names::SESSION_LABEL)
-                .any_semantic()
-                .page_size(LIST_PAGE),
-        )
-        .modify(CachedPod::trim),
+    let pod_index = Arc::new(PodIndex::default());
+    let index = pod_index.clone();
+    let pod_events = watcher(
+        pods,
+        watcher::Config::default()
+            .labels(names::SESSION_LABEL)
+            .any_semantic()
+            .page_size(LIST_PAGE),
     )
+    .modify(CachedPod::trim)
     .default_backoff()
-    // A deleted pod is marked so, so that the mapper below knows its slot is free.
+    // The index follows the watch; then a deleted pod is marked so, so that the mapper
+    // below knows its slot is free.
+    .map_ok(move |event| {
+        index.apply(&event);
+        event
+    })
     .map_ok(|event| match event {
         watcher::Event::Delete(mut pod) => {
             pod.metadata
@@ -154,7 +157,7 @@ pub fn run(
         recorder,
         guard,
         agents,
-        pods: pod_store,
+        pods: pod_index,
         sessions: session_store.clone(),
         failures: Mutex::default(),
         starting: Mutex::default(),
@@ -217,6 +220,7 @@ pub fn run(
                 .any_semantic()
                 .page_size(LIST_PAGE),
         )
+        .modify(CachedSession::trim)
         .default_backoff(),
     )
     .touched_objects();
@@ -225,7 +229,9 @@ pub fn run(
         .watches_stream(pod_events, pod_changes)
         .watches(
             agents_api,
-            watcher::Config::default().any_semantic(),
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE),
             agent_changes,
         )
         .graceful_shutdown_on(shutdown);
@@ -246,9 +252,6 @@ pub fn run(
     (store, runner)
 }
 
-/// Objects per page of the caches' initial lists: a page is held whole while it is
-/// decoded, so smaller pages keep the start (and every relist) from peaking.
-const LIST_PAGE: u32 = 25;
 
 /// Whether a cached Session still waits for its pod (new, or `Queued`).
 fn waits_for_pod(session: &CachedSession) -> bool {
@@ -335,10 +338,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
         return Ok(Action::await_change());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut pod = ctx
-        .pods
-        .get(&ObjectRef::new(&name).within(&namespace))
-        .map(|p| p.to_pod());
+    let mut pod = ctx.pods.get(&namespace, &name);
     let named_pod = session.status.as_ref().and_then(|s| s.pod_name.as_ref());
     if pod.is_none() && named_pod.is_some() {
         // The status names a pod the cache lacks: ask before calling it gone.
@@ -427,9 +427,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             }
             // Slots are counted from the pod cache: it must hold every pod first. Not
             // awaited here, so that a reconcile never holds its slot for the pod list.
-            if max_concurrent(&agent).is_some()
-                && ctx.pods.wait_until_ready().now_or_never().is_none()
-            {
+            if max_concurrent(&agent).is_some() && !ctx.pods.is_ready() {
                 tracing::debug!(session = %name, "the pod cache has not listed yet");
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
@@ -539,10 +537,10 @@ fn admit(ctx: &Context, session: &CachedSession, agent: &Agent) -> Admission {
         .iter()
         .map(|s| {
             let name = s.metadata.name.as_deref().unwrap_or_default();
-            let pod = match ctx.pods.get(&ObjectRef::new(name).within(&namespace)) {
-                None => PodSeen::None,
-                Some(pod) => PodSeen::of_phase(pod.phase()),
-            };
+            let pod = ctx
+                .pods
+                .with(&namespace, name, |pod| PodSeen::of_phase(pod.phase()))
+                .unwrap_or(PodSeen::None);
             let status = s.status.as_ref();
             SessionSeen {
                 name,
