@@ -131,10 +131,11 @@ fn a_cached_session_and_pod_cost_little_memory() {
     assert_eq!(sessions.len(), PAIRS);
     assert_eq!(pods.len(), PAIRS);
     let per_pair = (after.saturating_sub(before)) as f64 * 1024.0 / PAIRS as f64;
-    println!("cache: {per_pair:.0} bytes per Session+Pod ({before} KiB -> {after} KiB for {PAIRS})");
+    println!(
+        "cache: {per_pair:.0} bytes per Session+Pod ({before} KiB -> {after} KiB for {PAIRS})"
+    );
     assert!(
         per_pair <= 2048.0,
         "a cached Session+Pod costs {per_pair:.0} bytes; the budget is 2048"
     );
 }
-

@@ -132,7 +132,7 @@ pub fn run(
                 .page_size(LIST_PAGE),
         )
         .default_backoff()
-            .modify(slim),
+        .modify(slim),
     )
     .applied_objects();
     let controller = Controller::for_stream(agent_events, store.clone())

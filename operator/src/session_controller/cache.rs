@@ -480,7 +480,12 @@ impl PodIndex {
     }
 
     /// Reads the pod `name` of `namespace` with `f`, if the index has it.
-    pub fn with<T>(&self, namespace: &str, name: &str, f: impl FnOnce(&PodEntry) -> T) -> Option<T> {
+    pub fn with<T>(
+        &self,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&PodEntry) -> T,
+    ) -> Option<T> {
         let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
         state.pods.get(namespace)?.get(name).map(f)
     }

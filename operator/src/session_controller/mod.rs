@@ -65,6 +65,10 @@ const STATUS_WRITE: ConflictRetry = ConflictRetry {
 };
 /// How often a Session that needs nothing is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(3600);
+/// How often the finished Sessions in the cache are checked for a TTL that ran out. They
+/// wait for it here rather than each in the controller's queue, which would keep two
+/// copies of its key per Session for as long as the TTL.
+const TTL_SWEEP: Duration = Duration::from_secs(1);
 /// How often a `Queued` Session is looked at again even when no pod of its Agent ends
 /// (a cache-only look; pod and Agent changes normally wake it at once).
 const QUEUED_RESYNC: Duration = Duration::from_secs(30);
@@ -235,6 +239,19 @@ pub fn run(
             agent_changes,
         )
         .graceful_shutdown_on(shutdown);
+    // Finished Sessions whose TTL ran out, from the caches, once per sweep.
+    let swept = controller.store();
+    let agents = ctx.agents.clone();
+    let expired = futures::stream::unfold((), move |()| {
+        let (sessions, agents) = (swept.clone(), agents.clone());
+        async move {
+            tokio::time::sleep(TTL_SWEEP).await;
+            let due = expired_sessions(&sessions, &agents, Timestamp::now());
+            Some((futures::stream::iter(due), ()))
+        }
+    })
+    .flatten();
+    let controller = controller.reconcile_on(expired);
     let store = controller.store();
     let runner = controller
         .run(reconcile, error_policy, ctx)
@@ -252,6 +269,43 @@ pub fn run(
     (store, runner)
 }
 
+/// The cached finished Sessions whose TTL (their Agent's, from its cache) ran out by
+/// `now`: the decision a reconcile would take for them is to delete them.
+fn expired_sessions(
+    sessions: &Store<CachedSession>,
+    agents: &Store<Agent>,
+    now: Timestamp,
+) -> Vec<ObjectRef<CachedSession>> {
+    sessions
+        .state()
+        .into_iter()
+        .filter(|session| {
+            let Some(status) = session.status.as_ref().filter(|s| s.is_finished()) else {
+                return false;
+            };
+            if session.metadata.deletion_timestamp.is_some() {
+                return false;
+            }
+            let Some(namespace) = session.metadata.namespace.as_deref() else {
+                return false;
+            };
+            let agent = agents.get(&ObjectRef::new(&session.spec.agent).within(namespace));
+            let limits = Limits {
+                // Not read for a finished Session.
+                pending_timeout: Duration::ZERO,
+                ttl: ttl_of(agent.as_deref()),
+            };
+            let observed = Observed {
+                session_uid: session.metadata.uid.as_deref().unwrap_or_default(),
+                status: Some(status),
+                pod: None,
+                now,
+            };
+            phase::decide(observed, limits) == Decision::DeleteSession
+        })
+        .map(|session| ObjectRef::from_obj(&*session))
+        .collect()
+}
 
 /// Whether a cached Session still waits for its pod (new, or `Queued`).
 fn waits_for_pod(session: &CachedSession) -> bool {
@@ -380,7 +434,10 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             recorded.remove(&uid);
         }
     }
+    let finished = session.status.as_ref().is_some_and(|s| s.is_finished());
     match decision {
+        // The TTL sweep brings a finished Session back when its time has come.
+        Decision::Wait(_) if finished => Ok(Action::await_change()),
         Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
         Decision::Wait(Some(after)) => {
             // A little after the moment, so that it has passed when we look.

@@ -18,10 +18,11 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
     jiff::Timestamp,
 };
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher};
 
 use super::{
     cache::{CachedPod, CachedSession, PodIndex},
+    expired_sessions,
     phase::{self, Decision, FailReason, Limits, Observed, Transition},
     pod::{self, PodSettings},
     ttl_of,
@@ -1068,4 +1069,61 @@ fn the_pod_index_follows_lists_applies_and_deletes() {
     assert!(index.get(&namespace, "b").is_none());
     assert!(index.get(&namespace, "c").is_some());
     assert_eq!(index.len(), 1);
+}
+
+#[test]
+fn the_ttl_sweep_brings_only_finished_sessions_whose_ttl_ran_out() {
+    let (sessions, mut session_writer) = reflector::store::<CachedSession>();
+    let (agents, mut agent_writer) = reflector::store::<Agent>();
+    // The Agent keeps finished Sessions 60 s.
+    let template = SessionTemplate {
+        ttl_seconds_after_finished: Some(60),
+        ..Default::default()
+    };
+    agent_writer.apply_watcher_event(&watcher::Event::Apply(agent(Some(template))));
+    let cached = |name: &str, agent: &str, status: Option<SessionStatus>, deleting: bool| {
+        let mut whole = session(&[]);
+        whole.metadata.name = Some(name.into());
+        whole.spec.agent = agent.into();
+        whole.status = status;
+        if deleting {
+            whole.metadata.deletion_timestamp = Some(time(5));
+        }
+        let json = serde_json::to_vec(&whole).expect("JSON");
+        let cached: CachedSession = serde_json::from_slice(&json).expect("a cached Session");
+        cached
+    };
+    let finished_at = |seconds: i64| {
+        let mut status = recorded(SessionPhase::Running);
+        status.finish(SessionPhase::Complete, Some("done"), None, time(seconds));
+        Some(status)
+    };
+    for session in [
+        cached("expired", "my-agent", finished_at(0), false),
+        cached("fresh", "my-agent", finished_at(50), false),
+        cached("deleting", "my-agent", finished_at(0), true),
+        cached(
+            "running",
+            "my-agent",
+            Some(recorded(SessionPhase::Running)),
+            false,
+        ),
+        cached("new", "my-agent", None, false),
+        // An Agent not in the cache: the default TTL of a day.
+        cached("default-ttl", "gone", finished_at(0), false),
+    ] {
+        session_writer.apply_watcher_event(&watcher::Event::Apply(session));
+    }
+    let due = |seconds: i64| {
+        let mut names: Vec<String> = expired_sessions(&sessions, &agents, at(seconds))
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(due(59), Vec::<String>::new());
+    assert_eq!(due(60), ["expired"]);
+    assert_eq!(due(110), ["expired", "fresh"]);
+    assert_eq!(due(86_400), ["default-ttl", "expired", "fresh"]);
 }
