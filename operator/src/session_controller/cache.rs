@@ -324,12 +324,14 @@ pub struct PodIndex {
     state: RwLock<PodIndexState>,
 }
 
+/// Namespace → pod name → pod.
+type PodsByNamespace = HashMap<Box<str>, HashMap<Box<str>, PodEntry>>;
+
 #[derive(Default)]
 struct PodIndexState {
-    /// Namespace → pod name → pod.
-    pods: HashMap<Box<str>, HashMap<Box<str>, PodEntry>>,
+    pods: PodsByNamespace,
     /// The pods of a list in progress; they replace `pods` once it is done.
-    listing: Option<HashMap<Box<str>, HashMap<Box<str>, PodEntry>>>,
+    listing: Option<PodsByNamespace>,
     /// Whether a first list completed.
     ready: bool,
 }
@@ -514,12 +516,7 @@ fn key_of(pod: &CachedPod) -> Option<(&str, &str)> {
     ))
 }
 
-fn insert(
-    pods: &mut HashMap<Box<str>, HashMap<Box<str>, PodEntry>>,
-    namespace: &str,
-    name: &str,
-    entry: PodEntry,
-) {
+fn insert(pods: &mut PodsByNamespace, namespace: &str, name: &str, entry: PodEntry) {
     let names = match pods.get_mut(namespace) {
         Some(names) => names,
         None => pods.entry(Box::from(namespace)).or_default(),

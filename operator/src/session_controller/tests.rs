@@ -1057,17 +1057,17 @@ fn the_pod_index_follows_lists_applies_and_deletes() {
     assert_eq!(index.len(), 2);
     index.apply(&watcher::Event::Apply(named("b", "Succeeded")));
     assert_eq!(
-        index.with(&namespace, "b", |p| p.phase().map(str::to_owned)),
+        index.with(namespace, "b", |p| p.phase().map(str::to_owned)),
         Some(Some("Succeeded".to_owned()))
     );
     index.apply(&watcher::Event::Delete(named("a", "Running")));
-    assert!(index.get(&namespace, "a").is_none());
+    assert!(index.get(namespace, "a").is_none());
     // A relist replaces what the index held: a pod gone meanwhile goes.
     index.apply(&watcher::Event::Init);
     index.apply(&watcher::Event::InitApply(named("c", "Running")));
     index.apply(&watcher::Event::InitDone);
-    assert!(index.get(&namespace, "b").is_none());
-    assert!(index.get(&namespace, "c").is_some());
+    assert!(index.get(namespace, "b").is_none());
+    assert!(index.get(namespace, "c").is_some());
     assert_eq!(index.len(), 1);
 }
 
