@@ -2,7 +2,10 @@
 
 use clap::Parser;
 
-#[tokio::main]
+/// One thread runs everything: the operator waits on the API far more than it computes,
+/// and every extra worker thread costs its stack and, with glibc, a malloc arena of its
+/// own whose freed pages are seldom given back.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = hookrun_operator::cli::Args::parse();
     hookrun_operator::init_tracing(args.log_format);

@@ -42,7 +42,8 @@ pub fn watch(
             api,
             watcher::Config::default()
                 .labels(names::AGENT_ENV_SELECTOR)
-                .any_semantic(),
+                .any_semantic()
+                .page_size(crate::agent_controller::LIST_PAGE),
         )
         .default_backoff(),
     )

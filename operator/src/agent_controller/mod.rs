@@ -125,9 +125,14 @@ pub fn run(
     let (store, writer) = reflector::store();
     let agent_events = reflector::reflector(
         writer,
-        watcher(agents, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .modify(slim),
+        watcher(
+            agents,
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE),
+        )
+        .default_backoff()
+        .modify(slim),
     )
     .applied_objects();
     let controller = Controller::for_stream(agent_events, store.clone())
@@ -143,11 +148,14 @@ pub fn run(
             secrets,
             watcher::Config::default()
                 .labels(names::MANAGED_SECRET_SELECTOR)
-                .any_semantic(),
+                .any_semantic()
+                .page_size(LIST_PAGE),
         )
         .watches(
             secret_meta,
-            watcher::Config::default().any_semantic(),
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE),
             move |secret: Meta| {
                 let (ns, name) = (secret.namespace(), secret.name_any());
                 agent_index
@@ -183,6 +191,11 @@ pub fn run(
         });
     (store, runner)
 }
+
+/// Objects per page of the initial lists and relists: a page is held whole while it is
+/// decoded, so small pages keep a start with many Agents and Secrets from peaking (the
+/// allocator seldom gives such a peak back).
+pub(crate) const LIST_PAGE: u32 = 25;
 
 /// The annotation `kubectl apply` keeps a whole copy of the last applied manifest in.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";

@@ -7,7 +7,11 @@
 //! are listed and watched like `Session` and `Pod`; [`CachedPod::to_pod`] and
 //! [`CachedSession::status`] give the decisions the types they take.
 
-use std::borrow::Cow;
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::{PoisonError, RwLock},
+};
 
 use hookrun_crds::{Session, SessionPhase, SessionStatus};
 use k8s_openapi::{
@@ -17,7 +21,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
 };
-use kube::Resource;
+use kube::{Resource, runtime::watcher};
 use serde::{Deserialize, Deserializer};
 
 use super::pod::CONTAINER;
@@ -30,7 +34,7 @@ struct LeanMeta {
     name: Option<String>,
     namespace: Option<String>,
     uid: Option<String>,
-    /// The watch resumes from the last object's version.
+    /// The watch resumes from the last object's version; the caches drop it after.
     resource_version: Option<String>,
     creation_timestamp: Option<Time>,
     deletion_timestamp: Option<Time>,
@@ -100,6 +104,13 @@ fn lean_status<'de, D: Deserializer<'de>>(
 }
 
 impl CachedSession {
+    /// Drops what only the watch needs, and only while it reads the event: the
+    /// `resourceVersion` it resumes from (writes read the Session live, with its own).
+    /// Kept, it would also be copied into the cache's key of every Session.
+    pub fn trim(&mut self) {
+        self.metadata.resource_version = None;
+    }
+
     /// The kept status (events, answer and message are not kept).
     pub fn status(&self) -> Option<&SessionStatus> {
         self.status.as_ref()
@@ -216,7 +227,7 @@ impl CachedPod {
     /// Drops what no decision reads in the pod's phase: a running or succeeded pod needs
     /// neither its image, deadline, conditions nor container state (pending and failed
     /// pods name them in failure messages). Of its controller reference, the uid and
-    /// name are kept.
+    /// name are kept; the `resourceVersion` only the watch reads, before this.
     pub fn trim(&mut self) {
         if matches!(self.phase(), Some("Running" | "Succeeded")) {
             self.spec = None;
@@ -227,6 +238,7 @@ impl CachedPod {
                 status.container_statuses = None;
             }
         }
+        self.metadata.resource_version = None;
         if let Some(owners) = self.metadata.owner_references.as_mut() {
             owners.retain(|o| o.controller == Some(true));
             for owner in owners.iter_mut() {
@@ -301,5 +313,218 @@ impl Resource for CachedPod {
     }
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
+    }
+}
+
+/// The session pods of one watch, keyed by namespace and name, each kept as
+/// [`PodEntry`]: no `ObjectMeta`, no key object repeating its strings, no `Arc`. Fed by
+/// [`PodIndex::apply`] from the pod watch's events, as a reflector store would be.
+#[derive(Default)]
+pub struct PodIndex {
+    state: RwLock<PodIndexState>,
+}
+
+/// Namespace → pod name → pod.
+type PodsByNamespace = HashMap<Box<str>, HashMap<Box<str>, PodEntry>>;
+
+#[derive(Default)]
+struct PodIndexState {
+    pods: PodsByNamespace,
+    /// The pods of a list in progress; they replace `pods` once it is done.
+    listing: Option<PodsByNamespace>,
+    /// Whether a first list completed.
+    ready: bool,
+}
+
+/// One pod in the index: what decisions read of a running or succeeded pod (uid, owner,
+/// times, phase) inline; a pod in any other phase is kept as its trimmed [`CachedPod`],
+/// since failure messages read its image, deadline, conditions and container state.
+#[derive(Debug)]
+pub enum PodEntry {
+    Settled {
+        uid: Option<Box<str>>,
+        /// The uid of the controlling owner (the Session).
+        controller_uid: Option<Box<str>>,
+        created: Option<Time>,
+        deleted: Option<Time>,
+        phase: SettledPhase,
+    },
+    Other(Box<CachedPod>),
+}
+
+/// The phases a [`PodEntry::Settled`] pod can be in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettledPhase {
+    Running,
+    Succeeded,
+}
+
+impl SettledPhase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+        }
+    }
+}
+
+impl PodEntry {
+    /// The entry for `pod` (as [`CachedPod::trim`] left it).
+    pub fn of(pod: &CachedPod) -> Self {
+        let phase = match pod.phase() {
+            Some("Running") => SettledPhase::Running,
+            Some("Succeeded") => SettledPhase::Succeeded,
+            _ => return Self::Other(Box::new(pod.clone())),
+        };
+        let meta = &pod.metadata;
+        Self::Settled {
+            uid: meta.uid.as_deref().map(Box::from),
+            controller_uid: meta
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| Box::from(o.uid.as_str())),
+            created: meta.creation_timestamp.clone(),
+            deleted: meta.deletion_timestamp.clone(),
+            phase,
+        }
+    }
+
+    /// `status.phase`.
+    pub fn phase(&self) -> Option<&str> {
+        match self {
+            Self::Settled { phase, .. } => Some(phase.as_str()),
+            Self::Other(pod) => pod.phase(),
+        }
+    }
+
+    /// The pod named `name` in `namespace` with what the index keeps, for the decisions
+    /// that take a `Pod`. Of a settled pod's owners only the controller's uid is kept.
+    pub fn to_pod(&self, namespace: &str, name: &str) -> Pod {
+        match self {
+            Self::Other(pod) => pod.to_pod(),
+            Self::Settled {
+                uid,
+                controller_uid,
+                created,
+                deleted,
+                phase,
+            } => Pod {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    uid: uid.as_deref().map(str::to_owned),
+                    creation_timestamp: created.clone(),
+                    deletion_timestamp: deleted.clone(),
+                    owner_references: controller_uid.as_deref().map(|uid| {
+                        vec![OwnerReference {
+                            kind: Session::kind(&()).into_owned(),
+                            uid: uid.to_owned(),
+                            controller: Some(true),
+                            ..OwnerReference::default()
+                        }]
+                    }),
+                    ..ObjectMeta::default()
+                },
+                spec: None,
+                status: Some(PodStatus {
+                    phase: Some(phase.as_str().to_owned()),
+                    ..PodStatus::default()
+                }),
+            },
+        }
+    }
+}
+
+impl PodIndex {
+    /// Applies one event of the pod watch.
+    pub fn apply(&self, event: &watcher::Event<CachedPod>) {
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        match event {
+            watcher::Event::Init => state.listing = Some(HashMap::new()),
+            watcher::Event::InitApply(pod) => {
+                if let Some((namespace, name)) = key_of(pod) {
+                    let listing = state.listing.get_or_insert_with(HashMap::new);
+                    insert(listing, namespace, name, PodEntry::of(pod));
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(listing) = state.listing.take() {
+                    state.pods = listing;
+                }
+                state.ready = true;
+            }
+            watcher::Event::Apply(pod) => {
+                if let Some((namespace, name)) = key_of(pod) {
+                    insert(&mut state.pods, namespace, name, PodEntry::of(pod));
+                }
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some((namespace, name)) = key_of(pod)
+                    && let Some(names) = state.pods.get_mut(namespace)
+                {
+                    names.remove(name);
+                    if names.is_empty() {
+                        state.pods.remove(namespace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the first list completed: before it, a pod missing here may exist.
+    pub fn is_ready(&self) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ready
+    }
+
+    /// Reads the pod `name` of `namespace` with `f`, if the index has it.
+    pub fn with<T>(
+        &self,
+        namespace: &str,
+        name: &str,
+        f: impl FnOnce(&PodEntry) -> T,
+    ) -> Option<T> {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.pods.get(namespace)?.get(name).map(f)
+    }
+
+    /// The pod `name` of `namespace` as a `Pod`, if the index has it.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.with(namespace, name, |entry| entry.to_pod(namespace, name))
+    }
+
+    /// How many pods the index holds.
+    pub fn len(&self) -> usize {
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        state.pods.values().map(HashMap::len).sum()
+    }
+
+    /// Whether the index holds no pod.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn key_of(pod: &CachedPod) -> Option<(&str, &str)> {
+    Some((
+        pod.metadata.namespace.as_deref()?,
+        pod.metadata.name.as_deref()?,
+    ))
+}
+
+fn insert(pods: &mut PodsByNamespace, namespace: &str, name: &str, entry: PodEntry) {
+    let names = match pods.get_mut(namespace) {
+        Some(names) => names,
+        None => pods.entry(Box::from(namespace)).or_default(),
+    };
+    match names.get_mut(name) {
+        Some(slot) => *slot = entry,
+        None => {
+            names.insert(Box::from(name), entry);
+        }
     }
 }

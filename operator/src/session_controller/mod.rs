@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{Future, FutureExt, StreamExt, TryStreamExt};
+use futures::{Future, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
 use hookrun_crds::{Agent, Session, SessionPhase, SessionStatus, names};
@@ -39,13 +39,13 @@ use kube::{
 use serde_json::json;
 
 use self::{
-    cache::{CachedPod, CachedSession},
+    cache::{CachedPod, CachedSession, PodIndex},
     phase::{Decision, Limits, Observed, Transition},
     pod::PodSettings,
     queue::{Admission, PodSeen, SessionSeen, Starting},
 };
 use crate::{
-    agent_controller::{FIELD_MANAGER, backoff},
+    agent_controller::{FIELD_MANAGER, LIST_PAGE, backoff},
     error::{Error, Result},
     metrics::Metrics,
     pod_policy,
@@ -65,6 +65,10 @@ const STATUS_WRITE: ConflictRetry = ConflictRetry {
 };
 /// How often a Session that needs nothing is looked at again anyway.
 const RESYNC: Duration = Duration::from_secs(3600);
+/// How often the finished Sessions in the cache are checked for a TTL that ran out. They
+/// wait for it here rather than each in the controller's queue, which would keep two
+/// copies of its key per Session for as long as the TTL.
+const TTL_SWEEP: Duration = Duration::from_secs(1);
 /// How often a `Queued` Session is looked at again even when no pod of its Agent ends
 /// (a cache-only look; pod and Agent changes normally wake it at once).
 const QUEUED_RESYNC: Duration = Duration::from_secs(30);
@@ -81,7 +85,7 @@ pub struct Context {
     /// The Agent controller's cache of this scope.
     agents: Store<Agent>,
     /// Session pods, from the controller's own watch.
-    pods: Store<CachedPod>,
+    pods: Arc<PodIndex>,
     /// The controller's own (slimmed) cache of Sessions.
     sessions: Store<CachedSession>,
     /// Consecutive failures per Session, for the error backoff.
@@ -117,20 +121,23 @@ pub fn run(
         ),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
-    let (pod_store, pod_writer) = reflector::store();
-    let pod_events = reflector::reflector(
-        pod_writer,
-        watcher(
-            pods,
-            watcher::Config::default()
-                .labels(names::SESSION_LABEL)
-                .any_semantic()
-                .page_size(LIST_PAGE),
-        )
-        .modify(CachedPod::trim),
+    let pod_index = Arc::new(PodIndex::default());
+    let index = pod_index.clone();
+    let pod_events = watcher(
+        pods,
+        watcher::Config::default()
+            .labels(names::SESSION_LABEL)
+            .any_semantic()
+            .page_size(LIST_PAGE),
     )
+    .modify(CachedPod::trim)
     .default_backoff()
-    // A deleted pod is marked so, so that the mapper below knows its slot is free.
+    // The index follows the watch; then a deleted pod is marked so, so that the mapper
+    // below knows its slot is free.
+    .map_ok(move |event| {
+        index.apply(&event);
+        event
+    })
     .map_ok(|event| match event {
         watcher::Event::Delete(mut pod) => {
             pod.metadata
@@ -154,7 +161,7 @@ pub fn run(
         recorder,
         guard,
         agents,
-        pods: pod_store,
+        pods: pod_index,
         sessions: session_store.clone(),
         failures: Mutex::default(),
         starting: Mutex::default(),
@@ -217,6 +224,7 @@ pub fn run(
                 .any_semantic()
                 .page_size(LIST_PAGE),
         )
+        .modify(CachedSession::trim)
         .default_backoff(),
     )
     .touched_objects();
@@ -225,10 +233,25 @@ pub fn run(
         .watches_stream(pod_events, pod_changes)
         .watches(
             agents_api,
-            watcher::Config::default().any_semantic(),
+            watcher::Config::default()
+                .any_semantic()
+                .page_size(LIST_PAGE),
             agent_changes,
         )
         .graceful_shutdown_on(shutdown);
+    // Finished Sessions whose TTL ran out, from the caches, once per sweep.
+    let swept = controller.store();
+    let agents = ctx.agents.clone();
+    let expired = futures::stream::unfold((), move |()| {
+        let (sessions, agents) = (swept.clone(), agents.clone());
+        async move {
+            tokio::time::sleep(TTL_SWEEP).await;
+            let due = expired_sessions(&sessions, &agents, Timestamp::now());
+            Some((futures::stream::iter(due), ()))
+        }
+    })
+    .flatten();
+    let controller = controller.reconcile_on(expired);
     let store = controller.store();
     let runner = controller
         .run(reconcile, error_policy, ctx)
@@ -246,9 +269,43 @@ pub fn run(
     (store, runner)
 }
 
-/// Objects per page of the caches' initial lists: a page is held whole while it is
-/// decoded, so smaller pages keep the start (and every relist) from peaking.
-const LIST_PAGE: u32 = 25;
+/// The cached finished Sessions whose TTL (their Agent's, from its cache) ran out by
+/// `now`: the decision a reconcile would take for them is to delete them.
+fn expired_sessions(
+    sessions: &Store<CachedSession>,
+    agents: &Store<Agent>,
+    now: Timestamp,
+) -> Vec<ObjectRef<CachedSession>> {
+    sessions
+        .state()
+        .into_iter()
+        .filter(|session| {
+            let Some(status) = session.status.as_ref().filter(|s| s.is_finished()) else {
+                return false;
+            };
+            if session.metadata.deletion_timestamp.is_some() {
+                return false;
+            }
+            let Some(namespace) = session.metadata.namespace.as_deref() else {
+                return false;
+            };
+            let agent = agents.get(&ObjectRef::new(&session.spec.agent).within(namespace));
+            let limits = Limits {
+                // Not read for a finished Session.
+                pending_timeout: Duration::ZERO,
+                ttl: ttl_of(agent.as_deref()),
+            };
+            let observed = Observed {
+                session_uid: session.metadata.uid.as_deref().unwrap_or_default(),
+                status: Some(status),
+                pod: None,
+                now,
+            };
+            phase::decide(observed, limits) == Decision::DeleteSession
+        })
+        .map(|session| ObjectRef::from_obj(&*session))
+        .collect()
+}
 
 /// Whether a cached Session still waits for its pod (new, or `Queued`).
 fn waits_for_pod(session: &CachedSession) -> bool {
@@ -335,10 +392,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
         return Ok(Action::await_change());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let mut pod = ctx
-        .pods
-        .get(&ObjectRef::new(&name).within(&namespace))
-        .map(|p| p.to_pod());
+    let mut pod = ctx.pods.get(&namespace, &name);
     let named_pod = session.status.as_ref().and_then(|s| s.pod_name.as_ref());
     if pod.is_none() && named_pod.is_some() {
         // The status names a pod the cache lacks: ask before calling it gone.
@@ -380,7 +434,10 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             recorded.remove(&uid);
         }
     }
+    let finished = session.status.as_ref().is_some_and(|s| s.is_finished());
     match decision {
+        // The TTL sweep brings a finished Session back when its time has come.
+        Decision::Wait(_) if finished => Ok(Action::await_change()),
         Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
         Decision::Wait(Some(after)) => {
             // A little after the moment, so that it has passed when we look.
@@ -427,9 +484,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             }
             // Slots are counted from the pod cache: it must hold every pod first. Not
             // awaited here, so that a reconcile never holds its slot for the pod list.
-            if max_concurrent(&agent).is_some()
-                && ctx.pods.wait_until_ready().now_or_never().is_none()
-            {
+            if max_concurrent(&agent).is_some() && !ctx.pods.is_ready() {
                 tracing::debug!(session = %name, "the pod cache has not listed yet");
                 return Ok(Action::requeue(Duration::from_millis(200)));
             }
@@ -539,10 +594,10 @@ fn admit(ctx: &Context, session: &CachedSession, agent: &Agent) -> Admission {
         .iter()
         .map(|s| {
             let name = s.metadata.name.as_deref().unwrap_or_default();
-            let pod = match ctx.pods.get(&ObjectRef::new(name).within(&namespace)) {
-                None => PodSeen::None,
-                Some(pod) => PodSeen::of_phase(pod.phase()),
-            };
+            let pod = ctx
+                .pods
+                .with(&namespace, name, |pod| PodSeen::of_phase(pod.phase()))
+                .unwrap_or(PodSeen::None);
             let status = s.status.as_ref();
             SessionSeen {
                 name,

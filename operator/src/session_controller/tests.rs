@@ -18,9 +18,11 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
     jiff::Timestamp,
 };
+use kube::runtime::{reflector, watcher};
 
 use super::{
-    cache::{CachedPod, CachedSession},
+    cache::{CachedPod, CachedSession, PodIndex},
+    expired_sessions,
     phase::{self, Decision, FailReason, Limits, Observed, Transition},
     pod::{self, PodSettings},
     ttl_of,
@@ -926,6 +928,7 @@ fn the_cached_pod_decides_like_the_whole_pod() {
     ];
     for whole in pods {
         let mut whole = whole;
+        whole.metadata.namespace = Some("ns".into());
         // What the cache drops: other containers, volumes, env, annotations, fields.
         if let Some(spec) = whole.spec.as_mut() {
             spec.containers.push(k8s_openapi::api::core::v1::Container {
@@ -943,6 +946,20 @@ fn the_cached_pod_decides_like_the_whole_pod() {
         let json = serde_json::to_vec(&whole).expect("JSON");
         let mut cached: CachedPod = serde_json::from_slice(&json).expect("a cached pod");
         cached.trim();
+        // Through the pod index, as reconciles read it.
+        let index = PodIndex::default();
+        index.apply(&watcher::Event::Apply(cached.clone()));
+        let (namespace, name) = (
+            whole.metadata.namespace.clone().unwrap_or_default(),
+            whole.metadata.name.clone().unwrap_or_default(),
+        );
+        let indexed = index.get(&namespace, &name).expect("the indexed pod");
+        assert_eq!(indexed.metadata.name, whole.metadata.name);
+        assert_eq!(indexed.metadata.uid, whole.metadata.uid);
+        assert_eq!(
+            index.with(&namespace, &name, |p| p.phase().map(str::to_owned)),
+            Some(whole.status.as_ref().and_then(|s| s.phase.clone()))
+        );
         let cached = cached.to_pod();
         assert!(cached.metadata.annotations.is_none());
         let owner = |pod: &Pod| {
@@ -960,10 +977,16 @@ fn the_cached_pod_decides_like_the_whole_pod() {
         }
         for status in [SessionPhase::Pending, SessionPhase::Running] {
             for now in [1, 10_000] {
+                let of_whole = decide_at(Some(&recorded(status)), Some(&whole), now);
                 assert_eq!(
                     decide_at(Some(&recorded(status)), Some(&cached), now),
-                    decide_at(Some(&recorded(status)), Some(&whole), now),
+                    of_whole,
                     "{whole:?}"
+                );
+                assert_eq!(
+                    decide_at(Some(&recorded(status)), Some(&indexed), now),
+                    of_whole,
+                    "indexed: {whole:?}"
                 );
             }
         }
@@ -1006,4 +1029,101 @@ fn a_queued_session_records_why_once_and_its_pod_clears_it() {
     let mut finished = recorded(SessionPhase::Running);
     finished.finish(SessionPhase::Complete, Some("done"), None, time(7));
     assert!(!phase::apply(&queue, &mut finished, time(8)));
+}
+
+#[test]
+fn the_pod_index_follows_lists_applies_and_deletes() {
+    let cached = |pod: Pod| -> CachedPod {
+        let mut cached: CachedPod =
+            serde_json::from_slice(&serde_json::to_vec(&pod).expect("JSON")).expect("a pod");
+        cached.trim();
+        cached
+    };
+    let named = |name: &str, phase: &str| {
+        let mut pod = pod_in(phase);
+        pod.metadata.name = Some(name.into());
+        pod.metadata.namespace = Some("ns".into());
+        cached(pod)
+    };
+    let namespace = "ns";
+    let index = PodIndex::default();
+    assert!(!index.is_ready(), "not ready before a first list");
+    index.apply(&watcher::Event::Init);
+    index.apply(&watcher::Event::InitApply(named("a", "Running")));
+    index.apply(&watcher::Event::InitApply(named("b", "Pending")));
+    assert!(index.is_empty(), "a list in progress is not read from");
+    index.apply(&watcher::Event::InitDone);
+    assert!(index.is_ready());
+    assert_eq!(index.len(), 2);
+    index.apply(&watcher::Event::Apply(named("b", "Succeeded")));
+    assert_eq!(
+        index.with(namespace, "b", |p| p.phase().map(str::to_owned)),
+        Some(Some("Succeeded".to_owned()))
+    );
+    index.apply(&watcher::Event::Delete(named("a", "Running")));
+    assert!(index.get(namespace, "a").is_none());
+    // A relist replaces what the index held: a pod gone meanwhile goes.
+    index.apply(&watcher::Event::Init);
+    index.apply(&watcher::Event::InitApply(named("c", "Running")));
+    index.apply(&watcher::Event::InitDone);
+    assert!(index.get(namespace, "b").is_none());
+    assert!(index.get(namespace, "c").is_some());
+    assert_eq!(index.len(), 1);
+}
+
+#[test]
+fn the_ttl_sweep_brings_only_finished_sessions_whose_ttl_ran_out() {
+    let (sessions, mut session_writer) = reflector::store::<CachedSession>();
+    let (agents, mut agent_writer) = reflector::store::<Agent>();
+    // The Agent keeps finished Sessions 60 s.
+    let template = SessionTemplate {
+        ttl_seconds_after_finished: Some(60),
+        ..Default::default()
+    };
+    agent_writer.apply_watcher_event(&watcher::Event::Apply(agent(Some(template))));
+    let cached = |name: &str, agent: &str, status: Option<SessionStatus>, deleting: bool| {
+        let mut whole = session(&[]);
+        whole.metadata.name = Some(name.into());
+        whole.spec.agent = agent.into();
+        whole.status = status;
+        if deleting {
+            whole.metadata.deletion_timestamp = Some(time(5));
+        }
+        let json = serde_json::to_vec(&whole).expect("JSON");
+        let cached: CachedSession = serde_json::from_slice(&json).expect("a cached Session");
+        cached
+    };
+    let finished_at = |seconds: i64| {
+        let mut status = recorded(SessionPhase::Running);
+        status.finish(SessionPhase::Complete, Some("done"), None, time(seconds));
+        Some(status)
+    };
+    for session in [
+        cached("expired", "my-agent", finished_at(0), false),
+        cached("fresh", "my-agent", finished_at(50), false),
+        cached("deleting", "my-agent", finished_at(0), true),
+        cached(
+            "running",
+            "my-agent",
+            Some(recorded(SessionPhase::Running)),
+            false,
+        ),
+        cached("new", "my-agent", None, false),
+        // An Agent not in the cache: the default TTL of a day.
+        cached("default-ttl", "gone", finished_at(0), false),
+    ] {
+        session_writer.apply_watcher_event(&watcher::Event::Apply(session));
+    }
+    let due = |seconds: i64| {
+        let mut names: Vec<String> = expired_sessions(&sessions, &agents, at(seconds))
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(due(59), Vec::<String>::new());
+    assert_eq!(due(60), ["expired"]);
+    assert_eq!(due(110), ["expired", "fresh"]);
+    assert_eq!(due(86_400), ["default-ttl", "expired", "fresh"]);
 }
