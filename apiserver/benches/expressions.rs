@@ -110,6 +110,43 @@ fn in_process(payload: &str) -> (f64, f64) {
     (us(percentile(&times, 0.5)), us(percentile(&times, 0.99)))
 }
 
+/// The worst cases constructed within the compile-time and body limits (the same as the
+/// crate's unit test): every allowed comprehension over a body of the most values, the
+/// chain of the most list concatenations, and 100 scans of a 200 KiB string. The slowest
+/// of 20 evaluations of each, in ms.
+fn worst_cases() -> Vec<(&'static str, f64)> {
+    use hookrun_crds::expression::{MAX_ADDITIONS, MAX_BODY_VALUES, MAX_COMPREHENSIONS, compile};
+    let list = Value::Array(vec![json!("ab"); MAX_BODY_VALUES - 2]);
+    let big = json!({"l": list});
+    let long = json!({"s": "a".repeat(200 * 1024)});
+    let comprehensions = ["body.l.exists(x, x == 'zz')"; MAX_COMPREHENSIONS].join(" || ");
+    let mapped = ["body.l.map(x, x + x).size() > 0"; MAX_COMPREHENSIONS].join(" || ");
+    let concat = format!("size({}) > 0", ["body.l"; MAX_ADDITIONS + 1].join(" + "));
+    let scans = ["body.s.contains('b')"; 100].join(" || ");
+    let no_headers: [(&str, &str); 0] = [];
+    [
+        ("comprehensions over 2,046 values", comprehensions, &big),
+        ("map with x + x over 2,046 values", mapped, &big),
+        ("chain of 8 list concatenations", concat, &big),
+        ("100 scans of a 200 KiB string", scans, &long),
+    ]
+    .into_iter()
+    .map(|(name, source, body)| {
+        let expression = compile("filter", &source).expect("within the limits");
+        let variables = Variables::new(body, no_headers, "none", NS, "worst");
+        let slowest = (0..20)
+            .map(|_| {
+                let started = Instant::now();
+                let _ = expression.evaluate_bool(&variables);
+                started.elapsed()
+            })
+            .max()
+            .unwrap_or_default();
+        (name, slowest.as_secs_f64() * 1000.0)
+    })
+    .collect()
+}
+
 #[tokio::main]
 async fn main() {
     let seconds = env_number("HOOKRUN_BENCH_SECONDS", 5);
@@ -118,6 +155,10 @@ async fn main() {
     let payload = payload();
     let (p50, p99) = in_process(&payload);
     println!("expressions in process: p50 {p50:.1} µs, p99 {p99:.1} µs per request");
+    let worst = worst_cases();
+    for (name, ms) in &worst {
+        println!("worst case {name}: {ms:.2} ms");
+    }
 
     let door = BenchDoor::start().await;
     {
@@ -182,6 +223,14 @@ async fn main() {
          {:.2}×{flag}.\n",
         median(ratios)
     );
+    let mut section = section;
+    section.push_str(
+        "\nWorst cases within the compile-time and body limits, slowest of 20 evaluations:\n\n\
+         | expression | ms |\n|---|---|\n",
+    );
+    for (name, ms) in &worst {
+        section.push_str(&format!("| {name} | {ms:.2} |\n"));
+    }
     let path = write_report_section("expressions", &section);
     println!("\n{section}\nwritten to {}", path.display());
 }
