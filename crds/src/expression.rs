@@ -82,9 +82,13 @@ pub fn compile(field: &str, source: &str) -> Result<Expression, FieldError> {
             .errors
             .first()
             .map(|e| {
+                // The parser quotes the offending input, which can be the whole
+                // expression: its message is cut like an evaluation error's.
                 format!(
                     "is not valid CEL: {} at line {}, column {}",
-                    e.msg, e.pos.0, e.pos.1
+                    short(e.msg.clone()),
+                    e.pos.0,
+                    e.pos.1
                 )
             })
             .unwrap_or_else(|| "is not valid CEL".to_owned());
@@ -299,7 +303,8 @@ impl Variables {
     }
 }
 
-/// The longest evaluation error message kept (it goes into answers and logs).
+/// The longest parser or evaluation error message kept (it goes into status, answers
+/// and logs).
 const MAX_ERROR_CHARS: usize = 256;
 
 fn short(message: String) -> String {
