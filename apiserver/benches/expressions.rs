@@ -163,7 +163,7 @@ async fn main() {
     let door = BenchDoor::start().await;
     {
         let mut index = door.state.index.write().expect("the index");
-        let spec = |webhook: Value| json!({"triggers": [{"webhook": webhook}]});
+        let spec = support::bench_spec;
         index.apply_agent(&agent(NS, "mapped", spec(webhook())));
         index.apply_agent(&agent(NS, "unmapped", spec(json!({}))));
         for name in ["mapped", "unmapped"] {
