@@ -659,12 +659,13 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
             Some(team_name),
             true,
         ),
+        // One Session per slot of a schedule trigger.
         (
             &operator,
             "create",
             "sessions.hookrun.dev",
             Some(team_name),
-            false,
+            true,
         ),
         (&operator, "delete", "secrets", Some(other.name()), false),
         (
