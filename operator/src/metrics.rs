@@ -24,7 +24,7 @@ pub struct FailureLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
     pub controller: &'static str,
-    /// What was written: `secret_apply`, `secret_delete`, `status_patch`, `event`,
+    /// What was written: `secret_write`, `secret_delete`, `status_patch`, `event`,
     /// `pod_create`, `pod_delete`, `session_delete`.
     pub kind: &'static str,
 }

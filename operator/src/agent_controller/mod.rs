@@ -25,7 +25,7 @@ use hookrun_crds::{
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams},
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
@@ -451,14 +451,21 @@ async fn apply_secret(
     .map_err(Error::Randomness)?;
 
     if secret::secret_needs_write(&plan.secret, existing.as_ref()) {
-        secrets
-            .patch(
-                secret_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&plan.secret),
-            )
-            .await?;
-        ctx.metrics.wrote(CONTROLLER, "secret_apply");
+        // Both writes are conditional: create fails if the Secret appeared since it was
+        // read, replace if it changed. Either way the token that wins is the one the
+        // next reconcile reads, never one a stalled writer held on to.
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        match &existing {
+            None => secrets.create(&params, &plan.secret).await?,
+            Some(existing) => {
+                let next = secret::replacement(&plan.secret, existing);
+                secrets.replace(secret_name, &params, &next).await?
+            }
+        };
+        ctx.metrics.wrote(CONTROLLER, "secret_write");
         match plan.change {
             TokenChange::Created => {
                 tracing::info!(agent = %name, %namespace, secret = secret_name, "minted a webhook token");
@@ -583,10 +590,16 @@ async fn write_status(agent: &Agent, ctx: &Context, outcome: &Outcome) -> Result
         map.remove("schedules");
         map.remove("nextScheduleTime");
     }
+    // The resourceVersion read makes the patch conditional: refused with 409 if the Agent
+    // changed since, so a write held up (a frozen former leader) cannot land over a newer
+    // one. The next reconcile starts from the newer version.
     api.patch_status(
         &agent.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(json!({ "status": body })),
+        &Patch::Merge(json!({
+            "metadata": { "resourceVersion": seen_version },
+            "status": body,
+        })),
     )
     .await?;
     ctx.metrics.wrote(CONTROLLER, "status_patch");

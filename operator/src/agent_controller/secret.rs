@@ -249,6 +249,43 @@ pub fn secret_needs_write(desired: &Secret, existing: Option<&Secret>) -> bool {
     owned_keys().any(|k| have.contains_key(k) && !want.contains_key(k))
 }
 
+/// The Secret to replace `existing` with: `desired`'s keys, labels, annotations and
+/// owner, over what others put on the Secret (their labels, annotations, owners and data
+/// keys stay; keys the operator owns but no longer wants go). The result keeps
+/// `existing`'s `resourceVersion`, so the replace is refused with 409 if anyone wrote the
+/// Secret since it was read: a former leader resumed after a freeze cannot put back a
+/// token its successor already replaced.
+pub fn replacement(desired: &Secret, existing: &Secret) -> Secret {
+    let mut next = existing.clone();
+    let meta = &mut next.metadata;
+    let want = &desired.metadata;
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(want.labels.clone().unwrap_or_default());
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .extend(want.annotations.clone().unwrap_or_default());
+    let wanted_owners = want.owner_references.clone().unwrap_or_default();
+    let mut owners: Vec<OwnerReference> = meta
+        .owner_references
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|have| wanted_owners.iter().all(|w| w.uid != have.uid))
+        .collect();
+    owners.extend(wanted_owners);
+    meta.owner_references = Some(owners);
+    meta.managed_fields = None;
+    let data = next.data.get_or_insert_with(BTreeMap::new);
+    for key in owned_keys() {
+        data.remove(key);
+    }
+    data.extend(desired.data.clone().unwrap_or_default());
+    next.string_data = None;
+    next.type_ = desired.type_.clone();
+    next
+}
+
 /// A signing secret the spec references but that cannot be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MissingRef {

@@ -175,6 +175,59 @@ fn extra_labels_and_foreign_keys_do_not_cause_writes_but_changed_ones_do() {
 }
 
 #[test]
+fn a_replacement_is_conditional_on_the_version_read_and_keeps_what_others_added() {
+    let signing = BTreeMap::from([(
+        hookrun_crds::agent::SignatureScheme::Github
+            .secret_key()
+            .to_owned(),
+        b"s3cret".to_vec(),
+    )]);
+    let mut existing = plan(&facts(None), None, &signing, now(), 'a').secret;
+    existing.metadata.resource_version = Some("42".into());
+    existing
+        .metadata
+        .labels
+        .as_mut()
+        .expect("labels")
+        .insert("team".into(), "x".into());
+    existing
+        .data
+        .as_mut()
+        .expect("data")
+        .insert("someone-elses".into(), ByteString(b"v".to_vec()));
+    let foreign = OwnerReference {
+        uid: "uid-other".into(),
+        controller: None,
+        ..owner()
+    };
+    existing
+        .metadata
+        .owner_references
+        .as_mut()
+        .expect("owners")
+        .push(foreign.clone());
+    // The signing secret went away: its copy must go, the token must stay.
+    let desired = plan(&facts(None), Some(&existing), &BTreeMap::new(), now(), 'b').secret;
+    let next = secret::replacement(&desired, &existing);
+
+    assert_eq!(next.metadata.resource_version.as_deref(), Some("42"));
+    assert_eq!(data(&next, secret_keys::TOKEN), Some("a".repeat(43)));
+    let github = hookrun_crds::agent::SignatureScheme::Github.secret_key();
+    assert_eq!(data(&next, github), None, "a dropped signing copy goes");
+    assert_eq!(data(&next, "someone-elses").as_deref(), Some("v"));
+    let labels = next.metadata.labels.as_ref().expect("labels");
+    assert_eq!(labels.get("team").map(String::as_str), Some("x"));
+    assert_eq!(
+        labels.get(names::MANAGED_BY_LABEL).map(String::as_str),
+        Some(names::MANAGED_BY)
+    );
+    let owners = next.metadata.owner_references.as_ref().expect("owners");
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert!(owners.contains(&foreign) && owners.contains(&owner()));
+    assert!(!secret::secret_needs_write(&desired, Some(&next)));
+}
+
+#[test]
 fn a_new_public_url_rewrites_the_url_but_keeps_the_token() {
     let first = plan(&facts(None), None, &BTreeMap::new(), now(), 'a').secret;
     let moved = secret::plan_secret(

@@ -666,6 +666,16 @@ async fn a_frozen_leader_writes_nothing_after_a_successor_took_over() {
         "the old leader wrote {} statuses after the new one took over: {stale:?}",
         stale.len()
     );
+    // Nor did any token change: each Agent shows the one URL its new leader published.
+    let mut published = std::collections::BTreeMap::<String, String>::new();
+    for (url, _) in recorded.lock().expect("the record").iter() {
+        let agent = url.rsplit('/').nth(1).unwrap_or_default().to_owned();
+        let first = published
+            .entry(agent.clone())
+            .or_insert_with(|| url.clone());
+        assert_eq!(first, url, "the URL of {agent} changed after the takeover");
+    }
+    assert_eq!(published.len(), AGENTS, "every Agent was seen");
     assert!(
         old.log_text().contains("stepping down") || old.log_text().contains("took the lease"),
         "the old leader says why it stopped: {}",
