@@ -8,13 +8,14 @@
 //! macros (`all`, `exists`, `exists_one`, `map`, `filter`) do not nest and there are at
 //! most [`MAX_COMPREHENSIONS`] of them, and it has at most [`MAX_ADDITIONS`] `+`
 //! operators (a chain of list or string concatenations is the other way to make work
-//! grow with the payload). Expressions are evaluated only on a body of at most
-//! [`MAX_BODY_VALUES`] JSON values; a larger body is an evaluation error.
+//! grow with the payload). Only the parts of the body and headers that expressions read
+//! are converted to CEL values ([`Reads`]), at most [`MAX_BODY_VALUES`] JSON values of
+//! them; reading more is an evaluation error.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
-use cel::common::ast::{Expr, IdedExpr};
+use cel::common::ast::{Expr, IdedExpr, LiteralValue, operators};
 use cel::objects::Key;
 use cel::{Context, Env, Program, Value};
 use serde_json::Value as Json;
@@ -28,9 +29,9 @@ pub const MAX_EXPRESSION_BYTES: usize = 4096;
 pub const MAX_COMPREHENSIONS: usize = 2;
 /// How many `+` operators one expression may hold.
 pub const MAX_ADDITIONS: usize = 8;
-/// The most JSON values (objects, arrays and scalars together) a body may hold for
-/// expressions to be evaluated on it.
-pub const MAX_BODY_VALUES: usize = 2048;
+/// The most JSON values (objects, arrays and scalars together) that expressions may read
+/// of one body.
+pub const MAX_BODY_VALUES: usize = 1024;
 /// How many `env` mappings one trigger may carry.
 pub const MAX_ENV_EXPRESSIONS: usize = 64;
 
@@ -42,6 +43,7 @@ static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
 pub struct Expression {
     source: Arc<str>,
     program: Arc<Program>,
+    reads: Reads,
 }
 
 impl std::fmt::Debug for Expression {
@@ -116,10 +118,159 @@ pub fn compile(field: &str, source: &str) -> Result<Expression, FieldError> {
             shape.additions
         )));
     }
+    let mut reads = Reads::default();
+    reads.visit(program.expression());
     Ok(Expression {
         source: source.into(),
         program: Arc::new(program),
+        reads,
     })
+}
+
+/// What of one variable (`body` or `headers`) expressions read: all of it, or some of
+/// its fields, each read in turn whole or in part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: the variable is bound to an empty map.
+    #[default]
+    Nothing,
+    /// These fields only (a field missing from the value stays missing).
+    Fields(std::collections::BTreeMap<String, Need>),
+    /// The whole value.
+    Whole,
+}
+
+impl Need {
+    fn add(&mut self, path: &[String]) {
+        let Some((first, rest)) = path.split_first() else {
+            *self = Need::Whole;
+            return;
+        };
+        match self {
+            Need::Whole => {}
+            Need::Nothing => {
+                *self = Need::Fields(Default::default());
+                self.add(path);
+            }
+            Need::Fields(fields) => fields.entry(first.clone()).or_default().add(rest),
+        }
+    }
+
+    fn merge(&mut self, other: &Need) {
+        match (&mut *self, other) {
+            (Need::Whole, _) | (_, Need::Nothing) => {}
+            (_, Need::Whole) => *self = Need::Whole,
+            (Need::Nothing, Need::Fields(_)) => *self = other.clone(),
+            (Need::Fields(mine), Need::Fields(theirs)) => {
+                for (name, need) in theirs {
+                    mine.entry(name.clone()).or_default().merge(need);
+                }
+            }
+        }
+    }
+}
+
+/// What expressions read of the request, found in their syntax: only that is converted
+/// to CEL values per request. A field chain from a variable (`body.issue.title`,
+/// `headers['x-github-event']`, `has(body.a.b)`) reads the value at its end; a variable or
+/// chain used any other way (compared whole, passed to `size`, iterated) reads all of it.
+/// A map converted in part is only ever reached through field selections of fields it
+/// holds, so evaluation cannot tell it from the whole one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub body: Need,
+    pub headers: Need,
+}
+
+impl Reads {
+    /// Everything: for callers that evaluate expressions they did not compile together.
+    pub fn everything() -> Self {
+        Self {
+            body: Need::Whole,
+            headers: Need::Whole,
+        }
+    }
+
+    /// Adds what `other` reads.
+    pub fn merge(&mut self, other: &Reads) {
+        self.body.merge(&other.body);
+        self.headers.merge(&other.headers);
+    }
+
+    fn visit(&mut self, expr: &IdedExpr) {
+        if let Some((variable, path)) = chain(expr) {
+            match variable {
+                "body" => self.body.add(&path),
+                "headers" => self.headers.add(&path),
+                _ => {}
+            }
+            return;
+        }
+        match &expr.expr {
+            Expr::Comprehension(c) => {
+                for part in [
+                    &c.iter_range,
+                    &c.accu_init,
+                    &c.loop_cond,
+                    &c.loop_step,
+                    &c.result,
+                ] {
+                    self.visit(part);
+                }
+            }
+            Expr::Call(call) => {
+                if let Some(target) = &call.target {
+                    self.visit(target);
+                }
+                for arg in &call.args {
+                    self.visit(arg);
+                }
+            }
+            Expr::List(list) => list.elements.iter().for_each(|e| self.visit(e)),
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    if let cel::common::ast::EntryExpr::MapEntry(e) = &entry.expr {
+                        self.visit(&e.key);
+                        self.visit(&e.value);
+                    }
+                }
+            }
+            Expr::Select(select) => self.visit(&select.operand),
+            Expr::Struct(s) => {
+                for entry in &s.entries {
+                    if let cel::common::ast::EntryExpr::StructField(f) = &entry.expr {
+                        self.visit(&f.value);
+                    }
+                }
+            }
+            Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+        }
+    }
+}
+
+/// `expr` as a variable and a chain of field names (`body.a['b'].c` is `body`, `[a, b,
+/// c]`), when it is one.
+fn chain(expr: &IdedExpr) -> Option<(&str, Vec<String>)> {
+    match &expr.expr {
+        Expr::Ident(name) => Some((name.as_str(), Vec::new())),
+        Expr::Select(select) => {
+            let (variable, mut path) = chain(&select.operand)?;
+            path.push(select.field.clone());
+            Some((variable, path))
+        }
+        Expr::Call(call) if call.func_name == operators::INDEX && call.target.is_none() => {
+            let [operand, index] = call.args.as_slice() else {
+                return None;
+            };
+            let Expr::Literal(LiteralValue::String(field)) = &index.expr else {
+                return None;
+            };
+            let (variable, mut path) = chain(operand)?;
+            path.push(field.inner().to_owned());
+            Some((variable, path))
+        }
+        _ => None,
+    }
 }
 
 /// What of an expression's shape bounds its cost.
@@ -188,6 +339,8 @@ pub struct TriggerExpressions {
     /// `(variable name, expression)` in the order the trigger lists them.
     pub env: Vec<(String, Expression)>,
     pub filter_error_policy: FilterErrorPolicy,
+    /// What the expressions read together: what [`Variables::new`] converts.
+    pub reads: Reads,
 }
 
 impl TriggerExpressions {
@@ -247,11 +400,20 @@ pub fn compile_trigger(
         let expression = compile(&format!("{path}.env[{i}].expression"), &mapping.expression)?;
         env.push((mapping.name.clone(), expression));
     }
+    let mut reads = Reads::default();
+    for expression in filter
+        .iter()
+        .chain(&title)
+        .chain(env.iter().map(|(_, e)| e))
+    {
+        reads.merge(&expression.reads);
+    }
     Ok(TriggerExpressions {
         filter,
         title,
         env,
         filter_error_policy: webhook.filter_error_policy.unwrap_or_default(),
+        reads,
     })
 }
 
@@ -268,6 +430,7 @@ impl Variables {
     /// form-encoded one (`Json::Null` when it is neither); `headers` are `(name, value)`
     /// pairs whose names are lower-cased and whose last value wins.
     pub fn new<'h>(
+        reads: &Reads,
         body: &Json,
         headers: impl IntoIterator<Item = (&'h str, &'h str)>,
         provider: &str,
@@ -275,18 +438,26 @@ impl Variables {
         name: &str,
     ) -> Self {
         let mut budget = MAX_BODY_VALUES;
-        let Some(body) = json_to_cel(body, &mut budget) else {
+        let Some(body) = json_to_cel(body, &reads.body, &mut budget) else {
             return Self {
                 context: Err(format!(
-                    "the body has more than {MAX_BODY_VALUES} JSON values: expressions are \
-                     evaluated only on smaller bodies"
+                    "the expressions read more than {MAX_BODY_VALUES} JSON values of the \
+                     body: they are evaluated only when they read fewer"
                 )),
             };
         };
-        let headers: HashMap<Key, Value> = headers
-            .into_iter()
-            .map(|(k, v)| (Key::from(k.to_ascii_lowercase()), Value::from(v)))
-            .collect();
+        let headers: HashMap<Key, Value> = match &reads.headers {
+            Need::Nothing => HashMap::new(),
+            need => headers
+                .into_iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .filter(|(k, _)| match need {
+                    Need::Fields(fields) => fields.contains_key(k),
+                    _ => true,
+                })
+                .map(|(k, v)| (Key::from(k), Value::from(v)))
+                .collect(),
+        };
         let agent: HashMap<Key, Value> = [
             (Key::from("name".to_owned()), Value::from(name)),
             (Key::from("namespace".to_owned()), Value::from(namespace)),
@@ -318,6 +489,11 @@ impl Expression {
     /// The expression as written.
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// What the expression reads of the request.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 
     fn run(&self, variables: &Variables) -> Result<Value, String> {
@@ -352,14 +528,26 @@ impl Expression {
     }
 }
 
-/// `json` as a CEL value, spending one unit of `budget` per JSON value; `None` once it
-/// is spent.
-fn json_to_cel(json: &Json, budget: &mut usize) -> Option<Value> {
+/// What `need` asks of `json` as a CEL value, spending one unit of `budget` per JSON
+/// value converted; `None` once it is spent. An object read in part keeps only the
+/// fields asked for; anything else asked for at all is converted whole.
+fn json_to_cel(json: &Json, need: &Need, budget: &mut usize) -> Option<Value> {
     *budget = budget.checked_sub(1)?;
-    Some(match json {
-        Json::Null => Value::Null,
-        Json::Bool(b) => Value::Bool(*b),
-        Json::Number(n) => {
+    Some(match (json, need) {
+        // Nothing reads it: what it is bound to cannot matter.
+        (_, Need::Nothing) => Value::Null,
+        (Json::Object(fields), Need::Fields(wanted)) => {
+            let mut map = HashMap::with_capacity(wanted.len());
+            for (name, need) in wanted {
+                if let Some(value) = fields.get(name) {
+                    map.insert(Key::from(name.clone()), json_to_cel(value, need, budget)?);
+                }
+            }
+            Value::from(map)
+        }
+        (Json::Null, _) => Value::Null,
+        (Json::Bool(b), _) => Value::Bool(*b),
+        (Json::Number(n), _) => {
             if let Some(i) = n.as_i64() {
                 Value::Int(i)
             } else if let Some(u) = n.as_u64() {
@@ -368,18 +556,18 @@ fn json_to_cel(json: &Json, budget: &mut usize) -> Option<Value> {
                 Value::Float(n.as_f64().unwrap_or(f64::NAN))
             }
         }
-        Json::String(s) => Value::from(s.as_str()),
-        Json::Array(items) => {
+        (Json::String(s), _) => Value::from(s.as_str()),
+        (Json::Array(items), _) => {
             let mut list = Vec::with_capacity(items.len());
             for item in items {
-                list.push(json_to_cel(item, budget)?);
+                list.push(json_to_cel(item, &Need::Whole, budget)?);
             }
             Value::List(Arc::new(list))
         }
-        Json::Object(fields) => {
+        (Json::Object(fields), Need::Whole) => {
             let mut map = HashMap::with_capacity(fields.len());
             for (k, v) in fields {
-                map.insert(Key::from(k.clone()), json_to_cel(v, budget)?);
+                map.insert(Key::from(k.clone()), json_to_cel(v, &Need::Whole, budget)?);
             }
             Value::from(map)
         }

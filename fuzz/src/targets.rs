@@ -861,7 +861,7 @@ fn signed_seeds(scheme: SignatureScheme) -> Vec<Vec<u8>> {
 /// and stay short; an expression that compiles evaluates, within the bound, to a value or
 /// a short error.
 pub fn cel_expression(data: &[u8]) -> String {
-    use hookrun_crds::expression::{MAX_EXPRESSION_BYTES, Variables, compile};
+    use hookrun_crds::expression::{MAX_EXPRESSION_BYTES, Reads, Variables, compile};
     let text = String::from_utf8_lossy(data);
     let (source, body) = text.split_once('\n').unwrap_or((&text, ""));
     let field = "spec.triggers[0].webhook.filter";
@@ -875,13 +875,29 @@ pub fn cel_expression(data: &[u8]) -> String {
     };
     assert!(source.len() <= MAX_EXPRESSION_BYTES);
     let body: Value = serde_json::from_str(body).unwrap_or(Value::Null);
-    let variables = Variables::new(
-        &body,
-        [("x-github-event", "issue_comment")],
-        "github",
-        "team-a",
-        "bot",
+    let headers = [("x-github-event", "issue_comment")];
+    let variables =
+        |reads: &Reads| Variables::new(reads, &body, headers, "github", "team-a", "bot");
+    let (everything, read) = (
+        variables(&Reads::everything()),
+        variables(expression.reads()),
     );
+    // Converting only what the expression reads must not change what it evaluates to,
+    // whenever the whole body could be converted at all.
+    let whole = expression.evaluate_bool(&everything);
+    if !whole.as_ref().is_err_and(|e| e.contains("JSON values")) {
+        assert_eq!(
+            expression.evaluate_bool(&read),
+            whole,
+            "filter of {source:?}"
+        );
+        assert_eq!(
+            expression.evaluate_text(&read),
+            expression.evaluate_text(&everything),
+            "text of {source:?}"
+        );
+    }
+    let variables = read;
     let started = std::time::Instant::now();
     let filter = expression.evaluate_bool(&variables);
     let text = expression.evaluate_text(&variables);

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use hookrun_crds::agent::FilterErrorPolicy;
-use hookrun_crds::expression::{Variables, form_fields};
+use hookrun_crds::expression::{Reads, Variables, form_fields};
 use hookrun_crds::session::SessionEnvVar;
 use serde_json::{Value, json};
 
@@ -58,7 +58,7 @@ pub(super) fn decide(
         .budgets
         .check_payload(payload)
         .map_err(HttpError::OverBudget)?;
-    let variables = variables(key, headers, body, provider);
+    let variables = variables(&expressions.reads, key, headers, body, provider);
     if let Some(filter) = &expressions.filter {
         let (pass, error) = match filter.evaluate_bool(&variables) {
             Ok(pass) => (pass, None),
@@ -103,6 +103,7 @@ pub(super) fn decide(
 
 /// `body`, `headers`, `provider` and `agent` of one request.
 pub(crate) fn variables(
+    reads: &Reads,
     key: &AgentKey,
     headers: &HeaderMap,
     body: &RequestBody<'_>,
@@ -121,6 +122,7 @@ pub(crate) fn variables(
         .iter()
         .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
     Variables::new(
+        reads,
         json,
         header_pairs,
         provider.unwrap_or("none"),

@@ -6,6 +6,7 @@ use super::*;
 
 fn vars(body: Json, headers: &[(&str, &str)], provider: &str) -> Variables {
     Variables::new(
+        &Reads::everything(),
         &body,
         headers.iter().copied(),
         provider,
@@ -278,6 +279,7 @@ fn the_github_example_filters_to_mentions() {
     let filter = compiled.filter.expect("a filter");
     let run = |comment: &str| {
         let v = Variables::new(
+            &compiled.reads,
             &github_issue_comment(comment),
             [("x-github-event", "issue_comment")],
             "github",
@@ -289,4 +291,91 @@ fn the_github_example_filters_to_mentions() {
     assert_eq!(run("@github-reviewer please review"), Ok(true));
     assert_eq!(run("looks good"), Ok(false));
     assert_eq!(compiled.env.len(), 2);
+}
+
+#[test]
+fn reads_are_the_field_chains_and_anything_else_reads_whole() {
+    let reads = |source: &str| expr(source).reads().clone();
+    let fields = |pairs: &[(&str, Need)]| {
+        Need::Fields(
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        )
+    };
+    let r = reads("body.issue.title + body['issue'].user.login + headers['x-github-event']");
+    assert_eq!(
+        r.body,
+        fields(&[(
+            "issue",
+            fields(&[
+                ("title", Need::Whole),
+                ("user", fields(&[("login", Need::Whole)]))
+            ])
+        )])
+    );
+    assert_eq!(r.headers, fields(&[("x-github-event", Need::Whole)]));
+    assert_eq!(reads("provider == 'github'"), Reads::default());
+    assert_eq!(
+        reads("size(body.labels) > 0 && has(body.issue.x)").body,
+        fields(&[
+            ("labels", Need::Whole),
+            ("issue", fields(&[("x", Need::Whole)]))
+        ])
+    );
+    // A whole read absorbs the field reads below it.
+    assert_eq!(
+        reads("body.issue.title == '' || body.issue == {}").body,
+        fields(&[("issue", Need::Whole)])
+    );
+    assert_eq!(
+        reads("body.items[0].name == 'x'").body,
+        fields(&[("items", Need::Whole)])
+    );
+    assert_eq!(reads("body == null").body, Need::Whole);
+    assert_eq!(reads("'a' in headers").headers, Need::Whole);
+}
+
+#[test]
+fn converting_only_what_is_read_changes_no_result() {
+    let body = json!({
+        "action": "created", "n": 3, "list": [1, {"a": 2}], "empty": {},
+        "issue": {"title": "T", "number": 42, "labels": [{"name": "bug"}], "user": {"login": "o"}},
+        "deep": {"a": {"b": {"c": "d"}}},
+    });
+    let headers = [("X-GitHub-Event", "issue_comment"), ("X-Other", "1")];
+    for source in [
+        "body.action == 'created' && body.n == 3",
+        "body.issue.title + '#' + string(body.issue.number)",
+        "has(body.issue.missing) || has(body.deep.a.b)",
+        "body.issue.missing == 1",
+        "body.issue.labels.exists(l, l.name == 'bug')",
+        "body.list[1].a == 2",
+        "body.deep.a == {'b': {'c': 'd'}}",
+        "size(body.issue) == 4 && size(body.empty) == 0",
+        "headers['x-github-event'] == 'issue_comment' && !('x-missing' in headers)",
+        "size(headers) == 2",
+        "body.deep['a'].b.c + body.deep.a.b.c",
+        "body.action.nope",
+        "body == body",
+    ] {
+        let e = expr(source);
+        let all = Variables::new(&Reads::everything(), &body, headers, "github", "ns", "a");
+        let read = Variables::new(e.reads(), &body, headers, "github", "ns", "a");
+        assert_eq!(e.evaluate_bool(&read), e.evaluate_bool(&all), "{source}");
+        assert_eq!(e.evaluate_text(&read), e.evaluate_text(&all), "{source}");
+    }
+}
+
+#[test]
+fn the_value_budget_counts_only_what_is_read() {
+    let big = json!({"l": vec![1; MAX_BODY_VALUES], "ok": true});
+    let e = expr("body.ok");
+    let read = Variables::new(e.reads(), &big, [], "none", "ns", "a");
+    assert_eq!(e.evaluate_bool(&read), Ok(true));
+    let e = expr("body.ok && size(body.l) > 0");
+    let read = Variables::new(e.reads(), &big, [], "none", "ns", "a");
+    let err = e.evaluate_bool(&read).expect_err("over the budget");
+    assert!(err.contains("JSON values"), "{err}");
 }

@@ -519,15 +519,15 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
                         if refusal.code != 403 {
                             return Err(Error::Kube(kube::Error::Api(refusal)));
                         }
-                        // Forbidden may pass (a ServiceAccount or quota appears): look
-                        // again soon, and by the pending timeout at the latest.
+                        // Forbidden may pass (a ServiceAccount or quota appears, or the
+                        // admission's cache of ServiceAccounts catches up with a new
+                        // namespace): look again soon, then less often, and by the
+                        // pending timeout at the latest.
                         tracing::warn!(session = %name, namespace = %namespace, detail = %refusal.message, "the cluster refused the session pod; retrying");
                         ctx.metrics
                             .reconcile_failed(CONTROLLER, "pod_create_forbidden");
                         let left = ctx.pending_timeout.saturating_sub(age);
-                        return Ok(Action::requeue(
-                            (left + Duration::from_millis(100)).min(Duration::from_secs(10)),
-                        ));
+                        return Ok(Action::requeue(phase::forbidden_retry(age, left)));
                     };
                     write_transition(ctx, &sessions, session, &uid, &transition, None).await?;
                     return Ok(Action::await_change());

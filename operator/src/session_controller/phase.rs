@@ -135,6 +135,16 @@ pub fn policy_violation(message: String) -> Transition {
     Transition::fail(FailReason::PolicyViolation, message, false)
 }
 
+/// When to try again to create a pod the cluster refused as forbidden, for a Session
+/// `age` old with `left` until its pending timeout: after half its age (at least 250 ms,
+/// at most 10 s), so that a refusal that passes in a moment costs a moment and one that
+/// lasts costs few calls; never later than just past the pending timeout.
+pub fn forbidden_retry(age: Duration, left: Duration) -> Duration {
+    (age / 2)
+        .clamp(Duration::from_millis(250), Duration::from_secs(10))
+        .min(left + Duration::from_millis(100))
+}
+
 /// What to make of the API refusing to create the pod with `code` and `message`, for a
 /// Session `age` old: `None` to retry (with backoff), or the failure that ends it. An
 /// invalid pod (400, 422) never becomes valid; a forbidden one (a missing

@@ -867,6 +867,19 @@ fn the_cached_session_keeps_what_the_decisions_read() {
 }
 
 #[test]
+fn a_forbidden_pod_is_retried_soon_then_less_often_and_by_the_timeout() {
+    let ms = Duration::from_millis;
+    let secs = Duration::from_secs;
+    // A new Session of a new namespace: looked at again within a quarter second.
+    assert_eq!(phase::forbidden_retry(ms(10), secs(2)), ms(250));
+    assert_eq!(phase::forbidden_retry(secs(1), secs(1)), ms(500));
+    // Long refusals cost a call every 10 s at most.
+    assert_eq!(phase::forbidden_retry(secs(120), secs(180)), secs(10));
+    // Never later than just past the pending timeout.
+    assert_eq!(phase::forbidden_retry(secs(1), ms(50)), ms(150));
+}
+
+#[test]
 fn a_refused_pod_fails_at_once_when_invalid_and_after_the_timeout_when_forbidden() {
     let timeout = Duration::from_secs(300);
     let invalid = phase::pod_create_refused(
