@@ -279,9 +279,16 @@ pub fn after_attempt(
                 if let Some(floor) = floor {
                     wait = wait.max(floor.min(MAX_RETRY_AFTER));
                 }
+                // Rounded up to a whole second, as status stores it: never earlier
+                // than the delay.
                 let next = SignedDuration::try_from(wait)
                     .ok()
                     .and_then(|d| now.checked_add(d).ok())
+                    .map(|t| {
+                        let second = t.as_second()
+                            + i64::from(t.subsec_nanosecond() > 0);
+                        Timestamp::from_second(second).unwrap_or(t)
+                    })
                     .unwrap_or(Timestamp::MAX);
                 record.state = DeliveryState::Pending;
                 record.next_attempt_time = Some(Time(next));
