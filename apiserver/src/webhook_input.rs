@@ -4,8 +4,8 @@
 //! the Agent once, when the index takes it in, and checked per request.
 
 use hookrun_crds::AgentSpec;
-use hookrun_crds::callback::CallbackPolicy;
 use hookrun_crds::budget::{OverBudget, SessionBudgets, cut_encoded};
+use hookrun_crds::callback::CallbackPolicy;
 use hookrun_crds::session::SessionEnvVar;
 use hookrun_crds::validation::{check_allowed_env_entry, env_name_allowed};
 
@@ -234,7 +234,10 @@ mod tests {
             "triggers": [{"webhook": {}}],
             "callbackPolicy": {"allowedUrlPrefixes": ["https://ci.example/hooks/"]},
         }));
-        assert_eq!(some.check_callback_url("https://ci.example/hooks/7"), Ok(()));
+        assert_eq!(
+            some.check_callback_url("https://ci.example/hooks/7"),
+            Ok(())
+        );
         let err = some
             .check_callback_url("https://evil.example/hooks/7")
             .expect_err("outside");

@@ -196,7 +196,11 @@ pub struct CallbackDelivery {
 impl CallbackDelivery {
     /// Sets the reason, cut to its bound.
     pub fn set_message(&mut self, message: &str) {
-        self.message = Some(cut_encoded(message, MAX_DELIVERY_MESSAGE_BYTES).0.to_owned());
+        self.message = Some(
+            cut_encoded(message, MAX_DELIVERY_MESSAGE_BYTES)
+                .0
+                .to_owned(),
+        );
     }
 }
 
@@ -315,10 +319,7 @@ mod tests {
             1614265330,
             br#"{"test": 2432232314}"#,
         );
-        assert_eq!(
-            signature,
-            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
-        );
+        assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(decode_key(b"whsec_").is_err());
         assert!(decode_key(b"whsec_!!").is_err());
     }

@@ -270,7 +270,11 @@ pub async fn run(args: Args) -> Result<()> {
     // The callback sender runs past the election too: one sender per cluster.
     let callbacks = callback::run(
         client.clone(),
-        session_stores.iter().cloned().zip(stores.iter().cloned()).collect(),
+        session_stores
+            .iter()
+            .cloned()
+            .zip(stores.iter().cloned())
+            .collect(),
         callback_settings,
         metrics.clone(),
         recorder.clone(),

@@ -180,7 +180,8 @@ mod tests {
         assert!(verify(&signature, r#"{"type":"session.failed"}"#, SENT).is_err());
         let other = hookrun_crds::callback::sign(&key, "msg_other", SENT as i64, body.as_bytes());
         assert!(verify(&other, body, SENT).is_err());
-        let wrong = hookrun_crds::callback::sign(b"another key", MSG_ID, SENT as i64, body.as_bytes());
+        let wrong =
+            hookrun_crds::callback::sign(b"another key", MSG_ID, SENT as i64, body.as_bytes());
         assert!(verify(&wrong, body, SENT).is_err());
     }
 

@@ -23,9 +23,7 @@ impl DestinationPolicy {
     pub fn refusal(&self, ip: IpAddr) -> Option<String> {
         // An IPv4 address written as IPv6 (::ffff:a.b.c.d) is judged as IPv4.
         let ip = match ip {
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map_or(IpAddr::V6(v6), IpAddr::V4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
         let kind = match ip {
@@ -37,10 +35,9 @@ impl DestinationPolicy {
             Some(kind) => return Some(format!("{ip} is a {kind} address")),
             None => {}
         }
-        self.denied
-            .iter()
-            .find(|net| net.contains(&ip))
-            .map(|net| format!("{ip} is in {net}, a network callbacks may not reach (--callback-deny-cidrs)"))
+        self.denied.iter().find(|net| net.contains(&ip)).map(|net| {
+            format!("{ip} is in {net}, a network callbacks may not reach (--callback-deny-cidrs)")
+        })
     }
 }
 

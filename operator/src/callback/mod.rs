@@ -153,7 +153,7 @@ pub async fn run(
                 });
             }
         }
-        if ticks % 60 == 0 {
+        if ticks.is_multiple_of(60) {
             seen.retain(|uid, _| present.contains(uid));
         }
     }
@@ -173,8 +173,7 @@ fn needs_look(
         return false;
     };
     let due_record = status.callbacks.iter().any(|r| {
-        r.state == DeliveryState::Pending
-            && r.next_attempt_time.as_ref().is_none_or(|t| t.0 <= now)
+        r.state == DeliveryState::Pending && r.next_attempt_time.as_ref().is_none_or(|t| t.0 <= now)
     });
     if due_record {
         return true;
@@ -296,14 +295,18 @@ impl Sender {
                 .as_ref()
                 .is_some_and(|p| p.allows(&target.url))
         {
-            return Ok(Err("the request's callbackUrl is no longer within the Agent's \
+            return Ok(Err(
+                "the request's callbackUrl is no longer within the Agent's \
                  spec.callbackPolicy.allowedUrlPrefixes"
-                .to_owned()));
+                    .to_owned(),
+            ));
         }
         let Some(secret_ref) = &target.secret else {
-            return Ok(Err("no signing key: set spec.callbackPolicy.secretRef or a \
+            return Ok(Err(
+                "no signing key: set spec.callbackPolicy.secretRef or a \
                  spec.callbacks[].secretRef"
-                .to_owned()));
+                    .to_owned(),
+            ));
         };
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let Some(secret) = secrets.get_opt(&secret_ref.name).await? else {
@@ -312,11 +315,7 @@ impl Sender {
                 secret_ref.name
             )));
         };
-        let Some(value) = secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&secret_ref.key))
-        else {
+        let Some(value) = secret.data.as_ref().and_then(|d| d.get(&secret_ref.key)) else {
             return Ok(Err(format!(
                 "the Secret {:?} has no key {:?}",
                 secret_ref.name, secret_ref.key
@@ -375,11 +374,19 @@ impl Sender {
         let event = Event {
             type_,
             reason: reason.to_owned(),
-            note: Some(hookrun_crds::session::truncate_utf8(&note, 1024).0.to_owned()),
+            note: Some(
+                hookrun_crds::session::truncate_utf8(&note, 1024)
+                    .0
+                    .to_owned(),
+            ),
             action: "Callback".to_owned(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &session.object_ref(&())).await {
+        if let Err(error) = self
+            .recorder
+            .publish(&event, &session.object_ref(&()))
+            .await
+        {
             tracing::warn!(session = %session.name_any(), %error, "could not publish a callback event");
         }
     }
@@ -475,7 +482,8 @@ mod tests {
     #[test]
     fn a_finished_session_is_looked_at_until_each_target_has_a_record() {
         let horizon = Duration::from_secs(3600);
-        let agent = agent(json!({"callbacks": [{"url": URL, "secretRef": {"name": "k", "key": "k"}}]}));
+        let agent =
+            agent(json!({"callbacks": [{"url": URL, "secretRef": {"name": "k", "key": "k"}}]}));
         let done = json!({"phase": "Complete", "completionTime": "2027-01-15T08:00:00Z"});
         let now: Timestamp = "2027-01-15T08:00:05Z".parse().expect("a time");
         let session = cached(json!(null), done.clone());
@@ -493,7 +501,10 @@ mod tests {
         let due_at: Timestamp = "2027-01-15T08:00:10Z".parse().expect("a time");
         assert!(needs_look(&waiting, &agent, None, due_at, horizon));
         // A request's own URL needs a record of its own.
-        let own = cached(json!({"source": "webhook", "callbackUrl": "https://ci.example/1"}), recorded);
+        let own = cached(
+            json!({"source": "webhook", "callbackUrl": "https://ci.example/1"}),
+            recorded,
+        );
         assert!(needs_look(&own, &agent, None, now, horizon));
         let _ = at(0);
     }
@@ -501,14 +512,26 @@ mod tests {
     #[test]
     fn running_events_are_looked_at_when_the_count_moves() {
         let horizon = Duration::from_secs(3600);
-        let turns = agent(json!({"callbacks": [{"url": URL, "secretRef": {"name": "k", "key": "k"},
-            "events": ["session.turn_completed"]}]}));
-        let running = cached(json!(null), json!({"phase": "Running",
-            "events": [{"type": "agent.turn_complete", "content": "x", "timestamp": "2027-01-15T08:00:00Z"}]}));
+        let turns = agent(
+            json!({"callbacks": [{"url": URL, "secretRef": {"name": "k", "key": "k"},
+            "events": ["session.turn_completed"]}]}),
+        );
+        let running = cached(
+            json!(null),
+            json!({"phase": "Running",
+            "events": [{"type": "agent.turn_complete", "content": "x", "timestamp": "2027-01-15T08:00:00Z"}]}),
+        );
         let now = at(0);
         assert!(needs_look(&running, &turns, None, now, horizon));
-        assert!(!needs_look(&running, &turns, Some(running.next_event_id), now, horizon));
-        let plain = agent(json!({"callbacks": [{"url": URL, "secretRef": {"name": "k", "key": "k"}}]}));
+        assert!(!needs_look(
+            &running,
+            &turns,
+            Some(running.next_event_id),
+            now,
+            horizon
+        ));
+        let plain =
+            agent(json!({"callbacks": [{"url": URL, "secretRef": {"name": "k", "key": "k"}}]}));
         assert!(!needs_look(&running, &plain, None, now, horizon));
     }
 }

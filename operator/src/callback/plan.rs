@@ -34,9 +34,7 @@ pub struct RetrySchedule {
 impl Default for RetrySchedule {
     /// 12 attempts over about 22 hours.
     fn default() -> Self {
-        let secs = [
-            10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 21600, 28800,
-        ];
+        let secs = [10, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 21600, 28800];
         RetrySchedule {
             delays: secs.into_iter().map(Duration::from_secs).collect(),
         }
@@ -153,7 +151,7 @@ pub fn occurrences(status: &SessionStatus) -> Vec<Occurrence<'_>> {
         let at = status
             .completion_time
             .clone()
-            .unwrap_or_else(|| Time(Timestamp::UNIX_EPOCH));
+            .unwrap_or(Time(Timestamp::UNIX_EPOCH));
         found.push(Occurrence {
             event,
             number: None,
@@ -212,7 +210,12 @@ pub fn due<'a>(
             if !target.events.iter().any(|e| e == occurrence.event) {
                 continue;
             }
-            let id = webhook_id(session_uid, &target.url, occurrence.event, occurrence.number);
+            let id = webhook_id(
+                session_uid,
+                &target.url,
+                occurrence.event,
+                occurrence.number,
+            );
             let record = match status.callbacks.iter().find(|r| r.id == id) {
                 Some(record) if record.state.is_final() => continue,
                 Some(record) => {
@@ -285,8 +288,7 @@ pub fn after_attempt(
                     .ok()
                     .and_then(|d| now.checked_add(d).ok())
                     .map(|t| {
-                        let second = t.as_second()
-                            + i64::from(t.subsec_nanosecond() > 0);
+                        let second = t.as_second() + i64::from(t.subsec_nanosecond() > 0);
                         Timestamp::from_second(second).unwrap_or(t)
                     })
                     .unwrap_or(Timestamp::MAX);
@@ -387,7 +389,12 @@ pub fn upsert(status: &mut SessionStatus, record: &CallbackDelivery) -> bool {
 
 /// Whether a finished Session's TTL deletion waits for its deliveries: while one is
 /// still pending, for at most `horizon` after its TTL ran out (`expired_at`).
-pub fn ttl_held(status: &SessionStatus, expired_at: Timestamp, now: Timestamp, horizon: Duration) -> bool {
+pub fn ttl_held(
+    status: &SessionStatus,
+    expired_at: Timestamp,
+    now: Timestamp,
+    horizon: Duration,
+) -> bool {
     let pending = status
         .callbacks
         .iter()

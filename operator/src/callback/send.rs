@@ -25,7 +25,11 @@ pub struct Attempt<'a> {
 }
 
 /// Makes one attempt under `policy`.
-pub async fn attempt(policy: &DestinationPolicy, attempt: &Attempt<'_>, timeout: Duration) -> Outcome {
+pub async fn attempt(
+    policy: &DestinationPolicy,
+    attempt: &Attempt<'_>,
+    timeout: Duration,
+) -> Outcome {
     let url = match reqwest::Url::parse(attempt.url) {
         Ok(url) if matches!(url.scheme(), "http" | "https") => url,
         _ => return Outcome::Refused("the callback URL is not an absolute http(s) URL".into()),
@@ -72,9 +76,16 @@ pub async fn attempt(policy: &DestinationPolicy, attempt: &Attempt<'_>, timeout:
     }
     let client = match builder.build() {
         Ok(client) => client,
-        Err(error) => return Outcome::Unanswered(format!("no HTTP client: {}", error.without_url())),
+        Err(error) => {
+            return Outcome::Unanswered(format!("no HTTP client: {}", error.without_url()));
+        }
     };
-    let signature = sign(attempt.key, attempt.id, attempt.timestamp_seconds, attempt.body);
+    let signature = sign(
+        attempt.key,
+        attempt.id,
+        attempt.timestamp_seconds,
+        attempt.body,
+    );
     let sent = client
         .post(url)
         .header("content-type", "application/json")

@@ -113,8 +113,7 @@ fn has_callback_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, 
         #[serde(default)]
         callback_url: Option<serde::de::IgnoredAny>,
     }
-    Ok(Option::<LeanTrigger>::deserialize(deserializer)?
-        .is_some_and(|t| t.callback_url.is_some()))
+    Ok(Option::<LeanTrigger>::deserialize(deserializer)?.is_some_and(|t| t.callback_url.is_some()))
 }
 
 #[derive(Deserialize)]

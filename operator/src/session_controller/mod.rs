@@ -318,12 +318,7 @@ fn callback_holds(status: &SessionStatus, ttl: Duration, now: Timestamp) -> bool
         .ok()
         .and_then(|ttl| done.0.checked_add(ttl).ok())
         .unwrap_or(done.0);
-    crate::callback::plan::ttl_held(
-        status,
-        expired_at,
-        now,
-        crate::callback::plan::MAX_TTL_HOLD,
-    )
+    crate::callback::plan::ttl_held(status, expired_at, now, crate::callback::plan::MAX_TTL_HOLD)
 }
 
 /// Whether a cached Session still waits for its pod (new, or `Queued`).

@@ -304,8 +304,14 @@ async fn a_failing_receiver_gets_one_id_on_the_schedule_and_one_delivery() {
         assert!(signature_is_valid(request), "{request:#?}");
     }
     // Backoff: at least the configured delays (1 s, then 2 s) between attempts.
-    assert!(got[1].at - got[0].at >= Duration::from_millis(900), "{got:#?}");
-    assert!(got[2].at - got[1].at >= Duration::from_millis(1900), "{got:#?}");
+    assert!(
+        got[1].at - got[0].at >= Duration::from_millis(900),
+        "{got:#?}"
+    );
+    assert!(
+        got[2].at - got[1].at >= Duration::from_millis(1900),
+        "{got:#?}"
+    );
     let body: Value = serde_json::from_str(&got[2].body).expect("a JSON body");
     assert_eq!(body["type"], "session.completed");
     assert_eq!(body["session"], "notifier-run");
@@ -352,7 +358,11 @@ async fn a_killed_operator_resumes_the_schedule_from_status() {
         .expect("a next attempt time")
         .0;
     first.process.signal("KILL");
-    first.process.wait_exit(BUDGET).await.expect("the operator died");
+    first
+        .process
+        .wait_exit(BUDGET)
+        .await
+        .expect("the operator died");
 
     let _second = Operator::start(cluster, ns.name(), &flags).await;
     let records = records_when(&sessions, "notifier-run", |r| {
@@ -389,7 +399,12 @@ async fn forbidden_destinations_are_refused_and_recorded() {
         ],
     )
     .await;
-    let port = receiver.address.rsplit(':').next().expect("a port").to_owned();
+    let port = receiver
+        .address
+        .rsplit(':')
+        .next()
+        .expect("a port")
+        .to_owned();
     let sessions = agent_with_session(
         &ns,
         json!([
@@ -498,7 +513,10 @@ async fn a_callback_url_outside_the_allowed_prefixes_is_a_400() {
         assert_eq!(answer.json["error"], "bad_body", "{}", answer.text);
         let message = answer.json["message"].as_str().unwrap_or_default();
         assert!(message.contains("callbackUrl"), "{message}");
-        assert!(message.contains("https://ci.example.test/hooks/"), "{message}");
+        assert!(
+            message.contains("https://ci.example.test/hooks/"),
+            "{message}"
+        );
     }
     assert!(
         sessions
@@ -667,4 +685,39 @@ async fn one_agent_feeds_the_next_through_a_signed_callback() {
     assert_eq!(b_done, Some(SessionPhase::Complete));
     pod_runner.stop_all();
     pod_runner_task.abort();
+}
+
+#[tokio::test]
+async fn the_example_pair_of_agents_applies() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let manifest = std::fs::read_to_string(workspace_root().join("examples/callback-chain.yaml"))
+        .expect("examples/callback-chain.yaml is readable");
+    ns.apply(&manifest);
+    let agents: Api<Agent> = Api::namespaced(cluster.client().await, ns.name());
+    let draft = agents.get("chain-draft").await.expect("chain-draft exists");
+    assert_eq!(draft.spec.callbacks.len(), 1);
+    assert_eq!(draft.spec.callbacks[0].event_names(), ["session.completed"]);
+    let policy = draft.spec.callback_policy.expect("a callback policy");
+    assert!(policy.allows("https://ci.example.com/hookrun/build-1"));
+    // The schema refuses a URL that is not http(s) and an unknown event.
+    for (callback, field) in [
+        (
+            "{url: 'ftp://x/', secretRef: {name: a, key: b}}",
+            "spec.callbacks[0].url",
+        ),
+        (
+            "{url: 'https://x/', secretRef: {name: a, key: b}, events: [session.exploded]}",
+            "spec.callbacks[0].events[0]",
+        ),
+    ] {
+        let manifest = format!(
+            "apiVersion: hookrun.dev/v1alpha1\nkind: Agent\nmetadata: {{name: bad}}\nspec:\n  \
+             callbacks: [{callback}]\n"
+        );
+        let refused = ns.kubectl(&["apply", "-f", "-"], Some(&manifest));
+        assert!(!refused.status.success(), "{callback}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains(field), "{stderr}");
+    }
 }

@@ -52,7 +52,12 @@ fn a_completed_session_owes_one_delivery_with_a_stable_id() {
     assert_eq!(item.occurrence.event, events::SESSION_COMPLETED);
     assert_eq!(
         item.record.id,
-        webhook_id(UID, "https://r.example/hook?token=s3cret", events::SESSION_COMPLETED, None)
+        webhook_id(
+            UID,
+            "https://r.example/hook?token=s3cret",
+            events::SESSION_COMPLETED,
+            None
+        )
     );
     // The record shows the URL without its query.
     assert_eq!(item.record.url, "https://r.example/hook");
@@ -66,7 +71,11 @@ fn a_completed_session_owes_one_delivery_with_a_stable_id() {
     let mut running = SessionStatus::default();
     running.mark_running(Time(at(0)));
     running.push_event(event_types::AGENT_MESSAGE, "hi", Time(at(0)));
-    assert!(due(UID, &targets, &running, at(1), Duration::MAX).0.is_empty());
+    assert!(
+        due(UID, &targets, &running, at(1), Duration::MAX)
+            .0
+            .is_empty()
+    );
 }
 
 #[test]
@@ -75,12 +84,18 @@ fn failures_retry_on_the_schedule_with_the_same_id_then_deliver() {
     let targets = targets(&spec, None);
     let mut status = completed(0);
     let horizon = schedule().horizon();
-    let first = due(UID, &targets, &status, at(1), horizon).0.remove(0).record;
+    let first = due(UID, &targets, &status, at(1), horizon)
+        .0
+        .remove(0)
+        .record;
     let id = first.id.clone();
 
     let after_503 = after_attempt(
         first,
-        &Outcome::Answered { status: 503, retry_after: None },
+        &Outcome::Answered {
+            status: 503,
+            retry_after: None,
+        },
         at(1),
         &schedule(),
         0.5,
@@ -89,7 +104,11 @@ fn failures_retry_on_the_schedule_with_the_same_id_then_deliver() {
     assert_eq!(after_503.attempts, 1);
     assert_eq!(after_503.last_status_code, Some(503));
     // 1 s plus 10% (half of the 20% band), rounded up to the second status keeps.
-    let next = after_503.next_attempt_time.clone().expect("a next attempt").0;
+    let next = after_503
+        .next_attempt_time
+        .clone()
+        .expect("a next attempt")
+        .0;
     assert_eq!(next, at(3));
     assert!(upsert(&mut status, &after_503));
     // Not due before its time; due after it, with the same record.
@@ -97,7 +116,10 @@ fn failures_retry_on_the_schedule_with_the_same_id_then_deliver() {
     assert!(none.is_empty());
     assert_eq!(when, Some(next));
     assert!(due(UID, &targets, &status, at(2), horizon).0.is_empty());
-    let again = due(UID, &targets, &status, at(3), horizon).0.remove(0).record;
+    let again = due(UID, &targets, &status, at(3), horizon)
+        .0
+        .remove(0)
+        .record;
     assert_eq!((again.id.as_str(), again.attempts), (id.as_str(), 1));
 
     let dropped = after_attempt(
@@ -107,7 +129,10 @@ fn failures_retry_on_the_schedule_with_the_same_id_then_deliver() {
         &schedule(),
         0.0,
     );
-    assert_eq!((dropped.state, dropped.attempts), (DeliveryState::Pending, 2));
+    assert_eq!(
+        (dropped.state, dropped.attempts),
+        (DeliveryState::Pending, 2)
+    );
     assert_eq!(dropped.last_status_code, None);
     assert_eq!(
         dropped.next_attempt_time.clone().expect("next").0,
@@ -115,10 +140,16 @@ fn failures_retry_on_the_schedule_with_the_same_id_then_deliver() {
         "the second delay, no jitter"
     );
     assert!(upsert(&mut status, &dropped));
-    let third = due(UID, &targets, &status, at(5), horizon).0.remove(0).record;
+    let third = due(UID, &targets, &status, at(5), horizon)
+        .0
+        .remove(0)
+        .record;
     let delivered = after_attempt(
         third,
-        &Outcome::Answered { status: 204, retry_after: None },
+        &Outcome::Answered {
+            status: 204,
+            retry_after: None,
+        },
         at(5),
         &schedule(),
         0.0,
@@ -141,28 +172,62 @@ fn answers_that_stop_and_the_end_of_the_schedule() {
         ..CallbackDelivery::default()
     };
     let run = |outcome: Outcome| after_attempt(record.clone(), &outcome, at(0), &schedule(), 0.0);
-    let answered = |status| Outcome::Answered { status, retry_after: None };
+    let answered = |status| Outcome::Answered {
+        status,
+        retry_after: None,
+    };
     assert_eq!(run(answered(410)).state, DeliveryState::Failed);
     assert_eq!(run(answered(404)).state, DeliveryState::Failed);
     assert_eq!(run(answered(400)).state, DeliveryState::Failed);
     for retried in [408, 429, 500, 502, 503] {
-        assert_eq!(run(answered(retried)).state, DeliveryState::Pending, "{retried}");
+        assert_eq!(
+            run(answered(retried)).state,
+            DeliveryState::Pending,
+            "{retried}"
+        );
     }
     let redirect = run(answered(302));
     assert_eq!(redirect.state, DeliveryState::Refused);
-    assert!(redirect.message.as_deref().is_some_and(|m| m.contains("redirect")));
-    let refused = run(Outcome::Refused("169.254.169.254 is a link-local address".into()));
-    assert_eq!((refused.state, refused.attempts), (DeliveryState::Refused, 0));
+    assert!(
+        redirect
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("redirect"))
+    );
+    let refused = run(Outcome::Refused(
+        "169.254.169.254 is a link-local address".into(),
+    ));
+    assert_eq!(
+        (refused.state, refused.attempts),
+        (DeliveryState::Refused, 0)
+    );
     // Retry-After lengthens the wait, up to an hour.
-    let later = run(Outcome::Answered { status: 429, retry_after: Some(Duration::from_secs(30)) });
+    let later = run(Outcome::Answered {
+        status: 429,
+        retry_after: Some(Duration::from_secs(30)),
+    });
     assert_eq!(later.next_attempt_time.expect("next").0, at(30));
-    let capped = run(Outcome::Answered { status: 503, retry_after: Some(Duration::from_secs(86_400)) });
+    let capped = run(Outcome::Answered {
+        status: 503,
+        retry_after: Some(Duration::from_secs(86_400)),
+    });
     assert_eq!(capped.next_attempt_time.expect("next").0, at(3600));
     // Two delays: the third failed attempt gives up.
-    let spent = CallbackDelivery { attempts: 2, ..record.clone() };
+    let spent = CallbackDelivery {
+        attempts: 2,
+        ..record.clone()
+    };
     let given_up = after_attempt(spent, &answered(503), at(0), &schedule(), 0.0);
-    assert_eq!((given_up.state, given_up.attempts), (DeliveryState::Failed, 3));
-    assert!(given_up.message.as_deref().is_some_and(|m| m.contains("gave up after 3")));
+    assert_eq!(
+        (given_up.state, given_up.attempts),
+        (DeliveryState::Failed, 3)
+    );
+    assert!(
+        given_up
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("gave up after 3"))
+    );
 }
 
 #[test]
@@ -184,14 +249,28 @@ fn turns_and_messages_are_delivered_each_to_their_subscribers() {
     let (owed, _) = due(UID, &targets, &status, at(4), Duration::from_secs(3600));
     let seen: Vec<(&str, &str, Option<u64>)> = owed
         .iter()
-        .map(|d| (d.target.url.as_str(), d.occurrence.event, d.occurrence.number))
+        .map(|d| {
+            (
+                d.target.url.as_str(),
+                d.occurrence.event,
+                d.occurrence.number,
+            )
+        })
         .collect();
     assert_eq!(
         seen,
         [
             ("https://chatty.example/", events::AGENT_MESSAGE, Some(2)),
-            ("https://turns.example/", events::SESSION_TURN_COMPLETED, Some(3)),
-            ("https://turns.example/", events::SESSION_TURN_COMPLETED, Some(4)),
+            (
+                "https://turns.example/",
+                events::SESSION_TURN_COMPLETED,
+                Some(3)
+            ),
+            (
+                "https://turns.example/",
+                events::SESSION_TURN_COMPLETED,
+                Some(4)
+            ),
         ]
     );
     assert_ne!(owed[1].record.id, owed[2].record.id);
@@ -217,8 +296,14 @@ fn per_request_urls_use_the_policy_key_and_the_end_events() {
         "callbackPolicy": {"allowedUrlPrefixes": ["https://ci.example/"]},
     }));
     let fallback = targets(&no_key, Some("https://ci.example/x"));
-    assert_eq!(fallback[1].secret.as_ref().map(|s| s.name.as_str()), Some("a"));
-    assert_eq!(targets(&agent(json!({})), Some("https://ci.example/x"))[0].secret, None);
+    assert_eq!(
+        fallback[1].secret.as_ref().map(|s| s.name.as_str()),
+        Some("a")
+    );
+    assert_eq!(
+        targets(&agent(json!({})), Some("https://ci.example/x"))[0].secret,
+        None
+    );
 }
 
 #[test]
@@ -226,13 +311,33 @@ fn old_events_and_full_records_start_nothing() {
     let spec = one_callback();
     let targets = targets(&spec, None);
     let status = completed(0);
-    assert!(due(UID, &targets, &status, at(7200), Duration::from_secs(3600)).0.is_empty());
+    assert!(
+        due(UID, &targets, &status, at(7200), Duration::from_secs(3600))
+            .0
+            .is_empty()
+    );
     let mut full = completed(0);
     for i in 0..MAX_DELIVERY_RECORDS {
-        assert!(upsert(&mut full, &CallbackDelivery { id: format!("msg_{i}"), ..Default::default() }));
+        assert!(upsert(
+            &mut full,
+            &CallbackDelivery {
+                id: format!("msg_{i}"),
+                ..Default::default()
+            }
+        ));
     }
-    assert!(due(UID, &targets, &full, at(1), Duration::from_secs(3600)).0.is_empty());
-    assert!(!upsert(&mut full, &CallbackDelivery { id: "msg_more".into(), ..Default::default() }));
+    assert!(
+        due(UID, &targets, &full, at(1), Duration::from_secs(3600))
+            .0
+            .is_empty()
+    );
+    assert!(!upsert(
+        &mut full,
+        &CallbackDelivery {
+            id: "msg_more".into(),
+            ..Default::default()
+        }
+    ));
 }
 
 #[test]
@@ -240,7 +345,10 @@ fn a_pending_delivery_holds_the_ttl_deletion_for_a_bounded_time() {
     let mut status = completed(0);
     let hold = Duration::from_secs(600);
     assert!(!ttl_held(&status, at(10), at(11), hold));
-    status.callbacks.push(CallbackDelivery { id: "msg_1".into(), ..Default::default() });
+    status.callbacks.push(CallbackDelivery {
+        id: "msg_1".into(),
+        ..Default::default()
+    });
     assert!(ttl_held(&status, at(10), at(11), hold));
     assert!(!ttl_held(&status, at(10), at(611), hold));
     status.callbacks[0].state = DeliveryState::Delivered;
