@@ -57,6 +57,9 @@ pub struct WebhookBody {
     pub wait: WaitMode,
     /// The caller's idempotency key.
     pub idempotency_key: Option<String>,
+    /// Where the caller wants the signed completion callback (checked against the
+    /// Agent's `spec.callbackPolicy` by the caller of this parser).
+    pub callback_url: Option<String>,
 }
 
 /// A body field that cannot be accepted: the field's path (`env[2].name`, or `body` for
@@ -164,7 +167,28 @@ pub fn webhook_fields(body: &RequestBody<'_>) -> Result<WebhookBody, BodyError> 
                 ));
             }
         },
+        callback_url: parse_callback_url(object)?,
     })
+}
+
+fn parse_callback_url(object: &Map<String, Value>) -> Result<Option<String>, BodyError> {
+    use hookrun_crds::callback::MAX_CALLBACK_URL_LEN;
+    match field(object, "callbackUrl") {
+        None => Ok(None),
+        Some(Value::String(url))
+            if !url.is_empty()
+                && url.len() <= MAX_CALLBACK_URL_LEN
+                && !url.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            Ok(Some(url.clone()))
+        }
+        Some(_) => Err(BodyError::new(
+            "callbackUrl",
+            format!(
+                "must be an http(s) URL of 1 to {MAX_CALLBACK_URL_LEN} characters without                  spaces, within the Agent's spec.callbackPolicy.allowedUrlPrefixes"
+            ),
+        )),
+    }
 }
 
 /// Checks an idempotency key from the body or the `Idempotency-Key` header (`field` names

@@ -5,6 +5,7 @@
 
 use hookrun_crds::AgentSpec;
 use hookrun_crds::budget::{OverBudget, SessionBudgets, cut_encoded};
+use hookrun_crds::callback::CallbackPolicy;
 use hookrun_crds::session::SessionEnvVar;
 use hookrun_crds::validation::{check_allowed_env_entry, env_name_allowed};
 
@@ -20,6 +21,8 @@ pub(crate) struct InputPolicy {
     pub(crate) agent_env: Vec<String>,
     /// The storage budgets, from `limits` and the defaults.
     pub(crate) budgets: SessionBudgets,
+    /// Where a request's own `callbackUrl` may point (`spec.callbackPolicy`).
+    pub(crate) callbacks: CallbackPolicy,
 }
 
 impl InputPolicy {
@@ -42,7 +45,30 @@ impl InputPolicy {
             allowed_env,
             agent_env,
             budgets: SessionBudgets::from_limits(webhook.and_then(|w| w.limits.as_ref())),
+            callbacks: spec.callback_policy.clone().unwrap_or_default(),
         }
+    }
+
+    /// Checks a request's `callbackUrl` against `spec.callbackPolicy.allowedUrlPrefixes`:
+    /// 400 naming the field and the prefixes allowed.
+    pub(crate) fn check_callback_url(&self, url: &str) -> Result<(), BodyError> {
+        if self.callbacks.allows(url) {
+            return Ok(());
+        }
+        let allowed = &self.callbacks.allowed_url_prefixes;
+        let message = if allowed.is_empty() {
+            "this Agent accepts no callbackUrl (its spec.callbackPolicy.allowedUrlPrefixes              is empty)"
+                .to_owned()
+        } else {
+            format!(
+                "is not within this Agent's spec.callbackPolicy.allowedUrlPrefixes: use a URL                  starting with {}",
+                allowed.join(" or ")
+            )
+        };
+        Err(BodyError {
+            field: "callbackUrl".to_owned(),
+            message,
+        })
     }
 
     /// What the caller may set, for messages.
@@ -196,6 +222,29 @@ mod tests {
         );
     }
 
+    #[test]
+    fn callback_urls_must_be_within_the_allowed_prefixes() {
+        let none = policy(json!({"triggers": [{"webhook": {}}]}));
+        let err = none
+            .check_callback_url("https://ci.example/x")
+            .expect_err("no prefixes");
+        assert_eq!(err.field, "callbackUrl");
+        assert!(err.message.contains("accepts no callbackUrl"), "{err}");
+        let some = policy(json!({
+            "triggers": [{"webhook": {}}],
+            "callbackPolicy": {"allowedUrlPrefixes": ["https://ci.example/hooks/"]},
+        }));
+        assert_eq!(
+            some.check_callback_url("https://ci.example/hooks/7"),
+            Ok(())
+        );
+        let err = some
+            .check_callback_url("https://evil.example/hooks/7")
+            .expect_err("outside");
+        assert_eq!(err.field, "callbackUrl");
+        assert!(err.message.contains("https://ci.example/hooks/"), "{err}");
+    }
+
     proptest! {
         /// Whatever the names, a variable the Agent sets is refused and the answer names
         /// the entry.
@@ -206,6 +255,7 @@ mod tests {
                 allowed_env: vec!["A*".into(), "B*".into(), own.clone()],
                 agent_env: vec![own.clone()],
                 budgets: SessionBudgets::default(),
+                callbacks: CallbackPolicy::default(),
             };
             let env: Vec<_> = names.iter().map(|n| var(n, "v")).collect();
             let err = policy.check_env(&env).expect_err("the Agent's own name is in it");

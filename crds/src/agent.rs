@@ -103,6 +103,16 @@ pub struct AgentSpec {
     /// model (`models` is then ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecSpec>,
+
+    /// Signed (Standard Webhooks) POSTs the operator sends when this agent's Sessions
+    /// end, finish a turn or speak. At most 4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    pub callbacks: Vec<crate::callback::AgentCallback>,
+
+    /// Whether a webhook request may name its own `callbackUrl`, and where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_policy: Option<crate::callback::CallbackPolicy>,
 }
 
 /// One way of starting sessions.

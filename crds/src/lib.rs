@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod budget;
+pub mod callback;
 pub mod crd;
 pub mod duration;
 pub mod expression;

@@ -37,6 +37,8 @@ pub mod event_types {
     pub const STATUS_RUNNING: &str = "session.status_running";
     /// The session ended; the content is the final phase (`Complete` or `Error`).
     pub const STATUS_CLOSED: &str = "session.status_closed";
+    /// The harness finished a turn of a live session; the content is the turn's reply.
+    pub const TURN_COMPLETE: &str = "agent.turn_complete";
 }
 
 /// One run of an agent.
@@ -130,6 +132,12 @@ pub struct SessionTrigger {
     /// Whether `payload` was cut.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub payload_truncated: bool,
+    /// The request's own `callbackUrl`, within the Agent's
+    /// `spec.callbackPolicy.allowedUrlPrefixes`: sent `session.completed` and
+    /// `session.failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub callback_url: Option<String>,
 }
 
 /// Where a session is in its life.
@@ -233,6 +241,10 @@ pub struct SessionStatus {
     /// Why the session failed, when it did; why it waits, while it is `Queued`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The callback deliveries of this session (written by the operator only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub callbacks: Vec<crate::callback::CallbackDelivery>,
 }
 
 /// `text` cut to at most `max` bytes at a character boundary; whether it was cut.

@@ -110,6 +110,58 @@ pub struct Args {
     /// keys are always allowed.
     #[arg(long, env = "HOOKRUN_ALLOWED_TOLERATION_KEYS", value_delimiter = ',')]
     pub allowed_toleration_keys: Vec<String>,
+
+    /// Callbacks: networks no callback may reach, comma-separated CIDRs (set the
+    /// cluster's pod and service CIDRs here). Loopback, link-local (cloud metadata),
+    /// unspecified and multicast addresses are always refused.
+    #[arg(long, env = "HOOKRUN_CALLBACK_DENY_CIDRS", value_delimiter = ',')]
+    pub callback_deny_cidrs: Vec<String>,
+
+    /// Callbacks: allow loopback destinations (127.0.0.0/8, ::1). For tests and local
+    /// development only: in a cluster it would let namespace users reach the operator's
+    /// own host.
+    #[arg(long, env = "HOOKRUN_CALLBACK_ALLOW_LOOPBACK", default_value_t = false)]
+    pub callback_allow_loopback: bool,
+
+    /// Callbacks: the delays between attempts, comma-separated (after attempt n fails,
+    /// the next waits the n-th delay, up to 20% more at random, or longer when the
+    /// receiver's Retry-After says so, up to 1h); once spent, the delivery is given up.
+    #[arg(
+        long,
+        env = "HOOKRUN_CALLBACK_RETRY_DELAYS",
+        value_delimiter = ',',
+        default_value = "10s,30s,1m,5m,15m,30m,1h,2h,4h,6h,8h"
+    )]
+    pub callback_retry_delays: Vec<FlagDuration>,
+}
+
+impl Args {
+    /// The callback sender's settings; an unparsable CIDR is an error naming it.
+    pub fn callback_settings(&self) -> Result<crate::callback::CallbackSettings, String> {
+        let denied = self
+            .callback_deny_cidrs
+            .iter()
+            .map(|c| c.trim())
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                c.parse::<ipnet::IpNet>().map_err(|_| {
+                    format!(
+                        "--callback-deny-cidrs: {c:?} is not a CIDR such as 10.96.0.0/12 or fd00::/8"
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::callback::CallbackSettings {
+            destinations: crate::callback::destination::DestinationPolicy {
+                allow_loopback: self.callback_allow_loopback,
+                denied,
+            },
+            schedule: crate::callback::plan::RetrySchedule {
+                delays: self.callback_retry_delays.iter().map(|d| d.0).collect(),
+            },
+            timeout: crate::callback::send::ATTEMPT_TIMEOUT,
+        })
+    }
 }
 
 impl Args {

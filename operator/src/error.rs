@@ -35,6 +35,9 @@ pub enum Error {
 
     #[error("watching the cluster failed: {0}")]
     Watch(String),
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 impl Error {
@@ -53,6 +56,7 @@ impl Error {
             Error::LeaderElection(_) => "leader_election",
             Error::Admin(_) => "admin",
             Error::Watch(_) => "watch",
+            Error::Config(_) => "config",
         }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent_controller;
+pub mod callback;
 pub mod cli;
 pub mod error;
 pub mod leader;
@@ -99,6 +100,8 @@ pub async fn run(args: Args) -> Result<()> {
     // The elector renews through its own client; everything else goes through one whose
     // writes are refused whenever this process does not hold the Lease.
     let leadership = Arc::new(Leadership::default());
+    let callback_settings = args.callback_settings().map_err(Error::Config)?;
+    let callback_leadership = args.leader_elect.then(|| leadership.clone());
     let lease_client = Client::try_from(config.clone())?;
     let client = if args.leader_elect {
         let gate = leadership.clone();
@@ -264,6 +267,20 @@ pub async fn run(args: Args) -> Result<()> {
     let scheduler =
         schedule::controller::Scheduler::new(client.clone(), stores.clone(), metrics.clone());
     let scheduler = scheduler.run(stopped(stop_rx.clone()));
+    // The callback sender runs past the election too: one sender per cluster.
+    let callbacks = callback::run(
+        client.clone(),
+        session_stores
+            .iter()
+            .cloned()
+            .zip(stores.iter().cloned())
+            .collect(),
+        callback_settings,
+        metrics.clone(),
+        recorder.clone(),
+        callback_leadership,
+        stopped(stop_rx.clone()),
+    );
     tracing::info!(namespaces = ?args.namespaces, public_url = %args.public_url, runner_url = %args.runner_url, "agent and session controllers starting");
     let readiness = {
         let ready = ready.clone();
@@ -282,7 +299,7 @@ pub async fn run(args: Args) -> Result<()> {
             ready.store(true, Ordering::Release);
         }
     };
-    tokio::join!(join_all(runners), readiness, scheduler);
+    tokio::join!(join_all(runners), readiness, scheduler, callbacks);
 
     let _ = stop_tx.send(true);
     if let Some(elector) = &elector

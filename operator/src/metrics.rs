@@ -47,6 +47,16 @@ pub struct Metrics {
     pub session_transitions: Family<TransitionLabels, Counter>,
     /// From a Session's creation to its pod's creation.
     pub pod_create_latency: Histogram,
+    /// Callback attempts by Agent and outcome.
+    pub callback_deliveries: Family<CallbackLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallbackLabels {
+    pub namespace: String,
+    pub agent: String,
+    /// `delivered`, `retry`, `failed` or `refused`.
+    pub outcome: &'static str,
 }
 
 impl Metrics {
@@ -65,6 +75,7 @@ impl Metrics {
             pod_create_latency: Histogram::new([
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ]),
+            callback_deliveries: Family::default(),
         };
         let sub = registry.sub_registry_with_prefix("hookrun_operator");
         sub.register(
@@ -97,7 +108,22 @@ impl Metrics {
             "Time from a Session's creation to the creation of its pod (the API stamps creation to the second, so single values can be up to 1 s high)",
             metrics.pod_create_latency.clone(),
         );
+        sub.register(
+            "callback_attempts",
+            "Callback attempts, by Agent and outcome (delivered, retry, failed, refused)",
+            metrics.callback_deliveries.clone(),
+        );
         metrics
+    }
+
+    pub fn callback_delivery(&self, namespace: &str, agent: &str, outcome: &'static str) {
+        self.callback_deliveries
+            .get_or_create(&CallbackLabels {
+                namespace: namespace.to_owned(),
+                agent: agent.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn session_transition(&self, phase: &'static str, reason: &'static str) {

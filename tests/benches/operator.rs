@@ -346,6 +346,7 @@ fn stored_session(name: &str, agent: &str) -> Session {
                 payload_digest: Some(format!("sha256:{}", "ab".repeat(32))),
                 payload: Some(format!("{{\"data\":\"{}\"}}", "p".repeat(4096))),
                 payload_truncated: false,
+                callback_url: None,
             }),
         },
     )

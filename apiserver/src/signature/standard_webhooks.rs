@@ -170,6 +170,22 @@ mod tests {
     }
 
     #[test]
+    fn what_the_operator_signs_for_a_callback_verifies_here() {
+        let key = hookrun_crds::callback::decode_key(SECRET).expect("a key");
+        let body = r#"{"type":"session.completed","response":"42"}"#;
+        let signature = hookrun_crds::callback::sign(&key, MSG_ID, SENT as i64, body.as_bytes());
+        let verified = verify(&signature, body, SENT).expect("verified");
+        assert_eq!(verified.dedup_key.as_deref(), Some(MSG_ID));
+        // Any other body, id or key fails.
+        assert!(verify(&signature, r#"{"type":"session.failed"}"#, SENT).is_err());
+        let other = hookrun_crds::callback::sign(&key, "msg_other", SENT as i64, body.as_bytes());
+        assert!(verify(&other, body, SENT).is_err());
+        let wrong =
+            hookrun_crds::callback::sign(b"another key", MSG_ID, SENT as i64, body.as_bytes());
+        assert!(verify(&wrong, body, SENT).is_err());
+    }
+
+    #[test]
     fn accepts_the_published_example() {
         assert_eq!(
             verify(SIGNATURE, BODY, SENT),

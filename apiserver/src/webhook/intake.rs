@@ -99,6 +99,9 @@ pub(super) async fn accept(
     let mut parsed = body::webhook_fields(&request_body).map_err(HttpError::BadBody)?;
     let input = &target.agent.input;
     input.check_env(&parsed.env).map_err(HttpError::BadBody)?;
+    if let Some(url) = &parsed.callback_url {
+        input.check_callback_url(url).map_err(HttpError::BadBody)?;
+    }
     expressions::merge_env(&mut parsed.env, mapped.env);
     let wait = match parsed.wait {
         WaitMode::FireAndForget => header_text(headers, "prefer")?
@@ -213,6 +216,7 @@ pub(super) async fn accept(
         payload_digest: Some(digest.clone()),
         payload: Some(payload),
         payload_truncated: false,
+        callback_url: parsed.callback_url,
     };
     let spec = SessionSpec {
         agent: key.name.clone(),

@@ -360,6 +360,7 @@ pub fn scheduled_session(
                 payload_digest: None,
                 payload: None,
                 payload_truncated: false,
+                callback_url: None,
             }),
         },
         status: None,

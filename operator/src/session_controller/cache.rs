@@ -13,6 +13,7 @@ use std::{
     sync::{PoisonError, RwLock},
 };
 
+use hookrun_crds::callback::CallbackDelivery;
 use hookrun_crds::{Session, SessionPhase, SessionStatus};
 use k8s_openapi::{
     NamespaceResourceScope,
@@ -56,14 +57,41 @@ fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D
 }
 
 /// A Session as the cache keeps it: its Agent and the status fields that say where it
-/// is (phase, pod, times). Writes read the whole Session live.
+/// is (phase, pod, times), and what the callback sender looks at (the request's
+/// `callbackUrl`, the delivery records, how many events were ever appended). Writes read
+/// the whole Session live.
 #[derive(Clone, Debug, Deserialize)]
+#[serde(from = "WireSession")]
 pub struct CachedSession {
-    #[serde(deserialize_with = "lean_meta")]
     pub metadata: ObjectMeta,
     pub spec: CachedSessionSpec,
-    #[serde(default, deserialize_with = "lean_status")]
     pub status: Option<SessionStatus>,
+    /// The id the next appended event gets (events ever appended, plus one): a change
+    /// says the Session spoke or finished a turn.
+    pub next_event_id: u64,
+}
+
+#[derive(Deserialize)]
+struct WireSession {
+    #[serde(deserialize_with = "lean_meta")]
+    metadata: ObjectMeta,
+    spec: CachedSessionSpec,
+    #[serde(default)]
+    status: Option<LeanSessionStatus>,
+}
+
+impl From<WireSession> for CachedSession {
+    fn from(wire: WireSession) -> Self {
+        let next_event_id = wire.status.as_ref().map_or(1, |s| {
+            s.dropped_events.unwrap_or(0).max(0) as u64 + s.events.len() as u64 + 1
+        });
+        CachedSession {
+            metadata: wire.metadata,
+            spec: wire.spec,
+            status: wire.status.map(LeanSessionStatus::into_status),
+            next_event_id,
+        }
+    }
 }
 
 /// The part of a Session's spec the cache keeps.
@@ -72,6 +100,20 @@ pub struct CachedSessionSpec {
     /// The Agent (same namespace) the Session runs.
     #[serde(default)]
     pub agent: String,
+    /// Whether the request that started it named its own `callbackUrl`.
+    #[serde(default, deserialize_with = "has_callback_url")]
+    #[serde(rename = "trigger")]
+    pub has_callback_url: bool,
+}
+
+fn has_callback_url<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LeanTrigger {
+        #[serde(default)]
+        callback_url: Option<serde::de::IgnoredAny>,
+    }
+    Ok(Option::<LeanTrigger>::deserialize(deserializer)?.is_some_and(|t| t.callback_url.is_some()))
 }
 
 #[derive(Deserialize)]
@@ -82,25 +124,28 @@ struct LeanSessionStatus {
     pod_uid: Option<String>,
     start_time: Option<Time>,
     completion_time: Option<Time>,
+    dropped_events: Option<i64>,
+    /// Only counted.
+    #[serde(default)]
+    events: Vec<serde::de::IgnoredAny>,
+    #[serde(default)]
+    callbacks: Vec<CallbackDelivery>,
 }
 
-fn lean_status<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<Option<SessionStatus>, D::Error> {
-    Ok(
-        Option::<LeanSessionStatus>::deserialize(deserializer)?.map(|s| {
-            // A finished Session is only timed for its TTL: its pod no longer matters.
-            let finished = s.phase.is_some_and(SessionPhase::is_finished);
-            SessionStatus {
-                phase: s.phase,
-                pod_name: s.pod_name.filter(|_| !finished),
-                pod_uid: s.pod_uid.filter(|_| !finished),
-                start_time: s.start_time.filter(|_| !finished),
-                completion_time: s.completion_time,
-                ..SessionStatus::default()
-            }
-        }),
-    )
+impl LeanSessionStatus {
+    fn into_status(self) -> SessionStatus {
+        // A finished Session is only timed for its TTL: its pod no longer matters.
+        let finished = self.phase.is_some_and(SessionPhase::is_finished);
+        SessionStatus {
+            phase: self.phase,
+            pod_name: self.pod_name.filter(|_| !finished),
+            pod_uid: self.pod_uid.filter(|_| !finished),
+            start_time: self.start_time.filter(|_| !finished),
+            completion_time: self.completion_time,
+            callbacks: self.callbacks,
+            ..SessionStatus::default()
+        }
+    }
 }
 
 impl CachedSession {

@@ -302,9 +302,23 @@ fn expired_sessions(
                 now,
             };
             phase::decide(observed, limits) == Decision::DeleteSession
+                && !callback_holds(status, limits.ttl, now)
         })
         .map(|session| ObjectRef::from_obj(&*session))
         .collect()
+}
+
+/// Whether a finished Session's TTL deletion waits for its pending callback deliveries
+/// (at most [`crate::callback::plan::MAX_TTL_HOLD`] past the TTL).
+fn callback_holds(status: &SessionStatus, ttl: Duration, now: Timestamp) -> bool {
+    let Some(done) = status.completion_time.as_ref() else {
+        return false;
+    };
+    let expired_at = k8s_openapi::jiff::SignedDuration::try_from(ttl)
+        .ok()
+        .and_then(|ttl| done.0.checked_add(ttl).ok())
+        .unwrap_or(done.0);
+    crate::callback::plan::ttl_held(status, expired_at, now, crate::callback::plan::MAX_TTL_HOLD)
 }
 
 /// Whether a cached Session still waits for its pod (new, or `Queued`).
@@ -444,6 +458,15 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             Ok(Action::requeue(
                 (after + Duration::from_millis(100)).min(RESYNC),
             ))
+        }
+        Decision::DeleteSession
+            if session
+                .status
+                .as_ref()
+                .is_some_and(|s| callback_holds(s, limits.ttl, Timestamp::now())) =>
+        {
+            // Its deliveries are still pending: the watch brings it back when they end.
+            Ok(Action::await_change())
         }
         Decision::DeleteSession => {
             delete_session(

@@ -1,6 +1,7 @@
 //! Cluster tests: every test here runs against a real kube-apiserver that this test
 //! binary starts (see `hookrun_tests::cluster`), each in a namespace of its own.
 
+mod callbacks;
 mod concurrency;
 mod crds;
 mod dev;

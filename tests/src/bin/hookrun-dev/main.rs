@@ -295,6 +295,9 @@ async fn start(cli: &Cli, stack: &mut Stack) -> Result<Client, String> {
         &cli.harness_image,
         "--admin-listen",
         &cli.operator_admin_listen.to_string(),
+        // Everything runs on this machine: a callback from one example Agent to another
+        // goes to the local apiserver (loopback). Never in a cluster.
+        "--callback-allow-loopback",
     ]
     .map(str::to_owned)
     .to_vec();
