@@ -290,3 +290,20 @@ fn the_github_example_filters_to_mentions() {
     assert_eq!(run("looks good"), Ok(false));
     assert_eq!(compiled.env.len(), 2);
 }
+
+#[test]
+fn the_session_key_is_compiled_with_the_trigger_and_names_a_github_issue() {
+    let webhook: WebhookTrigger = serde_json::from_value(json!({
+        "sessionKey": "'github/' + body.repository.full_name + '#' + string(body.issue.number)",
+    }))
+    .expect("a trigger");
+    let compiled = compile_trigger("spec.triggers[0].webhook", &webhook, &[]).expect("compiles");
+    assert!(!compiled.is_empty());
+    let key = compiled.session_key.as_ref().expect("a sessionKey");
+    let variables = vars(github_issue_comment("@triage-bot again"), &[], "github");
+    assert_eq!(key.evaluate_text(&variables), Ok("github/octo/hello#42".to_owned()));
+    let bad: WebhookTrigger =
+        serde_json::from_value(json!({"sessionKey": "body.("})).expect("a trigger");
+    let err = compile_trigger("spec.triggers[0].webhook", &bad, &[]).expect_err("not CEL");
+    assert_eq!(err.field, "spec.triggers[0].webhook.sessionKey");
+}

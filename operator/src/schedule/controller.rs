@@ -361,6 +361,7 @@ pub fn scheduled_session(
                 payload: None,
                 payload_truncated: false,
             }),
+            session_key: None,
         },
         status: None,
     })
