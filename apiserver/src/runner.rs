@@ -184,7 +184,11 @@ pub fn parse_input_query(query: Option<&str>) -> Result<InputQuery, HttpError> {
         after: 0,
         wait: std::time::Duration::ZERO,
     };
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let number = |what: &str| {
             value.parse::<u64>().map_err(|_| {
@@ -703,7 +707,11 @@ mod tests {
         for bad in ["after=-1", "after=x", "wait=1.5", "wait"] {
             let error = parse_input_query(Some(bad)).expect_err(bad);
             assert_eq!(error.status(), StatusCode::BAD_REQUEST);
-            assert!(error.to_string().starts_with(bad.split('=').next().unwrap_or_default()));
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(bad.split('=').next().unwrap_or_default())
+            );
         }
     }
 

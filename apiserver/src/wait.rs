@@ -335,9 +335,11 @@ mod tests {
         use hookrun_crds::session::{event_types, turn_key};
         let hub = SessionHub::new();
         let metrics = Metrics::default();
-        let at = || k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-        );
+        let at = || {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            )
+        };
         let mut running = session("team", "s", "a", Some(SessionPhase::Running));
         let waiting = begin_turn(
             HeldRequest {

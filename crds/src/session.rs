@@ -595,11 +595,28 @@ mod tests {
         let mut status = SessionStatus::default();
         status.mark_running(at());
         let first = status.append_input("again", "d-1", at()).expect("live");
-        assert_eq!(first, Input { id: 2, replayed: false });
+        assert_eq!(
+            first,
+            Input {
+                id: 2,
+                replayed: false
+            }
+        );
         // A retried delivery is the same input.
         let retry = status.append_input("again", "d-1", at()).expect("live");
-        assert_eq!(retry, Input { id: 2, replayed: true });
-        status.push_event_once(event_types::TURN_COMPLETE, "first reply", &turn_key(0), at());
+        assert_eq!(
+            retry,
+            Input {
+                id: 2,
+                replayed: true
+            }
+        );
+        status.push_event_once(
+            event_types::TURN_COMPLETE,
+            "first reply",
+            &turn_key(0),
+            at(),
+        );
         let second = status.append_input("third", "d-2", at()).expect("live");
         assert_eq!(second.id, 4);
         assert_eq!(status.inputs_after(0), [(2, "again"), (4, "third")]);
@@ -613,7 +630,11 @@ mod tests {
         status.finish(SessionPhase::Complete, None, None, at());
         assert_eq!(status.append_input("late", "d-3", at()), Err(Finished));
         // A retry of an input it took is still answered after it finished.
-        assert!(status.append_input("again", "d-1", at()).is_ok_and(|i| i.replayed));
+        assert!(
+            status
+                .append_input("again", "d-1", at())
+                .is_ok_and(|i| i.replayed)
+        );
     }
 
     #[test]

@@ -326,7 +326,10 @@ impl Inbox {
 
     /// The next input, `None` once none came for the idle timeout;
     /// [`Failure::Interrupted`] when the session ended meanwhile.
-    async fn next(&mut self, runner: &RunnerClient) -> Result<Option<runner::SessionInput>, Failure> {
+    async fn next(
+        &mut self,
+        runner: &RunnerClient,
+    ) -> Result<Option<runner::SessionInput>, Failure> {
         let deadline = tokio::time::Instant::now() + self.idle;
         loop {
             if let Some(input) = self.pending.pop_front() {

@@ -347,6 +347,7 @@ fn stored_session(name: &str, agent: &str) -> Session {
                 payload: Some(format!("{{\"data\":\"{}\"}}", "p".repeat(4096))),
                 payload_truncated: false,
             }),
+            session_key: None,
         },
     )
 }

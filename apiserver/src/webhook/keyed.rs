@@ -191,7 +191,11 @@ pub(super) async fn deliver(
             .map_err(|error| store_failure(key, &error))?;
         match delivered {
             Delivery::Appended { input, session } => {
-                let phase = session.status.as_ref().map(|s| s.phase()).unwrap_or_default();
+                let phase = session
+                    .status
+                    .as_ref()
+                    .map(|s| s.phase())
+                    .unwrap_or_default();
                 // The request that created the Session, retried: answered as that one.
                 let delivery = (input.id != 0).then(|| delivery_word(phase));
                 tracing::debug!(agent = %key.name, session = %name, input = input.id, replayed = input.replayed, "delivered a follow-up");
@@ -252,7 +256,12 @@ fn answered(
         (Some(_), _) => "delivered",
         (None, _) => "created",
     };
-    decorate((status, Json(body)).into_response(), outcome, replayed, rate)
+    decorate(
+        (status, Json(body)).into_response(),
+        outcome,
+        replayed,
+        rate,
+    )
 }
 
 #[cfg(test)]

@@ -1822,7 +1822,11 @@ mod session_keys {
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].spec.session_key.as_deref(), Some("thread/t1"));
         assert_eq!(
-            stored[0].metadata.labels.as_ref().map(|l| l[names::SESSION_KEY_LABEL].clone()),
+            stored[0]
+                .metadata
+                .labels
+                .as_ref()
+                .map(|l| l[names::SESSION_KEY_LABEL].clone()),
             Some(hash.clone())
         );
 
@@ -1840,10 +1844,7 @@ mod session_keys {
 
         // Running: delivered, 200.
         let mut running = fx.store.sessions().remove(0);
-        running
-            .status
-            .get_or_insert_with(Default::default)
-            .phase = Some(SessionPhase::Running);
+        running.status.get_or_insert_with(Default::default).phase = Some(SessionPhase::Running);
         fx.store.put(running.clone());
         let delivered = fx
             .post(&url, &[], r#"{"title":"again","thread":"t1"}"#)
@@ -1853,9 +1854,7 @@ mod session_keys {
         assert_eq!(inputs(&fx.store, &name), ["more", "again"]);
 
         // Another key: another Session.
-        let other = fx
-            .post(&url, &[], r#"{"title":"hi","thread":"t2"}"#)
-            .await;
+        let other = fx.post(&url, &[], r#"{"title":"hi","thread":"t2"}"#).await;
         assert_eq!(other.status, StatusCode::OK);
         assert_ne!(other.json["session"], name.as_str());
 
@@ -1866,10 +1865,7 @@ mod session_keys {
             .into_iter()
             .find(|s| s.metadata.name.as_deref() == Some(name.as_str()))
             .expect("the Session");
-        finished
-            .status
-            .get_or_insert_with(Default::default)
-            .phase = Some(SessionPhase::Complete);
+        finished.status.get_or_insert_with(Default::default).phase = Some(SessionPhase::Complete);
         fx.store.put(finished);
         let next = fx
             .post(&url, &[], r#"{"title":"later","thread":"t1"}"#)

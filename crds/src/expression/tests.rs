@@ -301,7 +301,10 @@ fn the_session_key_is_compiled_with_the_trigger_and_names_a_github_issue() {
     assert!(!compiled.is_empty());
     let key = compiled.session_key.as_ref().expect("a sessionKey");
     let variables = vars(github_issue_comment("@triage-bot again"), &[], "github");
-    assert_eq!(key.evaluate_text(&variables), Ok("github/octo/hello#42".to_owned()));
+    assert_eq!(
+        key.evaluate_text(&variables),
+        Ok("github/octo/hello#42".to_owned())
+    );
     let bad: WebhookTrigger =
         serde_json::from_value(json!({"sessionKey": "body.("})).expect("a trigger");
     let err = compile_trigger("spec.triggers[0].webhook", &bad, &[]).expect_err("not CEL");
@@ -332,7 +335,10 @@ fn the_live_examples_key_their_sessions() {
     );
     let key = compiled.session_key.as_ref().expect("a sessionKey");
     assert_eq!(key.evaluate_text(&v), Ok("github/octo/hello#42".to_owned()));
-    assert_eq!(compiled.filter.as_ref().map(|f| f.evaluate_bool(&v)), Some(Ok(true)));
+    assert_eq!(
+        compiled.filter.as_ref().map(|f| f.evaluate_bool(&v)),
+        Some(Ok(true))
+    );
     let title = compiled.title.as_ref().expect("a title");
     assert_eq!(
         title.evaluate_text(&v),
@@ -343,7 +349,13 @@ fn the_live_examples_key_their_sessions() {
     let webhook = echo.spec.webhook().expect("a webhook trigger");
     let compiled = compile_trigger("spec.triggers[0].webhook", webhook, &[]).expect("compiles");
     let key = compiled.session_key.as_ref().expect("a sessionKey");
-    let with = Variables::new(&json!({"title": "hi", "thread": "t1"}), [], "none", "d", "echo");
+    let with = Variables::new(
+        &json!({"title": "hi", "thread": "t1"}),
+        [],
+        "none",
+        "d",
+        "echo",
+    );
     assert_eq!(key.evaluate_text(&with), Ok("thread/t1".to_owned()));
     let without = Variables::new(&json!({"title": "hi"}), [], "none", "d", "echo");
     assert!(key.evaluate_text(&without).is_err(), "no thread: no key");

@@ -123,7 +123,12 @@ mod tests {
         );
         let body = request_body("m", None, &[super::super::ChatMessage::user("t")], 1);
         assert!(body.get("system").is_none());
-        let body = request_body("m", Some("  \n"), &[super::super::ChatMessage::user("t")], 1);
+        let body = request_body(
+            "m",
+            Some("  \n"),
+            &[super::super::ChatMessage::user("t")],
+            1,
+        );
         assert!(body.get("system").is_none());
     }
 

@@ -26,7 +26,11 @@ pub fn headers(key: Option<&ApiKey>) -> Vec<(HeaderName, HeaderValue)> {
 
 /// The system prompt as a `system` message, then the conversation so far (the title
 /// first, then each turn's reply and the next input).
-pub fn request_body(model: &str, system: Option<&str>, conversation: &[super::ChatMessage]) -> Value {
+pub fn request_body(
+    model: &str,
+    system: Option<&str>,
+    conversation: &[super::ChatMessage],
+) -> Value {
     let mut messages = Vec::new();
     if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
         messages.push(json!({"role": "system", "content": system}));

@@ -162,7 +162,10 @@ async fn an_interactive_echo_agent_answers_each_follow_up_with_its_own_turn() {
     let first = post("first question").await;
     assert_eq!(first.status, 200, "{first:?}");
     assert_eq!(first.json["response"], "first question", "{first:?}");
-    let name = first.json["session"].as_str().expect("a Session").to_owned();
+    let name = first.json["session"]
+        .as_str()
+        .expect("a Session")
+        .to_owned();
     let hash = names::session_key_hash(ns.name(), "echo", "thread/t-1");
     assert_eq!(name, names::keyed_session_name("echo", &hash, 0));
 
@@ -244,7 +247,10 @@ async fn fifty_concurrent_webhooks_with_one_new_key_make_one_session_and_49_inpu
     assert_eq!(created.len(), 1, "{answers:?}");
     assert_eq!(buffered.len(), 49, "{answers:?}");
     let name = created[0].json["session"].as_str().expect("a Session");
-    assert!(answers.iter().all(|a| a.json["session"] == name), "{answers:?}");
+    assert!(
+        answers.iter().all(|a| a.json["session"] == name),
+        "{answers:?}"
+    );
 
     let stored = sessions_of(&sessions).await;
     assert_eq!(stored.len(), 1, "exactly one Session for the key");
