@@ -392,6 +392,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
         .with_review_limit(args.trusted_proxies.clone(), review_limit)
         .with_index(index.clone());
+    let store = store.with_status_writer(api_state.status.clone());
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
         index: index.clone(),

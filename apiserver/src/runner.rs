@@ -1,7 +1,9 @@
 //! The runner API, called by session pods with their projected, pod-bound token:
 //! `GET /runner/v1/session` (what to run), `POST /runner/v1/events` (append an event) and
-//! `POST /runner/v1/complete` (the outcome). A token speaks only for the Session named
-//! like its pod, in its namespace, whose `status.podUid` is that pod's uid.
+//! `POST /runner/v1/complete` (the outcome), and `GET /runner/v1/inputs?after=&wait=`
+//! (a long-poll for the `user.message` events after a cursor, answered from the Session
+//! watch). A token speaks only for the Session named like its pod, in its namespace,
+//! whose `status.podUid` is that pod's uid.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -32,7 +34,11 @@ const MAX_EVENT_TYPE_LEN: usize = 64;
 const SESSION_ROUTE: &str = "/runner/v1/session";
 const EVENTS_ROUTE: &str = "/runner/v1/events";
 const COMPLETE_ROUTE: &str = "/runner/v1/complete";
-const ROUTES: [&str; 3] = [SESSION_ROUTE, EVENTS_ROUTE, COMPLETE_ROUTE];
+const INPUTS_ROUTE: &str = "/runner/v1/inputs";
+const ROUTES: [&str; 4] = [SESSION_ROUTE, EVENTS_ROUTE, COMPLETE_ROUTE, INPUTS_ROUTE];
+/// The longest a long-poll for input is held, in seconds (below the harness's own
+/// request timeout, so an idle poll is answered, not cut).
+pub const MAX_INPUT_WAIT_SECONDS: u64 = 25;
 
 /// The runner routes, with their access log and metrics.
 pub(crate) fn router(state: ApiState) -> Router {
@@ -41,6 +47,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route(SESSION_ROUTE, get(session_context))
         .route(EVENTS_ROUTE, post(append_event))
         .route(COMPLETE_ROUTE, post(complete))
+        .route(INPUTS_ROUTE, get(inputs))
         .with_state(state)
         .layer(middleware::from_fn_with_state(
             AccessLog {
@@ -155,7 +162,125 @@ pub(crate) fn context(session: &Session, agent: Option<&RunnerAgent>) -> Value {
         "env": env,
         "trigger": session.spec.trigger,
         "phase": session.status.as_ref().map(SessionStatus::phase).unwrap_or_default(),
+        "idleTimeoutSeconds": spec.map_or(0, |s| s.idle_timeout_seconds),
     })
+}
+
+/// `after` and `wait` of `GET /runner/v1/inputs`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InputQuery {
+    /// The event id after which inputs are wanted (0: every kept input).
+    pub after: u64,
+    /// How long to hold the request while there is none, at most
+    /// [`MAX_INPUT_WAIT_SECONDS`].
+    pub wait: std::time::Duration,
+}
+
+/// Parses the query of `GET /runner/v1/inputs`: `after=<event id>` (default 0) and
+/// `wait=<seconds>` (default 0, capped at [`MAX_INPUT_WAIT_SECONDS`]); errors name the
+/// parameter.
+pub fn parse_input_query(query: Option<&str>) -> Result<InputQuery, HttpError> {
+    let mut parsed = InputQuery {
+        after: 0,
+        wait: std::time::Duration::ZERO,
+    };
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number = |what: &str| {
+            value.parse::<u64>().map_err(|_| {
+                HttpError::bad_request(format!(
+                    "{name} must be a whole number of {what}, e.g. {name}=0"
+                ))
+            })
+        };
+        match name {
+            "after" => parsed.after = number("events")?,
+            "wait" => {
+                parsed.wait =
+                    std::time::Duration::from_secs(number("seconds")?.min(MAX_INPUT_WAIT_SECONDS));
+            }
+            // Other parameters are left for later versions of the harness.
+            _ => {}
+        }
+    }
+    Ok(parsed)
+}
+
+/// The answer of an input poll when there is something to say: the inputs after
+/// `after`, or that the Session has finished. `None` while there is neither.
+pub(crate) fn input_answer(session: &Session, after: u64) -> Option<Value> {
+    let status = session.status.clone().unwrap_or_default();
+    let inputs: Vec<Value> = status
+        .inputs_after(after)
+        .into_iter()
+        .map(|(id, content)| json!({"id": id, "content": content}))
+        .collect();
+    (!inputs.is_empty() || status.is_finished()).then(|| {
+        json!({
+            "inputs": inputs,
+            "phase": status.phase(),
+            "finished": status.is_finished(),
+        })
+    })
+}
+
+async fn inputs(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let result = async {
+        let query = parse_input_query(query.as_deref())?;
+        let caller = caller(&state, &headers).await?;
+        let namespace = caller.session.namespace().unwrap_or_default();
+        let name = caller.session.name_any();
+        let uid = caller.session.metadata.uid.clone();
+        // Follow the Session before looking at it, so no change falls in between; the
+        // read cache is fed by the same watch, so it is at least as new as the read.
+        let mut subscription = state.hub.subscribe(&namespace, &name);
+        let mut current = state
+            .hub
+            .read_cache
+            .get(&namespace, &name)
+            .map_or(caller.session, |s| Session::clone(&s));
+        let deadline = tokio::time::Instant::now() + query.wait;
+        loop {
+            if let Some(answer) = input_answer(&current, query.after) {
+                return Ok::<_, HttpError>(Json(answer));
+            }
+            let flushed = subscription.flushed();
+            let changed = tokio::select! {
+                biased;
+                () = flushed => break,
+                changed = tokio::time::timeout_at(deadline, subscription.changed()) => changed,
+            };
+            match changed {
+                Ok(Some(crate::hub::Seen::Session(session))) => {
+                    if uid.is_none() || session.metadata.uid == uid {
+                        current = Session::clone(&session);
+                    }
+                }
+                Ok(Some(crate::hub::Seen::Nothing)) => {}
+                Ok(Some(crate::hub::Seen::Deleted)) => {
+                    return Err(HttpError::session_not_found(&namespace, &name));
+                }
+                // The wait ran out, or the hub is gone (the server stops).
+                Err(_) | Ok(None) => break,
+            }
+        }
+        let status = current.status.clone().unwrap_or_default();
+        Ok(Json(json!({
+            "inputs": [],
+            "phase": status.phase(),
+            "finished": status.is_finished(),
+        })))
+    }
+    .await;
+    result.into_response()
 }
 
 async fn session_context(State(state): State<ApiState>, headers: HeaderMap) -> Response {
@@ -557,6 +682,60 @@ mod tests {
         assert!(bad.to_string().starts_with("status"));
         let bad = parse_completion(br#"{"status":"complete","response":1}"#).expect_err("bad");
         assert!(bad.to_string().starts_with("response"));
+    }
+
+    #[test]
+    fn input_queries_name_the_bad_parameter_and_cap_the_wait() {
+        assert_eq!(
+            parse_input_query(None),
+            Ok(InputQuery {
+                after: 0,
+                wait: std::time::Duration::ZERO
+            })
+        );
+        assert_eq!(
+            parse_input_query(Some("after=12&wait=5&x=1")),
+            Ok(InputQuery {
+                after: 12,
+                wait: std::time::Duration::from_secs(5)
+            })
+        );
+        assert_eq!(
+            parse_input_query(Some("wait=99999999999")).map(|q| q.wait),
+            Ok(std::time::Duration::from_secs(MAX_INPUT_WAIT_SECONDS))
+        );
+        for bad in ["after=-1", "after=x", "wait=1.5", "wait"] {
+            let error = parse_input_query(Some(bad)).expect_err(bad);
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(bad.split('=').next().unwrap_or_default())
+            );
+        }
+    }
+
+    #[test]
+    fn an_input_poll_answers_inputs_after_the_cursor_or_the_end() {
+        use hookrun_crds::session::event_types;
+        let at = || Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let mut session = Session::new("s", SessionSpec::default());
+        let mut status = SessionStatus::default();
+        status.mark_running(at());
+        session.status = Some(status.clone());
+        assert_eq!(input_answer(&session, 0), None, "nothing to say yet");
+        status.append_input("more", "k1", at()).expect("live");
+        status.push_event(event_types::AGENT_MESSAGE, "not an input", at());
+        session.status = Some(status.clone());
+        let answer = input_answer(&session, 0).expect("an input");
+        assert_eq!(answer["inputs"], json!([{"id": 2, "content": "more"}]));
+        assert_eq!(answer["finished"], false);
+        assert_eq!(input_answer(&session, 2), None);
+        status.finish(SessionPhase::Complete, None, None, at());
+        session.status = Some(status);
+        let answer = input_answer(&session, 2).expect("the end");
+        assert_eq!(answer["inputs"], json!([]));
+        assert_eq!(answer["finished"], true);
     }
 
     #[test]

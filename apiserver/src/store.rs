@@ -6,8 +6,12 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use hookrun_crds::Session;
+use hookrun_crds::session::{Finished, Input, SessionStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
+
+use crate::session_status::{StatusError, StatusWriter};
 
 /// Why a Session could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,58 @@ pub trait SessionStore: Send + Sync {
         namespace: &'a str,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Session>, StoreError>>;
+    /// Appends input `content` to the live Session `namespace/name` as a `user.message`
+    /// with event key `key` (a retry with the same key is the same input). A request
+    /// whose idempotency key `request_key` is the one the Session was created with is
+    /// that creating request again: input id 0, replayed.
+    fn append_input<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        content: &'a str,
+        key: &'a str,
+        request_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Delivery, StoreError>>;
+}
+
+/// Appends an input to `session`'s status (see [`SessionStore::append_input`]).
+pub(crate) fn append_to(
+    session: &Session,
+    status: &mut SessionStatus,
+    content: &str,
+    key: &str,
+    request_key: Option<&str>,
+) -> Result<Input, Finished> {
+    let created_with = session
+        .spec
+        .trigger
+        .as_ref()
+        .and_then(|t| t.idempotency_key.as_deref());
+    if request_key.is_some() && created_with == request_key {
+        return Ok(Input {
+            id: 0,
+            replayed: true,
+        });
+    }
+    status.append_input(content, key, now())
+}
+
+/// What delivering an input into a Session came to.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Stored (or found stored, for a retry); the Session as written.
+    Appended { input: Input, session: Box<Session> },
+    /// The Session had finished: it takes no more input.
+    Finished,
+    /// The Session does not exist.
+    Gone,
+}
+
+/// `session` with `status` in place, as the write stored it.
+fn with_status(session: &Session, status: &SessionStatus) -> Box<Session> {
+    let mut session = session.clone();
+    session.status = Some(status.clone());
+    Box::new(session)
 }
 
 /// Sessions in the cluster.
@@ -47,6 +103,9 @@ pub trait SessionStore: Send + Sync {
 pub(crate) struct KubeSessionStore {
     client: Client,
     timeout: Duration,
+    /// Shared with the runner API, so that this process's writes to one Session take
+    /// turns instead of conflicting.
+    status: std::sync::Arc<StatusWriter>,
 }
 
 /// How long a Session create or read may take before the webhook is answered 503: the
@@ -62,7 +121,13 @@ impl KubeSessionStore {
         Self {
             client,
             timeout: DEFAULT_STORE_TIMEOUT,
+            status: std::sync::Arc::default(),
         }
+    }
+
+    /// The same store, writing statuses through `status`.
+    pub(crate) fn with_status_writer(self, status: std::sync::Arc<StatusWriter>) -> Self {
+        Self { status, ..self }
     }
 
     /// The same store with each create and read bounded by `timeout`.
@@ -153,6 +218,53 @@ impl SessionStore for KubeSessionStore {
             bounded(self.timeout, api.get_opt(name)).await
         })
     }
+
+    fn append_input<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        content: &'a str,
+        key: &'a str,
+        request_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Delivery, StoreError>> {
+        Box::pin(async move {
+            let api = Api::<Session>::namespaced(self.client.clone(), namespace);
+            let write = self.status.update(
+                &api,
+                name,
+                None,
+                |session, status| {
+                    let input = append_to(session, status, content, key, request_key)?;
+                    Ok::<_, Finished>((input, with_status(session, status)))
+                },
+                |_| {},
+            );
+            // Conflicts with other writers are retried; the whole write is bounded like
+            // a create, twice over (a read and a patch).
+            let written = tokio::time::timeout(self.timeout * 2, write)
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "the cluster did not answer within {:?}",
+                        self.timeout * 2
+                    ))
+                })?;
+            match written {
+                Ok((input, session)) => Ok(Delivery::Appended { input, session }),
+                Err(StatusError::Refused(Finished)) => Ok(Delivery::Finished),
+                Err(StatusError::NotFound) => Ok(Delivery::Gone),
+                Err(StatusError::TooLarge { .. }) => Ok(Delivery::Finished),
+                Err(StatusError::Kube(error)) => Err(store_error(error)),
+                Err(error @ (StatusError::Conflict | StatusError::Contended)) => {
+                    Err(StoreError::Unavailable(error.to_string()))
+                }
+            }
+        })
+    }
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
 }
 
 /// Sessions in memory, for handler tests and benches (the `test-support` feature); can be
@@ -260,6 +372,33 @@ impl SessionStore for MemorySessionStore {
                 .lock()
                 .get(&(namespace.to_owned(), name.to_owned()))
                 .cloned())
+        })
+    }
+
+    fn append_input<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+        content: &'a str,
+        key: &'a str,
+        request_key: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Delivery, StoreError>> {
+        Box::pin(async move {
+            self.check()?;
+            let mut sessions = self.lock();
+            let Some(session) = sessions.get_mut(&(namespace.to_owned(), name.to_owned())) else {
+                return Ok(Delivery::Gone);
+            };
+            let mut status = session.status.clone().unwrap_or_default();
+            let appended = append_to(session, &mut status, content, key, request_key);
+            session.status = Some(status);
+            match appended {
+                Ok(input) => Ok(Delivery::Appended {
+                    input,
+                    session: Box::new(session.clone()),
+                }),
+                Err(Finished) => Ok(Delivery::Finished),
+            }
         })
     }
 }

@@ -33,6 +33,8 @@ pub(crate) enum Held {
     TimedOut(SessionPhase),
     /// The Session was deleted before it finished.
     Deleted,
+    /// The turn the caller waited for is done (a live Session goes on after it).
+    Turn { reply: String, phase: SessionPhase },
 }
 
 /// What the answer names: the Session, its Agent and namespace.
@@ -41,6 +43,8 @@ pub(crate) struct Waited<'a> {
     pub(crate) namespace: &'a str,
     pub(crate) session: &'a str,
     pub(crate) agent: &'a str,
+    /// `delivered` or `buffered` for an input into a live Session: the answer says it.
+    pub(crate) delivery: Option<&'static str>,
 }
 
 /// A request to hold: the subscription taken *before* `current` was read (the create's
@@ -63,10 +67,20 @@ pub(crate) struct Waiting {
     uid: Option<String>,
     last: SessionPhase,
     budget: Duration,
+    /// The input whose turn's reply ends the wait (0: the initial title); `None` waits
+    /// for the Session to finish.
+    turn: Option<u64>,
 }
 
 /// Decides at once when the Session is gone or finished; otherwise what to wait with.
+#[cfg(test)]
 pub(crate) fn begin(request: HeldRequest) -> Result<Waiting, Held> {
+    begin_turn(request, None)
+}
+
+/// [`begin`], ending the wait as soon as the reply of the turn that answers input `turn`
+/// is in the Session's log (a live Session's turn, not its end).
+pub(crate) fn begin_turn(request: HeldRequest, turn: Option<u64>) -> Result<Waiting, Held> {
     let HeldRequest {
         subscription,
         current,
@@ -76,6 +90,9 @@ pub(crate) fn begin(request: HeldRequest) -> Result<Waiting, Held> {
         return Err(Held::Deleted);
     };
     let last = phase(&current);
+    if let Some(held) = turn_done(&current, turn) {
+        return Err(held);
+    }
     if last.is_finished() {
         return Err(Held::Finished(Box::new(current.status.unwrap_or_default())));
     }
@@ -84,6 +101,17 @@ pub(crate) fn begin(request: HeldRequest) -> Result<Waiting, Held> {
         uid: current.metadata.uid,
         last,
         budget,
+        turn,
+    })
+}
+
+/// The reply of the turn answering input `turn`, once the Session's log has it.
+fn turn_done(session: &Session, turn: Option<u64>) -> Option<Held> {
+    let status = session.status.as_ref()?;
+    let reply = status.turn_reply(turn?)?;
+    Some(Held::Turn {
+        reply: reply.to_owned(),
+        phase: status.phase(),
     })
 }
 
@@ -103,6 +131,7 @@ pub(crate) async fn wait_for_end(waiting: Waiting, metrics: &Metrics) -> Held {
         uid,
         mut last,
         budget,
+        turn,
     } = waiting;
     let _waiting = metrics.waiting();
     let deadline = tokio::time::Instant::now() + budget;
@@ -128,6 +157,9 @@ pub(crate) async fn wait_for_end(waiting: Waiting, metrics: &Metrics) -> Held {
                     continue;
                 }
                 last = phase(&session);
+                if let Some(held) = turn_done(&session, turn) {
+                    return held;
+                }
                 if last.is_finished() {
                     return Held::Finished(Box::new(session.status.clone().unwrap_or_default()));
                 }
@@ -158,8 +190,19 @@ pub(crate) fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str)
         namespace,
         session,
         agent,
+        delivery,
     } = waited;
-    match held {
+    let mut location = None;
+    let (status, mut body, outcome) = match held {
+        Held::Turn { reply, phase } => {
+            let body = json!({
+                "session": session,
+                "agentDefinition": agent,
+                "response": reply,
+                "phase": phase.as_str(),
+            });
+            (StatusCode::OK, body, "waited_turn")
+        }
         Held::Finished(status) => {
             let mut body = json!({
                 "session": session,
@@ -170,7 +213,7 @@ pub(crate) fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str)
             if let Some(message) = status.message {
                 body["message"] = message.into();
             }
-            (Json(body).into_response(), "waited")
+            (StatusCode::OK, body, "waited")
         }
         Held::Deleted => {
             let body = json!({
@@ -180,11 +223,11 @@ pub(crate) fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str)
                 "phase": SessionPhase::Error.as_str(),
                 "message": "the Session was deleted before it finished",
             });
-            (Json(body).into_response(), "wait_session_deleted")
+            (StatusCode::OK, body, "wait_session_deleted")
         }
         Held::TimedOut(phase) => {
             let poll = poll_url(namespace, session);
-            let location = HeaderValue::from_str(&poll).ok();
+            location = HeaderValue::from_str(&poll).ok();
             let body = json!({
                 "session": session,
                 "agentDefinition": agent,
@@ -193,13 +236,17 @@ pub(crate) fn answer(waited: Waited<'_>, held: Held) -> (Response, &'static str)
                 "pollUrl": poll,
                 "timedOut": true,
             });
-            let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-            if let Some(location) = location {
-                response.headers_mut().insert(header::LOCATION, location);
-            }
-            (response, "wait_timed_out")
+            (StatusCode::ACCEPTED, body, "wait_timed_out")
         }
+    };
+    if let Some(delivery) = delivery {
+        body[delivery] = true.into();
     }
+    let mut response = (status, Json(body)).into_response();
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    (response, outcome)
 }
 
 #[cfg(test)]
@@ -283,12 +330,76 @@ mod tests {
         assert_eq!(metrics.waiting.get(), 0);
     }
 
+    #[tokio::test]
+    async fn a_turn_wait_ends_with_its_own_turns_reply_not_anothers() {
+        use hookrun_crds::session::{event_types, turn_key};
+        let hub = SessionHub::new();
+        let metrics = Metrics::default();
+        let at = || {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            )
+        };
+        let mut running = session("team", "s", "a", Some(SessionPhase::Running));
+        let waiting = begin_turn(
+            HeldRequest {
+                subscription: hub.subscribe("team", "s"),
+                current: Some(running.clone()),
+                budget: Duration::from_secs(30),
+            },
+            Some(5),
+        )
+        .expect("nothing to answer yet");
+        let status = running.status.as_mut().expect("a status");
+        status.push_event_once(event_types::TURN_COMPLETE, "earlier", &turn_key(0), at());
+        hub.publish(&running);
+        let status = running.status.as_mut().expect("a status");
+        status.push_event_once(event_types::TURN_COMPLETE, "mine", &turn_key(5), at());
+        let publisher = hub.clone();
+        let later = running.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            publisher.publish(&later);
+        });
+        let held = tokio::time::timeout(Duration::from_secs(5), wait_for_end(waiting, &metrics))
+            .await
+            .expect("answered by the turn");
+        match held {
+            Held::Turn { reply, phase } => {
+                assert_eq!(reply, "mine");
+                assert_eq!(phase, SessionPhase::Running);
+            }
+            other => panic!("expected the turn, got {other:?}"),
+        }
+        // A reply already in the log answers at once.
+        let held = begin_turn(
+            HeldRequest {
+                subscription: hub.subscribe("team", "s"),
+                current: Some(running),
+                budget: Duration::from_secs(30),
+            },
+            Some(0),
+        )
+        .expect_err("answered at once");
+        assert!(matches!(held, Held::Turn { ref reply, .. } if reply == "earlier"));
+        let waited = Waited {
+            namespace: "team",
+            session: "s",
+            agent: "a",
+            delivery: Some("delivered"),
+        };
+        let (response, outcome) = answer(waited, held);
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(outcome, "waited_turn");
+    }
+
     #[test]
     fn answers() {
         let waited = Waited {
             namespace: "team",
             session: "a-wh-1",
             agent: "a",
+            delivery: None,
         };
         let (response, outcome) = answer(waited, Held::TimedOut(SessionPhase::Pending));
         assert_eq!(response.status(), StatusCode::ACCEPTED);

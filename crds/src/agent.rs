@@ -17,6 +17,8 @@ pub const MAX_SYSTEM_BYTES: usize = 256 * 1024;
 pub const TIMEOUT_SECONDS_RANGE: (i64, i64) = (1, 7 * 24 * 3600);
 /// Bounds of `spec.session.ttlSecondsAfterFinished`: zero to thirty days.
 pub const TTL_SECONDS_RANGE: (i64, i64) = (0, 30 * 24 * 3600);
+/// Bounds of `spec.session.idleTimeoutSeconds`: zero (one turn, then done) to one day.
+pub const IDLE_TIMEOUT_SECONDS_RANGE: (i64, i64) = (0, 24 * 3600);
 /// Bounds of `spec.session.maxConcurrent`.
 pub const MAX_CONCURRENT_RANGE: (i64, i64) = (1, 10_000);
 /// Bounds of `spec.session.maxStoredSessions`.
@@ -319,6 +321,18 @@ pub struct WebhookTrigger {
     #[schemars(length(max = 64))]
     pub env: Vec<EnvExpression>,
 
+    /// A CEL expression returning a string that names the conversation a request
+    /// belongs to (a GitHub issue, a Slack thread, a Linear issue), e.g.
+    /// `"github/" + body.repository.full_name + "#" + string(body.issue.number)`. A
+    /// request whose key matches a live Session of this Agent is delivered into it as a
+    /// `user.message` (200 `delivered`, or 202 `buffered` while it is Pending); without
+    /// one, a new Session carrying the key starts. An error, or an empty key, starts an
+    /// unkeyed Session as if the expression were absent. Keys longer than 1024 bytes are
+    /// refused (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub session_key: Option<String>,
+
     /// What a filter that fails at run time (a missing field, a wrong type) means:
     /// `Reject` (the default) answers 202 filtered with the error, `Accept` lets the
     /// request through.
@@ -409,6 +423,15 @@ pub struct SessionTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604800))]
     pub timeout_seconds: Option<i64>,
+
+    /// How long a Session waits for more input after a turn, in seconds (0 to 86400;
+    /// default 0: the Session completes after its first turn). Input arrives as
+    /// `user.message` events (a webhook whose `sessionKey` matches the Session); each
+    /// starts another turn and the wait starts over. `timeoutSeconds` still bounds the
+    /// whole Session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub idle_timeout_seconds: Option<i64>,
 
     /// How long a finished Session is kept, in seconds (0 to 2592000; default 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -595,6 +618,15 @@ impl AgentSpec {
             .iter()
             .enumerate()
             .filter_map(|(i, t)| t.schedule.as_ref().map(|s| (i, s)))
+    }
+
+    /// `spec.session.idleTimeoutSeconds` (0 when absent), clamped into its range.
+    pub fn idle_timeout_seconds(&self) -> u32 {
+        let (min, max) = IDLE_TIMEOUT_SECONDS_RANGE;
+        self.session
+            .as_ref()
+            .and_then(|s| s.idle_timeout_seconds)
+            .map_or(0, |n| u32::try_from(n.clamp(min, max)).unwrap_or(0))
     }
 
     /// `spec.session.maxStoredSessions`, or its default; a value outside its range is

@@ -338,6 +338,8 @@ pub struct TriggerExpressions {
     pub title: Option<Expression>,
     /// `(variable name, expression)` in the order the trigger lists them.
     pub env: Vec<(String, Expression)>,
+    /// The `sessionKey`: which conversation a request belongs to.
+    pub session_key: Option<Expression>,
     pub filter_error_policy: FilterErrorPolicy,
     /// What the expressions read together: what [`Variables::new`] converts.
     pub reads: Reads,
@@ -346,7 +348,10 @@ pub struct TriggerExpressions {
 impl TriggerExpressions {
     /// Whether the trigger has any expression.
     pub fn is_empty(&self) -> bool {
-        self.filter.is_none() && self.title.is_none() && self.env.is_empty()
+        self.filter.is_none()
+            && self.title.is_none()
+            && self.env.is_empty()
+            && self.session_key.is_none()
     }
 }
 
@@ -400,10 +405,16 @@ pub fn compile_trigger(
         let expression = compile(&format!("{path}.env[{i}].expression"), &mapping.expression)?;
         env.push((mapping.name.clone(), expression));
     }
+    let session_key = webhook
+        .session_key
+        .as_deref()
+        .map(|s| compile(&format!("{path}.sessionKey"), s))
+        .transpose()?;
     let mut reads = Reads::default();
     for expression in filter
         .iter()
         .chain(&title)
+        .chain(&session_key)
         .chain(env.iter().map(|(_, e)| e))
     {
         reads.merge(&expression.reads);
@@ -412,6 +423,7 @@ pub fn compile_trigger(
         filter,
         title,
         env,
+        session_key,
         filter_error_policy: webhook.filter_error_policy.unwrap_or_default(),
         reads,
     })

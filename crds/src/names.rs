@@ -13,6 +13,12 @@ pub const AGENT_LABEL: &str = "hookrun.dev/agent";
 pub const SCHEDULE_LABEL: &str = "hookrun.dev/schedule";
 /// The label naming the Session a pod belongs to.
 pub const SESSION_LABEL: &str = "hookrun.dev/session";
+/// On a Session started for a session key: the key's hash (see [`session_key_hash`]), so
+/// that the Sessions of one conversation are found by label.
+pub const SESSION_KEY_LABEL: &str = "hookrun.dev/session-key";
+/// On a Session started for a session key: which of the key's Sessions it is (0 first;
+/// a follow-up after it finished starts the next).
+pub const SESSION_KEY_GENERATION_LABEL: &str = "hookrun.dev/session-key-generation";
 /// Label selector for the Secrets the operator manages.
 pub const MANAGED_SECRET_SELECTOR: &str = "app.kubernetes.io/managed-by=hookrun";
 
@@ -126,6 +132,23 @@ pub fn scheduled_session_name(agent: &str, trigger: &str, slot_unix_seconds: i64
     fit(agent, &tail, MAX_LABEL_LEN)
 }
 
+/// The hash of a session key as it appears in labels and names: 32 hex of SHA-256 over
+/// (namespace, agent, key), so equal keys of different Agents never meet.
+pub fn session_key_hash(namespace: &str, agent: &str, key: &str) -> String {
+    let digest = Sha256::digest(format!("{namespace}\0{agent}\0{key}").as_bytes());
+    hex::encode(&digest[..16])
+}
+
+/// The name of generation `generation` of the Session of a session key:
+/// `<agent>-k-<12 hex of the key hash>-<generation>`. Every replica computes the same
+/// name, so that of concurrent first requests exactly one create succeeds and the others
+/// get AlreadyExists and deliver into it.
+pub fn keyed_session_name(agent: &str, key_hash: &str, generation: u32) -> String {
+    let hash = &key_hash[..key_hash.len().min(12)];
+    let tail = format!("-k-{hash}-{generation}");
+    fit(agent, &tail, MAX_LABEL_LEN)
+}
+
 /// The path of an Agent's webhook: `/webhooks/<namespace>/<agent>/<token>`.
 pub fn webhook_path(namespace: &str, agent: &str, token: &str) -> String {
     format!("/webhooks/{namespace}/{agent}/{token}")
@@ -143,6 +166,24 @@ pub fn webhook_url(public_base: &str, namespace: &str, agent: &str, token: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_session_names_are_deterministic_and_fit_a_label() {
+        let hash = session_key_hash("team", "triage", "github/o/r#7");
+        assert_eq!(hash.len(), 32);
+        assert_ne!(hash, session_key_hash("team", "other", "github/o/r#7"));
+        assert_eq!(
+            keyed_session_name("triage", &hash, 0),
+            format!("triage-k-{}-0", &hash[..12])
+        );
+        assert_ne!(
+            keyed_session_name("triage", &hash, 0),
+            keyed_session_name("triage", &hash, 1)
+        );
+        let long = keyed_session_name(&"a".repeat(200), &hash, u32::MAX);
+        assert!(long.len() <= MAX_LABEL_LEN, "{long}");
+        assert!(long.ends_with(&format!("-k-{}-{}", &hash[..12], u32::MAX)));
+    }
 
     fn is_dns_label_like(s: &str) -> bool {
         let bytes = s.as_bytes();

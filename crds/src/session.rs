@@ -37,8 +37,21 @@ pub mod event_types {
     pub const STATUS_RUNNING: &str = "session.status_running";
     /// The session ended; the content is the final phase (`Complete` or `Error`).
     pub const STATUS_CLOSED: &str = "session.status_closed";
-    /// The harness finished a turn of a live session; the content is the turn's reply.
+    /// Input into a running (or still pending) Session: a follow-up webhook's title.
+    /// The initial title is the first input; it lives in `spec.title`.
+    pub const USER_MESSAGE: &str = "user.message";
+    /// The harness finished a turn; the content is the turn's reply (may be empty). Its
+    /// key is [`super::turn_key`] of the input the turn answered.
     pub const TURN_COMPLETE: &str = "agent.turn_complete";
+}
+
+/// The longest session key a Session carries, in bytes.
+pub const MAX_SESSION_KEY_BYTES: usize = 1024;
+
+/// The event key of the `agent.turn_complete` that answers input `input_id` (0 for the
+/// initial title): a waiting caller finds its own turn's reply by it.
+pub fn turn_key(input_id: u64) -> String {
+    format!("turn-{input_id}")
 }
 
 /// One run of an agent.
@@ -90,6 +103,12 @@ pub struct SessionSpec {
     /// What started this session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger: Option<SessionTrigger>,
+
+    /// The session key (the webhook trigger's `sessionKey`) whose follow-ups this
+    /// Session receives; its hash is the `hookrun.dev/session-key` label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub session_key: Option<String>,
 }
 
 /// A literal environment variable for one session.
@@ -342,6 +361,46 @@ impl SessionStatus {
         self.next_event_id() - 1
     }
 
+    /// The `user.message` events after event id `after`, oldest first, as (id, content).
+    pub fn inputs_after(&self, after: u64) -> Vec<(u64, &str)> {
+        let first = self.first_event_id();
+        self.events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (first + i as u64, e))
+            .filter(|(id, e)| *id > after && e.type_ == event_types::USER_MESSAGE)
+            .map(|(id, e)| (id, e.content.as_str()))
+            .collect()
+    }
+
+    /// The reply of the turn that answered input `input_id` (0: the initial title), once
+    /// the harness posted it.
+    pub fn turn_reply(&self, input_id: u64) -> Option<&str> {
+        let key = turn_key(input_id);
+        self.events
+            .iter()
+            .find(|e| e.type_ == event_types::TURN_COMPLETE && e.key.as_deref() == Some(&key))
+            .map(|e| e.content.as_str())
+    }
+
+    /// Appends input `content` as a `user.message` carrying event key `key` (a hash of
+    /// the delivery id or idempotency key), unless one with that key is kept already:
+    /// then it is a retry, answered with the first one's id. [`Finished`] when the
+    /// Session has finished (and the input is not a retry).
+    pub fn append_input(&mut self, content: &str, key: &str, at: Time) -> Result<Input, Finished> {
+        if let Some(id) = self.event_with_key(key) {
+            return Ok(Input { id, replayed: true });
+        }
+        if self.is_finished() {
+            return Err(Finished);
+        }
+        let id = self.push_event_once(event_types::USER_MESSAGE, content, key, at);
+        Ok(Input {
+            id,
+            replayed: false,
+        })
+    }
+
     /// The content of the last `agent.message` still kept.
     pub fn last_agent_message(&self) -> Option<&str> {
         self.events
@@ -384,6 +443,19 @@ impl SessionStatus {
         self.push_event(event_types::STATUS_CLOSED, phase.as_str(), at);
         true
     }
+}
+
+/// The Session has finished: it takes no more input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finished;
+
+/// An input appended to (or found in) a Session's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Input {
+    /// Its event id.
+    pub id: u64,
+    /// It was there already (a retried delivery).
+    pub replayed: bool,
 }
 
 /// Whether the kube-apiserver refused a write because the request or the object it would
@@ -526,6 +598,53 @@ mod tests {
 
     fn at() -> Time {
         Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn inputs_are_appended_once_and_turns_found_by_their_input() {
+        let mut status = SessionStatus::default();
+        status.mark_running(at());
+        let first = status.append_input("again", "d-1", at()).expect("live");
+        assert_eq!(
+            first,
+            Input {
+                id: 2,
+                replayed: false
+            }
+        );
+        // A retried delivery is the same input.
+        let retry = status.append_input("again", "d-1", at()).expect("live");
+        assert_eq!(
+            retry,
+            Input {
+                id: 2,
+                replayed: true
+            }
+        );
+        status.push_event_once(
+            event_types::TURN_COMPLETE,
+            "first reply",
+            &turn_key(0),
+            at(),
+        );
+        let second = status.append_input("third", "d-2", at()).expect("live");
+        assert_eq!(second.id, 4);
+        assert_eq!(status.inputs_after(0), [(2, "again"), (4, "third")]);
+        assert_eq!(status.inputs_after(2), [(4, "third")]);
+        assert!(status.inputs_after(4).is_empty());
+        assert_eq!(status.turn_reply(0), Some("first reply"));
+        assert_eq!(status.turn_reply(2), None);
+        status.push_event_once(event_types::TURN_COMPLETE, "to again", &turn_key(2), at());
+        assert_eq!(status.turn_reply(2), Some("to again"));
+        assert_eq!(status.turn_reply(4), None);
+        status.finish(SessionPhase::Complete, None, None, at());
+        assert_eq!(status.append_input("late", "d-3", at()), Err(Finished));
+        // A retry of an input it took is still answered after it finished.
+        assert!(
+            status
+                .append_input("again", "d-1", at())
+                .is_ok_and(|i| i.replayed)
+        );
     }
 
     #[test]

@@ -317,6 +317,12 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
         );
         check_range(
             &mut errors,
+            "spec.session.idleTimeoutSeconds",
+            session.idle_timeout_seconds,
+            crate::agent::IDLE_TIMEOUT_SECONDS_RANGE,
+        );
+        check_range(
+            &mut errors,
             "spec.session.ttlSecondsAfterFinished",
             session.ttl_seconds_after_finished,
             TTL_SECONDS_RANGE,

@@ -180,6 +180,12 @@ pub const ALL: &[Target] = &[
         dictionary: &["\"type\"", "\"content\"", "session.", "agent.", "-", "_"],
     },
     Target {
+        name: "runner_inputs_query",
+        run: runner_inputs_query,
+        seeds: || vec![b"after=12&wait=25".to_vec(), b"wait=1".to_vec()],
+        dictionary: &["after=", "wait=", "&", "=", "18446744073709551615"],
+    },
+    Target {
         name: "runner_completion",
         run: runner_completion,
         seeds: || {
@@ -686,6 +692,22 @@ pub fn runner_event(data: &[u8]) -> String {
         Err(error) => {
             assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
             assert_bounded(&error.to_string(), "runner event");
+            "err".into()
+        }
+    }
+}
+
+/// Queries of `GET /runner/v1/inputs` (`after=<event id>&wait=<seconds>`).
+pub fn runner_inputs_query(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    match runner::parse_input_query(Some(&text)) {
+        Ok(query) => {
+            assert!(query.wait <= Duration::from_secs(runner::MAX_INPUT_WAIT_SECONDS));
+            "ok".into()
+        }
+        Err(error) => {
+            assert_eq!(error.status(), http::StatusCode::BAD_REQUEST);
+            assert_bounded(&error.to_string(), "runner inputs query");
             "err".into()
         }
     }

@@ -1,6 +1,13 @@
 //! Exec mode: the Agent is a program. It gets the title on stdin; what it prints goes out
 //! as `agent.message` events (lines that arrive close together travel as one event), and
 //! its whole output is the answer when it exits 0.
+//!
+//! When the Agent's Sessions take input (`idleTimeoutSeconds` above 0) the program is
+//! [`Interactive`]: its stdin stays open, the title and then each input are written to
+//! it, each followed by a newline, and what it prints until it has been quiet for the
+//! turn gap ([`DEFAULT_TURN_GAP`]) is that turn's reply. Its stdin is closed when no
+//! input came within the idle timeout; it should then exit (0 completes the Session with
+//! the last reply).
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -79,6 +86,175 @@ pub enum ExecError {
     /// Nobody takes its messages any more (the session ended elsewhere); it was killed.
     #[error("the session ended while the command ran; it was stopped")]
     Cancelled,
+}
+
+/// How long an interactive program must be quiet, after printing something, for its
+/// turn to be over.
+pub const DEFAULT_TURN_GAP: Duration = Duration::from_millis(1000);
+
+/// A program that runs for the whole Session and takes one input per turn on stdin.
+pub struct Interactive {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    output: mpsc::Receiver<Vec<u8>>,
+    stderr_tail: Option<tokio::task::JoinHandle<String>>,
+    gap: Duration,
+    /// The output of the program's finished turns, bounded, for its outcome.
+    captured: Vec<u8>,
+}
+
+/// What the program printed for one turn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnOutput {
+    /// The reply: what it printed, trailing whitespace cut.
+    pub reply: String,
+    /// Its stdout closed: it will take no more turns.
+    pub ended: bool,
+}
+
+impl Interactive {
+    /// Starts the program with stdin, stdout and stderr piped; a turn is over once it
+    /// has printed and then been quiet for `gap`.
+    pub fn start(
+        spec: &ExecSpec,
+        env: &[(String, String)],
+        gap: Duration,
+    ) -> Result<Self, ExecError> {
+        let mut child = spawn(spec, env)?;
+        let stdin = child.stdin.take();
+        let stderr_tail = child
+            .stderr
+            .take()
+            .map(|stderr| tokio::spawn(forward_stderr(stderr)));
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| ExecError::Io("no stdout pipe".to_string()))?;
+        let (chunks, output) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = stdout.read(&mut buf).await {
+                if n == 0 || chunks.send(buf[..n].to_vec()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            output,
+            stderr_tail,
+            gap,
+            captured: Vec::new(),
+        })
+    }
+
+    /// Writes `input` and a newline to the program, then collects its reply: what it
+    /// prints until it has been quiet for the gap, for at most `limit` in all.
+    pub async fn turn(&mut self, input: &str, limit: Duration) -> Result<TurnOutput, ExecError> {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let mut line = input.as_bytes().to_vec();
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            // A program that closed its stdin takes no more input; its output decides.
+            if stdin.write_all(&line).await.is_err() || stdin.flush().await.is_err() {
+                self.stdin = None;
+            }
+        }
+        let hard = Instant::now() + limit;
+        let mut reply: Vec<u8> = Vec::new();
+        let mut quiet_at = hard;
+        let ended = loop {
+            match tokio::time::timeout_at(quiet_at, self.output.recv()).await {
+                Ok(Some(chunk)) => {
+                    let room = (MAX_RESPONSE_BYTES + 4).saturating_sub(reply.len());
+                    reply.extend_from_slice(&chunk[..room.min(chunk.len())]);
+                    quiet_at = hard.min(Instant::now() + self.gap);
+                }
+                Ok(None) => break true,
+                Err(_elapsed) => break false,
+            }
+        };
+        let room = (MAX_RESPONSE_BYTES + 4).saturating_sub(self.captured.len());
+        self.captured
+            .extend_from_slice(&reply[..room.min(reply.len())]);
+        let reply = String::from_utf8_lossy(&reply).trim_end().to_string();
+        Ok(TurnOutput { reply, ended })
+    }
+
+    /// Closes the program's stdin and waits for it to exit (at most `limit`, then it is
+    /// killed): its outcome, with the output of all its turns.
+    pub async fn finish(mut self, limit: Duration) -> Result<ExecOutcome, ExecError> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + limit;
+        // Output after the last turn is kept for the outcome, not posted.
+        while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, self.output.recv()).await {
+            let room = (MAX_RESPONSE_BYTES + 4).saturating_sub(self.captured.len());
+            self.captured
+                .extend_from_slice(&chunk[..room.min(chunk.len())]);
+        }
+        let status = match tokio::time::timeout_at(deadline, self.child.wait()).await {
+            Ok(waited) => waited.map_err(|error| ExecError::Io(error.to_string()))?,
+            Err(_) => {
+                let _ = self.child.kill().await;
+                self.child
+                    .wait()
+                    .await
+                    .map_err(|error| ExecError::Io(error.to_string()))?
+            }
+        };
+        let stderr_tail = match self.stderr_tail.take() {
+            Some(task) => task.await.unwrap_or_default(),
+            None => String::new(),
+        };
+        Ok(ExecOutcome {
+            exit: exit_kind(status),
+            stdout: String::from_utf8_lossy(&self.captured).into_owned(),
+            stderr_tail,
+        })
+    }
+}
+
+fn exit_kind(status: std::process::ExitStatus) -> ExitKind {
+    match status.code() {
+        Some(code) => ExitKind::Code(code),
+        None => {
+            use std::os::unix::process::ExitStatusExt;
+            ExitKind::Signal(status.signal().unwrap_or(0))
+        }
+    }
+}
+
+/// Starts `spec.command` with every stream piped, killed when dropped.
+fn spawn(spec: &ExecSpec, env: &[(String, String)]) -> Result<tokio::process::Child, ExecError> {
+    let Some((program, args)) = spec.command.split_first() else {
+        return Err(ExecError::Spawn {
+            program: String::new(),
+            dir: String::new(),
+            reason: "the command is empty".to_string(),
+        });
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(dir) = &spec.working_dir {
+        command.current_dir(dir);
+    }
+    command.spawn().map_err(|error| ExecError::Spawn {
+        program: program.clone(),
+        dir: spec
+            .working_dir
+            .as_ref()
+            .map(|d| format!(" in {d}"))
+            .unwrap_or_default(),
+        reason: error.to_string(),
+    })
 }
 
 /// Splits a byte stream into lines, cutting lines longer than `max` bytes.
@@ -165,33 +341,7 @@ pub async fn run(
     env: &[(String, String)],
     messages: mpsc::Sender<String>,
 ) -> Result<ExecOutcome, ExecError> {
-    let Some((program, args)) = spec.command.split_first() else {
-        return Err(ExecError::Spawn {
-            program: String::new(),
-            dir: String::new(),
-            reason: "the command is empty".to_string(),
-        });
-    };
-    let mut command = Command::new(program);
-    command
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    if let Some(dir) = &spec.working_dir {
-        command.current_dir(dir);
-    }
-    let mut child = command.spawn().map_err(|error| ExecError::Spawn {
-        program: program.clone(),
-        dir: spec
-            .working_dir
-            .as_ref()
-            .map(|d| format!(" in {d}"))
-            .unwrap_or_default(),
-        reason: error.to_string(),
-    })?;
+    let mut child = spawn(spec, env)?;
 
     // The title is written from its own task: a program that prints before it reads
     // must not deadlock against a full stdin pipe.
@@ -270,13 +420,7 @@ pub async fn run(
         .wait()
         .await
         .map_err(|error| ExecError::Io(error.to_string()))?;
-    let exit = match status.code() {
-        Some(code) => ExitKind::Code(code),
-        None => {
-            use std::os::unix::process::ExitStatusExt;
-            ExitKind::Signal(status.signal().unwrap_or(0))
-        }
-    };
+    let exit = exit_kind(status);
     let stderr_tail = match stderr_tail {
         Some(task) => task.await.unwrap_or_default(),
         None => String::new(),
@@ -386,6 +530,25 @@ mod tests {
             tail,
             "curl: using key [redacted]\nhttp://[redacted]@host/ failed\nlast"
         );
+    }
+
+    #[tokio::test]
+    async fn an_interactive_program_answers_each_input_in_its_own_turn() {
+        let spec = ExecSpec {
+            command: vec!["cat".to_string()],
+            working_dir: None,
+        };
+        let mut program =
+            Interactive::start(&spec, &[], Duration::from_millis(200)).expect("cat starts");
+        let limit = Duration::from_secs(10);
+        let first = program.turn("hello", limit).await.expect("a turn");
+        assert_eq!(first.reply, "hello");
+        assert!(!first.ended);
+        let second = program.turn("again\n", limit).await.expect("a turn");
+        assert_eq!(second.reply, "again");
+        let outcome = program.finish(limit).await.expect("cat exits");
+        assert!(outcome.succeeded(), "{outcome:?}");
+        assert_eq!(outcome.stdout, "hello\nagain\n");
     }
 
     #[test]

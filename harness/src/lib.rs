@@ -2,6 +2,12 @@
 //! the runner API, asks a model (Anthropic or OpenAI-compatible) or runs a program, posts
 //! what it produces as `agent.message` events, and completes the session with the answer
 //! or with an error that says what went wrong. It never exits without trying to report.
+//!
+//! When the Agent's `idleTimeoutSeconds` is above 0 the session is live: after each turn
+//! the harness posts `agent.turn_complete` (the turn's reply), long-polls the runner API
+//! for the next `user.message`, and runs another turn with it (a model sees the whole
+//! conversation so far); once no input came for the idle timeout it completes with the
+//! last reply.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +26,7 @@ use hookrun_crds::names;
 use tokio::sync::mpsc;
 
 use crate::http::HttpClient;
-use crate::provider::{ApiKey, ModelConfig, ModelTarget, Plan, anthropic, openai};
+use crate::provider::{ApiKey, ChatMessage, ModelConfig, ModelTarget, Plan, anthropic, openai};
 use crate::retry::RetryPolicy;
 use crate::runner::{Completion, RunnerClient, RunnerError, SessionContext};
 
@@ -63,6 +69,13 @@ pub struct Args {
     /// Seconds after which no further retry of a model request starts.
     #[arg(long, env = "HARNESS_RETRY_SECONDS", default_value_t = RetryPolicy::MODEL.max_elapsed.as_secs())]
     pub retry_seconds: u64,
+    /// Milliseconds an interactive program (exec mode in a live session) must be quiet
+    /// after printing for its turn to be over.
+    #[arg(long, env = "HARNESS_TURN_GAP_MS", default_value_t = exec::DEFAULT_TURN_GAP.as_millis() as u64)]
+    pub turn_gap_ms: u64,
+    /// Seconds one turn of an interactive program may take.
+    #[arg(long, env = "HARNESS_TURN_SECONDS", default_value_t = 600)]
+    pub turn_seconds: u64,
     /// Log filter (`info`, `debug`, `hookrun_harness=debug`).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
@@ -173,8 +186,10 @@ pub async fn run(args: Args) -> Outcome {
         agent = %context.agent,
         "running the session"
     );
+    let live = context.idle_timeout_seconds > 0;
     let result = match provider::plan(&context) {
         Err(error) => Err(Failure::Agent(error.to_string())),
+        Ok(Plan::Exec(spec)) if live => run_interactive(&runner, &spec, &context, &args).await,
         Ok(Plan::Exec(spec)) => run_exec(&runner, &spec, &context).await,
         Ok(Plan::Model(target)) => {
             run_model(&http, &runner, &args.model_config(), &target, &context).await
@@ -241,19 +256,171 @@ async fn run_model(
     context: &SessionContext,
 ) -> Result<String, Failure> {
     tracing::info!(provider = target.provider.as_str(), model = %target.model, "asking the model");
-    let text = provider::call_model(http, config, target, context)
+    let mut conversation = vec![ChatMessage::user(&context.title)];
+    let mut inbox = Inbox::new(context.idle_timeout_seconds);
+    let mut input_id = 0;
+    loop {
+        let text = provider::call_model(http, config, target, context, &conversation)
+            .await
+            .map_err(|error| Failure::Agent(error.to_string()))?;
+        conversation.push(ChatMessage::assistant(&text));
+        match runner.post_message(&text).await {
+            Ok(_) => {}
+            Err(RunnerError::Finished) => return Err(Failure::Interrupted),
+            // The completion below still carries the answer.
+            Err(error) => tracing::warn!(
+                error = %redact::scrub(&error.to_string()),
+                "cannot post the answer as an event"
+            ),
+        }
+        if !inbox.is_live() {
+            return Ok(text);
+        }
+        end_turn(runner, &text, input_id).await?;
+        match inbox.next(runner).await? {
+            Some(input) => {
+                input_id = input.id;
+                conversation.push(ChatMessage::user(&input.content));
+            }
+            None => return Ok(text),
+        }
+    }
+}
+
+/// Posts `agent.turn_complete` for the turn that answered input `input_id`.
+async fn end_turn(runner: &RunnerClient, reply: &str, input_id: u64) -> Result<(), Failure> {
+    match runner.post_turn_complete(reply, input_id).await {
+        Ok(_) => Ok(()),
+        Err(RunnerError::Finished) => Err(Failure::Interrupted),
+        Err(error) => {
+            tracing::warn!(
+                error = %redact::scrub(&error.to_string()),
+                "cannot post the end of a turn; going on"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Where a live session's inputs come from: the runner API's long-poll, from a cursor,
+/// until no input came for the idle timeout.
+struct Inbox {
+    idle: Duration,
+    cursor: u64,
+    pending: std::collections::VecDeque<runner::SessionInput>,
+}
+
+impl Inbox {
+    fn new(idle_timeout_seconds: u64) -> Self {
+        Self {
+            idle: Duration::from_secs(idle_timeout_seconds),
+            cursor: 0,
+            pending: Default::default(),
+        }
+    }
+
+    /// Whether the session takes input after its first turn.
+    fn is_live(&self) -> bool {
+        !self.idle.is_zero()
+    }
+
+    /// The next input, `None` once none came for the idle timeout;
+    /// [`Failure::Interrupted`] when the session ended meanwhile.
+    async fn next(
+        &mut self,
+        runner: &RunnerClient,
+    ) -> Result<Option<runner::SessionInput>, Failure> {
+        let deadline = tokio::time::Instant::now() + self.idle;
+        loop {
+            if let Some(input) = self.pending.pop_front() {
+                return Ok(Some(input));
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                tracing::info!(idle = ?self.idle, "no input within the idle timeout; completing");
+                return Ok(None);
+            }
+            // Whole seconds, at least one, within what is left (rounded up).
+            let wait = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            match runner.inputs(self.cursor, wait).await {
+                Ok(poll) => {
+                    if let Some(last) = poll.inputs.last() {
+                        self.cursor = self.cursor.max(last.id);
+                    }
+                    self.pending.extend(poll.inputs);
+                    if poll.finished && self.pending.is_empty() {
+                        return Err(Failure::Interrupted);
+                    }
+                }
+                Err(RunnerError::Finished) => return Err(Failure::Interrupted),
+                Err(error) => {
+                    tracing::warn!(
+                        error = %redact::scrub(&error.to_string()),
+                        "cannot poll for input; trying again"
+                    );
+                    let pause = Duration::from_secs(1).min(left);
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+}
+
+/// Exec mode in a live session: the program takes the title, then each input, as a line
+/// on stdin, and each turn's reply is what it prints until it is quiet for the turn gap.
+async fn run_interactive(
+    runner: &RunnerClient,
+    spec: &hookrun_crds::agent::ExecSpec,
+    context: &SessionContext,
+    args: &Args,
+) -> Result<String, Failure> {
+    tracing::info!(command = ?spec.command, "running the agent's command, one turn per input");
+    let env: Vec<(String, String)> = context
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    let gap = Duration::from_millis(args.turn_gap_ms.max(1));
+    let limit = Duration::from_secs(args.turn_seconds.max(1));
+    let mut program = exec::Interactive::start(spec, &env, gap)
+        .map_err(|error| Failure::Agent(error.to_string()))?;
+    let mut inbox = Inbox::new(context.idle_timeout_seconds);
+    let (mut input_id, mut input) = (0, context.title.clone());
+    let last = loop {
+        let turn = program
+            .turn(&input, limit)
+            .await
+            .map_err(|error| Failure::Agent(error.to_string()))?;
+        if !turn.reply.trim().is_empty() {
+            let (text, _) =
+                hookrun_crds::session::truncate_utf8(&turn.reply, exec::BATCH_MAX_BYTES);
+            match runner.post_message(text).await {
+                Ok(_) => {}
+                Err(RunnerError::Finished) => return Err(Failure::Interrupted),
+                Err(error) => tracing::warn!(
+                    error = %redact::scrub(&error.to_string()),
+                    "cannot post an event; going on"
+                ),
+            }
+        }
+        end_turn(runner, &turn.reply, input_id).await?;
+        if turn.ended {
+            break turn.reply;
+        }
+        match inbox.next(runner).await? {
+            Some(next) => (input_id, input) = (next.id, next.content),
+            None => break turn.reply,
+        }
+    };
+    let outcome = program
+        .finish(limit)
         .await
         .map_err(|error| Failure::Agent(error.to_string()))?;
-    match runner.post_message(&text).await {
-        Ok(_) => {}
-        Err(RunnerError::Finished) => return Err(Failure::Interrupted),
-        // The completion below still carries the answer.
-        Err(error) => tracing::warn!(
-            error = %redact::scrub(&error.to_string()),
-            "cannot post the answer as an event"
-        ),
+    if outcome.succeeded() {
+        Ok(last)
+    } else {
+        Err(Failure::Agent(outcome.failure_message()))
     }
-    Ok(text)
 }
 
 async fn run_exec(

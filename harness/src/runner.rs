@@ -44,7 +44,36 @@ pub struct SessionContext {
     /// The Session's phase when the context was read.
     #[serde(default)]
     pub phase: Option<String>,
+    /// How long to wait for more input after a turn (0: one turn, then done).
+    #[serde(default)]
+    pub idle_timeout_seconds: u64,
 }
+
+/// One input into a live Session (a follow-up's text), as `GET /runner/v1/inputs`
+/// answers it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SessionInput {
+    /// Its event id: the cursor to ask after next, and what its turn's reply names.
+    pub id: u64,
+    /// The text.
+    #[serde(default)]
+    pub content: String,
+}
+
+/// The answer of an input poll.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct InputPoll {
+    /// The inputs after the cursor, oldest first (empty when the wait ran out).
+    #[serde(default)]
+    pub inputs: Vec<SessionInput>,
+    /// The Session has ended: no input will come.
+    #[serde(default)]
+    pub finished: bool,
+}
+
+/// The longest a poll for input asks the apiserver to hold it, in seconds (inside
+/// [`RUNNER_TIMEOUT`]).
+pub const MAX_POLL_SECONDS: u64 = 25;
 
 impl SessionContext {
     /// Whether the Session has already ended (nothing left to do).
@@ -255,6 +284,32 @@ impl RunnerClient {
         let key = event_key();
         let body =
             serde_json::json!({"type": "agent.message", "content": content, "idempotencyKey": key});
+        let response = self
+            .call(Method::POST, "/runner/v1/events", Some(&body))
+            .await?;
+        decode::<EventAnswer>(&response).map(|answer| answer.id)
+    }
+
+    /// `GET /runner/v1/inputs?after=<cursor>&wait=<seconds>`: the inputs after `after`,
+    /// waiting up to `wait` seconds (at most [`MAX_POLL_SECONDS`]) for one.
+    pub async fn inputs(&self, after: u64, wait: u64) -> Result<InputPoll, RunnerError> {
+        let wait = wait.min(MAX_POLL_SECONDS);
+        let path = format!("/runner/v1/inputs?after={after}&wait={wait}");
+        let response = self.call(Method::GET, &path, None).await?;
+        decode(&response)
+    }
+
+    /// `POST /runner/v1/events` with the `agent.turn_complete` of the turn that answered
+    /// input `input_id` (0: the title), secrets scrubbed; its key names that input, so a
+    /// retry is stored once and a waiting caller finds its own turn's reply.
+    pub async fn post_turn_complete(&self, reply: &str, input_id: u64) -> Result<u64, RunnerError> {
+        let content = redact::scrub(reply);
+        let content = truncate_utf8(&content, hookrun_crds::session::MAX_EVENT_CONTENT_BYTES / 2).0;
+        let body = serde_json::json!({
+            "type": hookrun_crds::session::event_types::TURN_COMPLETE,
+            "content": content,
+            "idempotencyKey": hookrun_crds::session::turn_key(input_id),
+        });
         let response = self
             .call(Method::POST, "/runner/v1/events", Some(&body))
             .await?;

@@ -158,6 +158,8 @@ fn args(runner: &FakeRunner, token: PathBuf, model_url: &str) -> Args {
         model_timeout_seconds: 10,
         retry_attempts: 4,
         retry_seconds: 30,
+        turn_gap_ms: 200,
+        turn_seconds: 10,
         log_filter: "debug".into(),
     }
 }

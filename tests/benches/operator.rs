@@ -348,6 +348,7 @@ fn stored_session(name: &str, agent: &str) -> Session {
                 payload_truncated: false,
                 callback_url: None,
             }),
+            session_key: None,
         },
     )
 }

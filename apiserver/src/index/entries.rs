@@ -36,6 +36,9 @@ pub(crate) struct AgentEntry {
     pub(crate) input: crate::webhook_input::InputPolicy,
     /// `spec.session.maxStoredSessions` (or its default).
     pub(crate) max_stored: u32,
+    /// `spec.session.idleTimeoutSeconds`: above 0, Sessions take input after their first
+    /// turn, and a waiting caller is answered with its own turn's reply.
+    pub(crate) idle_timeout_seconds: u32,
     /// The generation the entry was built from: its expressions are compiled once per
     /// generation.
     pub(crate) generation: Option<i64>,
@@ -128,6 +131,7 @@ pub(crate) fn agent_entry_after(
             .map(|m| u32::try_from(m.max(0)).unwrap_or(u32::MAX)),
         input: crate::webhook_input::InputPolicy::of(&agent.spec),
         max_stored: agent.spec.max_stored_sessions(),
+        idle_timeout_seconds: agent.spec.idle_timeout_seconds(),
         generation,
         expressions,
     })
@@ -269,6 +273,9 @@ pub(crate) struct SessionEntry {
     pub(crate) agent: AgentKey,
     pub(crate) active: bool,
     pub(crate) payload_digest: Option<String>,
+    /// The session key's hash and generation (from the Session's labels), when it was
+    /// started for one.
+    pub(crate) key: Option<(String, u32)>,
 }
 
 pub(super) fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry)> {
@@ -285,6 +292,18 @@ pub(super) fn session_entry(session: &Session) -> Option<(AgentKey, SessionEntry
                 .trigger
                 .as_ref()
                 .and_then(|t| t.payload_digest.clone()),
+            key: session_key_labels(session),
         },
     ))
+}
+
+/// The session key hash and generation a Session's labels carry.
+fn session_key_labels(session: &Session) -> Option<(String, u32)> {
+    let labels = session.metadata.labels.as_ref()?;
+    let hash = labels.get(names::SESSION_KEY_LABEL)?;
+    let generation = labels
+        .get(names::SESSION_KEY_GENERATION_LABEL)?
+        .parse()
+        .ok()?;
+    Some((hash.clone(), generation))
 }

@@ -129,6 +129,8 @@ pub struct Index {
     reservations: Mutex<Reservations>,
     /// What the runner API shows of every Agent, webhook or not.
     runner_agents: HashMap<AgentKey, Arc<RunnerAgent>>,
+    /// The generations of stored Sessions per (namespace, session key hash).
+    key_generations: HashMap<AgentKey, std::collections::BTreeSet<u32>>,
 }
 
 /// The index as the server shares it.
@@ -404,8 +406,23 @@ impl Index {
         }
     }
 
+    /// The newest generation of the Sessions of session key `hash` that the watch has
+    /// seen in `namespace`.
+    pub(crate) fn latest_key_generation(&self, namespace: &str, hash: &str) -> Option<u32> {
+        self.key_generations
+            .get(KeyRef(namespace, hash).key())?
+            .last()
+            .copied()
+    }
+
     fn apply_session_entry(&mut self, key: AgentKey, entry: SessionEntry) {
         self.remove_session_key(&key);
+        if let Some((hash, generation)) = &entry.key {
+            self.key_generations
+                .entry(AgentKey::new(key.namespace.clone(), hash.clone()))
+                .or_default()
+                .insert(*generation);
+        }
         if entry.active {
             *self.active.entry(entry.agent.clone()).or_default() += 1;
         }
@@ -424,6 +441,15 @@ impl Index {
         let Some(old) = self.sessions.remove(key) else {
             return;
         };
+        if let Some((hash, generation)) = &old.key {
+            let by_key = AgentKey::new(key.namespace.clone(), hash.clone());
+            if let Some(generations) = self.key_generations.get_mut(&by_key) {
+                generations.remove(generation);
+                if generations.is_empty() {
+                    self.key_generations.remove(&by_key);
+                }
+            }
+        }
         if old.active {
             decrement(&mut self.active, &old.agent);
         }

@@ -14,6 +14,8 @@ pub(crate) struct RunnerAgent {
     pub(crate) exec: Option<ExecSpec>,
     /// `spec.session.env` (only literal values are served).
     pub(crate) env: Vec<EnvVar>,
+    /// `spec.session.idleTimeoutSeconds`.
+    pub(crate) idle_timeout_seconds: u32,
 }
 
 /// The runner's view of `agent`.
@@ -28,6 +30,7 @@ pub(crate) fn runner_agent(agent: &Agent) -> RunnerAgent {
             .as_ref()
             .map(|s| s.env.clone())
             .unwrap_or_default(),
+        idle_timeout_seconds: spec.idle_timeout_seconds(),
     }
 }
 

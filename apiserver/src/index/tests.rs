@@ -434,3 +434,42 @@ fn borrowed_keys_find_what_owned_keys_stored() {
     assert_eq!(map.get(KeyRef("nsn", "ame").key()), None);
     assert_eq!(map.get(KeyRef("ns", "nam").key()), None);
 }
+
+#[test]
+fn the_newest_generation_of_a_session_key_follows_the_watch() {
+    use hookrun_crds::names;
+    let keyed = |name: &str, hash: &str, generation: &str| {
+        let mut s = session("ns", name, "a", Some(SessionPhase::Complete));
+        s.metadata.labels = Some(
+            [
+                (names::SESSION_KEY_LABEL.to_owned(), hash.to_owned()),
+                (
+                    names::SESSION_KEY_GENERATION_LABEL.to_owned(),
+                    generation.to_owned(),
+                ),
+            ]
+            .into(),
+        );
+        s
+    };
+    let mut index = Index::new(1);
+    assert_eq!(index.latest_key_generation("ns", "h1"), None);
+    let first = keyed("a-k-1", "h1", "0");
+    let second = keyed("a-k-2", "h1", "1");
+    index.apply_session(&first);
+    index.apply_session(&second);
+    index.apply_session(&keyed("b-k-1", "h2", "4"));
+    index.apply_session(&keyed("bad", "h3", "x"));
+    assert_eq!(index.latest_key_generation("ns", "h1"), Some(1));
+    assert_eq!(index.latest_key_generation("ns", "h2"), Some(4));
+    assert_eq!(index.latest_key_generation("ns", "h3"), None);
+    assert_eq!(index.latest_key_generation("other", "h1"), None);
+    // The finished first generation deleted after its TTL: the newest stays.
+    index.delete_session(&first);
+    assert_eq!(index.latest_key_generation("ns", "h1"), Some(1));
+    index.delete_session(&second);
+    assert_eq!(index.latest_key_generation("ns", "h1"), None);
+    index.reset_sessions(&Scope::All, &[keyed("a-k-9", "h1", "9")]);
+    assert_eq!(index.latest_key_generation("ns", "h1"), Some(9));
+    assert_eq!(index.latest_key_generation("ns", "h2"), None);
+}

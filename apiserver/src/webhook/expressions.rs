@@ -26,6 +26,9 @@ pub(super) struct Mapped {
     pub(super) title: Option<String>,
     /// The variables from `env` that evaluated.
     pub(super) env: Vec<SessionEnvVar>,
+    /// The conversation the request belongs to, from `sessionKey`, when it evaluated to
+    /// a non-empty string.
+    pub(super) session_key: Option<String>,
 }
 
 /// Whether the request goes on, and with what.
@@ -95,6 +98,14 @@ pub(super) fn decide(
             }),
             Err(error) => {
                 tracing::debug!(agent = %key.name, variable = %name, %error, "env expression left its variable unset");
+            }
+        }
+    }
+    if let Some(session_key) = &expressions.session_key {
+        match session_key.evaluate_text(&variables) {
+            Ok(text) if !text.is_empty() => mapped.session_key = Some(text),
+            result => {
+                tracing::debug!(agent = %key.name, namespace = %key.namespace, error = result.err().as_deref(), "sessionKey gave no key: an unkeyed Session starts");
             }
         }
     }

@@ -82,7 +82,7 @@ pub(super) async fn accept(
 
     let payload = body::payload_text(&raw);
     let provider = verified.as_ref().map(|(_, v)| v.source);
-    let mapped = match expressions::decide(
+    let mut mapped = match expressions::decide(
         state,
         key,
         &target,
@@ -96,6 +96,7 @@ pub(super) async fn accept(
         Decision::Pass(mapped) => mapped,
     };
 
+    let session_key = mapped.session_key.take();
     let mut parsed = body::webhook_fields(&request_body).map_err(HttpError::BadBody)?;
     let input = &target.agent.input;
     input.check_env(&parsed.env).map_err(HttpError::BadBody)?;
@@ -151,9 +152,11 @@ pub(super) async fn accept(
         signed_key,
     )
     .map_err(HttpError::Idempotency)?;
-    // The keyed name is hashed once, for the replay lookup and for the create.
+    // The keyed name is hashed once, for the replay lookup and for the create. With a
+    // session key, the session key names the Session and the idempotency key the input.
     let keyed_name = key_choice
         .as_ref()
+        .filter(|_| session_key.is_none())
         .map(|chosen| idempotency::keyed_session_name(&key.namespace, &key.name, &chosen.value));
 
     if let (Some(chosen), Some(name)) = (&key_choice, &keyed_name) {
@@ -182,11 +185,15 @@ pub(super) async fn accept(
                 name: name.clone(),
                 replayed: true,
                 rate,
-                waiting: wait::begin(wait::HeldRequest {
-                    subscription,
-                    current,
-                    budget,
-                }),
+                waiting: super::hold::begin(
+                    &target,
+                    wait::HeldRequest {
+                        subscription,
+                        current,
+                        budget,
+                    },
+                ),
+                delivery: None,
             })));
         }
     }
@@ -223,8 +230,19 @@ pub(super) async fn accept(
         title,
         env: parsed.env,
         trigger: Some(trigger),
+        session_key: None,
     };
     tracing::debug!(agent = %key.name, ?wait, "storing a webhook Session");
+    if let Some(session_key) = session_key {
+        let request = super::keyed::KeyedRequest {
+            session_key,
+            spec,
+            request_key: key_choice.map(|k| k.value),
+            budget,
+            rate: rate.keep(),
+        };
+        return super::keyed::deliver(state, key, &target, request).await;
+    }
 
     let max = target.agent.max_concurrent;
     let mut name = keyed_name
@@ -256,11 +274,15 @@ pub(super) async fn accept(
                         name,
                         replayed: false,
                         rate,
-                        waiting: wait::begin(wait::HeldRequest {
-                            subscription,
-                            current: Some(stored),
-                            budget,
-                        }),
+                        waiting: super::hold::begin(
+                            &target,
+                            wait::HeldRequest {
+                                subscription,
+                                current: Some(stored),
+                                budget,
+                            },
+                        ),
+                        delivery: None,
                     })),
                     _ => Accepted::Now(created(key, &name, false, rate)),
                 });
@@ -290,11 +312,15 @@ pub(super) async fn accept(
                         name,
                         replayed: true,
                         rate,
-                        waiting: wait::begin(wait::HeldRequest {
-                            subscription,
-                            current: Some(existing),
-                            budget,
-                        }),
+                        waiting: super::hold::begin(
+                            &target,
+                            wait::HeldRequest {
+                                subscription,
+                                current: Some(existing),
+                                budget,
+                            },
+                        ),
+                        delivery: None,
                     })),
                     _ => Accepted::Now(created(key, &name, true, rate)),
                 });
@@ -355,7 +381,7 @@ impl Drop for RateToken<'_> {
 
 /// Holds a `maxConcurrent` slot and a stored-Session slot for the Session `name` (429
 /// when either is spent).
-fn reserve(
+pub(super) fn reserve(
     state: &AppState,
     key: &AgentKey,
     name: &str,
@@ -373,7 +399,7 @@ fn reserve(
     }
 }
 
-fn release(state: &AppState, key: &AgentKey, name: &str, reservation: Reservation) {
+pub(super) fn release(state: &AppState, key: &AgentKey, name: &str, reservation: Reservation) {
     if reservation == Reservation::Reserved {
         state
             .index
@@ -399,7 +425,7 @@ fn take_rate(state: &AppState, key: &AgentKey) -> Result<(u32, u32), HttpError> 
 /// The answer to a failed Session create or read: 400 with the reason when the cluster
 /// refused the object itself (retrying cannot help), else 503. The log names the reason
 /// only: a Kubernetes message can quote the Session's title or env.
-fn store_failure(key: &AgentKey, error: &StoreError) -> HttpError {
+pub(super) fn store_failure(key: &AgentKey, error: &StoreError) -> HttpError {
     match error {
         StoreError::Rejected { reason, message } => {
             tracing::warn!(agent = %key.name, namespace = %key.namespace, %reason, "the cluster refused a webhook Session");

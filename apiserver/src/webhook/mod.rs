@@ -32,6 +32,7 @@ mod checks;
 mod expressions;
 mod hold;
 mod intake;
+mod keyed;
 mod routes;
 
 pub use routes::app;

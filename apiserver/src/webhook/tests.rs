@@ -1769,3 +1769,122 @@ mod expressions {
         assert_eq!(changed.filter.as_ref().map(|f| f.source()), Some("false"));
     }
 }
+
+/// Agents with a `sessionKey`: follow-ups go into the key's live Session.
+mod session_keys {
+    use super::*;
+    use hookrun_crds::SessionPhase;
+    use hookrun_crds::session::event_types;
+
+    fn keyed_fixture() -> Fixture {
+        let mut index = Index::new(1);
+        index.apply_agent(&agent(
+            NS,
+            "chat",
+            json!({
+                "triggers": [{"webhook": {"sessionKey": "'thread/' + body.thread"}}],
+                "session": {"idleTimeoutSeconds": 30},
+            }),
+        ));
+        index.apply_secret(&secret(NS, "chat", &[("token", TOKEN)]));
+        index.mark_synced();
+        fixture_with(index, 1024 * 1024, 100)
+    }
+
+    fn inputs(store: &MemorySessionStore, name: &str) -> Vec<String> {
+        let session = store
+            .sessions()
+            .into_iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .expect("the Session");
+        session
+            .status
+            .unwrap_or_default()
+            .events
+            .into_iter()
+            .filter(|e| e.type_ == event_types::USER_MESSAGE)
+            .map(|e| e.content)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_follow_up_goes_into_the_keys_session_once() {
+        let fx = keyed_fixture();
+        let url = url("chat", TOKEN);
+        let first = fx
+            .post(&url, &[], r#"{"title":"hello","thread":"t1"}"#)
+            .await;
+        assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+        let hash = names::session_key_hash(NS, "chat", "thread/t1");
+        let name = names::keyed_session_name("chat", &hash, 0);
+        assert_eq!(first.json["session"], name.as_str());
+        let stored = fx.store.sessions();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].spec.session_key.as_deref(), Some("thread/t1"));
+        assert_eq!(
+            stored[0]
+                .metadata
+                .labels
+                .as_ref()
+                .map(|l| l[names::SESSION_KEY_LABEL].clone()),
+            Some(hash.clone())
+        );
+
+        // Pending: buffered, 202; a retry of the same delivery is the same input.
+        let headers = [("idempotency-key", "d-2")];
+        let body = r#"{"title":"more","thread":"t1"}"#;
+        let buffered = fx.post(&url, &headers, body).await;
+        assert_eq!(buffered.status, StatusCode::ACCEPTED, "{}", buffered.json);
+        assert_eq!(buffered.json["buffered"], true);
+        assert_eq!(buffered.json["session"], name.as_str());
+        let retried = fx.post(&url, &headers, body).await;
+        assert_eq!(retried.status, StatusCode::ACCEPTED, "{}", retried.json);
+        assert_eq!(retried.headers["idempotent-replayed"], "true");
+        assert_eq!(inputs(&fx.store, &name), ["more"]);
+
+        // Running: delivered, 200.
+        let mut running = fx.store.sessions().remove(0);
+        running.status.get_or_insert_with(Default::default).phase = Some(SessionPhase::Running);
+        fx.store.put(running.clone());
+        let delivered = fx
+            .post(&url, &[], r#"{"title":"again","thread":"t1"}"#)
+            .await;
+        assert_eq!(delivered.status, StatusCode::OK, "{}", delivered.json);
+        assert_eq!(delivered.json["delivered"], true);
+        assert_eq!(inputs(&fx.store, &name), ["more", "again"]);
+
+        // Another key: another Session.
+        let other = fx.post(&url, &[], r#"{"title":"hi","thread":"t2"}"#).await;
+        assert_eq!(other.status, StatusCode::OK);
+        assert_ne!(other.json["session"], name.as_str());
+
+        // Finished: the key's next Session.
+        let mut finished = fx
+            .store
+            .sessions()
+            .into_iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name.as_str()))
+            .expect("the Session");
+        finished.status.get_or_insert_with(Default::default).phase = Some(SessionPhase::Complete);
+        fx.store.put(finished);
+        let next = fx
+            .post(&url, &[], r#"{"title":"later","thread":"t1"}"#)
+            .await;
+        assert_eq!(next.status, StatusCode::OK, "{}", next.json);
+        assert_eq!(
+            next.json["session"],
+            names::keyed_session_name("chat", &hash, 1).as_str()
+        );
+
+        // No key in the payload: an ordinary Session.
+        let unkeyed = fx.post(&url, &[], r#"{"title":"plain"}"#).await;
+        assert_eq!(unkeyed.status, StatusCode::OK, "{}", unkeyed.json);
+        assert!(
+            unkeyed.json["session"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("chat-wh-")),
+            "{}",
+            unkeyed.json
+        );
+    }
+}

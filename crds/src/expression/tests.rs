@@ -379,3 +379,73 @@ fn the_value_budget_counts_only_what_is_read() {
     let err = e.evaluate_bool(&read).expect_err("over the budget");
     assert!(err.contains("JSON values"), "{err}");
 }
+
+#[test]
+fn the_session_key_is_compiled_with_the_trigger_and_names_a_github_issue() {
+    let webhook: WebhookTrigger = serde_json::from_value(json!({
+        "sessionKey": "'github/' + body.repository.full_name + '#' + string(body.issue.number)",
+    }))
+    .expect("a trigger");
+    let compiled = compile_trigger("spec.triggers[0].webhook", &webhook, &[]).expect("compiles");
+    assert!(!compiled.is_empty());
+    let key = compiled.session_key.as_ref().expect("a sessionKey");
+    let variables = vars(github_issue_comment("@triage-bot again"), &[], "github");
+    assert_eq!(
+        key.evaluate_text(&variables),
+        Ok("github/octo/hello#42".to_owned())
+    );
+    let bad: WebhookTrigger =
+        serde_json::from_value(json!({"sessionKey": "body.("})).expect("a trigger");
+    let err = compile_trigger("spec.triggers[0].webhook", &bad, &[]).expect_err("not CEL");
+    assert_eq!(err.field, "spec.triggers[0].webhook.sessionKey");
+}
+
+/// The live examples' expressions compile; the GitHub issue agent keys its Sessions by
+/// issue, takes new comments by people, and titles comments with their author.
+#[test]
+fn the_live_examples_key_their_sessions() {
+    let agent_of = |text: &str| -> crate::Agent {
+        text.split("\n---\n")
+            .filter_map(|doc| serde_yaml::from_str::<serde_yaml::Value>(doc).ok())
+            .find(|doc| doc["kind"] == "Agent")
+            .and_then(|doc| serde_yaml::from_value(doc).ok())
+            .expect("an Agent in the example")
+    };
+    let issues = agent_of(include_str!("../../../examples/github-issue-agent.yaml"));
+    assert_eq!(issues.spec.idle_timeout_seconds(), 1800);
+    let webhook = issues.spec.webhook().expect("a webhook trigger");
+    let compiled = compile_trigger("spec.triggers[0].webhook", webhook, &[]).expect("compiles");
+    let v = Variables::new(
+        &github_issue_comment("what about Windows?"),
+        [("x-github-event", "issue_comment")],
+        "github",
+        "team-a",
+        "github-issue-agent",
+    );
+    let key = compiled.session_key.as_ref().expect("a sessionKey");
+    assert_eq!(key.evaluate_text(&v), Ok("github/octo/hello#42".to_owned()));
+    assert_eq!(
+        compiled.filter.as_ref().map(|f| f.evaluate_bool(&v)),
+        Some(Ok(true))
+    );
+    let title = compiled.title.as_ref().expect("a title");
+    assert_eq!(
+        title.evaluate_text(&v),
+        Ok("octocat: what about Windows?".to_owned())
+    );
+
+    let echo = agent_of(include_str!("../../../examples/echo-agent.yaml"));
+    let webhook = echo.spec.webhook().expect("a webhook trigger");
+    let compiled = compile_trigger("spec.triggers[0].webhook", webhook, &[]).expect("compiles");
+    let key = compiled.session_key.as_ref().expect("a sessionKey");
+    let with = Variables::new(
+        &json!({"title": "hi", "thread": "t1"}),
+        [],
+        "none",
+        "d",
+        "echo",
+    );
+    assert_eq!(key.evaluate_text(&with), Ok("thread/t1".to_owned()));
+    let without = Variables::new(&json!({"title": "hi"}), [], "none", "d", "echo");
+    assert!(key.evaluate_text(&without).is_err(), "no thread: no key");
+}

@@ -28,12 +28,19 @@ pub fn headers(key: &ApiKey) -> Vec<(HeaderName, HeaderValue)> {
     ]
 }
 
-/// One user turn (the title) under the Agent's system prompt.
-pub fn request_body(model: &str, system: Option<&str>, title: &str, max_tokens: u32) -> Value {
+/// The conversation so far (the title first, then each turn's reply and the next
+/// input) under the Agent's system prompt.
+pub fn request_body(
+    model: &str,
+    system: Option<&str>,
+    messages: &[super::ChatMessage],
+    max_tokens: u32,
+) -> Value {
+    let messages: Vec<Value> = messages.iter().map(super::ChatMessage::to_json).collect();
     let mut body = json!({
         "model": model,
         "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": title}],
+        "messages": messages,
     });
     if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
         body["system"] = Value::String(system.to_string());
@@ -99,7 +106,12 @@ mod tests {
 
     #[test]
     fn request_has_the_documented_shape() {
-        let body = request_body("claude-sonnet-4-6", Some("Be brief."), "hello", 1024);
+        let body = request_body(
+            "claude-sonnet-4-6",
+            Some("Be brief."),
+            &[super::super::ChatMessage::user("hello")],
+            1024,
+        );
         assert_eq!(
             body,
             json!({
@@ -109,9 +121,14 @@ mod tests {
                 "messages": [{"role": "user", "content": "hello"}]
             })
         );
-        let body = request_body("m", None, "t", 1);
+        let body = request_body("m", None, &[super::super::ChatMessage::user("t")], 1);
         assert!(body.get("system").is_none());
-        let body = request_body("m", Some("  \n"), "t", 1);
+        let body = request_body(
+            "m",
+            Some("  \n"),
+            &[super::super::ChatMessage::user("t")],
+            1,
+        );
         assert!(body.get("system").is_none());
     }
 

@@ -113,6 +113,51 @@ pub fn plan(context: &SessionContext) -> Result<Plan, PlanError> {
     first.parse().map(Plan::Model)
 }
 
+/// Who said a message of the conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatRole {
+    /// The title or an input.
+    User,
+    /// A turn's reply.
+    Assistant,
+}
+
+/// One message of a session's conversation, as both providers take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// Who said it.
+    pub role: ChatRole,
+    /// What was said.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A user message (the title, or an input).
+    pub fn user(content: &str) -> Self {
+        Self {
+            role: ChatRole::User,
+            content: content.to_string(),
+        }
+    }
+
+    /// An assistant message (a turn's reply).
+    pub fn assistant(content: &str) -> Self {
+        Self {
+            role: ChatRole::Assistant,
+            content: content.to_string(),
+        }
+    }
+
+    /// `{"role", "content"}`, the shape both APIs read.
+    pub fn to_json(&self) -> serde_json::Value {
+        let role = match self.role {
+            ChatRole::User => "user",
+            ChatRole::Assistant => "assistant",
+        };
+        serde_json::json!({"role": role, "content": self.content})
+    }
+}
+
 /// The longest piece of a model server's answer an error message quotes.
 pub const MAX_QUOTED_BYTES: usize = 300;
 
@@ -238,12 +283,13 @@ pub enum ModelError {
     },
 }
 
-/// Asks the model and answers its text.
+/// Asks the model for the next reply of `conversation` and answers its text.
 pub async fn call_model(
     http: &HttpClient,
     config: &ModelConfig,
     target: &ModelTarget,
     context: &SessionContext,
+    conversation: &[ChatMessage],
 ) -> Result<String, ModelError> {
     let provider = target.provider.as_str();
     let system = context.system.as_deref();
@@ -258,14 +304,14 @@ pub async fn call_model(
             (
                 anthropic::url(&config.anthropic_base_url),
                 anthropic::headers(key),
-                anthropic::request_body(&target.model, system, &context.title, config.max_tokens),
+                anthropic::request_body(&target.model, system, conversation, config.max_tokens),
                 Some(key),
             )
         }
         Provider::OpenAi => (
             openai::url(&config.openai_base_url),
             openai::headers(config.openai_api_key.as_ref()),
-            openai::request_body(&target.model, system, &context.title),
+            openai::request_body(&target.model, system, conversation),
             config.openai_api_key.as_ref(),
         ),
     };

@@ -24,13 +24,18 @@ pub fn headers(key: Option<&ApiKey>) -> Vec<(HeaderName, HeaderValue)> {
         .collect()
 }
 
-/// The system prompt as a `system` message, then the title as the user message.
-pub fn request_body(model: &str, system: Option<&str>, title: &str) -> Value {
+/// The system prompt as a `system` message, then the conversation so far (the title
+/// first, then each turn's reply and the next input).
+pub fn request_body(
+    model: &str,
+    system: Option<&str>,
+    conversation: &[super::ChatMessage],
+) -> Value {
     let mut messages = Vec::new();
     if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
         messages.push(json!({"role": "system", "content": system}));
     }
-    messages.push(json!({"role": "user", "content": title}));
+    messages.extend(conversation.iter().map(super::ChatMessage::to_json));
     json!({"model": model, "messages": messages})
 }
 
@@ -135,7 +140,11 @@ mod tests {
     #[test]
     fn request_has_the_documented_shape() {
         assert_eq!(
-            request_body("gpt-4o-mini", Some("Be brief."), "hello"),
+            request_body(
+                "gpt-4o-mini",
+                Some("Be brief."),
+                &[super::super::ChatMessage::user("hello")]
+            ),
             json!({
                 "model": "gpt-4o-mini",
                 "messages": [
@@ -145,8 +154,27 @@ mod tests {
             })
         );
         assert_eq!(
-            request_body("llama3", None, "hi"),
+            request_body("llama3", None, &[super::super::ChatMessage::user("hi")]),
             json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]})
+        );
+    }
+
+    #[test]
+    fn a_later_turn_carries_the_conversation() {
+        use super::super::ChatMessage;
+        let conversation = [
+            ChatMessage::user("first"),
+            ChatMessage::assistant("reply one"),
+            ChatMessage::user("second"),
+        ];
+        assert_eq!(
+            request_body("m", Some("sys"), &conversation)["messages"],
+            json!([
+                {"role": "system", "content": "sys"},
+                {"role": "user", "content": "first"},
+                {"role": "assistant", "content": "reply one"},
+                {"role": "user", "content": "second"}
+            ])
         );
     }
 

@@ -362,6 +362,7 @@ pub fn scheduled_session(
                 payload_truncated: false,
                 callback_url: None,
             }),
+            session_key: None,
         },
         status: None,
     })

@@ -60,6 +60,7 @@ fn session(env: &[(&str, &str)]) -> Session {
                 })
                 .collect(),
             trigger: None,
+            session_key: None,
         },
     );
     session.metadata.namespace = Some("team-a".into());

@@ -325,7 +325,13 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
         .await;
         timings.push(call.elapsed());
         assert_eq!(answer.status, 200, "{:?}\n{}", answer.json, dev.output());
-        assert_eq!(answer.json["phase"], "Complete", "{:?}", answer.json);
+        // The echo Agent is interactive: wait mode answers at the end of the first turn,
+        // while the Session waits for follow-ups.
+        assert!(
+            matches!(answer.json["phase"].as_str(), Some("Running" | "Complete")),
+            "{:?}",
+            answer.json
+        );
         assert!(
             answer.json["response"]
                 .as_str()
@@ -336,7 +342,14 @@ async fn make_dev_answers_the_echo_agent_and_ctrl_c_leaves_nothing_running() {
     }
     let output = dev.output();
     assert!(output.contains("▶ session default/echo-wh-"), "{output}");
-    assert!(output.contains("■ session default/echo-wh-"), "{output}");
+    // Sessions end after the echo Agent's idle timeout.
+    let closed = eventually(Duration::from_secs(60), || async {
+        dev.output()
+            .contains("■ session default/echo-wh-")
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "{}", dev.output());
     timings.sort();
     eprintln!(
         "make dev: URLs after {:.1}s; wait-mode p50 {:?}, max {:?} over {} calls",

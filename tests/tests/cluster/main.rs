@@ -9,6 +9,7 @@ mod drain;
 mod event_keys;
 mod faults;
 mod helm;
+mod live;
 mod operator;
 mod runner;
 mod schedule;

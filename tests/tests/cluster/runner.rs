@@ -103,6 +103,7 @@ impl Setup {
                     payload: Some("{\"hello\":1}".into()),
                     ..SessionTrigger::default()
                 }),
+                session_key: None,
             },
             status: None,
         };

@@ -220,6 +220,7 @@ fn padded_session(name: &str, agent: &str, padding: usize) -> Session {
             title: "a big one".to_owned(),
             env,
             trigger: None,
+            session_key: None,
         },
         status: None,
     }

@@ -103,6 +103,7 @@ impl Setup {
                     })
                     .collect(),
                 trigger: None,
+                session_key: None,
             },
         );
         self.sessions
