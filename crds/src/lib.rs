@@ -12,6 +12,7 @@ pub mod budget;
 pub mod crd;
 pub mod duration;
 pub mod expression;
+pub mod grant;
 pub mod names;
 pub mod retry;
 pub mod session;
@@ -19,6 +20,7 @@ pub mod token;
 pub mod validation;
 
 pub use agent::{Agent, AgentSpec, AgentStatus};
+pub use grant::{Grant, GrantSpec, GrantStatus};
 pub use session::{Session, SessionPhase, SessionSpec, SessionStatus};
 
 /// The API group of every hookrun resource.
