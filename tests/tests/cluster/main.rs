@@ -7,6 +7,7 @@ mod dev;
 mod drain;
 mod event_keys;
 mod faults;
+mod grants;
 mod helm;
 mod operator;
 mod runner;
