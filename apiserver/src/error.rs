@@ -362,9 +362,7 @@ impl IntoResponse for HttpError {
                 }
                 Some(retry.seconds())
             }
-            HttpError::ReviewsSpent(retry) | HttpError::KnocksSpent(retry) => {
-                Some(retry.seconds())
-            }
+            HttpError::ReviewsSpent(retry) | HttpError::KnocksSpent(retry) => Some(retry.seconds()),
             HttpError::TooManySessions { .. } => Some(BUSY_RETRY_SECONDS),
             HttpError::TooManyStoredSessions { .. } => Some(STORE_FULL_RETRY_SECONDS),
             HttpError::PodNotRecorded => Some(POD_NOT_RECORDED_RETRY_SECONDS),

@@ -99,7 +99,9 @@ pub struct GrantStatus {
 /// `max`.
 pub fn effective_ttl(ttl_seconds: Option<i64>, default: Duration, max: Duration) -> Duration {
     let asked = match ttl_seconds {
-        Some(seconds) => Duration::from_secs(u64::try_from(seconds.max(MIN_TTL_SECONDS)).unwrap_or(1)),
+        Some(seconds) => {
+            Duration::from_secs(u64::try_from(seconds.max(MIN_TTL_SECONDS)).unwrap_or(1))
+        }
         None => default,
     };
     asked.min(max)
@@ -138,7 +140,9 @@ pub fn grant_state(spec: &GrantSpec, expires_at: Timestamp, now: Timestamp) -> G
 /// Checks a Grant's spec beyond its schema: a Session name and the one verb.
 pub fn validate_grant_spec(spec: &GrantSpec) -> Result<(), String> {
     if spec.session.trim().is_empty() {
-        return Err("spec.session: name the Session (same namespace) this Grant speaks into".into());
+        return Err(
+            "spec.session: name the Session (same namespace) this Grant speaks into".into(),
+        );
     }
     if spec.verbs != [GrantVerb::SendInput] {
         return Err("spec.verbs: must be [send_input], the one verb a Grant has".into());
@@ -183,9 +187,15 @@ mod tests {
     fn ttl_takes_the_default_and_is_bounded_by_the_maximum() {
         let (default, max) = (Duration::from_secs(3600), Duration::from_secs(86_400));
         assert_eq!(effective_ttl(None, default, max), default);
-        assert_eq!(effective_ttl(Some(60), default, max), Duration::from_secs(60));
+        assert_eq!(
+            effective_ttl(Some(60), default, max),
+            Duration::from_secs(60)
+        );
         assert_eq!(effective_ttl(Some(10_000_000), default, max), max);
-        assert_eq!(effective_ttl(Some(-5), default, max), Duration::from_secs(1));
+        assert_eq!(
+            effective_ttl(Some(-5), default, max),
+            Duration::from_secs(1)
+        );
         assert_eq!(
             effective_ttl(None, default, Duration::from_secs(10)),
             Duration::from_secs(10)
@@ -197,7 +207,10 @@ mod tests {
         let created: Timestamp = "2026-01-01T00:00:00.700Z".parse().expect("a time");
         let at = expires_at(created, Duration::from_secs(60));
         assert_eq!(at.to_string(), "2026-01-01T00:01:00Z");
-        assert_eq!(expires_at(created, Duration::MAX), Timestamp::from_second(Timestamp::MAX.as_second()).expect("a time"));
+        assert_eq!(
+            expires_at(created, Duration::MAX),
+            Timestamp::from_second(Timestamp::MAX.as_second()).expect("a time")
+        );
     }
 
     #[test]
@@ -217,16 +230,32 @@ mod tests {
         assert_eq!(validate_grant_spec(&spec()), Ok(()));
         let mut s = spec();
         s.session = " ".into();
-        assert!(validate_grant_spec(&s).expect_err("refused").starts_with("spec.session"));
+        assert!(
+            validate_grant_spec(&s)
+                .expect_err("refused")
+                .starts_with("spec.session")
+        );
         let mut s = spec();
         s.verbs = vec![];
-        assert!(validate_grant_spec(&s).expect_err("refused").starts_with("spec.verbs"));
+        assert!(
+            validate_grant_spec(&s)
+                .expect_err("refused")
+                .starts_with("spec.verbs")
+        );
         let mut s = spec();
         s.ttl_seconds = Some(0);
-        assert!(validate_grant_spec(&s).expect_err("refused").starts_with("spec.ttlSeconds"));
+        assert!(
+            validate_grant_spec(&s)
+                .expect_err("refused")
+                .starts_with("spec.ttlSeconds")
+        );
         let mut s = spec();
         s.label = Some("x".repeat(254));
-        assert!(validate_grant_spec(&s).expect_err("refused").starts_with("spec.label"));
+        assert!(
+            validate_grant_spec(&s)
+                .expect_err("refused")
+                .starts_with("spec.label")
+        );
     }
 
     #[test]

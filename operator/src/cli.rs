@@ -250,7 +250,10 @@ mod tests {
         );
         assert_eq!(args.pending_timeout.0, std::time::Duration::from_secs(300));
         if std::env::vars().all(|(k, _)| !k.starts_with("HOOKRUN_GRANT")) {
-            assert_eq!(args.grant_default_ttl.0, std::time::Duration::from_secs(3600));
+            assert_eq!(
+                args.grant_default_ttl.0,
+                std::time::Duration::from_secs(3600)
+            );
             assert_eq!(args.grant_max_ttl.0, std::time::Duration::from_secs(86_400));
         }
         // The pod policy is locked down unless a flag opens it.

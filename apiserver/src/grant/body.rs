@@ -39,7 +39,9 @@ pub enum HookBodyError {
     #[error(transparent)]
     Bad(BodyError),
     /// 413: `field` is larger than the Session stores.
-    #[error("{field}: larger than {limit} bytes as stored (JSON-encoded, with the sender); send less")]
+    #[error(
+        "{field}: larger than {limit} bytes as stored (JSON-encoded, with the sender); send less"
+    )]
     TooLarge { field: &'static str, limit: usize },
 }
 
@@ -103,9 +105,9 @@ pub fn parse_hook_body(bytes: &[u8]) -> Result<HookBody, HookBodyError> {
     };
     let idempotency_key = match object.get("idempotency_key") {
         None | Some(Value::Null) => None,
-        Some(Value::String(k)) => Some(
-            check_idempotency_key("idempotency_key", k).map_err(HookBodyError::Bad)?,
-        ),
+        Some(Value::String(k)) => {
+            Some(check_idempotency_key("idempotency_key", k).map_err(HookBodyError::Bad)?)
+        }
         Some(_) => {
             return Err(bad(
                 "idempotency_key",
@@ -163,8 +165,14 @@ mod tests {
             (br#"{"message": 7}"#, "message"),
             (br#"{"message": "a", "from": 1}"#, "from"),
             (br#"{"message": "a", "from": "a\nb"}"#, "from"),
-            (br#"{"message": "a", "idempotency_key": ""}"#, "idempotency_key"),
-            (br#"{"message": "a", "idempotency_key": 5}"#, "idempotency_key"),
+            (
+                br#"{"message": "a", "idempotency_key": ""}"#,
+                "idempotency_key",
+            ),
+            (
+                br#"{"message": "a", "idempotency_key": 5}"#,
+                "idempotency_key",
+            ),
             (br#"{"message": "a", "title": "x"}"#, "body"),
         ] {
             let error = parse_hook_body(body).expect_err("refused");
@@ -181,7 +189,9 @@ mod tests {
     #[test]
     fn a_message_over_the_event_budget_is_too_large() {
         let fits = "m".repeat(MAX_EVENT_CONTENT_BYTES - 2);
-        assert!(parse_hook_body(serde_json::json!({"message": fits}).to_string().as_bytes()).is_ok());
+        assert!(
+            parse_hook_body(serde_json::json!({"message": fits}).to_string().as_bytes()).is_ok()
+        );
         let over = "m".repeat(MAX_EVENT_CONTENT_BYTES - 1);
         assert_eq!(
             parse_hook_body(serde_json::json!({"message": over}).to_string().as_bytes()),
@@ -193,7 +203,11 @@ mod tests {
         // Control characters cost six bytes each as stored.
         let escaped = "\u{1}".repeat(MAX_EVENT_CONTENT_BYTES / 6 + 1);
         assert!(matches!(
-            parse_hook_body(serde_json::json!({"message": escaped}).to_string().as_bytes()),
+            parse_hook_body(
+                serde_json::json!({"message": escaped})
+                    .to_string()
+                    .as_bytes()
+            ),
             Err(HookBodyError::TooLarge { .. })
         ));
     }

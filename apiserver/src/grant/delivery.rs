@@ -2,8 +2,8 @@
 //! idempotency key, and whether it was delivered (the Session runs) or buffered (its pod
 //! has not started). Pure: the caller writes the status.
 
-use hookrun_crds::session::{SessionStatus, event_types};
 use hookrun_crds::SessionPhase;
+use hookrun_crds::session::{SessionStatus, event_types};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use sha2::{Digest, Sha256};
 
@@ -119,7 +119,10 @@ mod tests {
         assert!(status.mark_running(at()));
         let replay = deliver(&mut status, "hi", Some(&key), at()).expect("replayed");
         assert_eq!(replay.event_id, buffered.event_id);
-        assert!(replay.replayed && !replay.running, "answered as the first time: buffered");
+        assert!(
+            replay.replayed && !replay.running,
+            "answered as the first time: buffered"
+        );
         let users = status
             .events
             .iter()

@@ -8,12 +8,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use futures::{Stream, StreamExt};
+use hookrun_crds::Grant;
 use hookrun_crds::names::{self, grant_secret_keys, secret_keys};
 use hookrun_crds::token;
-use hookrun_crds::Grant;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use subtle::ConstantTimeEq;
 
@@ -320,7 +320,8 @@ pub async fn run_watches(client: Client, namespaces: Vec<String>, index: SharedG
         tasks.push(tokio::spawn(feed(
             index.clone(),
             scope,
-            watcher::watcher(secrets, config.labels(names::GRANT_SECRET_SELECTOR)).default_backoff(),
+            watcher::watcher(secrets, config.labels(names::GRANT_SECRET_SELECTOR))
+                .default_backoff(),
         )));
     }
     futures::future::join_all(tasks).await;
@@ -359,7 +360,10 @@ mod tests {
         let data = BTreeMap::from([
             ("token".to_owned(), ByteString(token.as_bytes().to_vec())),
             ("session".to_owned(), ByteString(b"s-1".to_vec())),
-            ("expires-at".to_owned(), ByteString(expires.as_bytes().to_vec())),
+            (
+                "expires-at".to_owned(),
+                ByteString(expires.as_bytes().to_vec()),
+            ),
         ]);
         Secret {
             metadata: ObjectMeta {
@@ -381,7 +385,11 @@ mod tests {
     }
 
     fn now() -> SystemTime {
-        SystemTime::from("2026-01-01T00:00:00Z".parse::<k8s_openapi::jiff::Timestamp>().expect("a time"))
+        SystemTime::from(
+            "2026-01-01T00:00:00Z"
+                .parse::<k8s_openapi::jiff::Timestamp>()
+                .expect("a time"),
+        )
     }
 
     const LATER: &str = "2026-01-01T01:00:00Z";
@@ -393,7 +401,11 @@ mod tests {
         index.apply_secret(&secret("ci", "u1", "Grant", TOKEN, LATER));
         let target = index.target(TOKEN, now()).expect("admitted");
         assert_eq!(
-            (target.namespace.as_str(), target.grant.as_str(), target.session.as_str()),
+            (
+                target.namespace.as_str(),
+                target.grant.as_str(),
+                target.session.as_str()
+            ),
             ("ns", "ci", "s-1")
         );
         assert!(index.target(&TOKEN.replace('a', "b"), now()).is_none());
@@ -414,13 +426,18 @@ mod tests {
 
         let index = base();
         assert!(
-            index.target(TOKEN, now() + Duration::from_secs(3600)).is_none(),
+            index
+                .target(TOKEN, now() + Duration::from_secs(3600))
+                .is_none(),
             "expired"
         );
 
         let mut index = base();
         index.apply_grant(&grant("ci", "u2", "s-1", false));
-        assert!(index.target(TOKEN, now()).is_none(), "a new Grant of the same name");
+        assert!(
+            index.target(TOKEN, now()).is_none(),
+            "a new Grant of the same name"
+        );
 
         let mut index = base();
         index.apply_grant(&grant("ci", "u1", "s-2", false));

@@ -38,8 +38,14 @@ pub struct GrantFacts<'a> {
 /// The token Secret of a Grant, holding `token`.
 pub fn token_secret(facts: &GrantFacts<'_>, token: &WebhookToken, public_url: &str) -> Secret {
     let labels = BTreeMap::from([
-        (names::MANAGED_BY_LABEL.to_owned(), names::MANAGED_BY.to_owned()),
-        (names::GRANT_LABEL.to_owned(), names::label_value(facts.name)),
+        (
+            names::MANAGED_BY_LABEL.to_owned(),
+            names::MANAGED_BY.to_owned(),
+        ),
+        (
+            names::GRANT_LABEL.to_owned(),
+            names::label_value(facts.name),
+        ),
     ]);
     let text = |s: &str| ByteString(s.as_bytes().to_vec());
     let data = BTreeMap::from([
@@ -214,7 +220,10 @@ mod tests {
         let secret = token_secret(&facts("u1"), &token, "https://h.example.com/");
         assert_eq!(secret.metadata.name.as_deref(), Some("ci-grant"));
         let labels = secret.metadata.labels.clone().unwrap_or_default();
-        assert_eq!(labels.get(names::GRANT_LABEL).map(String::as_str), Some("ci"));
+        assert_eq!(
+            labels.get(names::GRANT_LABEL).map(String::as_str),
+            Some("ci")
+        );
         assert_eq!(
             labels.get(names::MANAGED_BY_LABEL).map(String::as_str),
             Some("hookrun")
@@ -224,7 +233,10 @@ mod tests {
             data.get("url").map(|v| v.0.clone()),
             Some(format!("https://h.example.com/hook/{}", token.expose()).into_bytes())
         );
-        assert_eq!(data.get("session").map(|v| v.0.clone()), Some(b"s-1".to_vec()));
+        assert_eq!(
+            data.get("session").map(|v| v.0.clone()),
+            Some(b"s-1".to_vec())
+        );
         let (read, expires) = existing_token(&secret, "u1").expect("the Grant's own Secret");
         assert_eq!(read, token);
         assert_eq!(expires, facts("u1").expires_at);
@@ -241,12 +253,17 @@ mod tests {
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().expect("a time");
         let later: Timestamp = "2026-01-01T00:10:00Z".parse().expect("a time");
         let expires = Some(facts("u").expires_at);
-        let active = Outcome::Active { url: "https://h/hook/REDACTED".into() };
+        let active = Outcome::Active {
+            url: "https://h/hook/REDACTED".into(),
+        };
         let first = desired_status(None, &active, expires, Some(1), now);
         assert_eq!(first.url.as_deref(), Some("https://h/hook/REDACTED"));
         assert_eq!(first.conditions[0].status, "True");
         let again = desired_status(Some(&first), &active, expires, Some(1), later);
-        assert_eq!(again, first, "a reconcile that changes nothing writes nothing");
+        assert_eq!(
+            again, first,
+            "a reconcile that changes nothing writes nothing"
+        );
         let revoked = desired_status(Some(&first), &Outcome::Revoked, expires, Some(2), later);
         assert_eq!(revoked.url, None);
         assert_eq!(revoked.conditions[0].reason, "Revoked");

@@ -90,9 +90,11 @@ impl Setup {
     /// Plays the kubelet: the session pod reaches `phase`; waits for the Session to
     /// follow into `session_phase`.
     async fn pod_phase(&self, session: &str, phase: &str, session_phase: SessionPhase) {
-        eventually(BUDGET, || async { self.pods.get_opt(session).await.ok().flatten() })
-            .await
-            .unwrap_or_else(|| panic!("no pod for {session}"));
+        eventually(BUDGET, || async {
+            self.pods.get_opt(session).await.ok().flatten()
+        })
+        .await
+        .unwrap_or_else(|| panic!("no pod for {session}"));
         self.pods
             .patch_status(
                 session,
@@ -136,7 +138,12 @@ impl Setup {
             .to_owned()
     }
 
-    async fn post(&self, path: &str, headers: &[(&str, &str)], body: &str) -> hookrun_tests::door::Answer {
+    async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> hookrun_tests::door::Answer {
         request(&self.apiserver.public, "POST", path, headers, body).await
     }
 
@@ -198,7 +205,10 @@ async fn a_grant_puts_input_into_its_one_session_and_does_nothing_else() {
         .get(&names::grant_secret_name("ci"))
         .await
         .expect("the token Secret");
-    assert_eq!(secret.labels().get(names::GRANT_LABEL).map(String::as_str), Some("ci"));
+    assert_eq!(
+        secret.labels().get(names::GRANT_LABEL).map(String::as_str),
+        Some("ci")
+    );
     let grant = setup.grants.get("ci").await.expect("the Grant");
     assert_eq!(
         secret.owner_references()[0].uid,
@@ -214,13 +224,18 @@ async fn a_grant_puts_input_into_its_one_session_and_does_nothing_else() {
     assert_eq!(answer.status, 202, "{}", answer.text);
     assert_eq!(answer.json["buffered"], true);
     assert_eq!(answer.json["session"], "triage-1");
-    assert_eq!(setup.user_messages("triage-1").await, ["[ci] the build is red"]);
+    assert_eq!(
+        setup.user_messages("triage-1").await,
+        ["[ci] the build is red"]
+    );
 
     // The same idempotency key is one input, answered as the first time.
     let keyed = json!({"message": "retry me", "idempotency_key": "run-7"});
     let first = setup.knock(&token, keyed.clone()).await;
     assert_eq!(first.status, 202, "{}", first.text);
-    setup.pod_phase("triage-1", "Running", SessionPhase::Running).await;
+    setup
+        .pod_phase("triage-1", "Running", SessionPhase::Running)
+        .await;
     let again = setup.knock(&token, keyed.clone()).await;
     assert_eq!(again.status, 202, "{}", again.text);
     assert_eq!(again.json["eventId"], first.json["eventId"]);
@@ -236,17 +251,37 @@ async fn a_grant_puts_input_into_its_one_session_and_does_nothing_else() {
     assert_eq!(answer.json["delivered"], true);
     let bearer = format!("Bearer {token}");
     let answer = setup
-        .post("/hook", &[("Authorization", &bearer)], r#"{"message": "via bearer"}"#)
+        .post(
+            "/hook",
+            &[("Authorization", &bearer)],
+            r#"{"message": "via bearer"}"#,
+        )
         .await;
     assert_eq!(answer.status, 200, "{}", answer.text);
 
     // Bad and oversized bodies, with the field named.
     let answer = setup.knock(&token, json!({"from": "ci"})).await;
     assert_eq!(answer.status, 400, "{}", answer.text);
-    assert!(answer.json["message"].as_str().unwrap_or_default().starts_with("message:"), "{}", answer.text);
-    let answer = setup.knock(&token, json!({"message": "x".repeat(40_000)})).await;
+    assert!(
+        answer.json["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("message:"),
+        "{}",
+        answer.text
+    );
+    let answer = setup
+        .knock(&token, json!({"message": "x".repeat(40_000)}))
+        .await;
     assert_eq!(answer.status, 413, "{}", answer.text);
-    assert!(answer.json["message"].as_str().unwrap_or_default().starts_with("message:"), "{}", answer.text);
+    assert!(
+        answer.json["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("message:"),
+        "{}",
+        answer.text
+    );
     let answer = setup
         .post(&format!("/hook/{token}"), &[], &"x".repeat(70_000))
         .await;
@@ -263,14 +298,18 @@ async fn a_grant_puts_input_into_its_one_session_and_does_nothing_else() {
     let answer = setup.post(&agent_door, &[], r#"{"title": "sneaky"}"#).await;
     assert_eq!(answer.status, 401, "{}", answer.text);
     let webhook_token = webhook.rsplit('/').next().expect("a token").to_owned();
-    let answer = setup.knock(&webhook_token, json!({"message": "sneaky"})).await;
+    let answer = setup
+        .knock(&webhook_token, json!({"message": "sneaky"}))
+        .await;
     assert_eq!(answer.status, 403, "{}", answer.text);
     // The webhook token still works where it belongs: the refusal was the route's.
     let answer = setup.post(&webhook, &[], r#"{"title": "legit"}"#).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
 
     // Finished: 410; deleted: 404.
-    setup.pod_phase("triage-1", "Succeeded", SessionPhase::Complete).await;
+    setup
+        .pod_phase("triage-1", "Succeeded", SessionPhase::Complete)
+        .await;
     let answer = setup.knock(&token, json!({"message": "too late"})).await;
     assert_eq!(answer.status, 410, "{}", answer.text);
     assert_eq!(answer.json["error"], "session_ended");
@@ -280,7 +319,13 @@ async fn a_grant_puts_input_into_its_one_session_and_does_nothing_else() {
         .await
         .expect("the Session is deleted");
     eventually(BUDGET, || async {
-        setup.sessions.get_opt("triage-1").await.ok()?.is_none().then_some(())
+        setup
+            .sessions
+            .get_opt("triage-1")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await
     .expect("the Session goes");
@@ -308,13 +353,18 @@ async fn revoked_expired_and_unknown_tokens_get_one_answer_within_the_watch_late
         setup.revoke(&name).await;
         let mut knocks = 0;
         let refused = loop {
-            let answer = setup.knock(&token, json!({"message": "after revoke"})).await;
+            let answer = setup
+                .knock(&token, json!({"message": "after revoke"}))
+                .await;
             knocks += 1;
             if answer.status == 403 {
                 break answer;
             }
             assert!(answer.status == 202, "{}", answer.text);
-            assert!(revoked_at.elapsed() < BUDGET, "the revoke never took effect");
+            assert!(
+                revoked_at.elapsed() < BUDGET,
+                "the revoke never took effect"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         latencies.push(revoked_at.elapsed());
@@ -353,7 +403,9 @@ async fn revoked_expired_and_unknown_tokens_get_one_answer_within_the_watch_late
     assert_eq!(unknown.status, 403);
     assert_eq!(unknown.text, refusal_bodies[0]);
     assert_eq!(unknown.json["error"], "grant_refused");
-    let junk = setup.knock("not-a-token", json!({"message": "guess"})).await;
+    let junk = setup
+        .knock("not-a-token", json!({"message": "guess"}))
+        .await;
     assert_eq!(junk.text, refusal_bodies[0]);
 
     // Expiry: refused at once, then the operator deletes the Grant.
@@ -378,7 +430,13 @@ async fn revoked_expired_and_unknown_tokens_get_one_answer_within_the_watch_late
     .expect("the expired token is refused");
     assert_eq!(refused.text, refusal_bodies[0]);
     eventually(BUDGET, || async {
-        setup.grants.get_opt("short").await.ok()?.is_none().then_some(())
+        setup
+            .grants
+            .get_opt("short")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await
     .expect("the operator deletes the expired Grant");
@@ -386,7 +444,11 @@ async fn revoked_expired_and_unknown_tokens_get_one_answer_within_the_watch_late
     // A TTL over the operator's maximum (1h here) is cut to it.
     setup.mint("long", "triage-2", Some(1_000_000)).await;
     let grant = setup.grants.get("long").await.expect("the Grant");
-    let expires = grant.status.and_then(|s| s.expires_at).expect("an expiry").0;
+    let expires = grant
+        .status
+        .and_then(|s| s.expires_at)
+        .expect("an expiry")
+        .0;
     let created = grant.metadata.creation_timestamp.expect("created").0;
     assert_eq!(expires.duration_since(created).as_secs(), 3600);
 
@@ -402,7 +464,9 @@ async fn revoked_expired_and_unknown_tokens_get_one_answer_within_the_watch_late
         .await
         .expect("the Grant is deleted");
     let refused = eventually(BUDGET, || async {
-        let answer = setup.knock(&token, json!({"message": "after delete"})).await;
+        let answer = setup
+            .knock(&token, json!({"message": "after delete"}))
+            .await;
         (answer.status == 403).then_some(answer)
     })
     .await
@@ -430,14 +494,8 @@ async fn refused_tokens_are_throttled_per_address_and_cost_no_api_call() {
     .expect("the apiserver is ready");
     // Wait for the grant index too: the first refusal is a 403, not a 503.
     eventually(BUDGET, || async {
-        let answer = hookrun_tests::door::request(
-            &setup.apiserver.public,
-            "POST",
-            "/hook",
-            &[],
-            "{}",
-        )
-        .await;
+        let answer =
+            hookrun_tests::door::request(&setup.apiserver.public, "POST", "/hook", &[], "{}").await;
         (answer.status != 503).then_some(())
     })
     .await
@@ -453,10 +511,14 @@ async fn refused_tokens_are_throttled_per_address_and_cost_no_api_call() {
     let before = calls(&hookrun_tests::door::metrics(admin).await);
     // One of the burst of 3 went to the tokenless knock that waited for the index.
     for _ in 0..2 {
-        let answer = setup.knock(&"B".repeat(43), json!({"message": "guess"})).await;
+        let answer = setup
+            .knock(&"B".repeat(43), json!({"message": "guess"}))
+            .await;
         assert_eq!(answer.status, 403, "{}", answer.text);
     }
-    let answer = setup.knock(&"B".repeat(43), json!({"message": "guess"})).await;
+    let answer = setup
+        .knock(&"B".repeat(43), json!({"message": "guess"}))
+        .await;
     assert_eq!(answer.status, 429, "{}", answer.text);
     assert!(answer.header("retry-after").is_some());
     let after = calls(&hookrun_tests::door::metrics(admin).await);

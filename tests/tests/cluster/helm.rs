@@ -688,14 +688,62 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         (&operator, "create", "pods/exec", Some(team_name), false),
         // Grants: the operator mints, revokes and expires them; the apiserver only
         // watches them; neither may create one.
-        (&operator, "delete", "grants.hookrun.dev", Some(team_name), true),
-        (&operator, "patch", "grants.hookrun.dev/status", Some(team_name), true),
-        (&operator, "create", "grants.hookrun.dev", Some(team_name), false),
-        (&operator, "update", "grants.hookrun.dev", Some(team_name), false),
-        (&apiserver, "watch", "grants.hookrun.dev", Some(team_name), true),
-        (&apiserver, "create", "grants.hookrun.dev", Some(team_name), false),
-        (&apiserver, "patch", "grants.hookrun.dev/status", Some(team_name), false),
-        (&apiserver, "list", "grants.hookrun.dev", Some(other.name()), false),
+        (
+            &operator,
+            "delete",
+            "grants.hookrun.dev",
+            Some(team_name),
+            true,
+        ),
+        (
+            &operator,
+            "patch",
+            "grants.hookrun.dev/status",
+            Some(team_name),
+            true,
+        ),
+        (
+            &operator,
+            "create",
+            "grants.hookrun.dev",
+            Some(team_name),
+            false,
+        ),
+        (
+            &operator,
+            "update",
+            "grants.hookrun.dev",
+            Some(team_name),
+            false,
+        ),
+        (
+            &apiserver,
+            "watch",
+            "grants.hookrun.dev",
+            Some(team_name),
+            true,
+        ),
+        (
+            &apiserver,
+            "create",
+            "grants.hookrun.dev",
+            Some(team_name),
+            false,
+        ),
+        (
+            &apiserver,
+            "patch",
+            "grants.hookrun.dev/status",
+            Some(team_name),
+            false,
+        ),
+        (
+            &apiserver,
+            "list",
+            "grants.hookrun.dev",
+            Some(other.name()),
+            false,
+        ),
     ];
     for (who, verb, resource, ns, allowed) in expectations {
         assert_eq!(
