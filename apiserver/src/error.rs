@@ -132,6 +132,30 @@ pub enum HttpError {
     StatusContended,
     #[error("{}", status_too_large(*ended))]
     StatusTooLarge { ended: bool },
+    /// A `/hook` token that is unknown, expired or revoked: one answer for all three, so
+    /// whether a token ever existed does not leak.
+    #[error(
+        "this hook URL is not valid: it is unknown, expired or revoked; ask the Grant's \
+         owner for a new one"
+    )]
+    GrantRefused,
+    /// The Session a valid Grant names does not exist (any more).
+    #[error("the Session this Grant speaks into no longer exists")]
+    GrantSessionGone,
+    /// The Session a valid Grant names has finished: it takes no more input.
+    #[error("the Session this Grant speaks into has finished: it takes no more input")]
+    GrantSessionEnded,
+    #[error("this Grant's rate limit of {limit} messages is spent; retry later")]
+    GrantRateLimited { retry: RetryAfter, limit: u32 },
+    /// The caller's address sent too many refused hook tokens.
+    #[error(
+        "too many refused hook tokens from this address: wait for Retry-After, then use a \
+         valid hook URL"
+    )]
+    KnocksSpent(RetryAfter),
+    /// A body field larger than what is stored; the message names it.
+    #[error("{field}: larger than {limit} bytes as stored (JSON-encoded); send less")]
+    FieldTooLarge { field: &'static str, limit: usize },
 }
 
 fn status_too_large(ended: bool) -> &'static str {
@@ -202,6 +226,11 @@ impl HttpError {
             HttpError::PodNotRecorded => "pod_not_recorded",
             HttpError::SessionFinished => "session_finished",
             HttpError::StatusTooLarge { .. } => "status_too_large",
+            HttpError::GrantRefused => "grant_refused",
+            HttpError::GrantSessionGone => "session_gone",
+            HttpError::GrantSessionEnded => "session_ended",
+            HttpError::GrantRateLimited { .. } | HttpError::KnocksSpent(_) => "rate_limited",
+            HttpError::FieldTooLarge { .. } => "field_too_large",
         }
     }
 
@@ -240,6 +269,13 @@ impl HttpError {
             | HttpError::ReviewsSpent(_) => StatusCode::TOO_MANY_REQUESTS,
             HttpError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             HttpError::SessionFinished => StatusCode::CONFLICT,
+            HttpError::GrantRefused => StatusCode::FORBIDDEN,
+            HttpError::GrantSessionGone => StatusCode::NOT_FOUND,
+            HttpError::GrantSessionEnded => StatusCode::GONE,
+            HttpError::GrantRateLimited { .. } | HttpError::KnocksSpent(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            HttpError::FieldTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 }
@@ -285,6 +321,7 @@ static CONSTANT_BODIES: LazyLock<HashMap<&'static str, Bytes>> = LazyLock::new(|
         HttpError::BodyTimeout,
         HttpError::Unavailable,
         HttpError::MethodNotAllowed,
+        HttpError::GrantRefused,
     ]
     .into_iter()
     .map(|e| (e.code(), error_body(e.code(), &e.to_string())))
@@ -319,7 +356,13 @@ impl IntoResponse for HttpError {
                 }
                 Some(retry.seconds())
             }
-            HttpError::ReviewsSpent(retry) => Some(retry.seconds()),
+            HttpError::GrantRateLimited { retry, limit } => {
+                for (name, value) in rate_limit_headers(*limit, 0) {
+                    headers.insert(name, value);
+                }
+                Some(retry.seconds())
+            }
+            HttpError::ReviewsSpent(retry) | HttpError::KnocksSpent(retry) => Some(retry.seconds()),
             HttpError::TooManySessions { .. } => Some(BUSY_RETRY_SECONDS),
             HttpError::TooManyStoredSessions { .. } => Some(STORE_FULL_RETRY_SECONDS),
             HttpError::PodNotRecorded => Some(POD_NOT_RECORDED_RETRY_SECONDS),

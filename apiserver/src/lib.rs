@@ -13,6 +13,7 @@ pub mod client_ip;
 pub(crate) mod dns_name;
 pub mod drain;
 pub mod error;
+pub mod grant;
 pub(crate) mod http_limits;
 pub mod hub;
 pub mod idempotency;
@@ -389,10 +390,32 @@ pub async fn run(args: Args) -> Result<(), Error> {
         hub.clone(),
     ));
     let store = KubeSessionStore::new(client.clone()).with_timeout(args.session_store_timeout.0);
-    let api_state = api::ApiState::new(client, hub.clone(), metrics.clone())
+    let api_state = api::ApiState::new(client.clone(), hub.clone(), metrics.clone())
         .with_review_limit(args.trusted_proxies.clone(), review_limit)
         .with_index(index.clone());
     let store = store.with_status_writer(api_state.status.clone());
+    let grant_index: grant::SharedGrantIndex = Arc::new(RwLock::new(grant::GrantIndex::new(
+        grant::stream_count(&args.namespaces),
+    )));
+    tokio::spawn(grant::run_watches(
+        client.clone(),
+        args.namespaces.clone(),
+        grant_index.clone(),
+    ));
+    let hooks = grant::HookState {
+        index: grant_index,
+        client: client.clone(),
+        status: api_state.status.clone(),
+        trusted_proxies: Arc::new(args.trusted_proxies.clone()),
+        rate_limiter: Arc::new(Mutex::new(RateLimiter::new(limit))),
+        refusals: Arc::new(Mutex::new(auth_limit::ReviewLimiter::new(
+            review_limit,
+            auth_limit::DEFAULT_CAPACITY,
+            std::time::Instant::now(),
+        ))),
+        metrics: metrics.clone(),
+        store_timeout: args.session_store_timeout.0,
+    };
     let rate_limiter = Arc::new(Mutex::new(RateLimiter::new(limit)));
     let state = AppState {
         index: index.clone(),
@@ -424,7 +447,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     let public_server = serve_draining(
         public,
-        public_app(state, api_state),
+        public_app(state, api_state).merge(grant::router(hooks)),
         args.header_read_timeout.0,
         drain.clone(),
     );

@@ -4,7 +4,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{Agent, Session};
+use crate::{Agent, Grant, Session};
 
 /// The directory, relative to this crate, that holds the generated CRD YAML.
 pub const MANIFEST_DIR: &str = "manifests";
@@ -14,6 +14,7 @@ pub fn all() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![
         ("agents.hookrun.dev.yaml", Agent::crd()),
         ("sessions.hookrun.dev.yaml", Session::crd()),
+        ("grants.hookrun.dev.yaml", Grant::crd()),
     ]
 }
 

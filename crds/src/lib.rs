@@ -13,6 +13,7 @@ pub mod callback;
 pub mod crd;
 pub mod duration;
 pub mod expression;
+pub mod grant;
 pub mod names;
 pub mod retry;
 pub mod session;
@@ -20,6 +21,7 @@ pub mod token;
 pub mod validation;
 
 pub use agent::{Agent, AgentSpec, AgentStatus};
+pub use grant::{Grant, GrantSpec, GrantStatus};
 pub use session::{Session, SessionPhase, SessionSpec, SessionStatus};
 
 /// The API group of every hookrun resource.

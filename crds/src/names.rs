@@ -19,6 +19,11 @@ pub const SESSION_KEY_LABEL: &str = "hookrun.dev/session-key";
 /// On a Session started for a session key: which of the key's Sessions it is (0 first;
 /// a follow-up after it finished starts the next).
 pub const SESSION_KEY_GENERATION_LABEL: &str = "hookrun.dev/session-key-generation";
+/// The label naming the Grant a token Secret belongs to (hashed when the name is too
+/// long); the apiserver watches the managed Secrets that carry it as Grant tokens.
+pub const GRANT_LABEL: &str = "hookrun.dev/grant";
+/// Label selector for the Grant token Secrets.
+pub const GRANT_SECRET_SELECTOR: &str = "app.kubernetes.io/managed-by=hookrun,hookrun.dev/grant";
 /// Label selector for the Secrets the operator manages.
 pub const MANAGED_SECRET_SELECTOR: &str = "app.kubernetes.io/managed-by=hookrun";
 
@@ -48,6 +53,15 @@ pub mod secret_keys {
     pub const PREVIOUS_TOKEN: &str = "previous-token";
     /// RFC 3339 time after which [`PREVIOUS_TOKEN`] is no longer accepted.
     pub const PREVIOUS_TOKEN_EXPIRES_AT: &str = "previous-token-expires-at";
+}
+
+/// Keys of a Grant's token Secret (besides [`secret_keys::TOKEN`] and
+/// [`secret_keys::URL`]).
+pub mod grant_secret_keys {
+    /// The Session the token speaks into, fixed when the token is minted.
+    pub const SESSION: &str = "session";
+    /// RFC 3339 time after which the token is refused.
+    pub const EXPIRES_AT: &str = "expires-at";
 }
 
 /// The audience of the pod-bound tokens session pods present to the runner API.
@@ -107,6 +121,22 @@ fn fit(name: &str, suffix: &str, max: usize) -> String {
 /// a hash when that would be too long.
 pub fn webhook_secret_name(agent: &str) -> String {
     fit(agent, "-webhook", MAX_NAME_LEN)
+}
+
+/// The name of the Secret that holds a Grant's token: `<grant>-grant`, shortened with a
+/// hash when that would be too long.
+pub fn grant_secret_name(grant: &str) -> String {
+    fit(grant, "-grant", MAX_NAME_LEN)
+}
+
+/// The path of a Grant's hook: `/hook/<token>`.
+pub fn hook_path(token: &str) -> String {
+    format!("/hook/{token}")
+}
+
+/// The full hook URL under a public base (a trailing slash on the base is fine).
+pub fn hook_url(public_base: &str, token: &str) -> String {
+    format!("{}{}", public_base.trim_end_matches('/'), hook_path(token))
 }
 
 /// A label value that stands for `name`: the name itself when it fits in 63 characters,
@@ -263,6 +293,17 @@ mod tests {
             long.len() <= MAX_LABEL_LEN && is_dns_label_like(&long),
             "{long}"
         );
+    }
+
+    #[test]
+    fn grant_names_and_urls() {
+        assert_eq!(grant_secret_name("ci"), "ci-grant");
+        assert!(grant_secret_name(&"g".repeat(253)).len() <= MAX_NAME_LEN);
+        assert_eq!(
+            hook_url("https://hooks.example.com/", "tok"),
+            "https://hooks.example.com/hook/tok"
+        );
+        assert_ne!(grant_secret_name("x"), webhook_secret_name("x"));
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub const OVERSIZE_MESSAGE: &str = "the cluster refused to store this Session's 
 pub mod event_types {
     /// Text from the agent; the last one is the answer when the harness gives none.
     pub const AGENT_MESSAGE: &str = "agent.message";
+    /// Input into a live Session (the initial title is the first); the content is the
+    /// message, prefixed `[from] ` when a sender is named.
+    pub const USER_MESSAGE: &str = "user.message";
     /// The session's pod started running.
     pub const STATUS_RUNNING: &str = "session.status_running";
     /// The session ended; the content is the final phase (`Complete` or `Error`).

@@ -44,6 +44,18 @@ pub struct Target {
 /// Every target.
 pub const ALL: &[Target] = &[
     Target {
+        name: "hook_body",
+        run: hook_body,
+        seeds: hook_body_seeds,
+        dictionary: &[
+            "\"message\"",
+            "\"from\"",
+            "\"idempotency_key\"",
+            "null",
+            "\"\\u0001\"",
+        ],
+    },
+    Target {
         name: "webhook_body",
         run: webhook_body,
         seeds: webhook_body_seeds,
@@ -365,6 +377,53 @@ pub fn webhook_body(data: &[u8]) -> String {
             class_of(&error.field)
         }
     }
+}
+
+/// The body of `POST /hook`: what is accepted has a non-blank message whose stored form
+/// fits one Session event, a bounded sender and a valid key, and parses back to itself.
+pub fn hook_body(data: &[u8]) -> String {
+    use hookrun_apiserver::grant::body::{HookBodyError, MAX_FROM_CHARS, parse_hook_body};
+    use hookrun_crds::session::MAX_EVENT_CONTENT_BYTES;
+    match parse_hook_body(data) {
+        Ok(parsed) => {
+            assert!(!parsed.message.trim().is_empty());
+            assert!(budget::encoded_str_len(&parsed.content()) <= MAX_EVENT_CONTENT_BYTES);
+            if let Some(from) = &parsed.from {
+                assert!(from.chars().count() <= MAX_FROM_CHARS && !from.trim().is_empty());
+                assert!(parsed.content().starts_with(&format!("[{from}] ")));
+            }
+            if let Some(key) = &parsed.idempotency_key {
+                let count = key.chars().count();
+                assert!((1..=MAX_IDEMPOTENCY_KEY_CHARS).contains(&count));
+                assert!(!key.chars().any(char::is_control));
+            }
+            let again = json!({
+                "message": parsed.message,
+                "from": parsed.from,
+                "idempotency_key": parsed.idempotency_key,
+            });
+            let reparsed = parse_hook_body(again.to_string().as_bytes())
+                .expect("an accepted body re-serializes to an accepted body");
+            assert_eq!(reparsed, parsed);
+            "ok".into()
+        }
+        Err(HookBodyError::Bad(error)) => {
+            assert!(!error.field.is_empty());
+            assert_bounded(&error.to_string(), "hook body");
+            class_of(&error.field)
+        }
+        Err(HookBodyError::TooLarge { field, .. }) => format!("too-large:{field}"),
+    }
+}
+
+fn hook_body_seeds() -> Vec<Vec<u8>> {
+    vec![
+        Vec::new(),
+        br#"{"message":"the build is red"}"#.to_vec(),
+        br#"{"message":"hi","from":"ci","idempotency_key":"run-7"}"#.to_vec(),
+        br#"{"message":" ","from":null}"#.to_vec(),
+        br#"{"message":"a","extra":1}"#.to_vec(),
+    ]
 }
 
 /// The `Prefer: wait=` header.

@@ -77,6 +77,15 @@ pub struct Args {
     #[arg(long, env = "HOOKRUN_REDACT_URL_IN_STATUS", default_value_t = false)]
     pub redact_url_in_status: bool,
 
+    /// The TTL of a Grant that sets no spec.ttlSeconds (e.g. 1h, 30m; a bare number is
+    /// seconds).
+    #[arg(long, env = "HOOKRUN_GRANT_DEFAULT_TTL", default_value = "1h")]
+    pub grant_default_ttl: FlagDuration,
+
+    /// The longest TTL a Grant gets; a longer spec.ttlSeconds is cut to it.
+    #[arg(long, env = "HOOKRUN_GRANT_MAX_TTL", default_value = "24h")]
+    pub grant_max_ttl: FlagDuration,
+
     /// Log format.
     #[arg(long, env = "HOOKRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -292,6 +301,13 @@ mod tests {
             )
         );
         assert_eq!(args.pending_timeout.0, std::time::Duration::from_secs(300));
+        if std::env::vars().all(|(k, _)| !k.starts_with("HOOKRUN_GRANT")) {
+            assert_eq!(
+                args.grant_default_ttl.0,
+                std::time::Duration::from_secs(3600)
+            );
+            assert_eq!(args.grant_max_ttl.0, std::time::Duration::from_secs(86_400));
+        }
         // The pod policy is locked down unless a flag opens it.
         if std::env::vars().all(|(k, _)| !k.starts_with("HOOKRUN_ALLOW")) {
             assert_eq!(args.pod_policy(), PodPolicy::default());

@@ -6,6 +6,7 @@ pub mod agent_controller;
 pub mod callback;
 pub mod cli;
 pub mod error;
+pub mod grant_controller;
 pub mod leader;
 pub mod metrics;
 pub mod pod_policy;
@@ -238,6 +239,16 @@ pub async fn run(args: Args) -> Result<()> {
         default_image: args.default_harness_image.clone(),
         runner_url: args.runner_url.to_string(),
     };
+    let grant_ctx = Arc::new(grant_controller::Context {
+        client: client.clone(),
+        public_url: args.public_url.clone(),
+        redact_url_in_status: args.redact_url_in_status,
+        // A default above the maximum is cut to it, like any TTL.
+        default_ttl: args.grant_default_ttl.0.min(args.grant_max_ttl.0),
+        max_ttl: args.grant_max_ttl.0,
+        metrics: metrics.clone(),
+    });
+    let mut grant_runners = Vec::new();
     let mut stores = Vec::new();
     let mut session_stores = Vec::new();
     let mut runners = Vec::new();
@@ -259,6 +270,11 @@ pub async fn run(args: Args) -> Result<()> {
             recorder.clone(),
             stopped(stop_rx.clone()),
         );
+        grant_runners.push(grant_controller::run(
+            grant_ctx.clone(),
+            scope,
+            stopped(stop_rx.clone()),
+        ));
         stores.push(store);
         session_stores.push(sessions);
         runners.push(futures::future::join(runner, session_runner));
@@ -299,7 +315,13 @@ pub async fn run(args: Args) -> Result<()> {
             ready.store(true, Ordering::Release);
         }
     };
-    tokio::join!(join_all(runners), readiness, scheduler, callbacks);
+    tokio::join!(
+        join_all(runners),
+        join_all(grant_runners),
+        readiness,
+        scheduler,
+        callbacks
+    );
 
     let _ = stop_tx.send(true);
     if let Some(elector) = &elector

@@ -250,7 +250,10 @@ async fn every_values_set_renders_and_the_kube_apiserver_accepts_it() {
                 assert_eq!(*label, "metrics", "only the opt-in aggregates");
                 assert_eq!(
                     role["rules"],
-                    json!([{"apiGroups": ["hookrun.dev"], "resources": ["sessions"], "verbs": ["get", "list", "watch", "create", "delete"]}])
+                    json!([
+                        {"apiGroups": ["hookrun.dev"], "resources": ["sessions"], "verbs": ["get", "list", "watch", "create", "delete"]},
+                        {"apiGroups": ["hookrun.dev"], "resources": ["grants"], "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+                    ])
                 );
             }
         }
@@ -308,7 +311,7 @@ fn assert_ingress_routes_only_public_paths(ingress: &Value) {
         })
         .unwrap_or_default();
     let routed: Vec<&str> = paths.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(routed, ["/webhooks", "/agents"]);
+    assert_eq!(routed, ["/webhooks", "/agents", "/hook"]);
     for (_, backend) in &paths {
         assert_eq!(
             *backend,
@@ -683,6 +686,64 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
             false,
         ),
         (&operator, "create", "pods/exec", Some(team_name), false),
+        // Grants: the operator mints, revokes and expires them; the apiserver only
+        // watches them; neither may create one.
+        (
+            &operator,
+            "delete",
+            "grants.hookrun.dev",
+            Some(team_name),
+            true,
+        ),
+        (
+            &operator,
+            "patch",
+            "grants.hookrun.dev/status",
+            Some(team_name),
+            true,
+        ),
+        (
+            &operator,
+            "create",
+            "grants.hookrun.dev",
+            Some(team_name),
+            false,
+        ),
+        (
+            &operator,
+            "update",
+            "grants.hookrun.dev",
+            Some(team_name),
+            false,
+        ),
+        (
+            &apiserver,
+            "watch",
+            "grants.hookrun.dev",
+            Some(team_name),
+            true,
+        ),
+        (
+            &apiserver,
+            "create",
+            "grants.hookrun.dev",
+            Some(team_name),
+            false,
+        ),
+        (
+            &apiserver,
+            "patch",
+            "grants.hookrun.dev/status",
+            Some(team_name),
+            false,
+        ),
+        (
+            &apiserver,
+            "list",
+            "grants.hookrun.dev",
+            Some(other.name()),
+            false,
+        ),
     ];
     for (who, verb, resource, ns, allowed) in expectations {
         assert_eq!(
@@ -726,6 +787,20 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
         aggregated.is_some(),
         "edit holders may create Sessions once aggregated"
     );
+    assert!(can_i(
+        cluster,
+        &alice,
+        "create",
+        "grants.hookrun.dev",
+        Some(team_name)
+    ));
+    assert!(!can_i(
+        cluster,
+        &bob,
+        "create",
+        "grants.hookrun.dev",
+        Some(team_name)
+    ));
     assert!(!can_i(
         cluster,
         &alice,

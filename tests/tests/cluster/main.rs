@@ -8,6 +8,7 @@ mod dev;
 mod drain;
 mod event_keys;
 mod faults;
+mod grants;
 mod helm;
 mod live;
 mod operator;
