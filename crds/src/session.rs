@@ -33,16 +33,14 @@ pub const OVERSIZE_MESSAGE: &str = "the cluster refused to store this Session's 
 pub mod event_types {
     /// Text from the agent; the last one is the answer when the harness gives none.
     pub const AGENT_MESSAGE: &str = "agent.message";
-    /// Input into a live Session (the initial title is the first); the content is the
-    /// message, prefixed `[from] ` when a sender is named.
+    /// Input into a live (running or still pending) Session: a follow-up webhook's title
+    /// or a Grant's message, prefixed `[from] ` when a sender is named. The initial
+    /// title is the first input; it lives in `spec.title`.
     pub const USER_MESSAGE: &str = "user.message";
     /// The session's pod started running.
     pub const STATUS_RUNNING: &str = "session.status_running";
     /// The session ended; the content is the final phase (`Complete` or `Error`).
     pub const STATUS_CLOSED: &str = "session.status_closed";
-    /// Input into a running (or still pending) Session: a follow-up webhook's title.
-    /// The initial title is the first input; it lives in `spec.title`.
-    pub const USER_MESSAGE: &str = "user.message";
     /// The harness finished a turn; the content is the turn's reply (may be empty). Its
     /// key is [`super::turn_key`] of the input the turn answered.
     pub const TURN_COMPLETE: &str = "agent.turn_complete";

@@ -370,12 +370,13 @@ fn converting_only_what_is_read_changes_no_result() {
 
 #[test]
 fn the_value_budget_counts_only_what_is_read() {
+    let none: [(&str, &str); 0] = [];
     let big = json!({"l": vec![1; MAX_BODY_VALUES], "ok": true});
     let e = expr("body.ok");
-    let read = Variables::new(e.reads(), &big, [], "none", "ns", "a");
+    let read = Variables::new(e.reads(), &big, none, "none", "ns", "a");
     assert_eq!(e.evaluate_bool(&read), Ok(true));
     let e = expr("body.ok && size(body.l) > 0");
-    let read = Variables::new(e.reads(), &big, [], "none", "ns", "a");
+    let read = Variables::new(e.reads(), &big, none, "none", "ns", "a");
     let err = e.evaluate_bool(&read).expect_err("over the budget");
     assert!(err.contains("JSON values"), "{err}");
 }
@@ -416,6 +417,7 @@ fn the_live_examples_key_their_sessions() {
     let webhook = issues.spec.webhook().expect("a webhook trigger");
     let compiled = compile_trigger("spec.triggers[0].webhook", webhook, &[]).expect("compiles");
     let v = Variables::new(
+        &compiled.reads,
         &github_issue_comment("what about Windows?"),
         [("x-github-event", "issue_comment")],
         "github",
@@ -438,14 +440,23 @@ fn the_live_examples_key_their_sessions() {
     let webhook = echo.spec.webhook().expect("a webhook trigger");
     let compiled = compile_trigger("spec.triggers[0].webhook", webhook, &[]).expect("compiles");
     let key = compiled.session_key.as_ref().expect("a sessionKey");
+    let none: [(&str, &str); 0] = [];
     let with = Variables::new(
+        &compiled.reads,
         &json!({"title": "hi", "thread": "t1"}),
-        [],
+        none,
         "none",
         "d",
         "echo",
     );
     assert_eq!(key.evaluate_text(&with), Ok("thread/t1".to_owned()));
-    let without = Variables::new(&json!({"title": "hi"}), [], "none", "d", "echo");
+    let without = Variables::new(
+        &compiled.reads,
+        &json!({"title": "hi"}),
+        none,
+        "none",
+        "d",
+        "echo",
+    );
     assert!(key.evaluate_text(&without).is_err(), "no thread: no key");
 }

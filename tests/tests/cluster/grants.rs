@@ -79,6 +79,7 @@ impl Setup {
                 title: "triage the build".to_owned(),
                 env: vec![],
                 trigger: None,
+                session_key: None,
             },
         );
         self.sessions
