@@ -176,6 +176,7 @@ pub async fn run(args: Args) -> Outcome {
     let result = match provider::plan(&context) {
         Err(error) => Err(Failure::Agent(error.to_string())),
         Ok(Plan::Exec(spec)) => run_exec(&runner, &spec, &context).await,
+        Ok(Plan::Echo) => run_echo(&runner, &context).await,
         Ok(Plan::Model(target)) => {
             run_model(&http, &runner, &args.model_config(), &target, &context).await
         }
@@ -248,6 +249,21 @@ async fn run_model(
         Ok(_) => {}
         Err(RunnerError::Finished) => return Err(Failure::Interrupted),
         // The completion below still carries the answer.
+        Err(error) => tracing::warn!(
+            error = %redact::scrub(&error.to_string()),
+            "cannot post the answer as an event"
+        ),
+    }
+    Ok(text)
+}
+
+/// The built-in echo agent: the title is the answer, posted as one event.
+async fn run_echo(runner: &RunnerClient, context: &SessionContext) -> Result<String, Failure> {
+    tracing::info!("answering with the title (hookrun/echo)");
+    let text = context.title.trim().to_string();
+    match runner.post_message(&text).await {
+        Ok(_) => {}
+        Err(RunnerError::Finished) => return Err(Failure::Interrupted),
         Err(error) => tracing::warn!(
             error = %redact::scrub(&error.to_string()),
             "cannot post the answer as an event"
