@@ -88,8 +88,8 @@ fn log_format_json_writes_one_object_per_line() {
     let log = server.started_log();
     let mut started = None;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let value: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         if value["fields"]["message"] == STARTED {
             started = Some(value);
         }

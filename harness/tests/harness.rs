@@ -504,7 +504,8 @@ async fn the_built_in_echo_model_answers_with_the_title_without_a_program_or_a_m
     })
     .await;
     // No key, and a model URL nothing listens on: echo needs neither, nor any program.
-    let outcome = hookrun_harness::run(args(&runner, token_file("echo"), "http://127.0.0.1:9")).await;
+    let outcome =
+        hookrun_harness::run(args(&runner, token_file("echo"), "http://127.0.0.1:9")).await;
     assert_eq!(outcome, Outcome::Completed);
     assert_eq!(runner.events(), ["hello there"]);
     assert_eq!(

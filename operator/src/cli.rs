@@ -318,9 +318,8 @@ mod tests {
     #[test]
     fn every_flag_is_documented_in_the_readme() {
         use clap::CommandFactory;
-        let readme =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-                .expect("the README");
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("the README");
         for arg in Args::command().get_arguments() {
             let Some(long) = arg.get_long() else {
                 continue;

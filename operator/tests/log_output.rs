@@ -120,8 +120,8 @@ fn json_logs_are_one_object_per_line() {
     let operator = Running::start("json", "json");
     let log = operator.log_with("admin server listening");
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let value: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
         assert!(value["level"].is_string(), "{line}");
     }
     assert!(log.contains("\"address\":\"127.0.0.1:"), "{log}");

@@ -102,9 +102,7 @@ pub enum PlanError {
     #[error("spec.exec.command is empty: give the program and its arguments")]
     EmptyCommand,
     /// A model id the harness cannot use.
-    #[error(
-        "model {model:?}: {reason} (use anthropic/<model>, openai/<model> or hookrun/echo)"
-    )]
+    #[error("model {model:?}: {reason} (use anthropic/<model>, openai/<model> or hookrun/echo)")]
     BadModel {
         /// The id as written.
         model: String,

@@ -368,7 +368,15 @@ async fn a_missing_public_url_or_a_misspelt_value_stops_the_install() {
     let registry = format!("global.imageRegistry={REGISTRY}");
     let out = helm(
         cluster,
-        &["install", RELEASE, &chart, "-n", ns.name(), "--set", &registry],
+        &[
+            "install",
+            RELEASE,
+            &chart,
+            "-n",
+            ns.name(),
+            "--set",
+            &registry,
+        ],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -447,7 +455,15 @@ async fn images_come_from_where_they_were_pushed_or_the_install_stops_and_says_h
     // No registry and no repositories: the images were never pushed anywhere.
     let out = helm(
         cluster,
-        &["install", RELEASE, &chart, "-n", ns.name(), "--set", &public],
+        &[
+            "install",
+            RELEASE,
+            &chart,
+            "-n",
+            ns.name(),
+            "--set",
+            &public,
+        ],
     );
     assert!(!out.status.success(), "installed without images");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -516,7 +532,11 @@ async fn images_come_from_where_they_were_pushed_or_the_install_stops_and_says_h
     ]);
     assert_eq!(
         image_references(&objects),
-        ["a.example/api:0.1.0", "a.example/harness:0.1.0", "a.example/op:1.2.3"]
+        [
+            "a.example/api:0.1.0",
+            "a.example/harness:0.1.0",
+            "a.example/op:1.2.3"
+        ]
     );
     let bad_digest = helm(
         cluster,
