@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := $(CARGO) run -q -p hookrun-tests --bin hookrun-cluster --
 
-.PHONY: all test unit-test tools peer-tools cluster-up cluster-down crds fmt lint dev bench clean-tools images fuzz
+.PHONY: all test unit-test tools peer-tools cluster-up cluster-down crds fmt lint dev bench clean-tools images deploy fuzz
 
 all: test
 
@@ -32,6 +32,14 @@ cluster-down:
 ## images: static binaries and OCI image tarballs in target/images/, without a container daemon
 images: tools
 	@images/build.sh
+
+## deploy: make images, push them with crane to REGISTRY and helm upgrade --install the
+## chart with those images by digest and PUBLIC_URL, e.g.
+##   make deploy REGISTRY=ghcr.io/my-org PUBLIC_URL=https://hooks.example.com
+## (optional: RELEASE, NAMESPACE, HELM_ARGS, INSECURE=1; see images/deploy.sh)
+deploy: tools
+	@REGISTRY="$(REGISTRY)" PUBLIC_URL="$(PUBLIC_URL)" RELEASE="$(RELEASE)" \
+	  NAMESPACE="$(NAMESPACE)" HELM_ARGS="$(HELM_ARGS)" INSECURE="$(INSECURE)" images/deploy.sh
 
 ## crds: regenerate crds/manifests and the chart's crds/ from the Rust types
 crds:

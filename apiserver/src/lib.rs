@@ -71,6 +71,9 @@ pub struct Args {
     /// Log filter in `RUST_LOG` syntax; `kube_client` is held to `error` unless named.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_filter: String,
+    /// Log format: `text` lines or one JSON object per line.
+    #[arg(long, env = "HOOKRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Comma-separated CIDRs of proxies whose `X-Forwarded-For` is believed.
     #[arg(long, env = "HOOKRUN_TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: TrustedProxies,
@@ -176,7 +179,10 @@ pub fn log_filter(filter: &str) -> String {
 pub const LOG_QUEUE_LINES: usize = 8192;
 
 #[must_use = "dropping the guard stops the log writer"]
-pub fn init_tracing(filter: &str) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_tracing(
+    filter: &str,
+    format: LogFormat,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_new(log_filter(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter("info")));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
@@ -184,13 +190,25 @@ pub fn init_tracing(filter: &str) -> tracing_appender::non_blocking::WorkerGuard
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("hookrun-log")
         .finish(std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only on a terminal: log files and collectors get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer)
-        .init();
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
     guard
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// The admin router: liveness, readiness (503 until the index has listed once) and

@@ -191,6 +191,7 @@ pub async fn run(args: Args) -> Outcome {
         Err(error) => Err(Failure::Agent(error.to_string())),
         Ok(Plan::Exec(spec)) if live => run_interactive(&runner, &spec, &context, &args).await,
         Ok(Plan::Exec(spec)) => run_exec(&runner, &spec, &context).await,
+        Ok(Plan::Echo) => run_echo(&runner, &context).await,
         Ok(Plan::Model(target)) => {
             run_model(&http, &runner, &args.model_config(), &target, &context).await
         }
@@ -256,13 +257,41 @@ async fn run_model(
     context: &SessionContext,
 ) -> Result<String, Failure> {
     tracing::info!(provider = target.provider.as_str(), model = %target.model, "asking the model");
+    converse(runner, context, async |conversation: &[ChatMessage]| {
+        provider::call_model(http, config, target, context, conversation)
+            .await
+            .map_err(|error| Failure::Agent(error.to_string()))
+    })
+    .await
+}
+
+/// The built-in echo agent: each turn's answer is its input (the title first).
+async fn run_echo(runner: &RunnerClient, context: &SessionContext) -> Result<String, Failure> {
+    tracing::info!("answering with each input (hookrun/echo)");
+    converse(runner, context, async |conversation: &[ChatMessage]| {
+        Ok(conversation
+            .last()
+            .map(|message| message.content.trim().to_owned())
+            .unwrap_or_default())
+    })
+    .await
+}
+
+/// Runs the turns of a session: `answer` gets the conversation so far (the title, then
+/// each reply and input) and gives the turn's reply, which is posted as an
+/// `agent.message`. A one-shot session ends after the first turn; a live one posts
+/// `agent.turn_complete` and waits for the next input, until the idle timeout. Returns
+/// the last reply.
+async fn converse(
+    runner: &RunnerClient,
+    context: &SessionContext,
+    mut answer: impl AsyncFnMut(&[ChatMessage]) -> Result<String, Failure>,
+) -> Result<String, Failure> {
     let mut conversation = vec![ChatMessage::user(&context.title)];
     let mut inbox = Inbox::new(context.idle_timeout_seconds);
     let mut input_id = 0;
     loop {
-        let text = provider::call_model(http, config, target, context, &conversation)
-            .await
-            .map_err(|error| Failure::Agent(error.to_string()))?;
+        let text = answer(&conversation).await?;
         conversation.push(ChatMessage::assistant(&text));
         match runner.post_message(&text).await {
             Ok(_) => {}

@@ -499,6 +499,24 @@ async fn exec_cat_answers_with_the_title() {
 }
 
 #[tokio::test]
+async fn the_built_in_echo_model_answers_with_the_title_without_a_program_or_a_model_api() {
+    let runner = FakeRunner::start(RunnerState {
+        context: context("hello there\n", &["hookrun/echo"], Value::Null),
+        ..RunnerState::default()
+    })
+    .await;
+    // No key, and a model URL nothing listens on: echo needs neither, nor any program.
+    let outcome =
+        hookrun_harness::run(args(&runner, token_file("echo"), "http://127.0.0.1:9")).await;
+    assert_eq!(outcome, Outcome::Completed);
+    assert_eq!(runner.events(), ["hello there"]);
+    assert_eq!(
+        runner.completion(),
+        json!({"status": "complete", "response": "hello there"})
+    );
+}
+
+#[tokio::test]
 async fn exec_runs_in_its_working_dir() {
     let dir = std::env::temp_dir().canonicalize().expect("a temp dir");
     let runner = FakeRunner::start(RunnerState {

@@ -384,6 +384,25 @@ mod tests {
     }
 
     #[test]
+    fn every_flag_is_documented_in_the_readme() {
+        use clap::CommandFactory;
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+            .expect("the README");
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            assert!(
+                readme.contains(&format!("`--{long}")),
+                "README.md does not document hookrun-operator --{long}"
+            );
+        }
+    }
+
+    #[test]
     fn clap_definition_is_consistent() {
         use clap::CommandFactory;
         Args::command().debug_assert();

@@ -43,11 +43,14 @@ use crate::{
     session_controller::pod::PodSettings,
 };
 
-/// Sets up logging: `RUST_LOG` filters (default `info`), text or JSON lines.
+/// Sets up logging to stdout: `RUST_LOG` filters (default `info`), text or JSON lines.
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Colours only on a terminal: log files and collectors get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -41,9 +41,25 @@ app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
-{{/* An image reference; the tag defaults to the chart's appVersion. */}}
+{{/* An image reference: (dict "root" $ "image" .Values.operator.image "name"
+"hookrun-operator"). The repository is the image's own, else
+<global.imageRegistry>/<name>; by digest when one is set, else by tag (default: the
+chart's appVersion). hookrun publishes no images, so with neither the install stops and
+says how to push them. */}}
 {{- define "hookrun.image" -}}
-{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag | toString) }}
+{{- $registry := (.root.Values.global).imageRegistry | default "" | trim | trimSuffix "/" }}
+{{- $repository := .image.repository | default "" | trim }}
+{{- if not $repository }}
+{{- if not $registry }}
+{{- fail (printf "\n\nno image registry for %s: hookrun publishes no images, so push them to a registry your cluster can pull from first. One command builds, pushes and installs by digest:\n\n  make deploy REGISTRY=registry.example.com/team PUBLIC_URL=https://hooks.example.com\n\nor push target/images/*.tar (make images) yourself and --set global.imageRegistry=registry.example.com/team (or set operator.image.repository, apiserver.image.repository and harness.image.repository).\nSee charts/hookrun/README.md, \"Images\"." .name) }}
+{{- end }}
+{{- $repository = printf "%s/%s" $registry .name }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" $repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .root.Chart.AppVersion .image.tag | toString) }}
+{{- end }}
 {{- end }}
 
 {{- define "hookrun.serviceAccountName" -}}
@@ -59,7 +75,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "hookrun.publicURL" -}}
 {{- $url := .Values.publicURL | default "" | trim }}
 {{- if not $url }}
-{{- fail "\n\npublicURL is required: the public base of every webhook URL, as callers reach the apiserver (e.g. --set publicURL=https://hooks.example.com).\nSee charts/hookrun/README.md." }}
+{{- fail "\n\npublicURL is required: the public base of every webhook URL, as callers reach the hookrun apiserver (e.g. --set publicURL=https://hooks.example.com).\nSee charts/hookrun/README.md." }}
 {{- end }}
 {{- if not (regexMatch "^https?://[^/?#]+(/[^?#]*)?$" $url) }}
 {{- fail (printf "\n\npublicURL %q must be an absolute http:// or https:// URL without a query or fragment (e.g. https://hooks.example.com)." $url) }}

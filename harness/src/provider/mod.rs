@@ -23,7 +23,13 @@ pub enum Plan {
     Exec(ExecSpec),
     /// Ask a model (the first of `spec.models`).
     Model(ModelTarget),
+    /// Answer with the title itself ([`ECHO_MODEL`]): no model, no program, no network.
+    Echo,
 }
+
+/// The built-in model that answers every session with its title: an agent that works
+/// offline in the harness image, which has no shell and no programs besides the harness.
+pub const ECHO_MODEL: &str = "hookrun/echo";
 
 /// The model APIs the harness speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +73,11 @@ impl FromStr for ModelTarget {
         let provider = match provider {
             "anthropic" => Provider::Anthropic,
             "openai" => Provider::OpenAi,
-            _ => return Err(bad("the harness knows the providers anthropic and openai")),
+            _ => {
+                return Err(bad(
+                    "the harness knows the providers anthropic and openai, and hookrun/echo",
+                ));
+            }
         };
         if model.trim().is_empty() {
             return Err(bad("the model name after the provider is empty"));
@@ -92,7 +102,7 @@ pub enum PlanError {
     #[error("spec.exec.command is empty: give the program and its arguments")]
     EmptyCommand,
     /// A model id the harness cannot use.
-    #[error("model {model:?}: {reason} (use anthropic/<model> or openai/<model>)")]
+    #[error("model {model:?}: {reason} (use anthropic/<model>, openai/<model> or hookrun/echo)")]
     BadModel {
         /// The id as written.
         model: String,
@@ -110,6 +120,9 @@ pub fn plan(context: &SessionContext) -> Result<Plan, PlanError> {
         return Ok(Plan::Exec(exec.clone()));
     }
     let first = context.models.first().ok_or(PlanError::NothingToRun)?;
+    if first.trim() == ECHO_MODEL {
+        return Ok(Plan::Echo);
+    }
     first.parse().map(Plan::Model)
 }
 
@@ -437,6 +450,22 @@ mod tests {
         // Model names may themselves contain slashes (Hugging Face ids on vLLM).
         let slashed = plan(&context(&["openai/meta-llama/Llama-3.1-8B"], None)).expect("plan");
         assert!(matches!(slashed, Plan::Model(t) if t.model == "meta-llama/Llama-3.1-8B"));
+    }
+
+    #[test]
+    fn hookrun_echo_is_the_built_in_echo() {
+        assert_eq!(plan(&context(&["hookrun/echo"], None)), Ok(Plan::Echo));
+        // Only as the first model, and exec still wins.
+        assert!(matches!(
+            plan(&context(&["anthropic/x", "hookrun/echo"], None)),
+            Ok(Plan::Model(_))
+        ));
+        assert!(matches!(
+            plan(&context(&["hookrun/echo"], Some(vec!["cat"]))),
+            Ok(Plan::Exec(_))
+        ));
+        let unknown = plan(&context(&["hookrun/other"], None)).expect_err("unknown");
+        assert!(unknown.to_string().contains("hookrun/echo"), "{unknown}");
     }
 
     #[test]

@@ -25,6 +25,9 @@ use serde_json::{Value, json};
 
 const PUBLIC_URL: &str = "https://hooks.example.test";
 const RELEASE: &str = "hr";
+/// Where the tests say the images were pushed: hookrun publishes none, so the chart
+/// refuses to render without a registry (or explicit repositories).
+const REGISTRY: &str = "registry.example.test/hookrun";
 
 /// Runs the pinned helm against the test cluster, with its config and cache under
 /// `target/` (never the user's).
@@ -86,11 +89,14 @@ fn name(object: &Value) -> &str {
     object["metadata"]["name"].as_str().unwrap_or_default()
 }
 
-/// `helm template` for a release in `namespace` with `--set` values.
+/// `helm template` for a release in `namespace` with `--set` values (the image registry
+/// included).
 fn template(cluster: &Cluster, namespace: &str, sets: &[String]) -> String {
     let mut args = vec!["template", RELEASE, "-n", namespace];
     let chart = chart();
     args.push(&chart);
+    let registry = format!("global.imageRegistry={REGISTRY}");
+    args.extend(["--set", registry.as_str()]);
     for set in sets {
         args.extend(["--set", set.as_str()]);
     }
@@ -134,6 +140,7 @@ spec:
 async fn the_chart_lints_clean() {
     let cluster = cluster().await;
     let chart = chart();
+    let registry = format!("global.imageRegistry={REGISTRY}");
     for extra in [&[][..], &["--set", "watchNamespaces={a,b}"][..]] {
         let mut args = vec![
             "lint",
@@ -141,6 +148,8 @@ async fn the_chart_lints_clean() {
             &chart,
             "--set",
             "publicURL=https://h.example.com",
+            "--set",
+            &registry,
         ];
         args.extend_from_slice(extra);
         let out = success(helm(cluster, &args), "helm lint");
@@ -359,7 +368,19 @@ async fn a_missing_public_url_or_a_misspelt_value_stops_the_install() {
     let cluster = cluster().await;
     let ns = TestNamespace::new(cluster).await;
     let chart = chart();
-    let out = helm(cluster, &["install", RELEASE, &chart, "-n", ns.name()]);
+    let registry = format!("global.imageRegistry={REGISTRY}");
+    let out = helm(
+        cluster,
+        &[
+            "install",
+            RELEASE,
+            &chart,
+            "-n",
+            ns.name(),
+            "--set",
+            &registry,
+        ],
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("publicURL is required"), "{stderr}");
@@ -378,6 +399,8 @@ async fn a_missing_public_url_or_a_misspelt_value_stops_the_install() {
             "--set",
             "publicURL=https://h.example.com",
             "--set",
+            &registry,
+            "--set",
             "apiserver.replicsa=3",
         ],
     );
@@ -393,12 +416,146 @@ async fn a_missing_public_url_or_a_misspelt_value_stops_the_install() {
             &chart,
             "--set",
             "publicURL=hooks.example.com",
+            "--set",
+            &registry,
         ],
     );
     assert!(
         !bad_url.status.success(),
         "a URL without a scheme is refused"
     );
+}
+
+/// Every image reference of rendered objects: container images and the operator's
+/// `--default-harness-image`.
+fn image_references(objects: &[Value]) -> Vec<String> {
+    let mut found = Vec::new();
+    for deployment in of_kind(objects, "Deployment") {
+        let pod = &deployment["spec"]["template"]["spec"];
+        for list in ["initContainers", "containers"] {
+            for container in pod[list].as_array().into_iter().flatten() {
+                found.extend(container["image"].as_str().map(str::to_owned));
+            }
+        }
+        let (_, args) = container_args(deployment);
+        found.extend(
+            args.iter()
+                .filter_map(|a| a.strip_prefix("--default-harness-image="))
+                .map(str::to_owned),
+        );
+    }
+    found.sort();
+    found
+}
+
+#[tokio::test]
+async fn images_come_from_where_they_were_pushed_or_the_install_stops_and_says_how() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let chart = chart();
+    let public = format!("publicURL={PUBLIC_URL}");
+
+    // No registry and no repositories: the images were never pushed anywhere.
+    let out = helm(
+        cluster,
+        &[
+            "install",
+            RELEASE,
+            &chart,
+            "-n",
+            ns.name(),
+            "--set",
+            &public,
+        ],
+    );
+    assert!(!out.status.success(), "installed without images");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for hint in [
+        "hookrun publishes no images",
+        "make deploy REGISTRY=",
+        "global.imageRegistry",
+    ] {
+        assert!(stderr.contains(hint), "{hint:?} missing from: {stderr}");
+    }
+    let left = success(
+        ns.kubectl(&["get", "deploy,svc,sa,role", "-o", "name"], None),
+        "kubectl get",
+    );
+    assert!(!left.contains("hookrun"), "nothing is installed: {left}");
+    // One repository set is not enough: the others still have no registry.
+    let partial = helm(
+        cluster,
+        &[
+            "template",
+            RELEASE,
+            &chart,
+            "--set",
+            &public,
+            "--set",
+            "operator.image.repository=registry.example.test/op",
+        ],
+    );
+    assert!(!partial.status.success());
+    let stderr = String::from_utf8_lossy(&partial.stderr);
+    assert!(
+        (stderr.contains("no image registry for hookrun-apiserver")
+            || stderr.contains("no image registry for hookrun-harness"))
+            && !stderr.contains("hookrun-operator"),
+        "the refusal names an image without a registry: {stderr}"
+    );
+
+    // global.imageRegistry moves all three; a digest replaces the tag.
+    let render = |sets: &[&str]| {
+        let mut args = vec!["template", RELEASE, &chart, "--set", &public];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        documents(&success(helm(cluster, &args), "helm template"))
+    };
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let apiserver_digest = format!("apiserver.image.digest={digest}");
+    let objects = render(&[
+        "global.imageRegistry=127.0.0.1:5000/team/",
+        &apiserver_digest,
+    ]);
+    assert_eq!(
+        image_references(&objects),
+        [
+            format!("127.0.0.1:5000/team/hookrun-apiserver@{digest}"),
+            "127.0.0.1:5000/team/hookrun-harness:0.1.0".to_owned(),
+            "127.0.0.1:5000/team/hookrun-operator:0.1.0".to_owned(),
+        ]
+    );
+    // Explicit repositories need no registry, and win over it.
+    let objects = render(&[
+        "operator.image.repository=a.example/op",
+        "operator.image.tag=1.2.3",
+        "apiserver.image.repository=a.example/api",
+        "harness.image.repository=a.example/harness",
+    ]);
+    assert_eq!(
+        image_references(&objects),
+        [
+            "a.example/api:0.1.0",
+            "a.example/harness:0.1.0",
+            "a.example/op:1.2.3"
+        ]
+    );
+    let bad_digest = helm(
+        cluster,
+        &[
+            "template",
+            RELEASE,
+            &chart,
+            "--set",
+            &public,
+            "--set",
+            "global.imageRegistry=r.example",
+            "--set",
+            "operator.image.digest=latest",
+        ],
+    );
+    assert!(!bad_digest.status.success(), "a digest that is no digest");
 }
 
 /// The flags of one rendered Deployment's container, and the binary that takes them.
@@ -439,6 +596,10 @@ async fn the_binaries_know_every_flag_the_chart_passes() {
                 .output()
                 .expect("the binary runs"),
             &format!("{binary} --help"),
+        );
+        assert!(
+            args.iter().any(|a| a == "--log-format=json"),
+            "{binary}: the chart's logFormat reaches the binary: {args:?}"
         );
         if binary == "hookrun-operator" {
             for flag in [
@@ -543,6 +704,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     let chart = chart();
     let public = format!("publicURL={PUBLIC_URL}");
     let watch = format!("watchNamespaces={{{team_name}}}");
+    let registry = format!("global.imageRegistry={REGISTRY}");
 
     let started = Instant::now();
     success(
@@ -558,6 +720,8 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
                 &public,
                 "--set",
                 &watch,
+                "--set",
+                &registry,
                 "--set",
                 "rbac.aggregateSessionsToEdit=true",
             ],
@@ -931,7 +1095,7 @@ async fn install_runs_as_the_charts_service_accounts_and_upgrade_and_uninstall_k
     );
     assert_eq!(
         container.image.as_deref(),
-        Some("ghcr.io/hookrun/hookrun-harness:0.1.0")
+        Some(format!("{REGISTRY}/hookrun-harness:0.1.0").as_str())
     );
     let pending = eventually(BUDGET, || async {
         let status = sessions.get(&session_name).await.ok()?.status?;
