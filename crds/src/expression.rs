@@ -252,7 +252,8 @@ impl Reads {
 /// c]`), when it is one.
 fn chain(expr: &IdedExpr) -> Option<(&str, Vec<String>)> {
     match &expr.expr {
-        Expr::Ident(name) => Some((name.as_str(), Vec::new())),
+        // `.body` names the same variable as `body` (a name from the root scope).
+        Expr::Ident(name) => Some((name.strip_prefix('.').unwrap_or(name), Vec::new())),
         Expr::Select(select) => {
             let (variable, mut path) = chain(&select.operand)?;
             path.push(select.field.clone());

@@ -359,6 +359,7 @@ fn converting_only_what_is_read_changes_no_result() {
         "body.deep['a'].b.c + body.deep.a.b.c",
         "body.action.nope",
         "body == body",
+        ".body.action == 'created' && .headers['x-other'] == '1'",
     ] {
         let e = expr(source);
         let all = Variables::new(&Reads::everything(), &body, headers, "github", "ns", "a");
