@@ -84,11 +84,31 @@ pub(crate) fn session_owns_pod(status: Option<&SessionStatus>, pod: &PodIdentity
     }
 }
 
-/// The calling pod's Session, read once, and its collection.
+/// The calling pod's Session, read once (from the read cache), its collection and the
+/// pod the token is bound to.
 struct Caller {
     sessions: Api<Session>,
     session: Session,
     client: kube::Client,
+    pod: PodIdentity,
+}
+
+/// The token's pod is not the Session's pod.
+fn not_yours() -> HttpError {
+    HttpError::Forbidden(
+        "the token's pod is not the pod of a Session: only a session's own pod may call the \
+         runner API",
+    )
+}
+
+/// Whether `pod` may act for a Session in the state `status`.
+fn check_claim(status: Option<&SessionStatus>, pod: &PodIdentity) -> Result<(), HttpError> {
+    match session_owns_pod(status, pod) {
+        PodClaim::Owns => Ok(()),
+        PodClaim::NotYours => Err(not_yours()),
+        // Retryable: the operator writes the pod into the status right after creating it.
+        PodClaim::NotRecordedYet => Err(HttpError::PodNotRecorded),
+    }
 }
 
 async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, HttpError> {
@@ -99,28 +119,16 @@ async fn caller(state: &ApiState, headers: &HeaderMap) -> Result<Caller, HttpErr
     let client = state.client.clone();
     let pod = state.auth.runner(&client, token).await?;
     let sessions: Api<Session> = Api::namespaced(client.clone(), &pod.namespace);
-    let not_yours = || {
-        HttpError::Forbidden(
-            "the token's pod is not the pod of a Session: only a session's own pod may call \
-             the runner API",
-        )
-    };
     let session = crate::read::cached_session(state, &pod.namespace, &pod.pod_name)
         .await
         .map_err(|error| HttpError::cluster("read the Session", &error))?
         .ok_or_else(not_yours)?;
-    match session_owns_pod(session.status.as_ref(), &pod) {
-        PodClaim::Owns => {}
-        PodClaim::NotYours => return Err(not_yours()),
-        // Retryable: the operator writes the pod into the status right after creating it.
-        PodClaim::NotRecordedYet => {
-            return Err(HttpError::PodNotRecorded);
-        }
-    }
+    check_claim(session.status.as_ref(), &pod)?;
     Ok(Caller {
         sessions,
         session,
         client,
+        pod,
     })
 }
 
@@ -419,9 +427,18 @@ pub fn parse_completion(raw: &[u8]) -> Result<Completion, HttpError> {
 #[derive(Debug)]
 struct Finished;
 
-fn status_error(error: StatusError<Finished>, namespace: &str, name: &str) -> HttpError {
+/// Why a runner write was refused: the Session had finished, or the Session it was about
+/// to write over is not the caller's (the status names another pod).
+#[derive(Debug)]
+enum Refused {
+    Finished,
+    Claim(HttpError),
+}
+
+fn status_error(error: StatusError<Refused>, namespace: &str, name: &str) -> HttpError {
     match error {
-        StatusError::Refused(Finished) => HttpError::SessionFinished,
+        StatusError::Refused(Refused::Finished) => HttpError::SessionFinished,
+        StatusError::Refused(Refused::Claim(error)) => error,
         StatusError::NotFound => HttpError::session_not_found(namespace, name),
         StatusError::Conflict | StatusError::Contended => HttpError::StatusContended,
         StatusError::Kube(error) => HttpError::cluster("write the Session's status", &error),
@@ -434,7 +451,10 @@ fn now() -> Time {
 }
 
 /// Changes the calling pod's Session status with `edit` (refused once it has finished),
-/// through the shared conflict-retrying writer.
+/// through the shared conflict-retrying writer. The pod's claim is checked again on the
+/// very Session each write is based on: the write carries that Session's
+/// resourceVersion, so a claim judged on a stale cached copy ends in a conflict and a
+/// fresh read, never in a write for a pod that no longer owns the Session.
 async fn update_status<T>(
     state: &ApiState,
     caller: Caller,
@@ -444,13 +464,18 @@ async fn update_status<T>(
         caller.session.namespace().unwrap_or_default(),
         caller.session.name_any(),
     );
+    let pod = caller.pod;
+    let mut edit = edit;
     state
         .status
         .update(
             &caller.sessions,
             &name,
             Some(caller.session),
-            edit,
+            |session, status| {
+                check_claim(session.status.as_ref(), &pod).map_err(Refused::Claim)?;
+                edit(session, status).map_err(|Finished| Refused::Finished)
+            },
             |written| {
                 // A read after this write through this process sees it.
                 state.hub.read_cache.store_read(written);
