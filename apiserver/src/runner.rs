@@ -171,6 +171,7 @@ pub(crate) fn context(session: &Session, agent: Option<&RunnerAgent>) -> Value {
         "trigger": session.spec.trigger,
         "phase": session.status.as_ref().map(SessionStatus::phase).unwrap_or_default(),
         "idleTimeoutSeconds": spec.map_or(0, |s| s.idle_timeout_seconds),
+        "history": session.spec.history,
     })
 }
 

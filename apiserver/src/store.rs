@@ -85,8 +85,9 @@ pub(crate) fn append_to(
 pub enum Delivery {
     /// Stored (or found stored, for a retry); the Session as written.
     Appended { input: Input, session: Box<Session> },
-    /// The Session had finished: it takes no more input.
-    Finished,
+    /// The Session had finished: it takes no more input. The finished Session as read,
+    /// when the write got to read it (its conversation may be carried over).
+    Finished(Option<Box<Session>>),
     /// The Session does not exist.
     Gone,
 }
@@ -234,8 +235,9 @@ impl SessionStore for KubeSessionStore {
                 name,
                 None,
                 |session, status| {
-                    let input = append_to(session, status, content, key, request_key)?;
-                    Ok::<_, Finished>((input, with_status(session, status)))
+                    let input = append_to(session, status, content, key, request_key)
+                        .map_err(|Finished| Box::new(session.clone()))?;
+                    Ok::<_, Box<Session>>((input, with_status(session, status)))
                 },
                 |_| {},
             );
@@ -251,9 +253,9 @@ impl SessionStore for KubeSessionStore {
                 })?;
             match written {
                 Ok((input, session)) => Ok(Delivery::Appended { input, session }),
-                Err(StatusError::Refused(Finished)) => Ok(Delivery::Finished),
+                Err(StatusError::Refused(finished)) => Ok(Delivery::Finished(Some(finished))),
                 Err(StatusError::NotFound) => Ok(Delivery::Gone),
-                Err(StatusError::TooLarge { .. }) => Ok(Delivery::Finished),
+                Err(StatusError::TooLarge { .. }) => Ok(Delivery::Finished(None)),
                 Err(StatusError::Kube(error)) => Err(store_error(error)),
                 Err(error @ (StatusError::Conflict | StatusError::Contended)) => {
                     Err(StoreError::Unavailable(error.to_string()))
@@ -397,7 +399,7 @@ impl SessionStore for MemorySessionStore {
                     input,
                     session: Box::new(session.clone()),
                 }),
-                Err(Finished) => Ok(Delivery::Finished),
+                Err(Finished) => Ok(Delivery::Finished(Some(Box::new(session.clone())))),
             }
         })
     }

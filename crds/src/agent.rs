@@ -19,6 +19,8 @@ pub const TIMEOUT_SECONDS_RANGE: (i64, i64) = (1, 7 * 24 * 3600);
 pub const TTL_SECONDS_RANGE: (i64, i64) = (0, 30 * 24 * 3600);
 /// Bounds of `spec.session.idleTimeoutSeconds`: zero (one turn, then done) to one day.
 pub const IDLE_TIMEOUT_SECONDS_RANGE: (i64, i64) = (0, 24 * 3600);
+/// Bounds of `spec.session.carryOverTurns`: none to [`crate::session::MAX_HISTORY_TURNS`].
+pub const CARRY_OVER_TURNS_RANGE: (i64, i64) = (0, crate::session::MAX_HISTORY_TURNS as i64);
 /// Bounds of `spec.session.maxConcurrent`.
 pub const MAX_CONCURRENT_RANGE: (i64, i64) = (1, 10_000);
 /// Bounds of `spec.session.maxStoredSessions`.
@@ -433,6 +435,15 @@ pub struct SessionTemplate {
     #[schemars(range(min = 0, max = 86400))]
     pub idle_timeout_seconds: Option<i64>,
 
+    /// How many answered turns of a finished Session a follow-up with the same
+    /// `sessionKey` carries into the key's next Session (0 to 50; default 0: the next
+    /// Session starts a new conversation). The turns are kept in the new Session's
+    /// `spec.history`, at most 64 KiB and within the Session budget, newest first kept;
+    /// the harness starts the conversation from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 50))]
+    pub carry_over_turns: Option<i64>,
+
     /// How long a finished Session is kept, in seconds (0 to 2592000; default 86400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 2592000))]
@@ -626,6 +637,15 @@ impl AgentSpec {
         self.session
             .as_ref()
             .and_then(|s| s.idle_timeout_seconds)
+            .map_or(0, |n| u32::try_from(n.clamp(min, max)).unwrap_or(0))
+    }
+
+    /// `spec.session.carryOverTurns` (0 when absent), clamped into its range.
+    pub fn carry_over_turns(&self) -> u32 {
+        let (min, max) = CARRY_OVER_TURNS_RANGE;
+        self.session
+            .as_ref()
+            .and_then(|s| s.carry_over_turns)
             .map_or(0, |n| u32::try_from(n.clamp(min, max)).unwrap_or(0))
     }
 

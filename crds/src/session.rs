@@ -110,6 +110,104 @@ pub struct SessionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub session_key: Option<String>,
+
+    /// The answered turns of the previous Session of the same `sessionKey`, oldest
+    /// first, when the Agent carries conversations over
+    /// (`spec.session.carryOverTurns`); the harness starts from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub history: Vec<HistoryTurn>,
+}
+
+/// One answered turn of an earlier Session: what the user said and what the agent
+/// answered.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct HistoryTurn {
+    /// The turn's input (the title, or a follow-up).
+    #[schemars(length(max = 65536))]
+    pub user: String,
+    /// The agent's reply.
+    #[schemars(length(max = 65536))]
+    pub assistant: String,
+}
+
+/// The most turns a Session carries over from its key's previous Session.
+pub const MAX_HISTORY_TURNS: usize = 50;
+/// The most a carried-over history may take, JSON-encoded.
+pub const MAX_HISTORY_BYTES: usize = 64 * 1024;
+
+/// The conversation of a finished Session, as answered turns, oldest first: its own
+/// history, then the title with its reply, then each input with its reply. A turn's
+/// reply is its `agent.turn_complete`, or for the last turn the Session's response.
+/// Inputs the agent never answered, and turns whose events were dropped from the
+/// bounded log, are left out.
+pub fn conversation(session: &Session) -> Vec<HistoryTurn> {
+    let mut turns = session.spec.history.clone();
+    let Some(status) = session.status.as_ref() else {
+        return turns;
+    };
+    let inputs = status.inputs_after(0);
+    let last_input = inputs.last().map_or(0, |(id, _)| *id);
+    let reply = |input_id: u64| {
+        status.turn_reply(input_id).or_else(|| {
+            (input_id == last_input)
+                .then_some(status.response.as_deref())
+                .flatten()
+        })
+    };
+    let asked = std::iter::once((0, session.spec.title.as_str())).chain(inputs);
+    for (id, user) in asked {
+        if let Some(assistant) = reply(id) {
+            turns.push(HistoryTurn {
+                user: user.to_owned(),
+                assistant: assistant.to_owned(),
+            });
+        }
+    }
+    turns
+}
+
+/// The last `max_turns` turns of `previous`'s conversation (at most
+/// [`MAX_HISTORY_TURNS`]) that fit `max_bytes` JSON-encoded (at most
+/// [`MAX_HISTORY_BYTES`]): older turns are dropped first, and a newest turn that alone
+/// does not fit is cut.
+pub fn carried_history(previous: &Session, max_turns: u32, max_bytes: usize) -> Vec<HistoryTurn> {
+    let max_bytes = max_bytes.min(MAX_HISTORY_BYTES);
+    let max_turns = usize::try_from(max_turns)
+        .unwrap_or(usize::MAX)
+        .min(MAX_HISTORY_TURNS);
+    let mut turns = conversation(previous);
+    let skip = turns.len().saturating_sub(max_turns);
+    turns.drain(..skip);
+    // A turn costs its two strings plus `{"user":,"assistant":}` and a comma.
+    let cost = |t: &HistoryTurn| encoded_str_len(&t.user) + encoded_str_len(&t.assistant) + 23;
+    let mut used = 2;
+    let mut kept = 0;
+    for turn in turns.iter().rev() {
+        if used + cost(turn) > max_bytes {
+            break;
+        }
+        used += cost(turn);
+        kept += 1;
+    }
+    if kept == 0 {
+        // Not even the newest turn fits whole: keep as much of it as does, the reply
+        // first (it is what the next turn builds on).
+        let Some(mut newest) = turns.pop() else {
+            return Vec::new();
+        };
+        let room = max_bytes.saturating_sub(2 + 26);
+        let (assistant, _) = cut_encoded(&newest.assistant, room);
+        newest.assistant = assistant.to_owned();
+        let room = room.saturating_sub(encoded_str_len(&newest.assistant) - 2);
+        newest.user = cut_encoded(&newest.user, room).0.to_owned();
+        return if newest.assistant.is_empty() {
+            Vec::new()
+        } else {
+            vec![newest]
+        };
+    }
+    turns.split_off(turns.len() - kept)
 }
 
 /// A literal environment variable for one session.
@@ -503,6 +601,87 @@ pub fn oversize_finish_patch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn turn(user: &str, assistant: &str) -> HistoryTurn {
+        HistoryTurn {
+            user: user.to_owned(),
+            assistant: assistant.to_owned(),
+        }
+    }
+
+    /// A finished live Session: title "hi" answered "hello", input "more" answered
+    /// "sure", an unanswered input, then completed with `response`.
+    fn finished_conversation(response: &str) -> Session {
+        let mut session = Session::new(
+            "a-k-0",
+            SessionSpec {
+                agent: "a".into(),
+                title: "hi".into(),
+                history: vec![turn("before", "earlier")],
+                ..SessionSpec::default()
+            },
+        );
+        let mut status = SessionStatus::default();
+        status.push_event_once(event_types::TURN_COMPLETE, "hello", &turn_key(0), at());
+        let more = status.append_input("more", "k1", at()).expect("live").id;
+        status.push_event_once(event_types::TURN_COMPLETE, "sure", &turn_key(more), at());
+        status.append_input("ignored?", "k2", at()).expect("live");
+        status.finish(SessionPhase::Complete, Some(response), None, at());
+        session.status = Some(status);
+        session
+    }
+
+    #[test]
+    fn a_conversation_is_its_history_then_its_answered_turns() {
+        let session = finished_conversation("bye");
+        // The last input was answered by the response.
+        assert_eq!(
+            conversation(&session),
+            vec![
+                turn("before", "earlier"),
+                turn("hi", "hello"),
+                turn("more", "sure"),
+                turn("ignored?", "bye"),
+            ]
+        );
+        // A one-turn Session: the title and its response.
+        let mut one = Session::new("a-1", SessionSpec::default());
+        one.spec.title = "t".into();
+        let mut status = SessionStatus::default();
+        status.finish(SessionPhase::Complete, Some("r"), None, at());
+        one.status = Some(status);
+        assert_eq!(conversation(&one), vec![turn("t", "r")]);
+        // Nothing answered: nothing to carry.
+        let mut failed = Session::new("a-2", SessionSpec::default());
+        let mut status = SessionStatus::default();
+        status.finish(SessionPhase::Error, None, Some("boom"), at());
+        failed.status = Some(status);
+        assert_eq!(conversation(&failed), vec![]);
+    }
+
+    #[test]
+    fn carried_history_keeps_the_newest_turns_within_its_bounds() {
+        let session = finished_conversation("bye");
+        assert_eq!(
+            carried_history(&session, 2, MAX_HISTORY_BYTES),
+            vec![turn("more", "sure"), turn("ignored?", "bye")]
+        );
+        assert_eq!(carried_history(&session, 0, MAX_HISTORY_BYTES), vec![]);
+        assert_eq!(carried_history(&session, 99, MAX_HISTORY_BYTES).len(), 4);
+        // Bytes: what is kept, as stored, fits; the oldest go first.
+        for max in [40, 60, 80, 100, 200] {
+            let kept = carried_history(&session, 50, max);
+            assert!(crate::budget::encoded_len(&kept) <= max, "{max}: {kept:?}");
+            let all = conversation(&session);
+            assert_eq!(kept[..], all[all.len() - kept.len()..], "{max}");
+        }
+        // A newest turn larger than the whole budget is cut, its reply first.
+        let huge = finished_conversation(&"x".repeat(MAX_HISTORY_BYTES * 2));
+        let kept = carried_history(&huge, 50, MAX_HISTORY_BYTES);
+        assert_eq!(kept.len(), 1);
+        assert!(crate::budget::encoded_len(&kept) <= MAX_HISTORY_BYTES);
+        assert!(kept[0].assistant.len() > MAX_HISTORY_BYTES - 100);
+    }
 
     #[test]
     fn event_bytes_are_measured_encoded() {

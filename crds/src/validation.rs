@@ -323,6 +323,12 @@ pub fn validate_agent_spec(spec: &AgentSpec) -> Result<(), FieldErrors> {
         );
         check_range(
             &mut errors,
+            "spec.session.carryOverTurns",
+            session.carry_over_turns,
+            crate::agent::CARRY_OVER_TURNS_RANGE,
+        );
+        check_range(
+            &mut errors,
             "spec.session.ttlSecondsAfterFinished",
             session.ttl_seconds_after_finished,
             TTL_SECONDS_RANGE,

@@ -287,7 +287,17 @@ async fn converse(
     context: &SessionContext,
     mut answer: impl AsyncFnMut(&[ChatMessage]) -> Result<String, Failure>,
 ) -> Result<String, Failure> {
-    let mut conversation = vec![ChatMessage::user(&context.title)];
+    let mut conversation: Vec<ChatMessage> = context
+        .history
+        .iter()
+        .flat_map(|turn| {
+            [
+                ChatMessage::user(&turn.user),
+                ChatMessage::assistant(&turn.assistant),
+            ]
+        })
+        .collect();
+    conversation.push(ChatMessage::user(&context.title));
     let mut inbox = Inbox::new(context.idle_timeout_seconds);
     let mut input_id = 0;
     loop {
@@ -395,6 +405,23 @@ impl Inbox {
     }
 }
 
+/// The program's environment: the Session's overrides and, when the Session carries
+/// an earlier conversation over, `HOOKRUN_HISTORY` (its turns as JSON,
+/// `[{"user", "assistant"}]`, oldest first).
+fn program_env(context: &SessionContext) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = context
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    if !context.history.is_empty()
+        && let Ok(history) = serde_json::to_string(&context.history)
+    {
+        env.push(("HOOKRUN_HISTORY".to_owned(), history));
+    }
+    env
+}
+
 /// Exec mode in a live session: the program takes the title, then each input, as a line
 /// on stdin, and each turn's reply is what it prints until it is quiet for the turn gap.
 async fn run_interactive(
@@ -404,11 +431,7 @@ async fn run_interactive(
     args: &Args,
 ) -> Result<String, Failure> {
     tracing::info!(command = ?spec.command, "running the agent's command, one turn per input");
-    let env: Vec<(String, String)> = context
-        .env
-        .iter()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect();
+    let env = program_env(context);
     let gap = Duration::from_millis(args.turn_gap_ms.max(1));
     let limit = Duration::from_secs(args.turn_seconds.max(1));
     let mut program = exec::Interactive::start(spec, &env, gap)
@@ -476,11 +499,7 @@ async fn run_exec(
             true
         })
     };
-    let env: Vec<(String, String)> = context
-        .env
-        .iter()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect();
+    let env = program_env(context);
     let ran = exec::run(spec, &context.title, &env, messages).await;
     // Every event is posted before the completion.
     let open = poster.await.unwrap_or(true);

@@ -47,6 +47,10 @@ pub struct SessionContext {
     /// How long to wait for more input after a turn (0: one turn, then done).
     #[serde(default)]
     pub idle_timeout_seconds: u64,
+    /// Answered turns of the previous Session of the same session key, oldest first:
+    /// the conversation starts from them.
+    #[serde(default)]
+    pub history: Vec<hookrun_crds::session::HistoryTurn>,
 }
 
 /// One input into a live Session (a follow-up's text), as `GET /runner/v1/inputs`

@@ -349,6 +349,7 @@ fn stored_session(name: &str, agent: &str) -> Session {
                 callback_url: None,
             }),
             session_key: None,
+            history: Vec::new(),
         },
     )
 }

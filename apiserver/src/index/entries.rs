@@ -39,6 +39,9 @@ pub(crate) struct AgentEntry {
     /// `spec.session.idleTimeoutSeconds`: above 0, Sessions take input after their first
     /// turn, and a waiting caller is answered with its own turn's reply.
     pub(crate) idle_timeout_seconds: u32,
+    /// `spec.session.carryOverTurns`: how many turns of a key's finished Session its
+    /// next Session starts from.
+    pub(crate) carry_over_turns: u32,
     /// The generation the entry was built from: its expressions are compiled once per
     /// generation.
     pub(crate) generation: Option<i64>,
@@ -132,6 +135,7 @@ pub(crate) fn agent_entry_after(
         input: crate::webhook_input::InputPolicy::of(&agent.spec),
         max_stored: agent.spec.max_stored_sessions(),
         idle_timeout_seconds: agent.spec.idle_timeout_seconds(),
+        carry_over_turns: agent.spec.carry_over_turns(),
         generation,
         expressions,
     })

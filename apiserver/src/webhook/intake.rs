@@ -231,6 +231,7 @@ pub(super) async fn accept(
         env: parsed.env,
         trigger: Some(trigger),
         session_key: None,
+        history: Vec::new(),
     };
     tracing::debug!(agent = %key.name, ?wait, "storing a webhook Session");
     if let Some(session_key) = session_key {

@@ -37,6 +37,10 @@ use super::intake::{Accepted, build_session, decorate, release, reserve, store_f
 /// has more stored than this is a key hammered faster than its Sessions end.
 const MAX_GENERATIONS_WALKED: u32 = 8;
 
+/// Room for `,"history":` and the labels a keyed Session has beyond the object
+/// measured to size its carried-over history.
+const HISTORY_FIELD_BYTES: usize = 512;
+
 /// A request of a keyed Agent, parsed and within its budgets.
 pub(super) struct KeyedRequest {
     /// The `sessionKey`'s value.
@@ -115,6 +119,7 @@ pub(super) async fn deliver(
         .latest_key_generation(&key.namespace, &hash)
         .unwrap_or(0);
     let max = target.agent.max_concurrent;
+    let budgets = &target.agent.input.budgets;
     for _ in 0..MAX_GENERATIONS_WALKED {
         let name = names::keyed_session_name(&key.name, &hash, generation);
         // A waiting caller follows the Session before it exists, so no change is missed.
@@ -126,10 +131,7 @@ pub(super) async fn deliver(
             names::SESSION_KEY_GENERATION_LABEL.to_owned(),
             generation.to_string(),
         );
-        target
-            .agent
-            .input
-            .budgets
+        budgets
             .check_session(&session)
             .map_err(HttpError::OverBudget)?;
         let reservation = reserve(state, key, &name, max)?;
@@ -218,8 +220,25 @@ pub(super) async fn deliver(
                 });
             }
             // The key's Session has ended: the next generation starts the conversation
-            // again.
-            Delivery::Finished => generation += 1,
+            // again, from the turns the Agent carries over.
+            Delivery::Finished(previous) => {
+                generation += 1;
+                spec.history = match (previous, target.agent.carry_over_turns) {
+                    (Some(previous), turns @ 1..) => {
+                        // The room the Session budget leaves once the rest is in.
+                        let next = names::keyed_session_name(&key.name, &hash, generation);
+                        let bare = SessionSpec {
+                            history: Vec::new(),
+                            ..spec.clone()
+                        };
+                        let bare = build_session(key, target, &next, bare);
+                        let rest = hookrun_crds::budget::encoded_len(&bare) + HISTORY_FIELD_BYTES;
+                        let room = budgets.session.saturating_sub(rest);
+                        hookrun_crds::session::carried_history(&previous, turns, room)
+                    }
+                    _ => Vec::new(),
+                };
+            }
             // Deleted between the create and the append: its name is free again.
             Delivery::Gone => {}
         }

@@ -363,6 +363,7 @@ pub fn scheduled_session(
                 callback_url: None,
             }),
             session_key: None,
+            history: Vec::new(),
         },
         status: None,
     })

@@ -61,6 +61,7 @@ fn session(env: &[(&str, &str)]) -> Session {
                 .collect(),
             trigger: None,
             session_key: None,
+            history: Vec::new(),
         },
     );
     session.metadata.namespace = Some("team-a".into());

@@ -80,6 +80,7 @@ impl Setup {
                 env: vec![],
                 trigger: None,
                 session_key: None,
+                history: Vec::new(),
             },
         );
         self.sessions

@@ -373,3 +373,73 @@ async fn a_model_agent_sees_the_first_turn_in_the_second_turns_request() {
         ])
     );
 }
+
+#[tokio::test]
+async fn a_follow_up_after_the_session_finished_carries_the_conversation_over() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let model = FakeModel::start(vec![
+        (200, vec![], openai_completion("the first reply")),
+        (200, vec![], openai_completion("the second reply")),
+    ])
+    .await;
+    let live = Live::start(&ns, 1, true).await;
+    // One turn per Session (no idle timeout): every follow-up starts the key's next
+    // Session, which starts from the previous one's turns.
+    let path = live
+        .agent(
+            &agents,
+            ns.name(),
+            "chat",
+            json!({
+                "models": ["openai/gpt-4o-mini"],
+                "triggers": [{"webhook": {"sessionKey": "body.thread"}}],
+                "session": {
+                    "carryOverTurns": 5,
+                    "env": [{"name": "OPENAI_BASE_URL", "value": format!("{}/v1", model.url)}]
+                }
+            }),
+        )
+        .await;
+    let post = |title: &'static str| {
+        let public = live.public(0).to_owned();
+        let path = path.clone();
+        async move {
+            let body = json!({"title": title, "thread": "s-1", "wait": 60}).to_string();
+            request(&public, "POST", &path, &[], &body).await
+        }
+    };
+    let first = post("hello").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.json["response"], "the first reply");
+    assert_eq!(first.json["phase"], "Complete", "{first:?}");
+    let hash = names::session_key_hash(ns.name(), "chat", "s-1");
+    assert_eq!(
+        first.json["session"],
+        names::keyed_session_name("chat", &hash, 0)
+    );
+
+    let second = post("and then?").await;
+    assert_eq!(second.status, 200, "{second:?}");
+    assert_eq!(second.json["response"], "the second reply");
+    let next = names::keyed_session_name("chat", &hash, 1);
+    assert_eq!(second.json["session"], next.as_str(), "{second:?}");
+    let stored = sessions.get(&next).await.expect("the key's next Session");
+    assert_eq!(
+        serde_json::to_value(&stored.spec.history).expect("json"),
+        json!([{"user": "hello", "assistant": "the first reply"}])
+    );
+    let seen = model.seen();
+    assert_eq!(seen.len(), 2, "one model request per Session");
+    assert_eq!(
+        seen[1].body["messages"],
+        json!([
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "the first reply"},
+            {"role": "user", "content": "and then?"}
+        ])
+    );
+}

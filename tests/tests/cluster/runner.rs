@@ -104,6 +104,7 @@ impl Setup {
                     ..SessionTrigger::default()
                 }),
                 session_key: None,
+                history: Vec::new(),
             },
             status: None,
         };

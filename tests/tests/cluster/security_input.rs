@@ -221,6 +221,7 @@ fn padded_session(name: &str, agent: &str, padding: usize) -> Session {
             env,
             trigger: None,
             session_key: None,
+            history: Vec::new(),
         },
         status: None,
     }

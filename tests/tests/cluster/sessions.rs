@@ -104,6 +104,7 @@ impl Setup {
                     .collect(),
                 trigger: None,
                 session_key: None,
+                history: Vec::new(),
             },
         );
         self.sessions
