@@ -137,8 +137,8 @@ RBAC: patch grants.hookrun.dev.")]
   kubectl-hookrun completion zsh > \"${fpath[1]}/_kubectl-hookrun\"
   kubectl-hookrun completion fish > ~/.config/fish/completions/kubectl-hookrun.fish
 
-The scripts complete the kubectl-hookrun binary. For `kubectl hookrun <TAB>`, kubectl
-(1.26+) asks an executable named kubectl_complete-hookrun on PATH; see the README.")]
+The scripts complete the kubectl-hookrun binary (subcommands, flags, values);
+`kubectl hookrun <TAB>` is not completed (see the README).")]
     Completion(CompletionArgs),
 
     /// Serve a local web console (loopback only) for watching and starting Sessions.
@@ -315,6 +315,29 @@ mod tests {
                 .expect_err("refused")
                 .contains("1h30m")
         );
+    }
+
+    #[test]
+    fn the_krew_manifest_template_fills_in_to_a_plugin_manifest() {
+        let mut text = include_str!("../krew/hookrun.yaml").to_owned();
+        for placeholder in [
+            "VERSION",
+            "BASE_URL",
+            "SHA256_LINUX_AMD64",
+            "SHA256_LINUX_ARM64",
+            "SHA256_DARWIN_AMD64",
+            "SHA256_DARWIN_ARM64",
+        ] {
+            text = text.replace(&format!("${{{placeholder}}}"), "x");
+        }
+        assert!(!text.contains("${"), "a placeholder is left: {text}");
+        let manifest: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+        assert_eq!(manifest["kind"], "Plugin");
+        assert_eq!(manifest["metadata"]["name"], "hookrun");
+        let platforms = manifest["spec"]["platforms"]
+            .as_sequence()
+            .expect("platforms");
+        assert!(platforms.iter().all(|p| p["bin"] == "kubectl-hookrun"));
     }
 
     #[test]
