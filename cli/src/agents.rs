@@ -116,8 +116,9 @@ pub fn agents_table(
 
 /// `kubectl hookrun agents`.
 pub async fn list(ctx: &Context, args: &AgentsArgs) -> anyhow::Result<ExitCode> {
+    // explain() reads "" as all namespaces.
     let scope = if args.all_namespaces {
-        "all namespaces"
+        ""
     } else {
         ctx.namespace.as_str()
     };
@@ -158,7 +159,14 @@ pub async fn list(ctx: &Context, args: &AgentsArgs) -> anyhow::Result<ExitCode> 
         })
         .collect();
     match ctx.output {
-        Output::Table if rows.is_empty() => eprintln!("No Agents in {scope}."),
+        Output::Table if rows.is_empty() => eprintln!(
+            "No Agents in {}.",
+            if args.all_namespaces {
+                "any namespace"
+            } else {
+                scope
+            }
+        ),
         Output::Table => print!(
             "{}",
             agents_table(&rows, args.all_namespaces, args.show_url, Style::detect())
