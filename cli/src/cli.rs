@@ -94,7 +94,7 @@ RBAC: list sessions.hookrun.dev.")]
   kubectl hookrun logs echo-wh-cli-1a2b3c4d -f          # follow until the Session ends
   kubectl hookrun logs echo-wh-cli-1a2b3c4d --pod       # the harness's own log
 
-RBAC: get sessions.hookrun.dev (-f: list and watch); --pod: get pods/log.")]
+RBAC: get sessions.hookrun.dev (-f: list and watch); --pod: get pods/log (and get pods).")]
     Logs(LogsArgs),
 
     /// Put a message into a live Session (one that is pending or running).

@@ -356,6 +356,27 @@ async fn pod_log(ctx: &Context, args: &LogsArgs) -> anyhow::Result<ExitCode> {
         .and_then(|s| s.pod_name)
         .unwrap_or_else(|| args.session.clone());
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    // A pod no kubelet runs has no log: the API then answers 200 with nothing, which
+    // would read as an empty log. Looking at the pod first tells the two apart (skipped
+    // when `get pods` is not allowed: pods/log alone may be).
+    match pods.get_opt(&pod_name).await {
+        Ok(None) => anyhow::bail!(
+            "the pod {pod_name} of session/{} no longer exists, so its log is gone; \
+             `kubectl hookrun logs {}` (without --pod) shows the Session's events",
+            args.session,
+            args.session
+        ),
+        Ok(Some(pod)) if pod.spec.as_ref().is_none_or(|s| s.node_name.is_none()) => {
+            anyhow::bail!(
+                "the cluster cannot serve the log of pod {pod_name}: it was never scheduled to \
+                 a node, so no kubelet holds its log (under `make dev` the local pod runner \
+                 writes it to target/dev-logs/sessions/); `kubectl hookrun logs {}` (without \
+                 --pod) shows the Session's events",
+                args.session
+            )
+        }
+        _ => {}
+    }
     let params = LogParams {
         follow: args.follow,
         ..LogParams::default()
@@ -363,7 +384,7 @@ async fn pod_log(ctx: &Context, args: &LogsArgs) -> anyhow::Result<ExitCode> {
     let unavailable = |e: kube::Error| match &e {
         kube::Error::Api(s) if s.is_forbidden() => explain(e, "get", "pods/log", ns),
         _ => anyhow::anyhow!(
-            "the cluster could not serve the log of pod {pod_name} ({}). pods/log needs the \
+            "the cluster cannot serve the log of pod {pod_name} ({}). pods/log needs the \
              pod to be on a node whose kubelet is reachable; `kubectl hookrun logs {}` (without \
              --pod) shows the Session's events instead",
             short_error(&e),
@@ -375,8 +396,13 @@ async fn pod_log(ctx: &Context, args: &LogsArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(unavailable)?;
     let mut lines = std::pin::pin!(reader.lines());
+    let mut any = false;
     while let Some(line) = lines.try_next().await.context("read the pod's log")? {
+        any = true;
         println!("{line}");
+    }
+    if !any {
+        eprintln!("(the cluster returned an empty log for pod {pod_name})");
     }
     Ok(ExitCode::SUCCESS)
 }

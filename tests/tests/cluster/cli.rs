@@ -537,10 +537,9 @@ async fn sessions_run_wait_follow_and_take_input_through_the_plugin() {
     assert!(followed_logs.stdout.contains(event_types::STATUS_CLOSED));
     // The pod runner is no kubelet: the cluster cannot serve pods/log, and says so.
     let pod_log = plugin.run(&["logs", &name, "--pod"]).await;
-    assert_eq!(pod_log.code, 1, "{}", pod_log.stdout);
+    assert_eq!(pod_log.code, 1, "{}\n{}", pod_log.stdout, pod_log.stderr);
     assert!(
-        pod_log.stderr.contains("could not serve the log")
-            && pod_log.stderr.contains("without --pod"),
+        pod_log.stderr.contains("cannot serve the log") && pod_log.stderr.contains("without --pod"),
         "{}",
         pod_log.stderr
     );
