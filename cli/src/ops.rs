@@ -137,6 +137,7 @@ fn new_session(agent: &Agent, namespace: &str, title: &str, env: &[(String, Stri
                 ..SessionTrigger::default()
             }),
             session_key: None,
+            history: Vec::new(),
         },
         status: None,
     }
