@@ -80,6 +80,7 @@ bench: tools peer-tools
 	$(CARGO) bench -p hookrun-apiserver --bench expressions
 	$(CARGO) bench -p hookrun-apiserver --bench wait
 	$(CARGO) bench -p hookrun-tests --bench peer
+	$(CARGO) bench -p hookrun-tests --bench grants
 	HOOKRUN_SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) bench -p hookrun-tests --bench faults
 
 ## fuzz: every fuzz target for FUZZ_SECONDS seconds of CPU each (stable Rust; a crash is
