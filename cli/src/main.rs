@@ -8,7 +8,7 @@ use clap::Parser;
 mod cli;
 mod console;
 mod context;
-mod ops;
+pub mod ops;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -211,7 +211,16 @@ impl From<anyhow::Error> for ApiError {
             Some(kube::Error::Api(status)) => Some((status.code, status.reason.clone())),
             _ => None,
         });
-        match api {
+        // The shared operations turn refusals into messages that name the missing RBAC
+        // verb and resource; their first word says which refusal it was.
+        let named = if message.starts_with("forbidden: ") {
+            Some((403, "Forbidden".to_owned()))
+        } else if message.starts_with("unauthorized: ") {
+            Some((401, "Unauthorized".to_owned()))
+        } else {
+            None
+        };
+        match api.or(named) {
             Some((code, reason)) => ApiError::Kubernetes {
                 code,
                 reason,
@@ -446,6 +455,12 @@ mod tests {
             message.contains("cannot create resource \"sessions\""),
             "{message}"
         );
+
+        let named = ApiError::from(anyhow::anyhow!(
+            "forbidden: your kubeconfig identity may not create sessions.hookrun.dev"
+        ));
+        assert_eq!(named.parts().0, StatusCode::FORBIDDEN);
+        assert_eq!(named.parts().1["reason"], "Forbidden");
 
         let other = ApiError::from(anyhow::anyhow!("the watch ended"));
         assert_eq!(other.parts().0, StatusCode::BAD_GATEWAY);
