@@ -104,6 +104,10 @@ async function loadAgents() {
     answer = await call("GET", "/api/agents");
   } catch (error) {
     showFailure(error.title || "Failed", error.message);
+    const list = document.getElementById("agents");
+    if (!list.querySelector(".agent")) {
+      list.replaceChildren(el("li", { class: "empty", text: "Could not list Agents." }));
+    }
     return;
   }
   renderAgents(answer.agents || []);
@@ -191,21 +195,21 @@ function renderSessions(fresh) {
 function watchSessions() {
   const live = document.getElementById("live");
   const source = new EventSource(withToken("/api/sessions/watch"));
-  source.addEventListener("open", () => {
-    live.textContent = "live";
-    live.className = "live on";
-  });
-  source.addEventListener("error", () => {
-    live.textContent = "reconnecting…";
-    live.className = "live off";
-  });
+  const setLive = (on, text) => {
+    live.textContent = text;
+    live.className = "live " + (on ? "on" : "off");
+  };
+  source.addEventListener("open", () => setLive(false, "listing…"));
+  source.addEventListener("error", () => setLive(false, "reconnecting…"));
   source.addEventListener("reset", (event) => {
+    setLive(true, "live");
     state.sessions.clear();
     for (const session of JSON.parse(event.data)) state.sessions.set(session.name, session);
     renderSessions();
     scheduleAgents();
   });
   source.addEventListener("upsert", (event) => {
+    setLive(true, "live");
     const session = JSON.parse(event.data);
     const known = state.sessions.get(session.name);
     state.sessions.set(session.name, session);
@@ -219,7 +223,12 @@ function watchSessions() {
   });
   source.addEventListener("failure", (event) => {
     const failure = JSON.parse(event.data);
-    showFailure(failureTitle(failure, failure.code), "watching Sessions: " + failure.error);
+    setLive(false, "not watching");
+    showFailure(failureTitle(failure, failure.code), failure.error);
+    const body = document.getElementById("sessions");
+    if (state.sessions.size === 0) {
+      body.replaceChildren(el("tr", { class: "empty" }, el("td", { colspan: "5", text: "Could not watch Sessions." })));
+    }
   });
 }
 

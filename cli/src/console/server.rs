@@ -290,7 +290,21 @@ async fn agents(State(console): State<Arc<Console>>) -> Result<Json<serde_json::
     let agents: Api<Agent> = Api::namespaced(context.client.clone(), &context.namespace);
     let sessions: Api<Session> = Api::namespaced(context.client.clone(), &context.namespace);
     let all = ListParams::default();
-    let (agents, sessions) = futures::try_join!(agents.list(&all), sessions.list(&all))?;
+    let ns = &context.namespace;
+    let (agents, sessions) = futures::try_join!(
+        async {
+            agents
+                .list(&all)
+                .await
+                .map_err(|e| ops::explain(e, "list", "agents.hookrun.dev", ns))
+        },
+        async {
+            sessions
+                .list(&all)
+                .await
+                .map_err(|e| ops::explain(e, "list", "sessions.hookrun.dev", ns))
+        }
+    )?;
     let mut sessions = sessions.items;
     view::newest_first(&mut sessions);
     let views: Vec<AgentView> = agents
@@ -333,6 +347,10 @@ async fn watch_sessions(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let context = &console.context;
     let sessions: Api<Session> = Api::namespaced(context.client.clone(), &context.namespace);
+    let watching = format!(
+        "watch sessions.hookrun.dev in namespace {}",
+        context.namespace
+    );
     let mut initial: Vec<Session> = Vec::new();
     let events = watcher::watcher(sessions, watcher::Config::default())
         .default_backoff()
@@ -359,7 +377,9 @@ async fn watch_sessions(
                 Ok(watcher::Event::Delete(session)) => {
                     Some(sse_json("remove", &json!({"name": session.metadata.name})))
                 }
-                Err(error) => Some(sse_error(&ApiError::from(anyhow::Error::new(error)))),
+                Err(error) => Some(sse_error(&ApiError::from(
+                    anyhow::Error::new(error).context(watching.clone()),
+                ))),
             };
             futures::future::ready(out)
         });
@@ -376,7 +396,10 @@ async fn follow_session(
     guard::check_name("session", &name)?;
     let context = &console.context;
     let sessions: Api<Session> = Api::namespaced(context.client.clone(), &context.namespace);
-    let session = sessions.get(&name).await?;
+    let session = sessions
+        .get(&name)
+        .await
+        .map_err(|e| ops::explain(e, "get", "sessions.hookrun.dev", &context.namespace))?;
     let head = futures::stream::once(futures::future::ready(sse_json(
         "session",
         &view::session_view(&session, false),

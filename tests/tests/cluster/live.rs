@@ -24,15 +24,15 @@ const HARNESS_IMAGE: &str = "hookrun-harness:live";
 const BUDGET: Duration = Duration::from_secs(60);
 
 /// An apiserver, the operator (pointing session pods at that apiserver) and, when
-/// `run_pods`, the pod runner, all on `ns`.
-struct Live {
+/// `run_pods`, the pod runner, all on `ns` (the console's browser test runs on it too).
+pub(crate) struct Live {
     apiservers: Vec<ApiServer>,
     _operator: Operator,
     pod_runner: Option<(PodRunner, tokio::task::JoinHandle<()>)>,
 }
 
 impl Live {
-    async fn start(ns: &TestNamespace, replicas: usize, run_pods: bool) -> Self {
+    pub(crate) async fn start(ns: &TestNamespace, replicas: usize, run_pods: bool) -> Self {
         let cluster = cluster().await;
         let kubeconfig = cluster.kubeconfig_path();
         let mut apiservers = Vec::new();
@@ -78,7 +78,13 @@ impl Live {
     }
 
     /// Applies the Agent and waits until every replica accepts its webhook.
-    async fn agent(&self, agents: &Api<Agent>, ns: &str, name: &str, spec: Value) -> String {
+    pub(crate) async fn agent(
+        &self,
+        agents: &Api<Agent>,
+        ns: &str,
+        name: &str,
+        spec: Value,
+    ) -> String {
         apply_agent(agents, name, json!({ "spec": spec })).await;
         let path = webhook_path(agents, ns, name).await;
         for apiserver in &self.apiservers {

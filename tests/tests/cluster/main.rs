@@ -3,6 +3,7 @@
 
 mod callbacks;
 mod concurrency;
+mod console;
 mod crds;
 mod dev;
 mod drain;

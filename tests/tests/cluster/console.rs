@@ -1,0 +1,290 @@
+//! The console in a real browser: `kubectl-hookrun console` runs against the local control
+//! plane (apiserver, operator and the pod runner, so Sessions run for real with the
+//! built-in echo model) and headless Chromium drives its page: the Agent list, a Session
+//! list that updates live, an invoke from the page whose answer appears in the
+//! transcript, and the refusal of requests without the run's token. Screenshots go to
+//! `target/console-test/`; `HOOKRUN_CONSOLE_SCREENSHOT=docs/console.png` also saves the
+//! final one there.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hookrun_crds::{Agent, Session};
+use hookrun_tests::browser::Browser;
+use hookrun_tests::control_plane::workspace_root;
+use hookrun_tests::door::request;
+use hookrun_tests::{TestNamespace, cluster, tied, workspace_binary};
+use kube::Api;
+use kube::api::PostParams;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::live::Live;
+
+/// How long the page may take to show what the cluster did.
+const SHOWN: Duration = Duration::from_secs(30);
+
+/// `kubectl-hookrun console` for `ns`, with the URL it printed.
+struct Console {
+    _process: tokio::process::Child,
+    url: String,
+    /// `127.0.0.1:PORT`.
+    address: String,
+    token: String,
+}
+
+impl Console {
+    async fn start(ns: &TestNamespace) -> Self {
+        let cluster = cluster().await;
+        let log_path = workspace_root()
+            .join("target/test-clusters")
+            .join(format!("console-{}.log", ns.name()));
+        let log = std::fs::File::create(&log_path).expect("the console's log");
+        let mut command = tied::command(workspace_binary("kubectl-hookrun"));
+        command
+            .arg("console")
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig_path())
+            .args(["-n", ns.name()])
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        let mut process = tied::spawn(command).await.expect("the console starts");
+        let stdout = process.stdout.take().expect("its stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(SHOWN, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no URL printed; see {}", log_path.display()))
+            .expect("stdout reads")
+            .unwrap_or_else(|| panic!("the console exited; see {}", log_path.display()));
+        let url = first
+            .strip_prefix("console: ")
+            .unwrap_or_else(|| panic!("the first line is the URL: {first:?}"))
+            .to_owned();
+        let rest = url
+            .strip_prefix("http://")
+            .expect("an http URL on loopback");
+        let (address, query) = rest.split_once("/?").expect("a path and a query");
+        let token = query
+            .strip_prefix("token=")
+            .expect("the token in the query")
+            .to_owned();
+        assert!(address.starts_with("127.0.0.1:"), "{url}");
+        assert_eq!(token.len(), 64, "256 bits in hex");
+        Console {
+            _process: process,
+            address: address.to_owned(),
+            url,
+            token,
+        }
+    }
+}
+
+fn screenshot_path(name: &str) -> std::path::PathBuf {
+    workspace_root().join("target/console-test").join(name)
+}
+
+/// The text of the transcript's agent bubbles.
+const AGENT_TEXT: &str = "[...document.querySelectorAll('#transcript .msg.agent')]\
+                          .map(m => m.lastChild.textContent).join('\\n')";
+
+#[tokio::test]
+async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_browser() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let live = Live::start(&ns, 1, true).await;
+    live.agent(
+        &agents,
+        ns.name(),
+        "echo",
+        json!({
+            "models": ["hookrun/echo"],
+            "triggers": [{"webhook": {}}],
+            "session": {"timeoutSeconds": 60}
+        }),
+    )
+    .await;
+    let console = Console::start(&ns).await;
+
+    // Without the token nothing is served: not the page, its assets, nor the API.
+    for path in ["/", "/console.js", "/api/agents", "/api/sessions/watch"] {
+        let refused = request(&console.address, "GET", path, &[], "").await;
+        assert_eq!(refused.status, 403, "{path}: {refused:?}");
+        assert!(!refused.text.contains(&console.token));
+    }
+    let wrong = format!("/api/agents?token={}", "0".repeat(64));
+    assert_eq!(
+        request(&console.address, "GET", &wrong, &[], "")
+            .await
+            .status,
+        403
+    );
+    let listed = request(
+        &console.address,
+        "GET",
+        &format!("/api/agents?token={}", console.token),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert_eq!(listed.json["agents"][0]["name"], "echo", "{listed:?}");
+    assert_eq!(
+        listed.header("content-security-policy"),
+        Some(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        )
+    );
+
+    let mut browser = Browser::start(1440, 900).await;
+    browser.navigate(&console.url).await;
+
+    // The Agent list shows the echo agent, ready, with its webhook trigger.
+    let agent = browser
+        .wait_for(
+            "(() => { const a = document.querySelector('#agents [data-agent=\"echo\"]'); \
+             return a && a.querySelector('.dot.ready') ? a.innerText : null })()",
+            SHOWN,
+        )
+        .await
+        .expect("the echo Agent is listed as ready");
+    let agent = agent.as_str().unwrap_or_default();
+    assert!(
+        agent.contains("echo") && agent.contains("webhook"),
+        "{agent}"
+    );
+    let live_badge = browser
+        .wait_for(
+            "document.getElementById('live').classList.contains('on')",
+            SHOWN,
+        )
+        .await;
+    assert!(live_badge.is_some(), "the Session watch never connected");
+    browser.screenshot(&screenshot_path("1-agents.png")).await;
+
+    // A Session started elsewhere (here: by the admin, through the API) appears in the
+    // list without a reload, and its phase follows the cluster.
+    let outside: Session = serde_json::from_value(json!({
+        "apiVersion": "hookrun.dev/v1alpha1", "kind": "Session",
+        "metadata": {"name": "echo-started-elsewhere"},
+        "spec": {"agent": "echo", "title": "Summarise last night's alerts",
+                 "trigger": {"source": "webhook"}}
+    }))
+    .expect("a Session");
+    sessions
+        .create(&PostParams::default(), &outside)
+        .await
+        .expect("the Session is created");
+    let complete = browser
+        .wait_for(
+            "(() => { const row = document.querySelector('#sessions tr[data-session=\"echo-started-elsewhere\"]'); \
+             return row && row.querySelector('.badge').dataset.phase === 'Complete' })()",
+            SHOWN,
+        )
+        .await;
+    assert!(
+        complete.is_some(),
+        "the Session list did not show the outside Session Complete; it shows {}",
+        browser
+            .evaluate("document.getElementById('sessions').innerText")
+            .await
+    );
+
+    // An invoke from the page: the echo agent's answer shows in the transcript.
+    let title = "Hello from the console: what is the deploy status?";
+    browser
+        .evaluate(&format!(
+            "document.getElementById('invoke-agent').value = 'echo';\
+             document.getElementById('invoke-title').value = {};\
+             document.getElementById('invoke-submit').click(); true",
+            json!(title)
+        ))
+        .await;
+    let answered = browser
+        .wait_for(&format!("{AGENT_TEXT}.includes({})", json!(title)), SHOWN)
+        .await;
+    if answered.is_none() {
+        browser
+            .screenshot(&screenshot_path("failed-invoke.png"))
+            .await;
+    }
+    assert!(
+        answered.is_some(),
+        "no answer in the transcript; it shows {} (failure banner: {})",
+        browser
+            .evaluate("document.getElementById('transcript').innerText")
+            .await,
+        browser
+            .evaluate("document.getElementById('failure').innerText")
+            .await
+    );
+    let invoked = browser
+        .evaluate("document.getElementById('transcript-title').textContent")
+        .await;
+    let invoked = invoked.as_str().expect("the transcript names its Session");
+    let stored = sessions
+        .get(invoked)
+        .await
+        .expect("the invoked Session exists");
+    assert_eq!(stored.spec.title, title);
+    assert_eq!(
+        stored.spec.trigger.map(|t| t.source).as_deref(),
+        Some("cli")
+    );
+    // The transcript reads as a conversation: the title as the user's turn first, then
+    // the agent, then the end; the phase badge and the list row both say Complete.
+    let finished = browser
+        .wait_for(
+            "document.getElementById('transcript-phase').dataset.phase === 'Complete'",
+            SHOWN,
+        )
+        .await;
+    assert!(finished.is_some(), "the transcript never showed Complete");
+    let kinds = browser
+        .evaluate("[...document.querySelectorAll('#transcript > li')].map(li => li.dataset.type)")
+        .await;
+    let kinds: Vec<&str> = kinds
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"title"), "{kinds:?}");
+    assert!(kinds.contains(&"agent.message"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"status"), "{kinds:?}");
+    let row_complete = browser
+        .wait_for(
+            &format!(
+                "(() => {{ const row = document.querySelector('#sessions tr[data-session={}]'); \
+                 return row && row.querySelector('.badge').dataset.phase === 'Complete' }})()",
+                json!(invoked)
+            ),
+            SHOWN,
+        )
+        .await;
+    assert!(
+        row_complete.is_some(),
+        "the list row of {invoked} never showed Complete"
+    );
+    let rows = browser
+        .evaluate("document.querySelectorAll('#sessions tr[data-session]').length")
+        .await;
+    assert_eq!(rows, json!(2));
+
+    let final_shot = screenshot_path("2-transcript.png");
+    browser.screenshot(&final_shot).await;
+    if let Some(path) = std::env::var_os("HOOKRUN_CONSOLE_SCREENSHOT") {
+        let path = workspace_root().join(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).expect("the screenshot's directory");
+        }
+        std::fs::copy(&final_shot, &path).expect("the screenshot is copied");
+    }
+    drop(live);
+}
