@@ -13,6 +13,7 @@ const state = {
   follow: null,
   agentFilter: null,
   lastAgentText: null,
+  closedShown: false,
   agentsTimer: null,
 };
 
@@ -272,7 +273,8 @@ function showEvent(event) {
       transcriptAdd(statusLine("pod running"));
       break;
     case "session.status_closed":
-      transcriptAdd(statusLine("closed: " + event.content, event.content));
+      state.closedShown = true;
+      transcriptAdd(statusLine("ended: " + event.content, event.content));
       break;
     default:
       transcriptAdd(bubble("other", event.type, event.content, event.type));
@@ -283,6 +285,7 @@ function selectSession(name) {
   if (state.follow) state.follow.close();
   state.selected = name;
   state.lastAgentText = null;
+  state.closedShown = false;
   renderSessions();
   document.getElementById("transcript-title").textContent = name;
   document.getElementById("transcript").replaceChildren(el("li", { class: "empty", text: "Loading…" }));
@@ -292,6 +295,7 @@ function selectSession(name) {
   source.addEventListener("session", (event) => {
     const session = JSON.parse(event.data);
     state.lastAgentText = null;
+    state.closedShown = false;
     document.getElementById("transcript").replaceChildren();
     document.getElementById("transcript-meta").textContent =
       "Agent " + session.agent + (session.source ? " · started by " + session.source : "") +
@@ -307,7 +311,9 @@ function selectSession(name) {
     if (end.response && end.response !== state.lastAgentText) {
       transcriptAdd(bubble("agent", "answer", end.response, "answer"));
     }
-    transcriptAdd(statusLine(end.phase + (end.message ? ": " + end.message : ""), end.phase));
+    if (!state.closedShown || end.message) {
+      transcriptAdd(statusLine(end.phase + (end.message ? ": " + end.message : ""), end.phase));
+    }
     // A finished Session's transcript is whole; reconnecting would only repeat it.
     source.close();
   });
@@ -359,6 +365,7 @@ async function invoke(event) {
     const answer = await call("POST", "/api/invoke", request);
     hideFailure();
     note.textContent = "Started " + answer.session.name;
+    document.getElementById("invoke-title").value = "";
     state.sessions.set(answer.session.name, answer.session);
     selectSession(answer.session.name);
   } catch (error) {

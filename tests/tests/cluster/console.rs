@@ -109,6 +109,18 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
         }),
     )
     .await;
+    // An Agent whose program fails, so the list shows an Error beside the successes.
+    live.agent(
+        &agents,
+        ns.name(),
+        "nightly-report",
+        json!({
+            "exec": {"command": ["false"]},
+            "triggers": [{"webhook": {}}],
+            "session": {"timeoutSeconds": 60}
+        }),
+    )
+    .await;
     let console = Console::start(&ns).await;
 
     // Without the token nothing is served: not the page, its assets, nor the API.
@@ -133,7 +145,13 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
     )
     .await;
     assert_eq!(listed.status, 200, "{listed:?}");
-    assert_eq!(listed.json["agents"][0]["name"], "echo", "{listed:?}");
+    let names: Vec<&str> = listed.json["agents"]
+        .as_array()
+        .expect("a list of Agents")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, ["echo", "nightly-report"], "{listed:?}");
     assert_eq!(
         listed.header("content-security-policy"),
         Some(
@@ -142,7 +160,7 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
         )
     );
 
-    let mut browser = Browser::start(1440, 900).await;
+    let mut browser = Browser::start(1440, 760).await;
     browser.navigate(&console.url).await;
 
     // The Agent list shows the echo agent, ready, with its webhook trigger.
@@ -170,31 +188,49 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
 
     // A Session started elsewhere (here: by the admin, through the API) appears in the
     // list without a reload, and its phase follows the cluster.
-    let outside: Session = serde_json::from_value(json!({
-        "apiVersion": "hookrun.dev/v1alpha1", "kind": "Session",
-        "metadata": {"name": "echo-started-elsewhere"},
-        "spec": {"agent": "echo", "title": "Summarise last night's alerts",
-                 "trigger": {"source": "webhook"}}
-    }))
-    .expect("a Session");
-    sessions
-        .create(&PostParams::default(), &outside)
-        .await
-        .expect("the Session is created");
-    let complete = browser
-        .wait_for(
-            "(() => { const row = document.querySelector('#sessions tr[data-session=\"echo-started-elsewhere\"]'); \
-             return row && row.querySelector('.badge').dataset.phase === 'Complete' })()",
-            SHOWN,
-        )
-        .await;
-    assert!(
-        complete.is_some(),
-        "the Session list did not show the outside Session Complete; it shows {}",
-        browser
-            .evaluate("document.getElementById('sessions').innerText")
+    for (name, agent, title, phase) in [
+        (
+            "echo-started-elsewhere",
+            "echo",
+            "Summarise last night's alerts",
+            "Complete",
+        ),
+        (
+            "nightly-report-0412",
+            "nightly-report",
+            "Build the nightly report",
+            "Error",
+        ),
+    ] {
+        let outside: Session = serde_json::from_value(json!({
+            "apiVersion": "hookrun.dev/v1alpha1", "kind": "Session",
+            "metadata": {"name": name},
+            "spec": {"agent": agent, "title": title, "trigger": {"source": "webhook"}}
+        }))
+        .expect("a Session");
+        sessions
+            .create(&PostParams::default(), &outside)
             .await
-    );
+            .expect("the Session is created");
+        let shown = browser
+            .wait_for(
+                &format!(
+                    "(() => {{ const row = document.querySelector('#sessions tr[data-session={}]'); \
+                     return row && row.querySelector('.badge').dataset.phase === {} }})()",
+                    json!(name),
+                    json!(phase)
+                ),
+                SHOWN,
+            )
+            .await;
+        assert!(
+            shown.is_some(),
+            "the Session list did not show {name} {phase}; it shows {}",
+            browser
+                .evaluate("document.getElementById('sessions').innerText")
+                .await
+        );
+    }
 
     // An invoke from the page: the echo agent's answer shows in the transcript.
     let title = "Hello from the console: what is the deploy status?";
@@ -275,7 +311,20 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
     let rows = browser
         .evaluate("document.querySelectorAll('#sessions tr[data-session]').length")
         .await;
-    assert_eq!(rows, json!(2));
+    assert_eq!(rows, json!(3));
+    // The sidebar follows too: the echo Agent's recent Sessions, both finished.
+    let recent = browser
+        .wait_for(
+            "document.querySelectorAll('#agents [data-agent=\"echo\"] .recent .Complete').length === 2",
+            SHOWN,
+        )
+        .await;
+    assert!(
+        recent.is_some(),
+        "the echo Agent's recent Sessions were not shown"
+    );
+    // Let the highlight of the last change fade before the picture.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let final_shot = screenshot_path("2-transcript.png");
     browser.screenshot(&final_shot).await;
