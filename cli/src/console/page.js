@@ -287,7 +287,9 @@ function selectSession(name) {
   state.lastAgentText = null;
   state.closedShown = false;
   renderSessions();
-  document.getElementById("transcript-title").textContent = name;
+  const heading = document.getElementById("transcript-title");
+  heading.textContent = name;
+  heading.classList.add("session-title");
   document.getElementById("transcript").replaceChildren(el("li", { class: "empty", text: "Loading…" }));
   document.getElementById("transcript-meta").textContent = "";
   const source = new EventSource(withToken("/api/sessions/" + encodeURIComponent(name) + "/follow"));

@@ -2,10 +2,12 @@
 //! plane (apiserver, operator and the pod runner, so Sessions run for real with the
 //! built-in echo model) and headless Chromium drives its page: the Agent list, a Session
 //! list that updates live, an invoke from the page whose answer appears in the
-//! transcript, and the refusal of requests without the run's token. Screenshots go to
+//! transcript, the refusal of requests without the run's token, and an RBAC refusal
+//! shown on the page naming the verb and resource. Screenshots go to
 //! `target/console-test/`; `HOOKRUN_CONSOLE_SCREENSHOT=docs/console.png` also saves the
 //! final one there.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,7 +15,7 @@ use hookrun_crds::{Agent, Session};
 use hookrun_tests::browser::Browser;
 use hookrun_tests::control_plane::workspace_root;
 use hookrun_tests::door::request;
-use hookrun_tests::{TestNamespace, cluster, tied, workspace_binary};
+use hookrun_tests::{TestNamespace, apply_agent, cluster, kubectl, tied, workspace_binary};
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
@@ -34,8 +36,8 @@ struct Console {
 }
 
 impl Console {
-    async fn start(ns: &TestNamespace) -> Self {
-        let cluster = cluster().await;
+    /// Starts the console for `ns` as the identity in `kubeconfig`.
+    async fn start(ns: &TestNamespace, kubeconfig: &Path) -> Self {
         let log_path = workspace_root()
             .join("target/test-clusters")
             .join(format!("console-{}.log", ns.name()));
@@ -44,7 +46,7 @@ impl Console {
         command
             .arg("console")
             .arg("--kubeconfig")
-            .arg(cluster.kubeconfig_path())
+            .arg(kubeconfig)
             .args(["-n", ns.name()])
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
@@ -121,7 +123,7 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
         }),
     )
     .await;
-    let console = Console::start(&ns).await;
+    let console = Console::start(&ns, &cluster.kubeconfig_path()).await;
 
     // Without the token nothing is served: not the page, its assets, nor the API.
     for path in ["/", "/console.js", "/api/agents", "/api/sessions/watch"] {
@@ -336,4 +338,120 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
         std::fs::copy(&final_shot, &path).expect("the screenshot is copied");
     }
     drop(live);
+}
+
+/// A copy of the admin kubeconfig whose user is the ServiceAccount `account` of `ns`.
+fn service_account_kubeconfig(
+    admin: &Path,
+    ns: &TestNamespace,
+    account: &str,
+) -> std::path::PathBuf {
+    let path = workspace_root()
+        .join("target/test-clusters")
+        .join(format!("kubeconfig-{}-{account}", ns.name()));
+    std::fs::copy(admin, &path).expect("the kubeconfig is copied");
+    let token = ns.token(account, &[]);
+    for args in [
+        vec![
+            "config",
+            "set-credentials",
+            account,
+            "--token",
+            token.as_str(),
+        ],
+        vec!["config", "set-context", "--current", "--user", account],
+    ] {
+        let done = kubectl(&path, &args, None);
+        assert!(
+            done.status.success(),
+            "kubectl {}: {}",
+            args[..2].join(" "),
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    path
+}
+
+#[tokio::test]
+async fn a_user_who_may_not_create_sessions_sees_the_missing_verb_and_resource_on_the_page() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let agents: Api<Agent> = Api::namespaced(cluster.client().await, ns.name());
+    apply_agent(
+        &agents,
+        "echo",
+        json!({"spec": {"models": ["hookrun/echo"], "triggers": [{"webhook": {}}]}}),
+    )
+    .await;
+    // A user who may read Agents and Sessions but not create Sessions.
+    ns.apply(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: viewer}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: hookrun-viewer}
+rules:
+  - apiGroups: [hookrun.dev]
+    resources: [agents, sessions]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: hookrun-viewer}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: hookrun-viewer}
+subjects:
+  - {kind: ServiceAccount, name: viewer}
+"#,
+    );
+    let kubeconfig = service_account_kubeconfig(&cluster.kubeconfig_path(), &ns, "viewer");
+    let console = Console::start(&ns, &kubeconfig).await;
+    let mut browser = Browser::start(1440, 760).await;
+    browser.navigate(&console.url).await;
+
+    // Reading works: the Agent is listed (not ready: no operator runs here) and the
+    // Session watch is live.
+    let listed = browser
+        .wait_for(
+            "document.querySelector('#agents [data-agent=\"echo\"]') !== null \
+             && document.getElementById('live').classList.contains('on')",
+            SHOWN,
+        )
+        .await;
+    assert!(
+        listed.is_some(),
+        "the viewer's console did not list the Agent"
+    );
+
+    browser
+        .evaluate(
+            "document.getElementById('invoke-agent').value = 'echo';\
+             document.getElementById('invoke-title').value = 'may I?';\
+             document.getElementById('invoke-submit').click(); true",
+        )
+        .await;
+    let banner = browser
+        .wait_for(
+            "(() => { const f = document.getElementById('failure'); \
+             return f.hidden ? null : f.innerText })()",
+            SHOWN,
+        )
+        .await
+        .expect("the refusal is shown");
+    let banner = banner.as_str().unwrap_or_default();
+    assert!(banner.contains("Forbidden by Kubernetes RBAC"), "{banner}");
+    assert!(
+        banner.contains("create") && banner.contains("sessions.hookrun.dev"),
+        "the message names the verb and resource: {banner}"
+    );
+    assert!(banner.contains(ns.name()), "and the namespace: {banner}");
+    browser
+        .screenshot(&screenshot_path("3-forbidden.png"))
+        .await;
+    let rows = browser
+        .evaluate("document.querySelectorAll('#sessions tr[data-session]').length")
+        .await;
+    assert_eq!(rows, json!(0), "nothing was created");
 }
