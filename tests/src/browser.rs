@@ -128,6 +128,8 @@ impl Browser {
             .expect("a session id")
             .to_owned();
         browser.page("Page.enable", json!({})).await;
+        // A page in front is not throttled as a background tab (its timers run on time).
+        browser.page("Page.bringToFront", json!({})).await;
         browser
             .page(
                 "Emulation.setDeviceMetricsOverride",

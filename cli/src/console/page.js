@@ -185,7 +185,7 @@ function renderSessions(fresh) {
     },
       el("td", { class: "name" }, el("code", { text: session.name })),
       el("td", { text: session.agent }),
-      el("td", {}, badge(session.phase)),
+      el("td", { class: "phase" }, badge(session.phase)),
       el("td", { class: "title", title: session.message || session.title, text: session.title + (session.titleCut ? "…" : "") }),
       el("td", { class: "when", title: session.created || "", text: when(session.created) }));
     row.addEventListener("click", () => selectSession(session.name));

@@ -2,10 +2,10 @@
 //! plane (apiserver, operator and the pod runner, so Sessions run for real with the
 //! built-in echo model) and headless Chromium drives its page: the Agent list, a Session
 //! list that updates live, an invoke from the page whose answer appears in the
-//! transcript, the refusal of requests without the run's token, and an RBAC refusal
-//! shown on the page naming the verb and resource. Screenshots go to
-//! `target/console-test/`; `HOOKRUN_CONSOLE_SCREENSHOT=docs/console.png` also saves the
-//! final one there.
+//! transcript, a message sent into a live Session and its reply, the refusal of requests
+//! without the run's token, and an RBAC refusal shown on the page naming the verb and
+//! resource. Screenshots go to `target/console-test/`;
+//! `HOOKRUN_CONSOLE_SCREENSHOT=docs/console.png` also saves the live conversation's there.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -99,7 +99,7 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let sessions: Api<Session> = Api::namespaced(client, ns.name());
-    let live = Live::start(&ns, 1, true).await;
+    let live = Live::start_with(&ns, 1, true, true).await;
     live.agent(
         &agents,
         ns.name(),
@@ -108,6 +108,18 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
             "models": ["hookrun/echo"],
             "triggers": [{"webhook": {}}],
             "session": {"timeoutSeconds": 60}
+        }),
+    )
+    .await;
+    // The same model, live: it waits for more input after each answer.
+    live.agent(
+        &agents,
+        ns.name(),
+        "chat",
+        json!({
+            "models": ["hookrun/echo"],
+            "triggers": [{"webhook": {}}],
+            "session": {"timeoutSeconds": 60, "idleTimeoutSeconds": 20}
         }),
     )
     .await;
@@ -153,7 +165,7 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
         .iter()
         .filter_map(|a| a["name"].as_str())
         .collect();
-    assert_eq!(names, ["echo", "nightly-report"], "{listed:?}");
+    assert_eq!(names, ["chat", "echo", "nightly-report"], "{listed:?}");
     assert_eq!(
         listed.header("content-security-policy"),
         Some(
@@ -236,14 +248,7 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
 
     // An invoke from the page: the echo agent's answer shows in the transcript.
     let title = "Hello from the console: what is the deploy status?";
-    browser
-        .evaluate(&format!(
-            "document.getElementById('invoke-agent').value = 'echo';\
-             document.getElementById('invoke-title').value = {};\
-             document.getElementById('invoke-submit').click(); true",
-            json!(title)
-        ))
-        .await;
+    invoke_from_page(&mut browser, "echo", title).await;
     let answered = browser
         .wait_for(&format!("{AGENT_TEXT}.includes({})", json!(title)), SHOWN)
         .await;
@@ -325,19 +330,90 @@ async fn the_console_shows_agents_live_sessions_and_an_invoked_answer_in_a_real_
         recent.is_some(),
         "the echo Agent's recent Sessions were not shown"
     );
+    browser
+        .screenshot(&screenshot_path("2-transcript.png"))
+        .await;
+
+    // A live Session takes more input from the box under its transcript; the agent's
+    // reply to it arrives in the same transcript.
+    invoke_from_page(&mut browser, "chat", "first turn").await;
+    let first = browser
+        .wait_for(&format!("{AGENT_TEXT}.includes('first turn')"), SHOWN)
+        .await;
+    assert!(first.is_some(), "the chat Session never answered its title");
+    let chat = browser
+        .evaluate("document.getElementById('transcript-title').textContent")
+        .await;
+    let send_box = browser
+        .evaluate("!document.getElementById('send').hidden")
+        .await;
+    assert_eq!(send_box, json!(true), "a live Session offers the send box");
+    browser
+        .evaluate(
+            "document.getElementById('send-message').value = 'second turn, sent from the page';\
+             document.getElementById('send-submit').click(); true",
+        )
+        .await;
+    let second = browser
+        .wait_for(
+            &format!("{AGENT_TEXT}.includes('second turn, sent from the page')"),
+            SHOWN,
+        )
+        .await;
+    assert!(
+        second.is_some(),
+        "no reply to the sent message in {chat}; transcript: {} (failure banner: {})",
+        browser
+            .evaluate("document.getElementById('transcript').innerText")
+            .await,
+        browser
+            .evaluate("document.getElementById('failure').innerText")
+            .await
+    );
+    let user_turns = browser
+        .evaluate("document.querySelectorAll('#transcript [data-type=\"user.message\"]').length")
+        .await;
+    assert_eq!(
+        user_turns,
+        json!(1),
+        "the sent message shows as the user's turn"
+    );
+    let running = browser
+        .wait_for(
+            "document.querySelector('#agents [data-agent=\"chat\"] .agent-stats')\
+             .textContent.startsWith('1 running')",
+            SHOWN,
+        )
+        .await;
+    assert!(
+        running.is_some(),
+        "the sidebar never counted the chat Session as running"
+    );
     // Let the highlight of the last change fade before the picture.
     tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let final_shot = screenshot_path("2-transcript.png");
-    browser.screenshot(&final_shot).await;
+    let live_shot = screenshot_path("3-live-send.png");
+    browser.screenshot(&live_shot).await;
     if let Some(path) = std::env::var_os("HOOKRUN_CONSOLE_SCREENSHOT") {
         let path = workspace_root().join(path);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).expect("the screenshot's directory");
         }
-        std::fs::copy(&final_shot, &path).expect("the screenshot is copied");
+        std::fs::copy(&live_shot, &path).expect("the screenshot is copied");
     }
     drop(live);
+}
+
+/// Fills the invoke form and submits it.
+async fn invoke_from_page(browser: &mut Browser, agent: &str, title: &str) {
+    browser
+        .evaluate(&format!(
+            "document.getElementById('invoke-agent').value = {};\
+             document.getElementById('invoke-title').value = {};\
+             document.getElementById('invoke-submit').click(); true",
+            json!(agent),
+            json!(title)
+        ))
+        .await;
 }
 
 /// A copy of the admin kubeconfig whose user is the ServiceAccount `account` of `ns`.
@@ -448,7 +524,7 @@ subjects:
     );
     assert!(banner.contains(ns.name()), "and the namespace: {banner}");
     browser
-        .screenshot(&screenshot_path("3-forbidden.png"))
+        .screenshot(&screenshot_path("4-forbidden.png"))
         .await;
     let rows = browser
         .evaluate("document.querySelectorAll('#sessions tr[data-session]').length")
