@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 CLUSTER := $(CARGO) run -q -p hookrun-tests --bin hookrun-cluster --
 
-.PHONY: all test unit-test tools peer-tools cluster-up cluster-down crds fmt lint dev bench clean-tools images deploy fuzz
+.PHONY: all test unit-test tools peer-tools cluster-up cluster-down crds fmt lint dev bench clean-tools images deploy fuzz install-cli
 
 all: test
 
@@ -40,6 +40,14 @@ images: tools
 deploy: tools
 	@REGISTRY="$(REGISTRY)" PUBLIC_URL="$(PUBLIC_URL)" RELEASE="$(RELEASE)" \
 	  NAMESPACE="$(NAMESPACE)" HELM_ARGS="$(HELM_ARGS)" INSECURE="$(INSECURE)" images/deploy.sh
+
+## install-cli: build the kubectl plugin (release) and install it as PREFIX/bin/kubectl-hookrun
+## (default PREFIX: ~/.cargo, whose bin/ is usually on PATH), so `kubectl hookrun` finds it
+PREFIX ?= $(HOME)/.cargo
+install-cli:
+	$(CARGO) build --release --locked -p kubectl-hookrun
+	install -D -m 0755 "$$($(CARGO) metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/release/kubectl-hookrun" "$(PREFIX)/bin/kubectl-hookrun"
+	@echo "installed $(PREFIX)/bin/kubectl-hookrun; try: kubectl hookrun --help"
 
 ## crds: regenerate crds/manifests and the chart's crds/ from the Rust types
 crds:

@@ -13,8 +13,9 @@ pub struct Global {
     /// The kubeconfig context to use (default: the current context).
     #[arg(long, global = true)]
     pub context: Option<String>,
-    /// The kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).
-    #[arg(long, global = true, env = "KUBECONFIG")]
+    /// The kubeconfig file (default: $KUBECONFIG, which may list several files, else
+    /// ~/.kube/config).
+    #[arg(long, global = true)]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// How to print results.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]

@@ -5,10 +5,15 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod agents;
 mod cli;
 mod console;
 mod context;
+mod grants;
 pub mod ops;
+mod output;
+mod parse;
+mod sessions;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -31,10 +31,16 @@ pub const TRIGGER_SOURCE: &str = "cli";
 
 /// A Kubernetes API error turned into a message a person can act on: a refusal names the
 /// RBAC verb, resource and namespace that are missing; a missing object names itself.
+/// An empty `namespace` stands for all namespaces (`-A`).
 pub fn explain(error: kube::Error, verb: &str, resource: &str, namespace: &str) -> anyhow::Error {
+    let scope = if namespace.is_empty() {
+        "in all namespaces".to_owned()
+    } else {
+        format!("in namespace {namespace}")
+    };
     match &error {
         kube::Error::Api(status) if status.is_forbidden() => anyhow::anyhow!(
-            "forbidden: your kubeconfig identity may not {verb} {resource} in namespace {namespace} \
+            "forbidden: your kubeconfig identity may not {verb} {resource} {scope} \
              (ask for an RBAC Role granting the verb \"{verb}\" on \"{resource}\"): {}",
             status.message
         ),
@@ -42,9 +48,7 @@ pub fn explain(error: kube::Error, verb: &str, resource: &str, namespace: &str) 
             "unauthorized: the cluster did not accept your kubeconfig credentials ({})",
             status.message
         ),
-        _ => {
-            anyhow::Error::new(error).context(format!("{verb} {resource} in namespace {namespace}"))
-        }
+        _ => anyhow::Error::new(error).context(format!("{verb} {resource} {scope}")),
     }
 }
 

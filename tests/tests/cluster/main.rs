@@ -2,6 +2,7 @@
 //! binary starts (see `hookrun_tests::cluster`), each in a namespace of its own.
 
 mod callbacks;
+mod cli;
 mod concurrency;
 mod console;
 mod crds;
