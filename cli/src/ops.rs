@@ -472,7 +472,7 @@ fn is_permanent(error: &watcher::Error) -> bool {
 pub fn follow(
     ctx: &Context,
     session: &str,
-) -> impl Stream<Item = anyhow::Result<Followed>> + Send + 'static {
+) -> impl Stream<Item = anyhow::Result<Followed>> + Send + use<> {
     let ns = ctx.namespace.clone();
     let name = session.to_owned();
     let sessions: Api<Session> = Api::namespaced(ctx.client.clone(), &ns);

@@ -8,6 +8,7 @@
 //! Cluster tests never read the shell's `KUBECONFIG`: they start their own control plane
 //! through the `hookrun-cluster` binary, which stops it when the test process exits.
 
+pub mod browser;
 pub mod control_plane;
 pub mod door;
 pub mod fake_model;

@@ -24,15 +24,26 @@ const HARNESS_IMAGE: &str = "hookrun-harness:live";
 const BUDGET: Duration = Duration::from_secs(60);
 
 /// An apiserver, the operator (pointing session pods at that apiserver) and, when
-/// `run_pods`, the pod runner, all on `ns`.
-struct Live {
+/// `run_pods`, the pod runner, all on `ns` (the console's browser test runs on it too).
+pub(crate) struct Live {
     apiservers: Vec<ApiServer>,
     _operator: Operator,
     pod_runner: Option<(PodRunner, tokio::task::JoinHandle<()>)>,
 }
 
 impl Live {
-    async fn start(ns: &TestNamespace, replicas: usize, run_pods: bool) -> Self {
+    pub(crate) async fn start(ns: &TestNamespace, replicas: usize, run_pods: bool) -> Self {
+        Self::start_with(ns, replicas, run_pods, false).await
+    }
+
+    /// [`Live::start`]; with `public_url`, the operator writes the first apiserver's own
+    /// public address into statuses, so Grant URLs reach it.
+    pub(crate) async fn start_with(
+        ns: &TestNamespace,
+        replicas: usize,
+        run_pods: bool,
+        public_url: bool,
+    ) -> Self {
         let cluster = cluster().await;
         let kubeconfig = cluster.kubeconfig_path();
         let mut apiservers = Vec::new();
@@ -41,16 +52,21 @@ impl Live {
             apiservers.push(ApiServer::start(&kubeconfig, ns.name(), &tag).await);
         }
         let runner_url = format!("http://{}", apiservers[0].runner);
+        let own_public_url = format!("http://{}", apiservers[0].public);
+        let mut operator_args = vec![
+            "--runner-url",
+            &runner_url,
+            "--default-harness-image",
+            HARNESS_IMAGE,
+        ];
+        if public_url {
+            operator_args.extend(["--public-url", own_public_url.as_str()]);
+        }
         let operator = Operator::start_with(
             &kubeconfig,
             ns.name(),
             &format!("live-{}", ns.name()),
-            &[
-                "--runner-url",
-                &runner_url,
-                "--default-harness-image",
-                HARNESS_IMAGE,
-            ],
+            &operator_args,
         )
         .await;
         let pod_runner = if run_pods {
@@ -78,7 +94,13 @@ impl Live {
     }
 
     /// Applies the Agent and waits until every replica accepts its webhook.
-    async fn agent(&self, agents: &Api<Agent>, ns: &str, name: &str, spec: Value) -> String {
+    pub(crate) async fn agent(
+        &self,
+        agents: &Api<Agent>,
+        ns: &str,
+        name: &str,
+        spec: Value,
+    ) -> String {
         apply_agent(agents, name, json!({ "spec": spec })).await;
         let path = webhook_path(agents, ns, name).await;
         for apiserver in &self.apiservers {

@@ -4,6 +4,7 @@
 mod callbacks;
 mod cli;
 mod concurrency;
+mod console;
 mod crds;
 mod dev;
 mod drain;
