@@ -35,7 +35,14 @@ const SESSION_ROUTE: &str = "/runner/v1/session";
 const EVENTS_ROUTE: &str = "/runner/v1/events";
 const COMPLETE_ROUTE: &str = "/runner/v1/complete";
 const INPUTS_ROUTE: &str = "/runner/v1/inputs";
-const ROUTES: [&str; 4] = [SESSION_ROUTE, EVENTS_ROUTE, COMPLETE_ROUTE, INPUTS_ROUTE];
+const CLOSE_INPUTS_ROUTE: &str = "/runner/v1/inputs/close";
+const ROUTES: [&str; 5] = [
+    SESSION_ROUTE,
+    EVENTS_ROUTE,
+    COMPLETE_ROUTE,
+    INPUTS_ROUTE,
+    CLOSE_INPUTS_ROUTE,
+];
 /// The longest a long-poll for input is held, in seconds (below the harness's own
 /// request timeout, so an idle poll is answered, not cut).
 pub const MAX_INPUT_WAIT_SECONDS: u64 = 25;
@@ -48,6 +55,7 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route(EVENTS_ROUTE, post(append_event))
         .route(COMPLETE_ROUTE, post(complete))
         .route(INPUTS_ROUTE, get(inputs))
+        .route(CLOSE_INPUTS_ROUTE, post(close_inputs))
         .with_state(state)
         .layer(middleware::from_fn_with_state(
             AccessLog {
@@ -397,6 +405,18 @@ pub fn parse_event(raw: &[u8]) -> Result<NewEvent, HttpError> {
     })
 }
 
+/// Parses `{"after": <event id>}` of `POST /runner/v1/inputs/close`: the last input the
+/// harness has read (0: only the title).
+pub fn parse_close(raw: &[u8]) -> Result<u64, HttpError> {
+    let body = json_object(raw)?;
+    match body.get("after") {
+        None | Some(Value::Null) => Ok(0),
+        Some(value) => value.as_u64().ok_or_else(|| {
+            HttpError::bad_request("after must be a whole number: the last input's event id")
+        }),
+    }
+}
+
 /// `{"status": "complete"|"error", "response"?, "message"?}` of `POST /runner/v1/complete`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Completion {
@@ -511,6 +531,30 @@ async fn append_event(State(state): State<ApiState>, headers: HeaderMap, body: B
     result.into_response()
 }
 
+/// Closes the Session's inputs once the harness has read them all: answers the unread
+/// inputs after `after` instead while there are some (the harness answers them and asks
+/// again), so that no input is accepted without a turn to answer it.
+async fn close_inputs(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let caller = caller(&state, &headers).await?;
+        let after = parse_close(&read_body(&headers, body, MAX_BODY_BYTES).await?)?;
+        let unread = update_status(&state, caller, |_, status| {
+            if status.is_finished() {
+                return Err(Finished);
+            }
+            Ok(status.close_inputs(after))
+        })
+        .await?;
+        let inputs: Vec<Value> = unread
+            .iter()
+            .map(|(id, content)| json!({"id": id, "content": content}))
+            .collect();
+        Ok::<_, HttpError>(Json(json!({"closed": inputs.is_empty(), "inputs": inputs})))
+    }
+    .await;
+    result.into_response()
+}
+
 async fn complete(State(state): State<ApiState>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
         let caller = caller(&state, &headers).await?;
@@ -599,6 +643,16 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("namespace=team"), "{text}");
+    }
+
+    #[test]
+    fn a_close_names_the_last_input_read() {
+        assert_eq!(parse_close(br#"{"after": 7}"#).ok(), Some(7));
+        assert_eq!(parse_close(br#"{}"#).ok(), Some(0));
+        assert_eq!(parse_close(br#"{"after": null}"#).ok(), Some(0));
+        for bad in [&br#"{"after": -1}"#[..], br#"{"after": "7"}"#, b"[]", b"not json"] {
+            assert!(parse_close(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -138,7 +138,7 @@ pub const MAX_HISTORY_BYTES: usize = 64 * 1024;
 
 /// The conversation of a finished Session, as answered turns, oldest first: its own
 /// history, then the title with its reply, then each input with its reply. A turn's
-/// reply is its `agent.turn_complete`, or for the last turn the Session's response.
+/// reply is its `agent.turn_complete`, or for a Session of one turn its response.
 /// Inputs the agent never answered, and turns whose events were dropped from the
 /// bounded log, are left out.
 pub fn conversation(session: &Session) -> Vec<HistoryTurn> {
@@ -146,15 +146,20 @@ pub fn conversation(session: &Session) -> Vec<HistoryTurn> {
     let Some(status) = session.status.as_ref() else {
         return turns;
     };
-    let inputs = status.inputs_after(0);
-    let last_input = inputs.last().map_or(0, |(id, _)| *id);
+    // A Session that ran one turn posts no `agent.turn_complete`: its response answers
+    // the title. Otherwise every answered turn has one.
+    let one_turn = !status
+        .events
+        .iter()
+        .any(|e| e.type_ == event_types::TURN_COMPLETE);
     let reply = |input_id: u64| {
         status.turn_reply(input_id).or_else(|| {
-            (input_id == last_input)
+            (one_turn && input_id == 0)
                 .then_some(status.response.as_deref())
                 .flatten()
         })
     };
+    let inputs = status.inputs_after(0);
     let asked = std::iter::once((0, session.spec.title.as_str())).chain(inputs);
     for (id, user) in asked {
         if let Some(assistant) = reply(id) {
@@ -363,6 +368,11 @@ pub struct SessionStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub callbacks: Vec<crate::callback::CallbackDelivery>,
+    /// The harness has read every input and takes no more: a later input is refused as
+    /// if the Session had finished (a follow-up starts the key's next Session), so no
+    /// input is accepted that nobody will read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inputs_closed: bool,
 }
 
 /// `text` cut to at most `max` bytes at a character boundary; whether it was cut.
@@ -490,7 +500,7 @@ impl SessionStatus {
         if let Some(id) = self.event_with_key(key) {
             return Ok(Input { id, replayed: true });
         }
-        if self.is_finished() {
+        if !self.takes_input() {
             return Err(Finished);
         }
         let id = self.push_event_once(event_types::USER_MESSAGE, content, key, at);
@@ -498,6 +508,27 @@ impl SessionStatus {
             id,
             replayed: false,
         })
+    }
+
+    /// Whether an input may still be appended: the Session has not finished and its
+    /// harness has not closed its inputs.
+    pub fn takes_input(&self) -> bool {
+        !self.is_finished() && !self.inputs_closed
+    }
+
+    /// Closes the inputs once the harness has read every input up to event id `read`:
+    /// the unread inputs after it (and nothing changed) when there are some, so that the
+    /// harness answers them first; otherwise none, and the inputs are closed.
+    pub fn close_inputs(&mut self, read: u64) -> Vec<(u64, String)> {
+        let unread: Vec<(u64, String)> = self
+            .inputs_after(read)
+            .into_iter()
+            .map(|(id, content)| (id, content.to_owned()))
+            .collect();
+        if unread.is_empty() {
+            self.inputs_closed = true;
+        }
+        unread
     }
 
     /// The content of the last `agent.message` still kept.
@@ -610,7 +641,7 @@ mod tests {
     }
 
     /// A finished live Session: title "hi" answered "hello", input "more" answered
-    /// "sure", an unanswered input, then completed with `response`.
+    /// "sure", an input never answered (its program exited), completed with `response`.
     fn finished_conversation(response: &str) -> Session {
         let mut session = Session::new(
             "a-k-0",
@@ -632,16 +663,33 @@ mod tests {
     }
 
     #[test]
+    fn inputs_close_only_once_every_input_was_read() {
+        let mut status = SessionStatus::default();
+        let first = status.append_input("one", "k1", at()).expect("open").id;
+        assert_eq!(status.close_inputs(0), vec![(first, "one".to_owned())]);
+        assert!(status.takes_input(), "unread inputs keep it open");
+        assert_eq!(status.close_inputs(first), vec![]);
+        assert!(!status.takes_input());
+        assert_eq!(status.append_input("two", "k2", at()), Err(Finished));
+        // A retry of an input already stored is still answered as stored.
+        assert_eq!(
+            status.append_input("one", "k1", at()),
+            Ok(Input {
+                id: first,
+                replayed: true
+            })
+        );
+    }
+
+    #[test]
     fn a_conversation_is_its_history_then_its_answered_turns() {
-        let session = finished_conversation("bye");
-        // The last input was answered by the response.
+        let session = finished_conversation("sure");
         assert_eq!(
             conversation(&session),
             vec![
                 turn("before", "earlier"),
                 turn("hi", "hello"),
                 turn("more", "sure"),
-                turn("ignored?", "bye"),
             ]
         );
         // A one-turn Session: the title and its response.
@@ -661,13 +709,13 @@ mod tests {
 
     #[test]
     fn carried_history_keeps_the_newest_turns_within_its_bounds() {
-        let session = finished_conversation("bye");
+        let session = finished_conversation("sure");
         assert_eq!(
             carried_history(&session, 2, MAX_HISTORY_BYTES),
-            vec![turn("more", "sure"), turn("ignored?", "bye")]
+            vec![turn("hi", "hello"), turn("more", "sure")]
         );
         assert_eq!(carried_history(&session, 0, MAX_HISTORY_BYTES), vec![]);
-        assert_eq!(carried_history(&session, 99, MAX_HISTORY_BYTES).len(), 4);
+        assert_eq!(carried_history(&session, 99, MAX_HISTORY_BYTES).len(), 3);
         // Bytes: what is kept, as stored, fits; the oldest go first.
         for max in [40, 60, 80, 100, 200] {
             let kept = carried_history(&session, 50, max);
@@ -676,7 +724,13 @@ mod tests {
             assert_eq!(kept[..], all[all.len() - kept.len()..], "{max}");
         }
         // A newest turn larger than the whole budget is cut, its reply first.
-        let huge = finished_conversation(&"x".repeat(MAX_HISTORY_BYTES * 2));
+        let mut huge = Session::new("a-3", SessionSpec::default());
+        huge.spec.title = "y".repeat(MAX_HISTORY_BYTES);
+        huge.status = Some(SessionStatus {
+            response: Some("x".repeat(MAX_HISTORY_BYTES * 2)),
+            phase: Some(SessionPhase::Complete),
+            ..SessionStatus::default()
+        });
         let kept = carried_history(&huge, 50, MAX_HISTORY_BYTES);
         assert_eq!(kept.len(), 1);
         assert!(crate::budget::encoded_len(&kept) <= MAX_HISTORY_BYTES);

@@ -312,12 +312,16 @@ async fn converse(
                 "cannot post the answer as an event"
             ),
         }
-        if !inbox.is_live() {
-            return Ok(text);
+        if inbox.is_live() {
+            end_turn(runner, &text, input_id).await?;
         }
-        end_turn(runner, &text, input_id).await?;
         match inbox.next(runner).await? {
             Some(input) => {
+                // A one-turn Session that got input while it ran answers it too: the
+                // turn before it ends like a live Session's.
+                if !inbox.is_live() {
+                    end_turn(runner, &text, input_id).await?;
+                }
                 input_id = input.id;
                 conversation.push(ChatMessage::user(&input.content));
             }
@@ -363,6 +367,34 @@ impl Inbox {
         !self.idle.is_zero()
     }
 
+    /// Closes the Session's inputs: true once closed; false when unread inputs came
+    /// (they are pending now). An apiserver that cannot close them (an older one, or
+    /// one that keeps failing) is taken as closed, as before there was a close.
+    async fn close(&mut self, runner: &RunnerClient) -> Result<bool, Failure> {
+        for attempt in 1..=3 {
+            match runner.close_inputs(self.cursor).await {
+                Ok(answer) => {
+                    if let Some(last) = answer.inputs.last() {
+                        self.cursor = self.cursor.max(last.id);
+                    }
+                    let closed = answer.inputs.is_empty();
+                    self.pending.extend(answer.inputs);
+                    return Ok(closed);
+                }
+                Err(RunnerError::Finished) => return Err(Failure::Interrupted),
+                Err(error) => {
+                    tracing::warn!(
+                        attempt,
+                        error = %redact::scrub(&error.to_string()),
+                        "cannot close the session's inputs"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        Ok(true)
+    }
+
     /// The next input, `None` once none came for the idle timeout;
     /// [`Failure::Interrupted`] when the session ended meanwhile.
     async fn next(
@@ -376,8 +408,12 @@ impl Inbox {
             }
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                tracing::info!(idle = ?self.idle, "no input within the idle timeout; completing");
-                return Ok(None);
+                if self.close(runner).await? {
+                    tracing::info!(idle = ?self.idle, "no input within the idle timeout; completing");
+                    return Ok(None);
+                }
+                // Inputs came in meanwhile: answer them first.
+                continue;
             }
             // Whole seconds, at least one, within what is left (rounded up).
             let wait = left.as_secs() + u64::from(left.subsec_nanos() > 0);

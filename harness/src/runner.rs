@@ -75,6 +75,18 @@ pub struct InputPoll {
     pub finished: bool,
 }
 
+/// The answer of closing a Session's inputs.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct CloseAnswer {
+    /// The inputs are closed: no more will be accepted.
+    #[serde(default)]
+    pub closed: bool,
+    /// Inputs that arrived after the cursor, unread, oldest first: answer them, then
+    /// close again.
+    #[serde(default)]
+    pub inputs: Vec<SessionInput>,
+}
+
 /// The longest a poll for input asks the apiserver to hold it, in seconds (inside
 /// [`RUNNER_TIMEOUT`]).
 pub const MAX_POLL_SECONDS: u64 = 25;
@@ -300,6 +312,16 @@ impl RunnerClient {
         let wait = wait.min(MAX_POLL_SECONDS);
         let path = format!("/runner/v1/inputs?after={after}&wait={wait}");
         let response = self.call(Method::GET, &path, None).await?;
+        decode(&response)
+    }
+
+    /// `POST /runner/v1/inputs/close`: takes no more input once every input up to event
+    /// id `after` has been read; answers the unread ones instead while there are some.
+    pub async fn close_inputs(&self, after: u64) -> Result<CloseAnswer, RunnerError> {
+        let body = serde_json::json!({ "after": after });
+        let response = self
+            .call(Method::POST, "/runner/v1/inputs/close", Some(&body))
+            .await?;
         decode(&response)
     }
 

@@ -124,6 +124,10 @@ impl RunnerState {
                 }
                 axum::Json(json!({"id": posted + 1})).into_response()
             }
+            // Nothing came in while the turn ran: the inputs close.
+            (Method::POST, "/runner/v1/inputs/close") => {
+                axum::Json(json!({"closed": true, "inputs": []})).into_response()
+            }
             (Method::POST, "/runner/v1/complete") => {
                 let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 let phase = if body["status"] == "complete" {
@@ -222,6 +226,7 @@ async fn anthropic_answer_becomes_an_event_and_the_response() {
         [
             "GET /runner/v1/session",
             "POST /runner/v1/events",
+            "POST /runner/v1/inputs/close",
             "POST /runner/v1/complete"
         ]
     );

@@ -51,7 +51,7 @@ pub(crate) fn deliver(
             replayed: true,
         });
     }
-    if status.is_finished() {
+    if !status.takes_input() {
         return Err(NotDelivered::Finished);
     }
     let running = status.phase() == SessionPhase::Running;

@@ -2,7 +2,7 @@
 //! an Agent whose Sessions take input, until the reply of the caller's own turn), the
 //! wait runs out or the Session is gone, then answered (see [`crate::wait`]).
 
-use crate::index::{AgentKey, WebhookTarget};
+use crate::index::AgentKey;
 use crate::wait;
 
 use super::AppState;
@@ -20,15 +20,11 @@ pub(super) struct Hold {
     pub(super) delivery: Option<&'static str>,
 }
 
-/// Begins holding a request for the Session it started: until the Session finishes, or,
-/// when the Agent's Sessions take input (`idleTimeoutSeconds` above 0), until the reply
-/// of its first turn.
-pub(super) fn begin(
-    target: &WebhookTarget,
-    request: wait::HeldRequest,
-) -> Result<wait::Waiting, wait::Held> {
-    let turn = (target.agent.idle_timeout_seconds > 0).then_some(0);
-    wait::begin_turn(request, turn)
+/// Begins holding a request for the Session it started: until the reply of its first
+/// turn (`agent.turn_complete`, which the harness posts whenever more turns follow), or
+/// else until the Session finishes.
+pub(super) fn begin(request: wait::HeldRequest) -> Result<wait::Waiting, wait::Held> {
+    wait::begin_turn(request, Some(0))
 }
 
 impl Hold {

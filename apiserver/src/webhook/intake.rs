@@ -185,14 +185,11 @@ pub(super) async fn accept(
                 name: name.clone(),
                 replayed: true,
                 rate,
-                waiting: super::hold::begin(
-                    &target,
-                    wait::HeldRequest {
-                        subscription,
-                        current,
-                        budget,
-                    },
-                ),
+                waiting: super::hold::begin(wait::HeldRequest {
+                    subscription,
+                    current,
+                    budget,
+                }),
                 delivery: None,
             })));
         }
@@ -275,14 +272,11 @@ pub(super) async fn accept(
                         name,
                         replayed: false,
                         rate,
-                        waiting: super::hold::begin(
-                            &target,
-                            wait::HeldRequest {
-                                subscription,
-                                current: Some(stored),
-                                budget,
-                            },
-                        ),
+                        waiting: super::hold::begin(wait::HeldRequest {
+                            subscription,
+                            current: Some(stored),
+                            budget,
+                        }),
                         delivery: None,
                     })),
                     _ => Accepted::Now(created(key, &name, false, rate)),
@@ -313,14 +307,11 @@ pub(super) async fn accept(
                         name,
                         replayed: true,
                         rate,
-                        waiting: super::hold::begin(
-                            &target,
-                            wait::HeldRequest {
-                                subscription,
-                                current: Some(existing),
-                                budget,
-                            },
-                        ),
+                        waiting: super::hold::begin(wait::HeldRequest {
+                            subscription,
+                            current: Some(existing),
+                            budget,
+                        }),
                         delivery: None,
                     })),
                     _ => Accepted::Now(created(key, &name, true, rate)),

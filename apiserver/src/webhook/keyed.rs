@@ -159,14 +159,11 @@ pub(super) async fn deliver(
                         name,
                         replayed: false,
                         rate,
-                        waiting: super::hold::begin(
-                            target,
-                            wait::HeldRequest {
-                                subscription,
-                                current: Some(stored),
-                                budget,
-                            },
-                        ),
+                        waiting: super::hold::begin(wait::HeldRequest {
+                            subscription,
+                            current: Some(stored),
+                            budget,
+                        }),
                         delivery: None,
                     })),
                     _ => Accepted::Now(answered(key, &name, None, false, rate)),

@@ -465,3 +465,99 @@ async fn a_follow_up_after_the_session_finished_carries_the_conversation_over() 
         ])
     );
 }
+
+/// A model that answers "reply to: <the last user message>", holding its first answer
+/// until `release` is notified.
+async fn gated_model(release: std::sync::Arc<tokio::sync::Notify>) -> String {
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let router = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let (release, first) = (release.clone(), first.clone());
+        async move {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                release.notified().await;
+            }
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let last = request["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+                .unwrap_or_default();
+            axum::Json(openai_completion(&format!("reply to: {last}")))
+        }
+    });
+    hookrun_tests::fake_model::serve(router).await
+}
+
+#[tokio::test]
+async fn a_follow_up_that_arrives_while_a_one_turn_session_runs_is_answered_not_lost() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new(cluster).await;
+    let client = cluster.client().await;
+    let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
+    let sessions: Api<Session> = Api::namespaced(client, ns.name());
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let model = gated_model(release.clone()).await;
+    let live = Live::start(&ns, 1, true).await;
+    // No idle timeout: a Session runs one turn, unless input came while it ran.
+    let path = live
+        .agent(
+            &agents,
+            ns.name(),
+            "chat",
+            json!({
+                "models": ["openai/gpt-4o-mini"],
+                "triggers": [{"webhook": {"sessionKey": "body.thread"}}],
+                "session": {
+                    "env": [{"name": "OPENAI_BASE_URL", "value": format!("{model}/v1")}]
+                }
+            }),
+        )
+        .await;
+    let post = |title: &'static str| {
+        let public = live.public(0).to_owned();
+        let path = path.clone();
+        async move {
+            let body = json!({"title": title, "thread": "t", "wait": 60}).to_string();
+            request(&public, "POST", &path, &[], &body).await
+        }
+    };
+    let hash = names::session_key_hash(ns.name(), "chat", "t");
+    let name = names::keyed_session_name("chat", &hash, 0);
+    let first = tokio::spawn(post("first"));
+    // The first turn is under way (the model holds it): a follow-up goes in.
+    eventually(BUDGET, || async {
+        let status = sessions.get(&name).await.ok()?.status?;
+        (status.phase() == SessionPhase::Running).then_some(())
+    })
+    .await
+    .expect("the Session runs");
+    let second = tokio::spawn(post("second"));
+    eventually(BUDGET, || async {
+        let session = sessions.get(&name).await.ok()?;
+        (inputs(&session) == ["second"]).then_some(())
+    })
+    .await
+    .expect("the follow-up is stored as an input");
+    release.notify_one();
+
+    let first = first.await.expect("the first request");
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.json["response"], "reply to: first", "{first:?}");
+    let second = second.await.expect("the follow-up");
+    assert_eq!(second.status, 200, "{second:?}");
+    assert_eq!(second.json["session"], name.as_str(), "{second:?}");
+    assert_eq!(second.json["response"], "reply to: second", "{second:?}");
+    let finished = sessions.get(&name).await.expect("the Session");
+    let status = finished.status.clone().unwrap_or_default();
+    assert_eq!(status.phase(), SessionPhase::Complete, "{status:?}");
+    assert!(status.inputs_closed, "the harness closed its inputs");
+
+    // After it closed, a follow-up starts the key's next Session.
+    let third = post("third").await;
+    assert_eq!(third.status, 200, "{third:?}");
+    assert_eq!(
+        third.json["session"],
+        names::keyed_session_name("chat", &hash, 1).as_str()
+    );
+    assert_eq!(third.json["response"], "reply to: third", "{third:?}");
+}
