@@ -255,6 +255,22 @@ impl Operator {
         self.process.log_text()
     }
 
+    /// Waits until its caches have synced (it logs `caches synced: ready`).
+    pub async fn ready(&self) {
+        eventually(BUDGET, || async {
+            self.log_text()
+                .contains("caches synced: ready")
+                .then_some(())
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the operator never got ready: {}",
+                self.process.log.display()
+            )
+        });
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.process.pid()

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 const BUDGET: Duration = Duration::from_secs(20);
 const RUNNER_URL: &str = "http://runner.hookrun.test:8080";
 
-/// A test namespace with an operator watching it (pending timeout 2 s).
+/// A test namespace with an operator watching it.
 struct Setup {
     ns: TestNamespace,
     agents: Api<Agent>,
@@ -36,7 +36,14 @@ struct Setup {
 }
 
 impl Setup {
+    /// A namespace whose operator lets pods stay Pending for an hour: tests that act on
+    /// a Pending pod are not raced by the pending timeout, however loaded the machine.
     async fn new(cluster: &Cluster) -> Self {
+        Self::with_pending_timeout(cluster, "1h").await
+    }
+
+    /// [`Setup::new`] with the operator's `--pending-timeout`.
+    async fn with_pending_timeout(cluster: &Cluster, pending_timeout: &str) -> Self {
         let ns = TestNamespace::new(cluster).await;
         let client = cluster.client().await;
         let operator = Operator::start(
@@ -46,7 +53,7 @@ impl Setup {
                 "--runner-url",
                 RUNNER_URL,
                 "--pending-timeout",
-                "2s",
+                pending_timeout,
                 // Past the pod policy, so that the cluster's own refusal of a missing
                 // ServiceAccount can be tested.
                 "--allowed-service-accounts",
@@ -54,6 +61,7 @@ impl Setup {
             ],
         )
         .await;
+        operator.ready().await;
         Setup {
             agents: Api::namespaced(client.clone(), ns.name()),
             sessions: Api::namespaced(client.clone(), ns.name()),
@@ -541,7 +549,7 @@ async fn a_deleted_pod_is_an_error_and_is_not_recreated() {
 #[tokio::test]
 async fn a_pod_unschedulable_past_the_pending_timeout_fails_and_is_removed() {
     let cluster = cluster().await;
-    let setup = Setup::new(cluster).await;
+    let setup = Setup::with_pending_timeout(cluster, "2s").await;
     setup.agent("big", json!({})).await;
     setup.session("big-wh-00000001", "big", &[]).await;
     setup.pod("big-wh-00000001").await;
@@ -586,7 +594,7 @@ async fn a_pod_unschedulable_past_the_pending_timeout_fails_and_is_removed() {
 #[tokio::test]
 async fn a_pod_the_cluster_refuses_past_the_pending_timeout_is_an_error() {
     let cluster = cluster().await;
-    let setup = Setup::new(cluster).await;
+    let setup = Setup::with_pending_timeout(cluster, "2s").await;
     setup
         .agent("lost", json!({"serviceAccountName": "no-such-account"}))
         .await;
