@@ -650,8 +650,17 @@ mod tests {
         assert_eq!(parse_close(br#"{"after": 7}"#).ok(), Some(7));
         assert_eq!(parse_close(br#"{}"#).ok(), Some(0));
         assert_eq!(parse_close(br#"{"after": null}"#).ok(), Some(0));
-        for bad in [&br#"{"after": -1}"#[..], br#"{"after": "7"}"#, b"[]", b"not json"] {
-            assert!(parse_close(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &br#"{"after": -1}"#[..],
+            br#"{"after": "7"}"#,
+            b"[]",
+            b"not json",
+        ] {
+            assert!(
+                parse_close(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
