@@ -19,7 +19,6 @@
 #[path = "../../apiserver/benches/support/loadgen.rs"]
 mod loadgen;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -27,7 +26,6 @@ use std::time::{Duration, Instant};
 use hookrun_crds::{Agent, Session};
 use hookrun_tests::{
     TestNamespace, apply_agent, cluster,
-    control_plane::workspace_root,
     door::{ApiServer, Operator, Process, is_known, request, webhook_path},
     eventually,
 };
@@ -37,34 +35,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const REPORT_BEGIN: &str = "<!-- faults bench: begin -->";
-const REPORT_END: &str = "<!-- faults bench: end -->";
-
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     runtime.block_on(bench());
-}
-
-fn write_report(section: &str) -> PathBuf {
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
-    let path = dir.join("report.md");
-    let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let kept = match (existing.find(REPORT_BEGIN), existing.find(REPORT_END)) {
-        (Some(begin), Some(end)) if begin < end => format!(
-            "{}{}",
-            &existing[..begin],
-            existing[end + REPORT_END.len()..].trim_start()
-        ),
-        _ => existing,
-    };
-    let mut text = kept.trim_end().to_owned();
-    if !text.is_empty() {
-        text.push_str("\n\n");
-    }
-    text.push_str(&format!("{REPORT_BEGIN}\n{section}{REPORT_END}\n"));
-    std::fs::write(&path, text).expect("the report is written");
-    path
 }
 
 /// `VmRSS` of `pid` in MiB.
@@ -144,7 +117,7 @@ async fn bench() {
         .await;
     soak(&door, &ns, &path, &sessions, &mut section, &mut missed).await;
 
-    let report = write_report(&section);
+    let report = loadgen::write_report_section("faults", &section);
     println!("{section}\nwritten to {}", report.display());
     assert!(missed.is_empty(), "goals missed: {missed:?}");
 }

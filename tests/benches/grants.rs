@@ -9,11 +9,13 @@
 //! The figures are written to `target/bench/report.md` (replacing this bench's section,
 //! keeping the rest); the bench fails after writing them when the goal is missed.
 
+#[path = "../../apiserver/benches/support/loadgen.rs"]
+mod loadgen;
+
 use std::time::{Duration, Instant};
 
 use hookrun_crds::grant::{GrantSpec, GrantVerb};
 use hookrun_crds::{Agent, Grant, Session, SessionSpec};
-use hookrun_tests::control_plane::workspace_root;
 use hookrun_tests::door::{ApiServer, BUDGET, Operator, PUBLIC_URL, request};
 use hookrun_tests::fixtures::apply_webhook_agent;
 use hookrun_tests::{TestNamespace, cluster, eventually};
@@ -21,35 +23,12 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
-const REPORT_BEGIN: &str = "<!-- grants bench: begin -->";
-const REPORT_END: &str = "<!-- grants bench: end -->";
 /// The goal for the slower replica's p99.
 const GOAL_P99: Duration = Duration::from_secs(1);
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     runtime.block_on(bench());
-}
-
-fn write_report(section: &str) {
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
-    let path = dir.join("report.md");
-    let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let kept = match (existing.find(REPORT_BEGIN), existing.find(REPORT_END)) {
-        (Some(begin), Some(end)) if begin < end => format!(
-            "{}{}",
-            &existing[..begin],
-            existing[end + REPORT_END.len()..].trim_start()
-        ),
-        _ => existing,
-    };
-    let mut text = kept.trim_end().to_owned();
-    if !text.is_empty() {
-        text.push_str("\n\n");
-    }
-    text.push_str(&format!("{REPORT_BEGIN}\n{section}{REPORT_END}\n"));
-    std::fs::write(&path, text).expect("the report is written");
 }
 
 fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
@@ -191,6 +170,6 @@ async fn bench() {
         GOAL_P99.as_millis(),
     );
     print!("{section}");
-    write_report(&section);
+    loadgen::write_report_section("grants", &section);
     assert_eq!(verdict, "met", "revoke -> 403 p99 {p99:.1} ms");
 }

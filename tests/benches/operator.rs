@@ -21,6 +21,9 @@
 //! run. The figures of parts 3, 6 and 7 are also written, with their goals, to this
 //! bench's section of `target/bench/report.md`.
 
+#[path = "../../apiserver/benches/support/loadgen.rs"]
+mod loadgen;
+
 use std::{
     collections::HashSet,
     fmt::Write as _,
@@ -38,7 +41,7 @@ use hookrun_crds::{
     session::{SessionEnvVar, SessionTrigger},
 };
 use hookrun_tests::door::{self, ApiServer, Operator};
-use hookrun_tests::{TestNamespace, cluster, control_plane::workspace_root, eventually};
+use hookrun_tests::{TestNamespace, cluster, eventually};
 use k8s_openapi::api::core::v1::{Event, Pod, Secret};
 use kube::{
     Api, Client,
@@ -46,9 +49,6 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
-
-const REPORT_BEGIN: &str = "<!-- operator bench: begin -->";
-const REPORT_END: &str = "<!-- operator bench: end -->";
 
 /// The figures this bench writes to the report (each when its part ran).
 #[derive(Default)]
@@ -570,24 +570,7 @@ fn write_report(figures: &Figures) {
             "| live Session GETs per created pod ({pods} pods; kube-apiserver's count) | {per_pod:.2} | 1 (the read before creating a pod) |"
         );
     }
-    let dir = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&dir).expect("target/bench");
-    let path = dir.join("report.md");
-    let existing = std::fs::read_to_string(&path).unwrap_or_default();
-    let kept = match (existing.find(REPORT_BEGIN), existing.find(REPORT_END)) {
-        (Some(begin), Some(end)) if begin < end => format!(
-            "{}{}",
-            &existing[..begin],
-            existing[end + REPORT_END.len()..].trim_start()
-        ),
-        _ => existing,
-    };
-    let mut text = kept.trim_end().to_owned();
-    if !text.is_empty() {
-        text.push_str("\n\n");
-    }
-    text.push_str(&format!("{REPORT_BEGIN}\n{section}{REPORT_END}\n"));
-    std::fs::write(&path, text).expect("the report is written");
+    let path = loadgen::write_report_section("operator", &section);
     println!("report: {}", path.display());
 }
 
