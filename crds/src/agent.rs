@@ -100,13 +100,15 @@ pub struct AgentSpec {
     pub triggers: Vec<Trigger>,
 
     /// How session pods of this agent run.
+    // Boxed, like `exec`: the template holds two Kubernetes security contexts inline
+    // (over a kilobyte), and every cached Agent would carry that room unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<SessionTemplate>,
+    pub session: Option<Box<SessionTemplate>>,
 
     /// Makes the agent a program: the harness runs this command instead of calling a
     /// model (`models` is then ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exec: Option<ExecSpec>,
+    pub exec: Option<Box<ExecSpec>>,
 
     /// Signed (Standard Webhooks) POSTs the operator sends when this agent's Sessions
     /// end, finish a turn or speak. At most 4.
@@ -754,5 +756,18 @@ impl WebhookTrigger {
                 (None, None) => None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator and the apiserver cache every Agent of the cluster; what an Agent
+    /// does not set must not cost room in each of them.
+    #[test]
+    fn an_agent_keeps_its_rarely_set_parts_out_of_line() {
+        let size = std::mem::size_of::<Agent>();
+        assert!(size <= 800, "an Agent is {size} bytes inline");
     }
 }

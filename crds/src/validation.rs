@@ -413,7 +413,7 @@ session:
     #[test]
     fn env_names_and_sources_are_checked() {
         let spec = AgentSpec {
-            session: Some(SessionTemplate {
+            session: Some(Box::new(SessionTemplate {
                 env: vec![
                     EnvVar {
                         name: "1BAD".into(),
@@ -432,7 +432,7 @@ session:
                     },
                 ],
                 ..Default::default()
-            }),
+            })),
             ..Default::default()
         };
         assert_eq!(

@@ -444,10 +444,10 @@ async fn cache_footprint(
     let sessions: Api<Session> = Api::namespaced(client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut keeper = agent("cached");
-    keeper.spec.session = Some(SessionTemplate {
+    keeper.spec.session = Some(Box::new(SessionTemplate {
         max_stored_sessions: Some(i64::try_from(count).unwrap_or(i64::MAX) + 10),
         ..Default::default()
-    });
+    }));
     agents
         .create(&PostParams::default(), &keeper)
         .await

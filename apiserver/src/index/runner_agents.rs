@@ -24,7 +24,7 @@ pub(crate) fn runner_agent(agent: &Agent) -> RunnerAgent {
     RunnerAgent {
         system: spec.system.clone(),
         models: spec.models.clone(),
-        exec: spec.exec.clone(),
+        exec: spec.exec.as_deref().cloned(),
         env: spec
             .session
             .as_ref()

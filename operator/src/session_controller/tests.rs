@@ -73,7 +73,7 @@ fn agent(template: Option<SessionTemplate>) -> Agent {
     let mut agent = Agent::new(
         "my-agent",
         AgentSpec {
-            session: template,
+            session: template.map(Box::new),
             ..Default::default()
         },
     );
