@@ -6,6 +6,7 @@ pub mod agent_controller;
 pub mod callback;
 pub mod cli;
 pub mod error;
+pub mod events;
 pub mod grant_controller;
 pub mod leader;
 pub mod metrics;
@@ -24,10 +25,9 @@ use std::{
 };
 
 use futures::future::join_all;
-use kube::{
-    Client,
-    runtime::events::{Recorder, Reporter},
-};
+use kube::Client;
+
+use crate::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -93,6 +93,15 @@ fn stopped(mut rx: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + S
         // An error means the sender is gone, which also means stop.
         let _ = rx.wait_for(|stop| *stop).await;
     }
+}
+
+/// A tick every `period`, the first one `period` from now: a controller's periodic look
+/// at everything it caches (see `Controller::reconcile_all_on`).
+pub(crate) fn ticks(period: std::time::Duration) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold((), move |()| async move {
+        tokio::time::sleep(period).await;
+        Some(((), ()))
+    })
 }
 
 /// Runs the operator until SIGTERM/SIGINT, or until leadership is lost (an error: the

@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use crate::events::{Event, EventType, Recorder};
 use futures::{Future, Stream, StreamExt};
 use hookrun_crds::{
     Agent, AgentStatus,
@@ -29,7 +30,6 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
-        events::{Event, EventType, Recorder},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -58,7 +58,9 @@ pub const DEFAULT_ROTATION_GRACE: Duration = Duration::from_secs(600);
 /// buffers) open; unbounded, a burst of 1000 Agents opened hundreds of them and the
 /// pool kept them, which cost ~50 KiB of memory per Agent.
 const MAX_CONCURRENT_RECONCILES: u16 = 16;
-/// How often an Agent that is right is looked at again anyway.
+/// How often every Agent is looked at again anyway: one tick for all of them, not a
+/// timer per Agent (each of which the controller's scheduler keeps with a copy of the
+/// Agent's key, most of a kilobyte apiece).
 const RESYNC: Duration = Duration::from_secs(3600);
 
 /// What every reconcile shares.
@@ -136,7 +138,8 @@ pub fn run(
     )
     .applied_objects();
     let controller = Controller::for_stream(agent_events, store.clone())
-        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES));
+        .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
+        .reconcile_all_on(crate::ticks(RESYNC));
     let agent_index = store.clone();
     let env_index = store.clone();
     // Referenced Secrets are watched by metadata only (no data of the cluster's other
@@ -261,7 +264,8 @@ async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Action> {
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let secret_name = names::webhook_secret_name(&name);
-    let mut action = Action::requeue(RESYNC);
+    // A right Agent waits for a change, or for the next resync tick.
+    let mut action = Action::await_change();
 
     let spec_check = validate_agent_spec(&agent.spec)
         .map_err(|errors| errors.to_string())

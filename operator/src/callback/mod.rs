@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use crate::events::{Event, EventType, Recorder};
 use hookrun_crds::callback::{CallbackDelivery, DeliveryState, decode_key, webhook_id};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::{Agent, Session};
@@ -23,10 +24,7 @@ use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::{
-        events::{Event, EventType, Recorder},
-        reflector::{ObjectRef, Store},
-    },
+    runtime::reflector::{ObjectRef, Store},
 };
 use rand::Rng;
 use serde_json::json;

@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::events::{Event, EventType, Recorder};
 use futures::{Future, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
@@ -31,7 +32,6 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::{self, Action},
-        events::{Event, EventType, Recorder},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
