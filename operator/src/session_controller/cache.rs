@@ -27,7 +27,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::pod::CONTAINER;
 
-/// The metadata the caches keep: identity, times, owners; not labels, annotations or
+/// The metadata the pod cache keeps: identity, times, owners; not labels, annotations or
 /// managed fields.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -56,6 +56,32 @@ fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D
     })
 }
 
+/// [`LeanMeta`] without the owners: no decision reads a Session's (its Agent is
+/// `spec.agent`), and the Agent's reference is four more strings per cached Session.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LeanSessionMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+}
+
+fn lean_session_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
+    let meta = LeanSessionMeta::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        creation_timestamp: meta.creation_timestamp,
+        deletion_timestamp: meta.deletion_timestamp,
+        ..ObjectMeta::default()
+    })
+}
+
 /// A Session as the cache keeps it: its Agent and the status fields that say where it
 /// is (phase, pod, times), and what the callback sender looks at (the request's
 /// `callbackUrl`, the delivery records, how many events were ever appended). Writes read
@@ -73,7 +99,7 @@ pub struct CachedSession {
 
 #[derive(Deserialize)]
 struct WireSession {
-    #[serde(deserialize_with = "lean_meta")]
+    #[serde(deserialize_with = "lean_session_meta")]
     metadata: ObjectMeta,
     spec: CachedSessionSpec,
     #[serde(default)]
