@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use axum::Extension;
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Path, State};
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method, header};
 use axum::response::{IntoResponse, Response};
@@ -124,33 +124,36 @@ async fn method_not_allowed(
     record(&state, route, &method, started, peer, None, answered)
 }
 
-/// The two door routes' path: the token rides in it, or in `Authorization: Bearer`.
-#[derive(serde::Deserialize)]
-struct DoorPath {
-    namespace: String,
-    agent: String,
-    token: Option<String>,
-}
-
-/// Which Agent's door is knocked on, and the token presented.
-struct Knock {
+/// Which Agent's door is knocked on, and the token presented: read straight from the
+/// request's path (the router already matched one of the two templates) and, without a
+/// third segment, from `Authorization: Bearer`. Namespace and name are DNS labels and
+/// tokens are base64url, so no segment that names an Agent or holds a token is
+/// percent-encoded: an encoded one is taken as written and matches nothing.
+struct Knock<'a> {
     key: AgentKey,
-    token: Option<String>,
+    token: Option<&'a str>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Knock {
-    type Rejection = HttpError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, HttpError> {
-        let Path(path) = Path::<DoorPath>::from_request_parts(parts, state)
-            .await
-            .map_err(|_| HttpError::NotFound)?;
-        let token = path
-            .token
-            .or_else(|| crate::api::bearer_token(&parts.headers).map(str::to_owned));
+impl<'a> Knock<'a> {
+    fn of(path: &'a str, headers: &'a HeaderMap) -> Result<Self, HttpError> {
+        let mut segments = path
+            .strip_prefix("/webhooks/")
+            .ok_or(HttpError::NotFound)?
+            .split('/');
+        let (Some(namespace), Some(agent)) = (segments.next(), segments.next()) else {
+            return Err(HttpError::NotFound);
+        };
+        let token = match (segments.next(), segments.next()) {
+            (None, _) => crate::api::bearer_token(headers),
+            (Some(token), None) => Some(token),
+            (Some(_), Some(_)) => return Err(HttpError::NotFound),
+        };
+        if namespace.is_empty() || agent.is_empty() {
+            return Err(HttpError::NotFound);
+        }
         Ok(Knock {
-            key: AgentKey::new(path.namespace, path.agent),
-            token,
+            key: AgentKey::new(namespace, agent),
+            token: token.filter(|t| !t.is_empty()),
         })
     }
 }
@@ -160,26 +163,26 @@ async fn ping_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     matched: Option<MatchedPath>,
-    method: Method,
-    knock: Result<Knock, HttpError>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Response {
     let started = Instant::now();
     let route = route_label(matched.as_ref());
-    let knock = match knock {
+    let method = request.method();
+    let headers = request.headers();
+    let knock = match Knock::of(request.uri().path(), headers) {
         Ok(knock) => knock,
         Err(error) => {
-            return record(&state, route, &method, started, peer, None, refused(error));
+            return record(&state, route, method, started, peer, None, refused(error));
         }
     };
-    let answered = match ping(&state, &knock.key, knock.token.as_deref(), peer, &headers) {
+    let answered = match ping(&state, &knock.key, knock.token, peer, headers) {
         Ok(()) => (ping_ok(), "ping"),
         Err(error) => refused(error),
     };
     record(
         &state,
         route,
-        &method,
+        method,
         started,
         peer,
         Some(&knock.key),
@@ -199,44 +202,46 @@ async fn post_handler(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     matched: Option<MatchedPath>,
-    method: Method,
-    knock: Result<Knock, HttpError>,
-    headers: HeaderMap,
-    body: Body,
+    request: Request,
 ) -> Response {
     let started = Instant::now();
     let route = route_label(matched.as_ref());
-    let knock = match knock {
-        Ok(knock) => knock,
+    // The rest of the request (its extensions) goes here, not into a held request.
+    let (
+        Parts {
+            method,
+            uri,
+            headers,
+            ..
+        },
+        body,
+    ) = request.into_parts();
+    let (key, result) = match Knock::of(uri.path(), &headers) {
+        Ok(knock) => {
+            // Boxed, so its state (the body, the Session it built) is freed once it is
+            // done and is not part of a held request's memory.
+            let result = Box::pin(accept(
+                &state,
+                &knock.key,
+                knock.token,
+                peer,
+                &headers,
+                body,
+            ))
+            .await;
+            (knock.key, result)
+        }
         Err(error) => {
             return record(&state, route, &method, started, peer, None, refused(error));
         }
     };
-    // Boxed, so its state (the body, the Session it built) is freed once it is done and
-    // is not part of a held request's memory.
-    let result = Box::pin(accept(
-        &state,
-        &knock.key,
-        knock.token.as_deref(),
-        peer,
-        &headers,
-        body,
-    ))
-    .await;
     // Nothing of the request is kept while a wait-mode request is held.
     drop(headers);
+    drop(uri);
     let answered = match result {
         Ok(Accepted::Now(answered)) => answered,
-        Ok(Accepted::Hold(hold)) => Box::pin(hold.answer(&state, &knock.key)).await,
+        Ok(Accepted::Hold(hold)) => Box::pin(hold.answer(&state, &key)).await,
         Err(error) => refused(error),
     };
-    record(
-        &state,
-        route,
-        &method,
-        started,
-        peer,
-        Some(&knock.key),
-        answered,
-    )
+    record(&state, route, &method, started, peer, Some(&key), answered)
 }
