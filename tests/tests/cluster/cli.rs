@@ -10,14 +10,14 @@ use std::time::Duration;
 use hookrun_crds::session::event_types;
 use hookrun_crds::{Agent, Grant, Session, SessionPhase, names};
 use hookrun_tests::control_plane::{default_tools_bin, workspace_root};
-use hookrun_tests::door::{ApiServer, Operator, is_known, request, webhook_path};
-use hookrun_tests::pod_runner::PodRunner;
+use hookrun_tests::door::{is_known, request, webhook_path};
 use hookrun_tests::{TestNamespace, apply_agent, cluster, eventually, workspace_binary};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use serde_json::{Value, json};
 
-const HARNESS_IMAGE: &str = "hookrun-harness:cli";
+use crate::live::Live;
+
 const BUDGET: Duration = Duration::from_secs(60);
 
 /// What one run of the plugin printed and how it exited.
@@ -95,70 +95,6 @@ impl Plugin {
     }
 }
 
-/// The operator (its public URL the apiserver's, so Grant and webhook URLs work), an
-/// apiserver and, when `run_pods`, the local pod runner, on `ns`.
-struct Stack {
-    apiserver: ApiServer,
-    _operator: Operator,
-    pod_runner: Option<(PodRunner, tokio::task::JoinHandle<()>)>,
-}
-
-impl Stack {
-    async fn start(ns: &TestNamespace, run_pods: bool) -> Self {
-        let cluster = cluster().await;
-        let kubeconfig = cluster.kubeconfig_path();
-        let apiserver =
-            ApiServer::start(&kubeconfig, ns.name(), &format!("cli-{}", ns.name())).await;
-        let runner_url = format!("http://{}", apiserver.runner);
-        let public_url = format!("http://{}", apiserver.public);
-        let operator = Operator::start_with(
-            &kubeconfig,
-            ns.name(),
-            &format!("cli-{}", ns.name()),
-            &[
-                "--runner-url",
-                &runner_url,
-                "--public-url",
-                &public_url,
-                "--default-harness-image",
-                HARNESS_IMAGE,
-            ],
-        )
-        .await;
-        let pod_runner = if run_pods {
-            let work_dir = workspace_root()
-                .join("target/test-clusters")
-                .join(format!("cli-{}", ns.name()));
-            std::fs::create_dir_all(&work_dir).expect("the pod runner's directory");
-            let runner = PodRunner::new(
-                cluster.client().await,
-                HARNESS_IMAGE,
-                workspace_binary("hookrun-harness"),
-                work_dir,
-            )
-            .in_namespace(ns.name());
-            let task = tokio::spawn(runner.clone().run());
-            Some((runner, task))
-        } else {
-            None
-        };
-        Stack {
-            apiserver,
-            _operator: operator,
-            pod_runner,
-        }
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if let Some((runner, task)) = self.pod_runner.take() {
-            runner.stop_all();
-            task.abort();
-        }
-    }
-}
-
 /// Applies an Agent and waits until its webhook URL is in status.
 async fn agent(agents: &Api<Agent>, ns: &str, name: &str, spec: Value) -> String {
     apply_agent(agents, name, json!({ "spec": spec })).await;
@@ -172,7 +108,7 @@ async fn agents_urls_and_rotation_through_the_plugin_and_kubectl() {
     let client = cluster.client().await;
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let secrets: Api<Secret> = Api::namespaced(client, ns.name());
-    let stack = Stack::start(&ns, false).await;
+    let stack = Live::start_with(&ns, 1, false, true).await;
     let path = agent(
         &agents,
         ns.name(),
@@ -240,7 +176,7 @@ async fn agents_urls_and_rotation_through_the_plugin_and_kubectl() {
 
     // url: masked by default, the whole URL with --show-token (the Secret's).
     let masked = plugin.run(&["url", "echo"]).await.ok("url");
-    let public = format!("http://{}", stack.apiserver.public);
+    let public = format!("http://{}", stack.public(0));
     assert_eq!(
         masked.stdout.trim(),
         format!("{public}/webhooks/{}/echo/****", ns.name())
@@ -287,9 +223,7 @@ async fn agents_urls_and_rotation_through_the_plugin_and_kubectl() {
     assert_eq!(status_url.as_deref(), Some(new_url.as_str()));
     let new_path = new_url.trim_start_matches(&public).to_owned();
     let accepted = eventually(BUDGET, || async {
-        is_known(&stack.apiserver.public, &new_path)
-            .await
-            .then_some(())
+        is_known(stack.public(0), &new_path).await.then_some(())
     })
     .await;
     assert!(
@@ -297,7 +231,7 @@ async fn agents_urls_and_rotation_through_the_plugin_and_kubectl() {
         "the apiserver never accepted the new token"
     );
     let old_refused = eventually(BUDGET, || async {
-        (!is_known(&stack.apiserver.public, &path).await).then_some(())
+        (!is_known(stack.public(0), &path).await).then_some(())
     })
     .await;
     assert!(old_refused.is_some(), "the old token still works");
@@ -357,7 +291,7 @@ async fn sessions_run_wait_follow_and_take_input_through_the_plugin() {
     let agents: Api<Agent> = Api::namespaced(client.clone(), ns.name());
     let sessions: Api<Session> = Api::namespaced(client.clone(), ns.name());
     let grants: Api<Grant> = Api::namespaced(client, ns.name());
-    let stack = Stack::start(&ns, true).await;
+    let stack = Live::start_with(&ns, 1, true, true).await;
     let webhook = json!([{"webhook": {}}]);
     agent(
         &agents,
@@ -610,12 +544,12 @@ async fn sessions_run_wait_follow_and_take_input_through_the_plugin() {
     let grant_name = exposed["grant"].as_str().expect("a grant").to_owned();
     let url = exposed["url"].as_str().expect("a URL").to_owned();
     let hook_path = url
-        .strip_prefix(&format!("http://{}", stack.apiserver.public))
+        .strip_prefix(&format!("http://{}", stack.public(0)))
         .unwrap_or_else(|| panic!("{url} is not the apiserver's"))
         .to_owned();
     let body = json!({"message": "from the grant"}).to_string();
     let posted = eventually(BUDGET, || async {
-        let answer = request(&stack.apiserver.public, "POST", &hook_path, &[], &body).await;
+        let answer = request(stack.public(0), "POST", &hook_path, &[], &body).await;
         (answer.status == 200).then_some(answer)
     })
     .await
@@ -650,7 +584,7 @@ async fn sessions_run_wait_follow_and_take_input_through_the_plugin() {
     assert!(table.stdout.contains(&grant_name) && table.stdout.contains("Active"));
     plugin.run(&["revoke", &grant_name]).await.ok("revoke");
     let refused = eventually(BUDGET, || async {
-        let answer = request(&stack.apiserver.public, "POST", &hook_path, &[], &body).await;
+        let answer = request(stack.public(0), "POST", &hook_path, &[], &body).await;
         (answer.status == 403).then_some(())
     })
     .await;

@@ -113,7 +113,8 @@ impl Live {
         path
     }
 
-    fn public(&self, i: usize) -> &str {
+    /// The public address of replica `i` (modulo the replicas).
+    pub(crate) fn public(&self, i: usize) -> &str {
         &self.apiservers[i % self.apiservers.len()].public
     }
 }
