@@ -63,7 +63,9 @@ const STATUS_WRITE: ConflictRetry = ConflictRetry {
     max_attempts: 8,
     budget: Duration::MAX,
 };
-/// How often a Session that needs nothing is looked at again anyway.
+/// How often every Session is looked at again anyway: one tick for all of them, not a
+/// timer per Session (the controller's scheduler would keep each, with a copy of the
+/// Session's key, for the whole period, even after the Session finished).
 const RESYNC: Duration = Duration::from_secs(3600);
 /// How often the finished Sessions in the cache are checked for a TTL that ran out. They
 /// wait for it here rather than each in the controller's queue, which would keep two
@@ -230,6 +232,7 @@ pub fn run(
     .touched_objects();
     let controller = Controller::for_stream(session_events, session_store)
         .with_config(controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
+        .reconcile_all_on(crate::ticks(RESYNC))
         .watches_stream(pod_events, pod_changes)
         .watches(
             agents_api,
@@ -442,7 +445,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
             && recorded.get(&uid) == Some(pod_uid)
         {
             // Written already; the watch brings it.
-            return Ok(Action::requeue(RESYNC));
+            return Ok(Action::await_change());
         }
         if session.status.as_ref().is_some_and(|s| s.pod_uid.is_some()) {
             recorded.remove(&uid);
@@ -452,7 +455,7 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
     match decision {
         // The TTL sweep brings a finished Session back when its time has come.
         Decision::Wait(_) if finished => Ok(Action::await_change()),
-        Decision::Wait(None) => Ok(Action::requeue(RESYNC)),
+        Decision::Wait(None) => Ok(Action::await_change()),
         Decision::Wait(Some(after)) => {
             // A little after the moment, so that it has passed when we look.
             Ok(Action::requeue(
@@ -481,7 +484,8 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
         }
         Decision::Write(transition) => {
             write_transition(ctx, &sessions, session, &uid, &transition, pod.as_ref()).await?;
-            Ok(Action::requeue(RESYNC))
+            // The watch brings the write back.
+            Ok(Action::await_change())
         }
         Decision::CreatePod => {
             // Failing the Session or creating its pod first reads it live (see
@@ -581,7 +585,8 @@ async fn reconcile_session(session: &CachedSession, ctx: &Context) -> Result<Act
                     tracing::debug!(session = %name, decision = ?other, "after creating the pod")
                 }
             }
-            Ok(Action::requeue(RESYNC))
+            // The pod watch brings the pod back.
+            Ok(Action::await_change())
         }
     }
 }
