@@ -9,6 +9,7 @@ mod crds;
 mod dev;
 mod drain;
 mod event_keys;
+mod events;
 mod faults;
 mod grants;
 mod helm;
