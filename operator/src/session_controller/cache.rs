@@ -23,15 +23,16 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
 };
 use kube::{Resource, runtime::watcher};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, de::IgnoredAny};
 
 use super::pod::CONTAINER;
 
-/// The metadata the pod cache keeps: identity, times, owners; not labels, annotations or
-/// managed fields.
+/// The metadata the caches keep: identity and times, and for pods their owners; not
+/// labels, annotations or managed fields. `Owners` is what the owners decode into:
+/// [`IgnoredAny`] skips them without building anything.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct LeanMeta {
+struct LeanMeta<Owners> {
     name: Option<String>,
     namespace: Option<String>,
     uid: Option<String>,
@@ -39,47 +40,35 @@ struct LeanMeta {
     resource_version: Option<String>,
     creation_timestamp: Option<Time>,
     deletion_timestamp: Option<Time>,
-    owner_references: Option<Vec<OwnerReference>>,
+    owner_references: Option<Owners>,
 }
 
+impl<Owners> LeanMeta<Owners> {
+    fn into_meta(self, owner_references: Option<Vec<OwnerReference>>) -> ObjectMeta {
+        ObjectMeta {
+            name: self.name,
+            namespace: self.namespace,
+            uid: self.uid,
+            resource_version: self.resource_version,
+            creation_timestamp: self.creation_timestamp,
+            deletion_timestamp: self.deletion_timestamp,
+            owner_references,
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// A pod's metadata, owners included (the pod's Session is its controller).
 fn lean_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    let meta = LeanMeta::deserialize(deserializer)?;
-    Ok(ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        creation_timestamp: meta.creation_timestamp,
-        deletion_timestamp: meta.deletion_timestamp,
-        owner_references: meta.owner_references.filter(|o| !o.is_empty()),
-        ..ObjectMeta::default()
-    })
+    let mut meta = LeanMeta::<Vec<OwnerReference>>::deserialize(deserializer)?;
+    let owners = meta.owner_references.take().filter(|o| !o.is_empty());
+    Ok(meta.into_meta(owners))
 }
 
-/// [`LeanMeta`] without the owners: no decision reads a Session's (its Agent is
+/// A Session's metadata without its owners: no decision reads them (its Agent is
 /// `spec.agent`), and the Agent's reference is four more strings per cached Session.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct LeanSessionMeta {
-    name: Option<String>,
-    namespace: Option<String>,
-    uid: Option<String>,
-    resource_version: Option<String>,
-    creation_timestamp: Option<Time>,
-    deletion_timestamp: Option<Time>,
-}
-
 fn lean_session_meta<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    let meta = LeanSessionMeta::deserialize(deserializer)?;
-    Ok(ObjectMeta {
-        name: meta.name,
-        namespace: meta.namespace,
-        uid: meta.uid,
-        resource_version: meta.resource_version,
-        creation_timestamp: meta.creation_timestamp,
-        deletion_timestamp: meta.deletion_timestamp,
-        ..ObjectMeta::default()
-    })
+    Ok(LeanMeta::<IgnoredAny>::deserialize(deserializer)?.into_meta(None))
 }
 
 /// A Session as the cache keeps it: its Agent and the status fields that say where it
