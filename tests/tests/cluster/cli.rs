@@ -623,33 +623,7 @@ async fn a_user_without_create_sessions_is_told_which_verb_and_resource_are_miss
         json!({"spec": {"models": ["hookrun/echo"], "triggers": [{"webhook": {}}]}}),
     )
     .await;
-    // A ServiceAccount that may read Agents and Sessions, nothing more.
-    ns.apply(&format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: viewer}}\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: hookrun-viewer}}\n\
-         rules: [{{apiGroups: [hookrun.dev], resources: [agents, sessions], verbs: [get, list, watch]}}]\n---\n\
-         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: hookrun-viewer}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: hookrun-viewer}}\n\
-         subjects: [{{kind: ServiceAccount, name: viewer, namespace: {}}}]\n",
-        ns.name()
-    ));
-    let token = ns.token("viewer", &[]);
-    let admin = std::fs::read_to_string(cluster.kubeconfig_path()).expect("the kubeconfig");
-    let viewer_config: String = admin
-        .lines()
-        .map(|l| {
-            if l.trim_start().starts_with("token:") {
-                format!("    token: {token}")
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    let path = workspace_root()
-        .join("target/test-clusters")
-        .join(format!("{}-viewer.kubeconfig", ns.name()));
-    std::fs::write(&path, viewer_config).expect("the viewer's kubeconfig");
+    let (path, token) = crate::console::viewer_kubeconfig(&cluster.kubeconfig_path(), &ns);
     let viewer = Plugin::new(&path, &ns);
 
     // Reading works.

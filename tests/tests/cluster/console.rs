@@ -416,12 +416,41 @@ async fn invoke_from_page(browser: &mut Browser, agent: &str, title: &str) {
         .await;
 }
 
-/// A copy of the admin kubeconfig whose user is the ServiceAccount `account` of `ns`.
+/// A kubeconfig for a user of `ns` who may read Agents and Sessions and nothing more
+/// (the ServiceAccount `viewer`), and the token in it.
+pub(crate) fn viewer_kubeconfig(admin: &Path, ns: &TestNamespace) -> (std::path::PathBuf, String) {
+    ns.apply(
+        r#"
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: viewer}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: hookrun-viewer}
+rules:
+  - apiGroups: [hookrun.dev]
+    resources: [agents, sessions]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: hookrun-viewer}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: hookrun-viewer}
+subjects:
+  - {kind: ServiceAccount, name: viewer}
+"#,
+    );
+    service_account_kubeconfig(admin, ns, "viewer")
+}
+
+/// A copy of the admin kubeconfig whose user is the ServiceAccount `account` of `ns`,
+/// and the account's token in it.
 fn service_account_kubeconfig(
     admin: &Path,
     ns: &TestNamespace,
     account: &str,
-) -> std::path::PathBuf {
+) -> (std::path::PathBuf, String) {
     let path = workspace_root()
         .join("target/test-clusters")
         .join(format!("kubeconfig-{}-{account}", ns.name()));
@@ -445,7 +474,7 @@ fn service_account_kubeconfig(
             String::from_utf8_lossy(&done.stderr)
         );
     }
-    path
+    (path, token)
 }
 
 #[tokio::test]
@@ -459,30 +488,7 @@ async fn a_user_who_may_not_create_sessions_sees_the_missing_verb_and_resource_o
         json!({"spec": {"models": ["hookrun/echo"], "triggers": [{"webhook": {}}]}}),
     )
     .await;
-    // A user who may read Agents and Sessions but not create Sessions.
-    ns.apply(
-        r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: viewer}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: Role
-metadata: {name: hookrun-viewer}
-rules:
-  - apiGroups: [hookrun.dev]
-    resources: [agents, sessions]
-    verbs: [get, list, watch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: RoleBinding
-metadata: {name: hookrun-viewer}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: hookrun-viewer}
-subjects:
-  - {kind: ServiceAccount, name: viewer}
-"#,
-    );
-    let kubeconfig = service_account_kubeconfig(&cluster.kubeconfig_path(), &ns, "viewer");
+    let (kubeconfig, _) = viewer_kubeconfig(&cluster.kubeconfig_path(), &ns);
     let console = Console::start(&ns, &kubeconfig).await;
     let mut browser = Browser::start(1440, 760).await;
     browser.navigate(&console.url).await;
