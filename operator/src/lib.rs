@@ -26,8 +26,6 @@ use std::{
 
 use futures::future::join_all;
 use kube::Client;
-
-use crate::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -37,6 +35,7 @@ use crate::{
     admin::AdminState,
     agent_controller::Context,
     cli::{Args, LogFormat},
+    events::{Recorder, Reporter},
     leader::{LeaderElector, Leadership},
     metrics::Metrics,
     policy_guard::{EnvSecrets, PolicyGuard},

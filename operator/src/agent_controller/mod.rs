@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use crate::events::{Event, EventType, Recorder};
 use futures::{Future, Stream, StreamExt};
 use hookrun_crds::{
     Agent, AgentStatus,
@@ -43,6 +42,7 @@ use self::{
 use crate::{
     cli::PublicUrl,
     error::{Error, Result},
+    events::{Event, EventType, Recorder},
     metrics::Metrics,
     pod_policy,
     policy_guard::{self, PolicyGuard, SecretMeta},

@@ -16,7 +16,6 @@ use std::{
     time::Duration,
 };
 
-use crate::events::{Event, EventType, Recorder};
 use hookrun_crds::callback::{CallbackDelivery, DeliveryState, decode_key, webhook_id};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::{Agent, Session};
@@ -33,6 +32,7 @@ use self::destination::DestinationPolicy;
 use self::plan::{Outcome, RetrySchedule};
 use crate::{
     error::{Error, Result},
+    events::{Event, EventType, Recorder},
     leader::Leadership,
     metrics::Metrics,
     session_controller::cache::CachedSession,

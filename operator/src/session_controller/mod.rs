@@ -20,7 +20,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::events::{Event, EventType, Recorder};
 use futures::{Future, StreamExt, TryStreamExt};
 use hookrun_crds::retry::ConflictRetry;
 use hookrun_crds::session::{is_too_large_refusal, oversize_finish_patch};
@@ -47,6 +46,7 @@ use self::{
 use crate::{
     agent_controller::{FIELD_MANAGER, LIST_PAGE, backoff},
     error::{Error, Result},
+    events::{Event, EventType, Recorder},
     metrics::Metrics,
     pod_policy,
     policy_guard::PolicyGuard,
