@@ -24,7 +24,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::index::AgentKey;
+use crate::index::KeyRef;
 use crate::metrics::Metrics;
 
 /// The route label of a request no route matched.
@@ -216,7 +216,7 @@ pub(crate) fn record_webhook(
     method: &Method,
     started: Instant,
     source: IpAddr,
-    agent: Option<&AgentKey>,
+    agent: Option<KeyRef<'_>>,
     outcome: &'static str,
     status: u16,
 ) {
@@ -232,7 +232,7 @@ pub(crate) fn record_webhook(
         }
     }
     let agent = agent.filter(|_| !UNKNOWN_AGENT_OUTCOMES.contains(&outcome));
-    let (namespace, agent) = agent.map_or(("", ""), |k| (k.namespace.as_str(), k.name.as_str()));
+    let (namespace, agent) = agent.map_or(("", ""), |KeyRef(namespace, name)| (namespace, name));
     tracing::info!(
         route,
         %method,

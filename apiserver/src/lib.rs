@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::{Router, routing::get};
@@ -44,7 +44,6 @@ use hookrun_crds::duration::FlagDuration;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower::ServiceExt;
 
 use crate::client_ip::TrustedProxies;
 use crate::drain::Drain;
@@ -250,23 +249,30 @@ async fn metrics(State(state): State<AdminState>) -> axum::response::Response {
 
 /// The public router: the webhook door and the read API. The runner API is not here: it
 /// has its own listener ([`runner::router`]), so `/runner/v1/...` is 404 on this port.
-pub fn public_app(webhooks: AppState, api: api::ApiState) -> Router {
+pub fn public_app(webhooks: AppState, api: api::ApiState) -> webhook::Routes {
     webhook::app(webhooks).merge(read::router(api))
 }
 
 /// Serves `app` over HTTP/1 on `listener` until `shutdown` flips, within the limits of
 /// [`http_limits`] (header count and bytes, target length, buffers, header read
-/// timeout), with `ConnectInfo` for the handlers.
+/// timeout), with the client's address for the handlers (`ConnectInfo` for routers).
 pub async fn serve_public(
     listener: TcpListener,
-    app: Router,
+    app: impl Into<webhook::Routes>,
     header_read_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     };
-    serve(listener, app, header_read_timeout, stop, Drain::new()).await;
+    serve(
+        listener,
+        app.into(),
+        header_read_timeout,
+        stop,
+        Drain::new(),
+    )
+    .await;
 }
 
 /// Like [`serve_public`], stopping as `drain` says: while it drains, every answer carries
@@ -274,23 +280,24 @@ pub async fn serve_public(
 /// flight get [`drain::FINISH_BUDGET`] to finish.
 pub async fn serve_draining(
     listener: TcpListener,
-    app: Router,
+    app: impl Into<webhook::Routes>,
     header_read_timeout: Duration,
     drain: Drain,
 ) {
     let closing = drain.clone();
     let stop = async move { closing.reached(drain::Stage::Closing).await };
-    serve(listener, app, header_read_timeout, stop, drain).await;
+    serve(listener, app.into(), header_read_timeout, stop, drain).await;
 }
 
 async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: webhook::Routes,
     header_read_timeout: Duration,
     stop: impl std::future::Future<Output = ()>,
     drain: Drain,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let app = Arc::new(app);
     let mut stop = std::pin::pin!(stop);
     loop {
         tokio::select! {
@@ -303,17 +310,16 @@ async fn serve(
                         continue;
                     }
                 };
-                let router = app.clone();
+                let routes = app.clone();
                 let drain = drain.clone();
-                let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     let refused = http_limits::refuse_long_target(request.uri());
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    let router = router.clone();
+                    let routes = routes.clone();
                     let drain = drain.clone();
                     async move {
                         let mut response = match refused {
                             Some(response) => response,
-                            None => router.oneshot(request.map(axum::body::Body::new)).await?,
+                            None => routes.answer(request, peer).await,
                         };
                         // Draining: clients open their next request elsewhere.
                         if drain.is_draining() {
@@ -496,6 +502,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
 mod tests {
     use axum::body::Body;
     use axum::http::Request;
+    use tower::ServiceExt;
 
     use super::*;
 

@@ -157,7 +157,7 @@ impl Index {
 
     /// What a webhook to `key` is checked against; `None` when there is no such Agent or
     /// it has no webhook trigger.
-    pub(crate) fn target(&self, key: &AgentKey) -> Option<WebhookTarget> {
+    pub(crate) fn target(&self, key: &dyn KeyParts) -> Option<WebhookTarget> {
         let agent = self.agents.get(key)?.clone();
         let secret = self.secrets.get(key).unwrap_or(&self.no_secret).clone();
         Some(WebhookTarget { agent, secret })

@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 use crate::body::RequestBody;
 use crate::client_ip;
 use crate::error::HttpError;
-use crate::index::{AgentKey, SecretEntry, WebhookTarget};
+use crate::index::{KeyRef, SecretEntry, WebhookTarget};
 use crate::signature::{self, SignedRequest, Verified};
 
 use super::AppState;
@@ -19,7 +19,7 @@ use super::AppState;
 /// The checks before the body: Agent, address, token.
 pub(super) fn authenticate(
     state: &AppState,
-    key: &AgentKey,
+    key: KeyRef<'_>,
     token: Option<&str>,
     peer: SocketAddr,
     headers: &HeaderMap,
@@ -32,7 +32,7 @@ pub(super) fn authenticate(
         if !index.is_synced() {
             return Err(HttpError::NotReady);
         }
-        index.target(key).ok_or(HttpError::NotFound)?
+        index.target(&key).ok_or(HttpError::NotFound)?
     };
     if state.trusted_proxies.is_empty() && headers.contains_key("x-forwarded-for") {
         tracing::debug!("X-Forwarded-For ignored: no --trusted-proxies are configured");
@@ -79,7 +79,7 @@ pub(super) fn token_matches(
 
 pub(super) fn ping(
     state: &AppState,
-    key: &AgentKey,
+    key: KeyRef<'_>,
     token: Option<&str>,
     peer: SocketAddr,
     headers: &HeaderMap,

@@ -1,7 +1,6 @@
 //! The intake of a POST that passed the checks: the body is parsed and fitted to the
 //! Agent's input policy, the idempotency key chosen (a replay is answered from the index
 //! or the stored Session), the Agent's limits reserved, and the one Session create made.
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::Json;
@@ -27,7 +26,7 @@ use crate::title;
 use crate::wait;
 
 use super::AppState;
-use super::checks::{authenticate, signature_candidates, verify_signature};
+use super::checks::{signature_candidates, verify_signature};
 use super::expressions::{self, Decision};
 use super::hold::Hold;
 use super::routes::Answered;
@@ -55,16 +54,15 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>
     }
 }
 
-/// A POST: every check, then the Session create.
+/// A POST whose Agent, address and token passed [`authenticate`](super::checks::authenticate):
+/// the rate, the signature and the body, then the Session create.
 pub(super) async fn accept(
     state: &AppState,
     key: &AgentKey,
-    token: Option<&str>,
-    peer: SocketAddr,
+    target: WebhookTarget,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Accepted, HttpError> {
-    let target = authenticate(state, key, token, peer, headers)?;
     // The Agent's bucket is checked as soon as the token is known, before the body is
     // read or its signature computed; a later refusal gives the token back.
     let mut rate = RateToken::take(state, key)?;

@@ -3,7 +3,7 @@
 //! API call, the Session create (plus one read when a keyed create collides).
 //!
 //! A webhook goes from socket to Session through one file per step:
-//! [`routes`] (the router, the handlers, the access log line) → [`checks`] (Agent,
+//! [`routes`] (the dispatch, the handlers, the access log line) → [`checks`] (Agent,
 //! address, token, signature) → [`intake`] (body, idempotency, limits, the Session
 //! create) → [`hold`] (a wait-mode request held until its Session finishes).
 //!
@@ -35,7 +35,7 @@ mod intake;
 mod keyed;
 mod routes;
 
-pub use routes::app;
+pub use routes::{Routes, app};
 
 /// What the public router shares.
 #[derive(Clone)]

@@ -255,6 +255,62 @@ async fn unknown_agents_and_agents_without_webhook_are_404() {
 }
 
 #[tokio::test]
+async fn paths_outside_the_doors_two_shapes_are_404_and_counted_as_unmatched() {
+    let f = fixture();
+    for uri in [
+        format!("/webhooks/{NS}/plain/{TOKEN}/"),
+        format!("/webhooks/{NS}/plain/{TOKEN}/more"),
+        format!("/webhooks/{NS}/plain/"),
+        format!("/webhooks//plain/{TOKEN}"),
+        format!("/webhooks/{NS}//{TOKEN}"),
+        format!("/webhooks/{NS}"),
+        "/webhooks/".to_owned(),
+        "/webhooks".to_owned(),
+        format!("/webhook/{NS}/plain/{TOKEN}"),
+        "/".to_owned(),
+    ] {
+        let answer = f.post(&uri, &[], "{}").await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "not_found");
+        assert_error(&f.get(&uri, &[]).await, StatusCode::NOT_FOUND, "not_found");
+    }
+    assert!(f.store.sessions().is_empty());
+    let text = f.state.metrics.encode();
+    assert!(text.contains(r#"route="unmatched""#), "{text}");
+    assert!(!text.contains(r#"route="/webhooks/"#), "{text}");
+}
+
+#[tokio::test]
+async fn head_is_answered_as_the_ping() {
+    let f = fixture();
+    for (uri, headers) in [
+        (url("plain", TOKEN), vec![]),
+        (
+            format!("/webhooks/{NS}/plain"),
+            vec![("authorization", format!("Bearer {TOKEN}"))],
+        ),
+    ] {
+        let mut request = Request::head(&uri);
+        for (name, value) in &headers {
+            request = request.header(*name, value);
+        }
+        let answer = f
+            .send(request.body(Body::empty()).expect("a request"))
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+    }
+    let answer = f
+        .send(
+            Request::head(url("plain", "wrong"))
+                .body(Body::empty())
+                .expect("a request"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let text = f.state.metrics.encode();
+    assert!(text.contains(r#"method="HEAD",outcome="ping""#), "{text}");
+}
+
+#[tokio::test]
 async fn the_index_must_be_synced() {
     let f = fixture_with(Index::new(1), 1024, 10);
     let answer = f.post(&url("plain", TOKEN), &[], "{}").await;
