@@ -4,7 +4,7 @@
 //! `Allow`, the rate-limit headers). Authentication's own error converts into it.
 
 use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, PoisonError, RwLock};
 
 use axum::body::Bytes;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -328,6 +328,36 @@ static CONSTANT_BODIES: LazyLock<HashMap<&'static str, Bytes>> = LazyLock::new(|
     .collect()
 });
 
+/// The bodies of refused signatures, rendered once each. Their texts are the schemes'
+/// constants, so there are a few dozen at most; only [`SignatureError::Stale`] carries
+/// numbers, and it is rendered every time. A flood of forged signatures is a refusal that
+/// must stay cheap: it already costs the HMAC.
+static SIGNATURE_BODIES: LazyLock<RwLock<HashMap<SignatureError, Bytes>>> =
+    LazyLock::new(RwLock::default);
+
+fn signature_body(
+    code: &'static str,
+    error: &SignatureError,
+    message: impl FnOnce() -> String,
+) -> Bytes {
+    if matches!(error, SignatureError::Stale { .. }) {
+        return error_body(code, &message());
+    }
+    let known = SIGNATURE_BODIES
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(error)
+        .cloned();
+    known.unwrap_or_else(|| {
+        let body = error_body(code, &message());
+        SIGNATURE_BODIES
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(error.clone(), body.clone());
+        body
+    })
+}
+
 /// What every error answer (and the door's every answer) is.
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -343,9 +373,10 @@ impl IntoResponse for HttpError {
             HttpError::Cluster { .. } | HttpError::StatusContended => None,
             _ => CONSTANT_BODIES.get(code),
         };
-        let body = match constant {
-            Some(body) => body.clone(),
-            None => error_body(code, &self.to_string()),
+        let body = match (constant, &self) {
+            (Some(body), _) => body.clone(),
+            (None, HttpError::Signature(error)) => signature_body(code, error, || self.to_string()),
+            (None, _) => error_body(code, &self.to_string()),
         };
         let mut response = (self.status(), [(header::CONTENT_TYPE, JSON)], body).into_response();
         let headers = response.headers_mut();

@@ -108,7 +108,7 @@ pub(crate) fn signs_delivery_id(scheme: SignatureScheme) -> bool {
 
 /// Why a request's signature was refused. Messages name the header or field and say what
 /// would be accepted.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum SignatureError {
     /// A header the scheme needs is absent.
     #[error("the {header} header is missing: {scheme} webhooks must send {expected}")]

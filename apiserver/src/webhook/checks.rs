@@ -87,36 +87,32 @@ pub(super) fn ping(
     authenticate(state, key, token, peer, headers).map(drop)
 }
 
-/// The schemes whose signature header the request carries, or 401 when the Agent
-/// requires signatures and none is there.
-pub(super) fn signature_candidates(
+/// 401 when the Agent requires signatures and the request carries none of its schemes'
+/// headers.
+pub(super) fn require_signature_header(
     target: &WebhookTarget,
     headers: &HeaderMap,
-) -> Result<Vec<SignatureScheme>, HttpError> {
+) -> Result<(), HttpError> {
     let schemes = &target.agent.schemes;
-    if schemes.is_empty() {
-        return Ok(vec![]);
+    if schemes.is_empty() || schemes.iter().any(|s| carries_signature(headers, *s)) {
+        return Ok(());
     }
-    let present: Vec<_> = schemes
+    let expected = schemes
         .iter()
-        .copied()
-        .filter(|s| headers.contains_key(signature::signature_header(*s)))
-        .collect();
-    if present.is_empty() {
-        let expected = schemes
-            .iter()
-            .map(|s| signature::signature_header(*s))
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(HttpError::MissingSignature { expected });
-    }
-    Ok(present)
+        .map(|s| signature::signature_header(*s))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(HttpError::MissingSignature { expected })
 }
 
-/// Verifies the request with the first candidate scheme that accepts it.
+fn carries_signature(headers: &HeaderMap, scheme: SignatureScheme) -> bool {
+    headers.contains_key(signature::signature_header(scheme))
+}
+
+/// Verifies the request with the first of the Agent's schemes whose signature header it
+/// carries and that accepts it; `None` when the Agent requires no signature.
 pub(super) fn verify_signature(
     target: &WebhookTarget,
-    candidates: &[SignatureScheme],
     headers: &HeaderMap,
     body: &RequestBody<'_>,
 ) -> Result<Option<(SignatureScheme, Verified)>, HttpError> {
@@ -126,6 +122,11 @@ pub(super) fn verify_signature(
         now: SystemTime::now(),
     };
     let mut first_error = None;
+    let candidates = target
+        .agent
+        .schemes
+        .iter()
+        .filter(|s| carries_signature(headers, **s));
     for scheme in candidates {
         let Some(secret) = target.secret.signing.get(scheme) else {
             first_error.get_or_insert(HttpError::SigningSecretPending);

@@ -26,7 +26,7 @@ use crate::title;
 use crate::wait;
 
 use super::AppState;
-use super::checks::{signature_candidates, verify_signature};
+use super::checks::{require_signature_header, verify_signature};
 use super::expressions::{self, Decision};
 use super::hold::Hold;
 use super::routes::Answered;
@@ -66,10 +66,10 @@ pub(super) async fn accept(
     // The Agent's bucket is checked as soon as the token is known, before the body is
     // read or its signature computed; a later refusal gives the token back.
     let mut rate = RateToken::take(state, key)?;
-    let candidates = signature_candidates(&target, headers)?;
+    require_signature_header(&target, headers)?;
     let raw = http_limits::read_body(headers, body, state.max_body_bytes).await?;
     let request_body = RequestBody::new(&raw);
-    let verified = verify_signature(&target, &candidates, headers, &request_body)?;
+    let verified = verify_signature(&target, headers, &request_body)?;
 
     if let Some((SignatureScheme::Slack, _)) = verified
         && let Some(challenge) = signature::slack::url_verification_challenge(&request_body)
