@@ -220,11 +220,12 @@ pub(crate) fn record_webhook(
     outcome: &'static str,
     status: u16,
 ) {
-    let elapsed = started.elapsed().as_secs_f64();
+    let now = Instant::now();
+    let elapsed = now.saturating_duration_since(started).as_secs_f64();
     metrics.observe(route, method.as_str(), outcome, status, elapsed);
     if status >= 400 {
         let folds = &*REFUSALS;
-        let (log_now, closed) = folds.note(source, outcome, status, Instant::now());
+        let (log_now, closed) = folds.note(source, outcome, status, now);
         log_folded(closed);
         if !log_now {
             ensure_flusher(folds);

@@ -86,6 +86,23 @@ pub(crate) struct WebhookTarget {
     pub(crate) secret: Arc<SecretEntry>,
 }
 
+/// A [`WebhookTarget`] borrowed from the index, for checks that keep nothing.
+#[derive(Clone, Copy)]
+pub(crate) struct TargetRef<'a> {
+    pub(crate) agent: &'a Arc<AgentEntry>,
+    pub(crate) secret: &'a Arc<SecretEntry>,
+}
+
+impl TargetRef<'_> {
+    /// The entries, shared.
+    pub(crate) fn shared(self) -> WebhookTarget {
+        WebhookTarget {
+            agent: self.agent.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+}
+
 /// The webhook entry of an Agent, `None` when it has no webhook trigger. `allowCIDRs`
 /// entries that do not parse are dropped with a warning (the operator's validation
 /// refuses them, so this only happens for Agents it has not validated yet).

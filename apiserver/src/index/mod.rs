@@ -24,8 +24,8 @@ mod watch;
 #[cfg(test)]
 pub(crate) use entries::agent_entry;
 pub(crate) use entries::{
-    AgentEntry, SecretEntry, SessionEntry, WebhookTarget, agent_entry_after, secret_entry,
-    secret_owner,
+    AgentEntry, SecretEntry, SessionEntry, TargetRef, WebhookTarget, agent_entry_after,
+    secret_entry, secret_owner,
 };
 use entries::{SecretCandidate, secret_key, session_entry};
 pub(crate) use reservations::Reservation;
@@ -103,34 +103,39 @@ impl<'a> KeyRef<'a> {
     }
 }
 
+/// A map keyed by namespace and name, with a fast hash seeded per process: a webhook
+/// hashes the names in its path once per map it reads. The keys are the cluster's
+/// objects and the names this server gives Sessions, none chosen by an anonymous client.
+pub(crate) type KeyMap<V> = HashMap<AgentKey, V, foldhash::fast::RandomState>;
+
 /// The index. Lookups share entries; the lock is never held across an `.await`.
 #[derive(Debug, Default)]
 pub struct Index {
-    agents: HashMap<AgentKey, Arc<AgentEntry>>,
+    agents: KeyMap<Arc<AgentEntry>>,
     /// Managed Secrets by (namespace, Secret name): at most one per name, whatever order
     /// the watches deliver Agents and Secrets in.
-    candidates: HashMap<AgentKey, SecretCandidate>,
+    candidates: KeyMap<SecretCandidate>,
     /// The Secret each Agent accepts: the candidate with the Agent's Secret name whose
     /// controller owner reference carries the Agent's uid. Derived from `agents` and
     /// `candidates` whenever either changes, so a lookup is one map read.
-    secrets: HashMap<AgentKey, Arc<SecretEntry>>,
+    secrets: KeyMap<Arc<SecretEntry>>,
     /// What an Agent whose Secret is not loaded yet is checked against (accepts nothing).
     no_secret: Arc<SecretEntry>,
     /// Sessions by (namespace, session name).
-    sessions: HashMap<AgentKey, SessionEntry>,
+    sessions: KeyMap<SessionEntry>,
     /// Non-finished Sessions per Agent.
-    active: HashMap<AgentKey, u32>,
+    active: KeyMap<u32>,
     /// Stored Sessions per Agent, finished ones included (reserved ones are counted in
     /// `reservations`).
-    stored: HashMap<AgentKey, u32>,
+    stored: KeyMap<u32>,
     /// Watch streams that have not finished their first list yet.
     unsynced: usize,
     /// Names held for Session creates of this process, behind their own lock.
     reservations: Mutex<Reservations>,
     /// What the runner API shows of every Agent, webhook or not.
-    runner_agents: HashMap<AgentKey, Arc<RunnerAgent>>,
+    runner_agents: KeyMap<Arc<RunnerAgent>>,
     /// The generations of stored Sessions per (namespace, session key hash).
-    key_generations: HashMap<AgentKey, std::collections::BTreeSet<u32>>,
+    key_generations: KeyMap<std::collections::BTreeSet<u32>>,
 }
 
 /// The index as the server shares it.
@@ -157,10 +162,10 @@ impl Index {
 
     /// What a webhook to `key` is checked against; `None` when there is no such Agent or
     /// it has no webhook trigger.
-    pub(crate) fn target(&self, key: &dyn KeyParts) -> Option<WebhookTarget> {
-        let agent = self.agents.get(key)?.clone();
-        let secret = self.secrets.get(key).unwrap_or(&self.no_secret).clone();
-        Some(WebhookTarget { agent, secret })
+    pub(crate) fn target(&self, key: &dyn KeyParts) -> Option<TargetRef<'_>> {
+        let agent = self.agents.get(key)?;
+        let secret = self.secrets.get(key).unwrap_or(&self.no_secret);
+        Some(TargetRef { agent, secret })
     }
 
     #[cfg(test)]
@@ -485,7 +490,7 @@ impl Index {
 }
 
 /// Takes one from an Agent's count, dropping the entry at zero.
-fn decrement(counts: &mut HashMap<AgentKey, u32>, agent: &AgentKey) {
+fn decrement(counts: &mut KeyMap<u32>, agent: &AgentKey) {
     if let Some(count) = counts.get_mut(agent) {
         *count = count.saturating_sub(1);
         if *count == 0 {

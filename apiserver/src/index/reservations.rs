@@ -4,10 +4,8 @@
 //! behind their own lock inside the [`Index`](super::Index): a reservation takes the
 //! index's read lock only, so webhooks do not queue behind each other on its write lock.
 
-use std::collections::HashMap;
-
 use super::watch::Scope;
-use super::{AgentKey, KeyParts};
+use super::{AgentKey, KeyMap, KeyParts};
 
 /// The answer to [`Index::reserve`](super::Index::reserve).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +31,8 @@ struct Held {
 /// The held names, by (namespace, Session name), and how many each Agent holds.
 #[derive(Debug, Default)]
 pub(super) struct Reservations {
-    held: HashMap<AgentKey, Held>,
-    per_agent: HashMap<AgentKey, u32>,
+    held: KeyMap<Held>,
+    per_agent: KeyMap<u32>,
 }
 
 impl Reservations {

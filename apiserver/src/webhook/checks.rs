@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 use crate::body::RequestBody;
 use crate::client_ip;
 use crate::error::HttpError;
-use crate::index::{KeyRef, SecretEntry, WebhookTarget};
+use crate::index::{KeyRef, SecretEntry, TargetRef, WebhookTarget};
 use crate::signature::{self, SignedRequest, Verified};
 
 use super::AppState;
@@ -24,34 +24,47 @@ pub(super) fn authenticate(
     peer: SocketAddr,
     headers: &HeaderMap,
 ) -> Result<WebhookTarget, HttpError> {
-    let target = {
-        let index = state
-            .index
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !index.is_synced() {
-            return Err(HttpError::NotReady);
-        }
-        index.target(&key).ok_or(HttpError::NotFound)?
-    };
+    admit(state, key, token, peer, headers, |target| target.shared())
+}
+
+/// The checks of [`authenticate`], made under the index's read lock on the entries
+/// themselves: a refusal takes no reference to them. `admitted` takes what the caller
+/// keeps.
+fn admit<T>(
+    state: &AppState,
+    key: KeyRef<'_>,
+    token: Option<&str>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    admitted: impl FnOnce(TargetRef<'_>) -> T,
+) -> Result<T, HttpError> {
+    let index = state
+        .index
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !index.is_synced() {
+        return Err(HttpError::NotReady);
+    }
+    let target = index.target(&key).ok_or(HttpError::NotFound)?;
+    let (agent, secret) = (target.agent, target.secret);
     if state.trusted_proxies.is_empty() && headers.contains_key("x-forwarded-for") {
         tracing::debug!("X-Forwarded-For ignored: no --trusted-proxies are configured");
     }
-    if target.agent.deny_all {
+    if agent.deny_all {
         return Err(HttpError::AddressNotAllowed);
     }
-    if !target.agent.allow_cidrs.is_empty() {
+    if !agent.allow_cidrs.is_empty() {
         let forwarded = client_ip::forwarded_for_values(headers);
         let client = client_ip::resolve_client_ip(peer.ip(), &forwarded, &state.trusted_proxies)
             .map_err(HttpError::BadForwardedFor)?;
-        if !client_ip::is_allowed(client, &target.agent.allow_cidrs) {
+        if !client_ip::is_allowed(client, &agent.allow_cidrs) {
             return Err(HttpError::AddressNotAllowed);
         }
     }
-    if !token_matches(&target.secret, token, SystemTime::now()) {
+    if !token_matches(secret, token, SystemTime::now()) {
         return Err(HttpError::BadToken);
     }
-    Ok(target)
+    Ok(admitted(target))
 }
 
 /// Whether `presented` is the current token, or the previous one before it expires.
@@ -84,7 +97,7 @@ pub(super) fn ping(
     peer: SocketAddr,
     headers: &HeaderMap,
 ) -> Result<(), HttpError> {
-    authenticate(state, key, token, peer, headers).map(drop)
+    admit(state, key, token, peer, headers, |_| ())
 }
 
 /// 401 when the Agent requires signatures and the request carries none of its schemes'
