@@ -99,6 +99,23 @@ impl<'a> RequestBody<'a> {
         }
     }
 
+    /// `raw` with what [`Self::into_parsed`] gave of an earlier view of the same bytes.
+    pub(crate) fn with_parsed(
+        raw: &'a [u8],
+        parsed: Option<Result<Value, serde_json::Error>>,
+    ) -> Self {
+        let json = OnceCell::new();
+        if let Some(parsed) = parsed {
+            let _ = json.set(parsed);
+        }
+        Self { raw, json }
+    }
+
+    /// What has been parsed so far, to hand to the next view of the same bytes.
+    pub(crate) fn into_parsed(self) -> Option<Result<Value, serde_json::Error>> {
+        self.json.into_inner()
+    }
+
     /// The bytes as received (what signatures cover).
     pub fn bytes(&self) -> &'a [u8] {
         self.raw

@@ -298,10 +298,8 @@ fn hmac_sha256(secret: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
 /// Checks a lowercase or uppercase hex HMAC-SHA256 against `parts`, in constant time.
 /// `Ok(false)` is a mismatch; `Err(())` is a value that is not 64 hex digits.
 fn verify_hex(secret: &[u8], parts: &[&[u8]], presented_hex: &str) -> Result<bool, ()> {
-    let presented = hex::decode(presented_hex).map_err(|_| ())?;
-    if presented.len() != 32 {
-        return Err(());
-    }
+    let mut presented = [0u8; 32];
+    hex::decode_to_slice(presented_hex, &mut presented).map_err(|_| ())?;
     Ok(hmac_sha256(secret, parts).verify_slice(&presented).is_ok())
 }
 
@@ -442,6 +440,8 @@ mod tests {
     fn verify_hex_refuses_non_digests() {
         assert_eq!(verify_hex(b"k", &[b"m"], "zz"), Err(()));
         assert_eq!(verify_hex(b"k", &[b"m"], "abcd"), Err(()));
+        assert_eq!(verify_hex(b"k", &[b"m"], &"00".repeat(31)), Err(()));
+        assert_eq!(verify_hex(b"k", &[b"m"], &"00".repeat(33)), Err(()));
         assert_eq!(verify_hex(b"k", &[b"m"], &"00".repeat(32)), Ok(false));
     }
 }

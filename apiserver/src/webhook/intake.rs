@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use hookrun_crds::agent::SignatureScheme;
@@ -21,6 +21,7 @@ use crate::idempotency;
 use crate::index::{AgentKey, Reservation, WebhookTarget};
 use crate::rate_limit::rate_limit_headers;
 use crate::signature;
+use crate::signature::Verified;
 use crate::store::StoreError;
 use crate::title;
 use crate::wait;
@@ -54,22 +55,58 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>
     }
 }
 
-/// A POST whose Agent, address and token passed [`authenticate`](super::checks::authenticate):
-/// the rate, the signature and the body, then the Session create.
+/// A POST's body, read within its limit and verified with the Agent's schemes, and the
+/// rate token it took: what the intake starts from. A request refused before this point
+/// costs its checks and nothing of the intake.
+pub(super) struct Received<'a> {
+    rate: RateToken<'a>,
+    raw: Bytes,
+    /// The body's JSON when a verifier parsed it (to read a signed timestamp).
+    parsed: Option<Result<serde_json::Value, serde_json::Error>>,
+    verified: Option<(SignatureScheme, Verified)>,
+}
+
+/// The checks of a POST whose Agent, address and token passed
+/// [`authenticate`](super::checks::authenticate): the rate, the signature header, the
+/// body and its signature.
+pub(super) async fn receive<'a>(
+    state: &'a AppState,
+    key: &'a AgentKey,
+    target: &WebhookTarget,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Received<'a>, HttpError> {
+    // The Agent's bucket is checked as soon as the token is known, before the body is
+    // read or its signature computed; a later refusal gives the token back.
+    let rate = RateToken::take(state, key)?;
+    require_signature_header(target, headers)?;
+    let raw = http_limits::read_body(headers, body, state.max_body_bytes).await?;
+    let request_body = RequestBody::new(&raw);
+    let verified = verify_signature(target, headers, &request_body)?;
+    let parsed = request_body.into_parsed();
+    Ok(Received {
+        rate,
+        raw,
+        parsed,
+        verified,
+    })
+}
+
+/// A received POST: the body fitted to the Agent's input policy, then the Session create.
 pub(super) async fn accept(
     state: &AppState,
     key: &AgentKey,
     target: WebhookTarget,
     headers: &HeaderMap,
-    body: Body,
+    received: Received<'_>,
 ) -> Result<Accepted, HttpError> {
-    // The Agent's bucket is checked as soon as the token is known, before the body is
-    // read or its signature computed; a later refusal gives the token back.
-    let mut rate = RateToken::take(state, key)?;
-    require_signature_header(&target, headers)?;
-    let raw = http_limits::read_body(headers, body, state.max_body_bytes).await?;
-    let request_body = RequestBody::new(&raw);
-    let verified = verify_signature(&target, headers, &request_body)?;
+    let Received {
+        mut rate,
+        raw,
+        parsed,
+        verified,
+    } = received;
+    let request_body = RequestBody::with_parsed(&raw, parsed);
 
     if let Some((SignatureScheme::Slack, _)) = verified
         && let Some(challenge) = signature::slack::url_verification_challenge(&request_body)

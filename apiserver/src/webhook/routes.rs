@@ -23,7 +23,7 @@ use crate::index::{AgentKey, KeyRef};
 
 use super::AppState;
 use super::checks::{authenticate, ping};
-use super::intake::{Accepted, accept};
+use super::intake::{Accepted, accept, receive};
 
 /// The route template with the token in the path.
 pub(crate) const TOKEN_ROUTE: &str = "/webhooks/{namespace}/{agent}/{token}";
@@ -306,9 +306,12 @@ where
         }
     };
     let key = AgentKey::new(door.agent.0, door.agent.1);
-    // Boxed, so its state (the body, the Session it built) is freed once it is done and
-    // is not part of a held request's memory.
-    let result = Box::pin(accept(state, &key, target, &headers, Body::new(body))).await;
+    let result = match receive(state, &key, &target, &headers, Body::new(body)).await {
+        // Boxed, so its state (the body, the Session it built) is freed once it is done
+        // and is not part of a held request's memory.
+        Ok(received) => Box::pin(accept(state, &key, target, &headers, received)).await,
+        Err(error) => Err(error),
+    };
     // Nothing of the request is kept while a wait-mode request is held.
     drop(headers);
     drop(uri);
