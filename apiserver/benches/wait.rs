@@ -1,4 +1,4 @@
-//! What held wait-mode requests cost (`make bench`): the door's real router and
+//! What held wait-mode requests cost (`make bench`): the door's real dispatch and
 //! HTTP/1 server with an in-memory Session store, holding 1,000 and then 10,000
 //! `"wait": 600` requests from a client in a child process (this same binary, so the
 //! server's figures are its own and each process stays within its open-file limit).

@@ -2,7 +2,7 @@
 //! hello-world measured in the same run with the same load generator (`wrk`, from
 //! Debian's package of that name).
 //!
-//! The door runs its real router and HTTP/1 server over an index built in memory, with a
+//! The door runs its real dispatch and HTTP/1 server over an index built in memory, with a
 //! Session store that keeps nothing, so the figures are the door's own cost: the accepted
 //! case is the latency that the door adds on top of the one Session create a real cluster
 //! makes. No log subscriber is installed: the door's work alone (the peer bench measures
@@ -204,7 +204,7 @@ async fn main() {
     }
 
     let mut section = format!(
-        "## webhook door beside bare (in process)\n\n{settings}. The door: its real router \
+        "## webhook door beside bare (in process)\n\n{settings}. The door: its real dispatch \
          and HTTP/1 server, an index in memory, a Session store that keeps nothing, no log \
          subscriber. Bare: axum hello-world, same wrk settings (same script).\n\n\
          | path | door req/s | bare req/s | door/bare (median of rounds) | goal | door p99 ms | bare p99 ms |\n\

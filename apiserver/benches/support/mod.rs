@@ -1,4 +1,4 @@
-//! What both apiserver benches share: the door's real router and HTTP/1 server over an
+//! What both apiserver benches share: the door's real dispatch and HTTP/1 server over an
 //! index built in memory (Agents `plain` and `linear` in namespace `bench`), a Session
 //! store that keeps nothing (the cluster's storage is not the door's cost), a task that
 //! drops created Sessions' reservations as the watch would, and no rate limit.
