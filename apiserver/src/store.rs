@@ -172,14 +172,22 @@ fn store_error(error: kube::Error) -> StoreError {
 /// (a quota, a policy). Not a refusal, but a state of the cluster or of this server's
 /// identity that passes (503, retry): 401 (the token is not known yet), a 403 that
 /// denies this server a permission (RBAC is not loaded yet while a kube-apiserver
-/// starts, or the grant is missing), 404 (the Session type is not served yet), 408 and
-/// 429.
+/// starts, or the grant is missing), a 403 of an admission plugin that has not loaded
+/// what it checks yet (a kube-apiserver that has just started), 404 (the Session type is
+/// not served yet), 408 and 429.
 pub(crate) fn is_refusal(code: u16, message: &str) -> bool {
     match code {
         401 | 404 | 408 | 429 => false,
-        403 => !is_permission_denial(message),
+        403 => !is_permission_denial(message) && !is_admission_not_ready(message),
         code => (400..500).contains(&code),
     }
+}
+
+/// Whether a 403's message is an admission plugin's answer while its caches load, such
+/// as the namespace lifecycle plugin's in the first seconds of a kube-apiserver
+/// (`... is forbidden: not yet ready to handle request`).
+fn is_admission_not_ready(message: &str) -> bool {
+    message.ends_with("not yet ready to handle request")
 }
 
 /// Whether a 403's message is the authorizer's denial of the caller (`User "..." cannot
@@ -473,6 +481,14 @@ mod tests {
                       \"hookrun.dev\" in the namespace \"team\"";
         assert!(matches!(
             store_error(api_error(403, "Forbidden", denied)),
+            StoreError::Unavailable(_)
+        ));
+        // What a kube-apiserver answers in its first seconds, before its namespace
+        // lifecycle admission has listed the namespaces: the cluster, not the Session.
+        let starting =
+            "sessions.hookrun.dev \"a-wh-1\" is forbidden: not yet ready to handle request";
+        assert!(matches!(
+            store_error(api_error(403, "Forbidden", starting)),
             StoreError::Unavailable(_)
         ));
         let long = "é".repeat(1000);

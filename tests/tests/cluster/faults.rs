@@ -188,6 +188,8 @@ struct Attempt {
     status: Option<u16>,
     retry_after: bool,
     session: Option<String>,
+    /// The error code and message of an answer that is not a success.
+    error: Option<String>,
 }
 
 /// The longest any answer of the door may take while the kube-apiserver is down or
@@ -248,6 +250,13 @@ async fn steady_sender(
                 session: answer
                     .as_ref()
                     .and_then(|a| a.json["session"].as_str().map(str::to_owned)),
+                error: answer.as_ref().and_then(|a| {
+                    let code = a.json["error"].as_str()?;
+                    Some(format!(
+                        "{code}: {}",
+                        a.json["message"].as_str().unwrap_or("")
+                    ))
+                }),
             };
             let done = attempt.status.is_some_and(|s| s < 500);
             log.lock().expect("the log").push(attempt);
@@ -416,7 +425,10 @@ async fn an_outage_of_the_kube_apiserver_loses_no_webhook_and_no_token() {
         bad.is_empty(),
         "{} answers were a hang, a 500 or a refusal: {:?}",
         bad.len(),
-        bad.iter().take(5).map(|a| (a, when(a))).collect::<Vec<_>>()
+        bad.iter()
+            .take(5)
+            .map(|a| (a.error.as_deref().unwrap_or("no error body"), a, when(a)))
+            .collect::<Vec<_>>()
     );
     let wrong_refusals: Vec<_> = refusals
         .iter()
