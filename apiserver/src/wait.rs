@@ -109,9 +109,15 @@ pub(crate) fn begin_turn(request: HeldRequest, turn: Option<u64>) -> Result<Wait
 fn turn_done(session: &Session, turn: Option<u64>) -> Option<Held> {
     let status = session.status.as_ref()?;
     let reply = status.turn_reply(turn?)?;
+    // A turn that answered ran: the stored phase can still say Pending when the runner's
+    // reply is written before the operator has recorded the pod as running.
+    let phase = match status.phase() {
+        SessionPhase::Pending => SessionPhase::Running,
+        phase => phase,
+    };
     Some(Held::Turn {
         reply: reply.to_owned(),
-        phase: status.phase(),
+        phase,
     })
 }
 
@@ -328,6 +334,30 @@ mod tests {
             .expect("no wait after the flush");
         assert!(matches!(held, Held::TimedOut(_)), "{held:?}");
         assert_eq!(metrics.waiting.get(), 0);
+    }
+
+    #[test]
+    fn a_turn_that_answered_is_running_even_when_the_stored_phase_lags() {
+        use hookrun_crds::session::{event_types, turn_key};
+        let at = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        );
+        for (stored, answered) in [
+            (SessionPhase::Pending, SessionPhase::Running),
+            (SessionPhase::Running, SessionPhase::Running),
+            (SessionPhase::Complete, SessionPhase::Complete),
+        ] {
+            let mut s = session("team", "s", "a", Some(stored));
+            let status = s.status.as_mut().expect("a status");
+            status.push_event_once(event_types::TURN_COMPLETE, "hi", &turn_key(1), at.clone());
+            match turn_done(&s, Some(1)) {
+                Some(Held::Turn { reply, phase }) => {
+                    assert_eq!(reply, "hi");
+                    assert_eq!(phase, answered, "stored {stored:?}");
+                }
+                other => panic!("expected the turn, got {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]
