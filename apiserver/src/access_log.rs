@@ -8,10 +8,12 @@
 //! costs no boxed future); the read and runner routers wrap their routes in
 //! [`api_access_log`].
 //!
-//! Refusals are folded: the first [`FOLD_AFTER`] refusals of one source (client address)
-//! for one reason in an interval of [`FOLD_INTERVAL`] get a line each, at once; the rest
-//! are counted, and one line per source and reason with `folded=<n>` closes the interval.
-//! A flood of bad tokens thus costs a counter increment per request, not a log line.
+//! Answers that change nothing, refusals and pings, are folded: the first [`FOLD_AFTER`]
+//! of one source (client address) with one outcome in an interval of [`FOLD_INTERVAL`]
+//! get a line each, at once; the rest are counted, and one line per source and outcome
+//! with `folded=<n>` closes the interval. A flood of bad tokens, or a monitor pinging
+//! its URL, thus costs a counter increment per request, not a log line. Every accepted
+//! POST gets its line.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +32,9 @@ use crate::metrics::Metrics;
 /// The route label of a request no route matched.
 pub(crate) const UNMATCHED_ROUTE: &str = "unmatched";
 
+/// The outcome of a webhook `GET` (or `HEAD`) whose token matched.
+pub(crate) const PING_OUTCOME: &str = "ping";
+
 /// Outcomes of webhook requests whose path names no Agent the index knows.
 const UNKNOWN_AGENT_OUTCOMES: [&str; 2] = ["not_found", "not_ready"];
 
@@ -41,17 +46,17 @@ pub(crate) fn route_label(matched: Option<&MatchedPath>, routes: &[&'static str]
         .unwrap_or(UNMATCHED_ROUTE)
 }
 
-/// How long one fold of refusals lasts.
+/// How long one fold lasts.
 pub(crate) const FOLD_INTERVAL: Duration = Duration::from_secs(10);
-/// Refusals of one source for one reason logged one by one in an interval, before the
+/// Answers of one source with one outcome logged one by one in an interval, before the
 /// rest are folded.
 pub(crate) const FOLD_AFTER: u64 = 20;
-/// The most (source, reason) pairs followed in one interval; refusals of further pairs
+/// The most (source, outcome) pairs followed in one interval; answers of further pairs
 /// are folded into one line for every other source.
 pub(crate) const MAX_FOLD_KEYS: usize = 4096;
 
-/// One line that closes an interval: `folded` refusals of `source` (every other source
-/// when `None`) for `reason` were counted, not logged.
+/// One line that closes an interval: `folded` answers of `source` (every other source
+/// when `None`) with outcome `reason` were counted, not logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Folded {
     pub(crate) source: Option<IpAddr>,
@@ -60,27 +65,31 @@ pub(crate) struct Folded {
     pub(crate) folded: u64,
 }
 
-/// The refusals of the current interval, by source and reason.
+/// The folded answers of the current interval, by source and outcome.
 #[derive(Debug)]
-pub(crate) struct RefusalFolds {
+pub(crate) struct Folds {
     interval: Duration,
     after: u64,
     max_keys: usize,
     window: Mutex<Window>,
-    /// Whether a task closes the intervals when no refusal comes to close them.
+    /// Whether a task closes the intervals when no answer comes to close them.
     flusher: AtomicBool,
 }
+
+/// Keyed by client addresses, so with a seeded hash; taken on every folded answer, so a
+/// fast one.
+type FoldMap<K> = HashMap<K, (u16, u64), foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 struct Window {
     started: Option<Instant>,
-    /// (source, reason) → (status, refusals seen this interval).
-    seen: HashMap<(IpAddr, &'static str), (u16, u64)>,
-    /// Refusals of pairs past `max_keys`, by reason: (status, count).
-    others: HashMap<&'static str, (u16, u64)>,
+    /// (source, outcome) → (status, answers seen this interval).
+    seen: FoldMap<(IpAddr, &'static str)>,
+    /// Answers of pairs past `max_keys`, by outcome: (status, count).
+    others: FoldMap<&'static str>,
 }
 
-impl RefusalFolds {
+impl Folds {
     pub(crate) fn new(interval: Duration, after: u64, max_keys: usize) -> Self {
         Self {
             interval,
@@ -88,14 +97,14 @@ impl RefusalFolds {
             max_keys,
             window: Mutex::new(Window {
                 started: None,
-                seen: HashMap::new(),
-                others: HashMap::new(),
+                seen: FoldMap::default(),
+                others: FoldMap::default(),
             }),
             flusher: AtomicBool::new(false),
         }
     }
 
-    /// Notes one refusal at `now`: whether to log it at once, and the lines of an
+    /// Notes one answer to fold at `now`: whether to log it at once, and the lines of an
     /// interval that ended before it.
     pub(crate) fn note(
         &self,
@@ -165,8 +174,8 @@ impl RefusalFolds {
 }
 
 /// The process's folds (the log is process-wide too).
-static REFUSALS: LazyLock<Arc<RefusalFolds>> =
-    LazyLock::new(|| Arc::new(RefusalFolds::new(FOLD_INTERVAL, FOLD_AFTER, MAX_FOLD_KEYS)));
+static FOLDS: LazyLock<Arc<Folds>> =
+    LazyLock::new(|| Arc::new(Folds::new(FOLD_INTERVAL, FOLD_AFTER, MAX_FOLD_KEYS)));
 
 fn log_folded(lines: Vec<Folded>) {
     for line in lines {
@@ -179,13 +188,13 @@ fn log_folded(lines: Vec<Folded>) {
             status = line.status,
             folded = line.folded,
             interval_s = FOLD_INTERVAL.as_secs(),
-            "webhook refusals folded"
+            "webhook requests folded"
         );
     }
 }
 
-/// Starts the task that closes intervals no refusal closes, once, when a runtime runs.
-fn ensure_flusher(folds: &Arc<RefusalFolds>) {
+/// Starts the task that closes intervals no answer closes, once, when a runtime runs.
+fn ensure_flusher(folds: &Arc<Folds>) {
     if folds.flusher.swap(true, Ordering::Relaxed) {
         return;
     }
@@ -207,8 +216,8 @@ fn ensure_flusher(folds: &Arc<RefusalFolds>) {
 
 /// Logs and counts one answered webhook request. `agent` is named only when the index
 /// knows it: the segments of a path that named none are whatever the client wrote (a
-/// token in the wrong place, kilobytes of junk). Refusals from `source` are folded (see
-/// the module doc).
+/// token in the wrong place, kilobytes of junk). Refusals and pings from `source` are
+/// folded (see the module doc).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_webhook(
     metrics: &Metrics,
@@ -223,8 +232,8 @@ pub(crate) fn record_webhook(
     let now = Instant::now();
     let elapsed = now.saturating_duration_since(started).as_secs_f64();
     metrics.observe(route, method.as_str(), outcome, status, elapsed);
-    if status >= 400 {
-        let folds = &*REFUSALS;
+    if status >= 400 || outcome == PING_OUTCOME {
+        let folds = &*FOLDS;
         let (log_now, closed) = folds.note(source, outcome, status, now);
         log_folded(closed);
         if !log_now {
@@ -287,7 +296,7 @@ mod tests {
 
     #[test]
     fn repeated_refusals_of_a_source_are_folded_per_reason_and_interval() {
-        let folds = RefusalFolds::new(Duration::from_secs(10), 2, 3);
+        let folds = Folds::new(Duration::from_secs(10), 2, 3);
         let t0 = Instant::now();
         let a: IpAddr = [192, 0, 2, 1].into();
         let b: IpAddr = [192, 0, 2, 2].into();
@@ -342,6 +351,75 @@ mod tests {
                 folded: 1
             }]
         );
+    }
+
+    /// The lines a subscriber on this thread wrote while `f` ran.
+    fn lines_logged(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("lines").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().expect("lines").clone()).expect("text");
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn pings_are_folded_like_refusals_and_every_accepted_post_is_logged() {
+        let metrics = Metrics::default();
+        // An address no other test uses: the folds are the process's.
+        let source: IpAddr = [198, 51, 100, 77].into();
+        let agent = Some(KeyRef("team", "triage"));
+        let route = "/webhooks/{namespace}/{agent}/{token}";
+        let lines = lines_logged(|| {
+            for _ in 0..FOLD_AFTER + 30 {
+                let started = Instant::now();
+                record_webhook(
+                    &metrics,
+                    route,
+                    &Method::GET,
+                    started,
+                    source,
+                    agent,
+                    PING_OUTCOME,
+                    200,
+                );
+                record_webhook(
+                    &metrics,
+                    route,
+                    &Method::POST,
+                    started,
+                    source,
+                    agent,
+                    "accepted",
+                    202,
+                );
+            }
+        });
+        let count = |outcome: &str| {
+            lines
+                .iter()
+                .filter(|l| {
+                    l.contains(&format!("outcome=\"{outcome}\""))
+                        || l.contains(&format!("outcome={outcome} "))
+                })
+                .count() as u64
+        };
+        assert_eq!(count(PING_OUTCOME), FOLD_AFTER, "{lines:#?}");
+        assert_eq!(count("accepted"), FOLD_AFTER + 30, "{lines:#?}");
     }
 
     #[tokio::test]

@@ -166,17 +166,17 @@ pub fn log_filter(filter: &str) -> String {
     format!("{base},{KUBE_CLIENT_TARGET}=error")
 }
 
-/// Structured logs to stderr, filtered by `filter` (see [`log_filter`]). Lines are
-/// written by a thread of their own: a request formats its line and queues it, and waits
-/// for the terminal or the log collector only when the queue ([`LOG_QUEUE_LINES`]) is
-/// full, so no line is ever dropped. Keep the guard until the process ends: dropping it
-/// flushes.
 /// Lines the log queue holds before a request waits for the writer. The queue's slots are
 /// allocated and touched at start (32 bytes each): the library's default of 128,000
 /// lines is 4 MiB of resident memory in an idle process. 8,192 lines (256 KiB) absorb a
 /// burst of refusals, which are folded per source anyway.
 pub const LOG_QUEUE_LINES: usize = 8192;
 
+/// Structured logs to stderr, filtered by `filter` (see [`log_filter`]). Lines are
+/// written by a thread of their own: a request formats its line and queues it, and waits
+/// for the terminal or the log collector only when the queue ([`LOG_QUEUE_LINES`]) is
+/// full, so no line is ever dropped. Keep the guard until the process ends: dropping it
+/// flushes.
 #[must_use = "dropping the guard stops the log writer"]
 pub fn init_tracing(
     filter: &str,

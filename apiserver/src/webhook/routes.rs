@@ -243,7 +243,7 @@ fn ping_answer<B>(
 ) -> Response {
     let headers = request.headers();
     let answered = match ping(state, door.agent, door.token(headers), peer, headers) {
-        Ok(()) => (ping_ok(), "ping"),
+        Ok(()) => (ping_ok(), access_log::PING_OUTCOME),
         Err(error) => refused(error),
     };
     record(
