@@ -113,7 +113,7 @@ pub fn runs(pid: u32, name: &str) -> bool {
         .is_some_and(|file| file == name)
 }
 
-/// Sends `signal` (`-TERM`, `-KILL`) with kill(1): the workspace forbids unsafe code.
+/// Sends `signal` (`-TERM`, `-KILL`) with kill(1): the workspace denies unsafe code.
 pub fn signal(pid: u32, signal: &str) {
     if pid > 0 {
         let _ = std::process::Command::new("kill")

@@ -159,6 +159,10 @@ async fn feed<K: Indexed>(
                 if !synced_once {
                     synced_once = true;
                     index.mark_synced();
+                    if index.is_synced() {
+                        drop(index);
+                        release_freed_memory();
+                    }
                 }
                 Changed::Nothing
             }
@@ -197,6 +201,21 @@ pub(crate) fn stream_count(namespaces: &[String]) -> usize {
 
 /// Watches Agents, managed Secrets and Sessions (in `namespaces`, or everywhere when
 /// empty) into `index`, and passes Session changes on to `hub`. Runs until the process ends.
+/// Gives the pages the first lists freed back to the system. The lists' JSON and the
+/// decoded objects are freed once the index holds its own entries, but glibc keeps
+/// freed memory in each worker thread's arena: over 1,000 Agents that is about 5 MiB
+/// resident for good, more than the index itself. Once, at start; later relists are
+/// watch resumptions or the same size again.
+#[allow(unsafe_code)]
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages of glibc's arenas to the kernel; it
+    // takes the arenas' locks and touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 pub(crate) async fn run_watches(
     client: Client,
     namespaces: Vec<String>,
