@@ -322,6 +322,8 @@ pub async fn run(args: Args) -> Result<()> {
                     return;
                 }
             }
+            // Every Session with a pod template waits for these before its pod.
+            guard.env_secrets.wait_until_ready().await;
             tracing::info!("caches synced: ready");
             ready.store(true, Ordering::Release);
         }

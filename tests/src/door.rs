@@ -51,7 +51,11 @@ impl Process {
         let child = Command::new(workspace_binary(binary))
             .args(args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
+            // `HOOKRUN_TEST_LOG` widens what the binaries log when a failure needs more.
+            .env(
+                "RUST_LOG",
+                std::env::var("HOOKRUN_TEST_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
             // The operator's sessions flag; an address no pod reaches in these tests.
             .env("HOOKRUN_RUNNER_URL", "http://127.0.0.1:9/")
             .env("NO_COLOR", "1")
@@ -297,6 +301,40 @@ impl Operator {
             "hookrun_operator_reconcile_duration_seconds_count{{controller=\"{controller}\"}}"
         ))
         .await
+    }
+
+    /// What a failure message needs to tell a stalled controller from one that never
+    /// heard of the object: the reconciles each controller started and finished, and
+    /// the last lines the operator logged.
+    pub async fn state(&self) -> String {
+        let text = metrics(&self.admin).await;
+        let mut state = String::new();
+        for controller in ["agent", "session"] {
+            let started = metric(
+                &text,
+                &format!("hookrun_operator_reconciles_total{{controller=\"{controller}\"}}"),
+            );
+            let done = metric(
+                &text,
+                &format!(
+                    "hookrun_operator_reconcile_duration_seconds_count{{controller=\"{controller}\"}}"
+                ),
+            );
+            state.push_str(&format!(
+                "{controller} reconciles: {started} started, {done} finished\n"
+            ));
+        }
+        let log = self.log_text();
+        let lines: Vec<&str> = log.lines().collect();
+        state.push_str(&format!(
+            "the operator's last lines ({}):\n",
+            self.process.log.display()
+        ));
+        for line in &lines[lines.len().saturating_sub(20)..] {
+            state.push_str(line);
+            state.push('\n');
+        }
+        state
     }
 
     /// Waits until more than `finished` reconciles of `controller` have finished and

@@ -188,8 +188,14 @@ pub fn run(
     let runner = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(%error, "agent controller event");
+            match result {
+                // A watch that fails is retried with backoff; say so, since decisions
+                // (and the Session controller's pod policy) wait for its cache.
+                Err(controller::Error::QueueError(error)) => {
+                    tracing::warn!(%error, "a watch of the agent controller failed; retrying")
+                }
+                Err(error) => tracing::debug!(%error, "agent controller event"),
+                Ok(_) => {}
             }
         });
     (store, runner)

@@ -140,7 +140,8 @@ impl Setup {
             Some(session) => session,
             None => {
                 let now = self.sessions.get(name).await.ok().and_then(|s| s.status);
-                panic!("session {name} did not reach {phase:?}; its status: {now:?}")
+                let operator = self.operator.state().await;
+                panic!("session {name} did not reach {phase:?}; its status: {now:?}\n{operator}")
             }
         }
     }
