@@ -317,10 +317,7 @@ fn callback_holds(status: &SessionStatus, ttl: Duration, now: Timestamp) -> bool
     let Some(done) = status.completion_time.as_ref() else {
         return false;
     };
-    let expired_at = k8s_openapi::jiff::SignedDuration::try_from(ttl)
-        .ok()
-        .and_then(|ttl| done.0.checked_add(ttl).ok())
-        .unwrap_or(done.0);
+    let expired_at = phase::ttl_expiry(done, ttl);
     crate::callback::plan::ttl_held(status, expired_at, now, crate::callback::plan::MAX_TTL_HOLD)
 }
 

@@ -15,7 +15,7 @@ use hookrun_crds::{
 use k8s_openapi::{
     api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStateWaiting, Pod},
     apimachinery::pkg::apis::meta::v1::Time,
-    jiff::Timestamp,
+    jiff::{SignedDuration, Timestamp},
 };
 
 use super::pod::CONTAINER;
@@ -270,10 +270,6 @@ fn controller_uid(pod: &Pod) -> Option<&str> {
         .map(|o| o.uid.as_str())
 }
 
-fn millis(t: &Time) -> i64 {
-    t.0.as_millisecond()
-}
-
 fn duration_ms(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
@@ -284,15 +280,25 @@ fn ttl_decision(status: &SessionStatus, now: Timestamp, ttl: Duration) -> Decisi
         // Finished without a time is not something hookrun writes; keep it.
         return Decision::Wait(None);
     };
-    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    let left = millis(finished)
-        .saturating_add(ttl_ms)
+    let left = ttl_expiry(finished, ttl)
+        .as_millisecond()
         .saturating_sub(now.as_millisecond());
     if left <= 0 {
         Decision::DeleteSession
     } else {
         Decision::Wait(Some(duration_ms(left)))
     }
+}
+
+/// When a Session stamped finished at `completion` has been kept `ttl`. The API keeps
+/// times to the whole second and the stamp is the moment cut down to it, so the
+/// Session may have finished up to a second after `completion`: counting from the end
+/// of that second keeps every Session at least `ttl` (up to a second more), never less.
+pub fn ttl_expiry(completion: &Time, ttl: Duration) -> Timestamp {
+    SignedDuration::try_from(ttl.saturating_add(Duration::from_secs(1)))
+        .ok()
+        .and_then(|kept| completion.0.checked_add(kept).ok())
+        .unwrap_or(Timestamp::MAX)
 }
 
 fn agent_container_state(pod: &Pod) -> Option<&ContainerState> {
@@ -416,8 +422,7 @@ fn pending_decision(pod: &Pod, now: Timestamp, timeout: Duration) -> Decision {
         .metadata
         .creation_timestamp
         .as_ref()
-        .map(millis)
-        .unwrap_or_else(|| now.as_millisecond());
+        .map_or_else(|| now.as_millisecond(), |t| t.0.as_millisecond());
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let left = since
         .saturating_add(timeout_ms)

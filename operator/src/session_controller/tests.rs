@@ -790,15 +790,49 @@ fn finished_sessions_are_deleted_after_their_ttl() {
     status.finish(SessionPhase::Complete, Some("done"), None, time(100));
     // Whatever the pod does now, only the TTL matters.
     let pod = pod_in("Failed");
+    // The stamp is cut to its second: the Session is kept from the end of that second.
     assert_eq!(
         decide_at(Some(&status), Some(&pod), 130),
-        Decision::Wait(Some(Duration::from_secs(30)))
+        Decision::Wait(Some(Duration::from_secs(31)))
     );
-    assert_eq!(decide_at(Some(&status), None, 160), Decision::DeleteSession);
+    assert_eq!(
+        decide_at(Some(&status), None, 160),
+        Decision::Wait(Some(Duration::from_secs(1)))
+    );
+    assert_eq!(decide_at(Some(&status), None, 161), Decision::DeleteSession);
     assert_eq!(
         decide_at(Some(&status), None, 1000),
         Decision::DeleteSession
     );
+}
+
+#[test]
+fn a_stamp_cut_to_its_second_still_keeps_the_session_its_whole_ttl() {
+    // Finished at 99.990 s and stamped 99 s (the API keeps whole seconds), a TTL of 1 s.
+    let mut status = recorded(SessionPhase::Running);
+    status.finish(SessionPhase::Complete, Some("done"), None, time(99));
+    let limits = Limits {
+        ttl: Duration::from_secs(1),
+        ..LIMITS
+    };
+    let decide = |ms: i64| {
+        let now = Timestamp::from_millisecond(at(0).as_millisecond() + ms).expect("timestamp");
+        phase::decide(
+            Observed {
+                session_uid: UID,
+                status: Some(&status),
+                pod: None,
+                now,
+            },
+            limits,
+        )
+    };
+    // 25 ms after it finished: counted from the stamp, its second would be up.
+    assert_eq!(
+        decide(100_015),
+        Decision::Wait(Some(Duration::from_millis(985)))
+    );
+    assert_eq!(decide(101_000), Decision::DeleteSession);
 }
 
 #[test]
@@ -1137,8 +1171,8 @@ fn the_ttl_sweep_brings_only_finished_sessions_whose_ttl_ran_out() {
         names.sort();
         names
     };
-    assert_eq!(due(59), Vec::<String>::new());
-    assert_eq!(due(60), ["expired"]);
-    assert_eq!(due(110), ["expired", "fresh"]);
-    assert_eq!(due(86_400), ["default-ttl", "expired", "fresh"]);
+    assert_eq!(due(60), Vec::<String>::new());
+    assert_eq!(due(61), ["expired"]);
+    assert_eq!(due(111), ["expired", "fresh"]);
+    assert_eq!(due(86_401), ["default-ttl", "expired", "fresh"]);
 }
